@@ -1,0 +1,22 @@
+//! Hierarchical Temporal Memory for streaming anomaly detection.
+//!
+//! Pure computation: no I/O, no clocks, no threads. Every random choice comes from a seeded
+//! [`random::Random`] stored inside the component that makes it, so a network's outputs are a
+//! function of its parameters and its input history alone, and survive a checkpoint round trip
+//! bit for bit.
+//!
+//! Parameter names follow NuPIC (in snake_case: `potential_pct`, `syn_perm_connected`,
+//! `activation_threshold` …) so HTM users recognise them.
+
+pub mod anomaly;
+pub mod backtracking_tm;
+pub mod classifier;
+pub mod connections;
+pub mod encoders;
+pub mod likelihood;
+pub mod random;
+pub mod sdr;
+pub mod spatial_pooler;
+pub mod temporal_memory;
+
+pub use sdr::Sdr;
