@@ -9,6 +9,7 @@
 //! `activation_threshold` …) so HTM users recognise them.
 
 pub mod anomaly;
+pub mod checkpoint;
 pub mod backtracking_tm;
 pub mod classifier;
 pub mod connections;
