@@ -286,13 +286,11 @@ impl AnomalyLikelihood {
     /// the scratch buffers have grown.
     fn reestimate(&mut self) {
         let window = self.params.averaging_window as usize;
-        let shifted_out = self
-            .iteration
-            .saturating_sub(u64::from(self.params.historic_window_size));
-        let skip = self
-            .iteration
-            .min(u64::from(self.params.learning_period).saturating_sub(shifted_out))
-            as usize;
+        let skip = skip_records(
+            self.iteration,
+            self.params.historic_window_size,
+            self.params.learning_period,
+        );
 
         // Moving averages over the whole history, from an empty window, as NuPIC does;
         // the window and its running sum become the live moving-average state.
@@ -341,6 +339,14 @@ impl AnomalyLikelihood {
                 .push_back(distribution.tail_probability(average));
         }
     }
+}
+
+/// How many of the oldest history records to leave out of a fit (NuPIC's
+/// `_calcSkipRecords`): the learning period, minus the records of it that have already
+/// slid out of the history window, and never more than what was ingested.
+fn skip_records(ingested: u64, window: u32, learning_period: u32) -> usize {
+    let shifted_out = ingested.saturating_sub(u64::from(window));
+    ingested.min(u64::from(learning_period).saturating_sub(shifted_out)) as usize
 }
 
 /// NuPIC's `MovingAverage.compute`: drop the oldest value when the window is full
@@ -612,6 +618,19 @@ mod tests {
         // filtered again.
         assert!(*l.recent_tail.back().unwrap() < 1e-11);
         assert_eq!(l.anomaly_probability(9.0, 1.0), 1.0 - YELLOW_ZONE);
+    }
+
+    #[test]
+    fn skip_record_counts() {
+        // (ingested, window, learning period) → skip.
+        assert_eq!(skip_records(5, 10, 10), 5); // fewer ingested than learning period
+        assert_eq!(skip_records(10, 15, 10), 10);
+        assert_eq!(skip_records(10, 10, 0), 0);
+        assert_eq!(skip_records(10, 10, 10), 10);
+        assert_eq!(skip_records(14, 10, 10), 6); // 4 learning records slid out
+        assert_eq!(skip_records(20, 10, 10), 0);
+        assert_eq!(skip_records(25, 10, 10), 0);
+        assert_eq!(skip_records(4, 3, 2), 1);
     }
 
     #[test]
