@@ -1,1 +1,3 @@
 //! Shared code of the NAB runner, scorer and benchmarks.
+
+pub mod scoring;
