@@ -266,7 +266,7 @@ const OZONE: ParamInfo = ParamInfo {
     ],
     decimals: 3,
     max: 0.145,
-    level: (0.020, 0.032),
+    level: (0.027, 0.037),
     diurnal: (0.45, 0.7),
     season: (0.2, 0.35),
     season_peak_doy: 172.0,
@@ -650,6 +650,7 @@ impl Device {
         let tail = to_steps(6.0);
         if !kinds.is_empty() {
             let seg_len = eligible / kinds.len() as u32;
+            let mut shift_factor = 1.0f64;
             for (k, &kind) in kinds.iter().enumerate() {
                 let seg_start = clean + k as u32 * seg_len;
                 let rng = &mut self.rng;
@@ -659,15 +660,20 @@ impl Device {
                         uniform(rng, self.param.info().spike),
                     ),
                     AnomalyKind::LevelShift => {
-                        let up = rng.random::<bool>();
-                        (
-                            day,
-                            if up {
-                                uniform(rng, (1.6, 2.1))
-                            } else {
-                                uniform(rng, (0.35, 0.55))
-                            },
-                        )
+                        // Shifts alternate around the original level so repeated ones never
+                        // compound into an implausible (or clipped) level.
+                        let up = if shift_factor == 1.0 {
+                            rng.random::<bool>()
+                        } else {
+                            shift_factor < 1.0
+                        };
+                        let factor = if up {
+                            uniform(rng, (1.4, 1.8))
+                        } else {
+                            uniform(rng, (0.45, 0.65))
+                        };
+                        shift_factor *= factor;
+                        (day, factor)
                     }
                     AnomalyKind::Flatline => (to_steps(uniform(rng, (8.0, 36.0))), 0.0),
                     AnomalyKind::PatternChange => (
@@ -831,7 +837,7 @@ fn build_devices(cfg: &SynthConfig) -> Vec<Device> {
     let steps = cfg.steps();
     let clean = (f64::from(steps) * CLEAN_FRACTION).ceil() as u32;
     let eligible_days = f64::from(steps - clean) * f64::from(cfg.interval_secs) / 86_400.0;
-    let per_device = ((eligible_days / 9.0).round() as usize).clamp(1, 6);
+    let per_device = ((eligible_days / 12.0).round() as usize).clamp(1, 6);
     // Kinds rotate over all (device, slot) pairs so each kind appears once there are ≥ 5 slots.
     let mut counter = 0usize;
     for dev in &mut devices {
