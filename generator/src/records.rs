@@ -211,8 +211,8 @@ impl InputRecord {
     }
 
     /// Like [`InputRecord::from_json`] with the same validation and errors, but without keeping
-    /// the EPA columns (`fields` is always `None`): about 3x cheaper on EPA records, for consumers
-    /// that only need key, time and value.
+    /// the EPA columns (`fields` is always `None`), which skips copying 24 strings per EPA record;
+    /// for consumers that only need key, time and value.
     pub fn reading_from_json(bytes: &[u8]) -> Result<InputRecord, JsonError> {
         record_from_json(bytes, false)
     }
