@@ -439,7 +439,7 @@ def open_source(
     end: Any = None,
     poll_timeout_s: float = 10.0,
 ) -> JsonlSource | KafkaSource:
-    """"kafka" opens the topic; anything else is a path to a JSON-lines file."""
+    """ "kafka" opens the topic; anything else is a path to a JSON-lines file."""
     flt = RecordFilter.build(devices, start, end)
     if source == "kafka":
         return KafkaSource(bootstrap_servers, topic, group_id, flt, poll_timeout_s)
@@ -731,8 +731,11 @@ def plot_device(
     fig = Figure(figsize=figsize, dpi=dpi)
     top_in = 0.45 + 0.25 * (title.count("\n") + 1)
     fig.subplots_adjust(
-        left=0.9 / figsize[0], right=1 - 0.25 / figsize[0],
-        bottom=0.6 / figsize[1], top=1 - top_in / figsize[1], hspace=0.3,
+        left=0.9 / figsize[0],
+        right=1 - 0.25 / figsize[0],
+        bottom=0.6 / figsize[1],
+        top=1 - top_in / figsize[1],
+        hspace=0.3,
     )
     axes = fig.subplots(5, 1, sharex=True, height_ratios=[3.0, 1.3, 1.3, 1.5, 1.5])
     ax_val, ax_err, ax_raw, ax_lik, ax_log = axes
@@ -743,7 +746,11 @@ def plot_device(
     ax_val.plot(t, d["prediction"], color="C1", lw=1.0, ls="--", alpha=0.85, label="prediction")
     if f.any():
         ax_val.scatter(
-            t[f], d["value"].to_numpy()[f], s=36, color="red", zorder=5,
+            t[f],
+            d["value"].to_numpy()[f],
+            s=36,
+            color="red",
+            zorder=5,
             label=f"flagged anomaly ({int(f.sum())})",
         )
     ax_val.set_ylabel(f"value\n({units})" if units else "value")
@@ -765,7 +772,10 @@ def plot_device(
         ax_lik.axhline(threshold, color="black", ls=":", lw=1.2, label=f"threshold {threshold:g}{note}")
         if threshold < _LOG_EPS:
             ax_log.axhline(
-                log_likelihood(threshold), color="black", ls=":", lw=1.2,
+                log_likelihood(threshold),
+                color="black",
+                ls=":",
+                lw=1.2,
                 label=f"threshold {threshold:g} (log scale)",
             )
     ax_lik.set_ylim(-0.03, 1.05)
@@ -785,7 +795,11 @@ def plot_device(
         hi = w.end.tz_convert("UTC").tz_localize(None).to_datetime64() + pad
         for ax in axes:
             ax.axvspan(
-                lo, hi, color="orange", alpha=0.22, lw=0,
+                lo,
+                hi,
+                color="orange",
+                alpha=0.22,
+                lw=0,
                 label="labelled window" if (i == 0 and ax is ax_val) else None,
             )
 
@@ -796,8 +810,15 @@ def plot_device(
             # One row just above each panel: never hides data, and costs nothing to place
             # (loc="best" is slow on long series).
             ax.legend(
-                handles, names, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=len(handles),
-                fontsize="small", frameon=False, borderaxespad=0.1, handlelength=1.8,
+                handles,
+                names,
+                loc="lower left",
+                bbox_to_anchor=(0.0, 1.0),
+                ncol=len(handles),
+                fontsize="small",
+                frameon=False,
+                borderaxespad=0.1,
+                handlelength=1.8,
             )
     if len(t) == 0:
         ax_val.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax_val.transAxes)
@@ -882,7 +903,8 @@ def live_view(
                 follow,
                 flags=flag_anomalies(d, likelihood_threshold),
                 windows=[
-                    w for w in (windows or {}).get(follow, [])
+                    w
+                    for w in (windows or {}).get(follow, [])
                     if w.end >= d["timestamp"].iloc[0] and w.start <= d["timestamp"].iloc[-1]
                 ],
                 threshold=threshold,

@@ -87,29 +87,52 @@ def epa_records(n: int = 480, seed: int = 7):
         spatial.append(i == spike.start)
     det = _detector_fields(values, anomalous, spatial, rng)
     records = []
-    for i, (v, d) in enumerate(zip(values, det)):
+    for i, (v, d) in enumerate(zip(values, det, strict=True)):
         local = t0 + timedelta(hours=i) - timedelta(hours=5)
         gmt = t0 + timedelta(hours=i)
         rec = {
-            "stateCode": "10", "countyCode": "001", "siteNum": "0002", "parameterCode": "44201",
-            "poc": "1", "latitude": "38.986672", "longitude": "-75.5568", "datum": "WGS84",
-            "parameterName": "Ozone", "dateLocal": local.strftime("%Y-%m-%d"),
-            "timeLocal": local.strftime("%H:%M"), "dateGMT": gmt.strftime("%Y-%m-%d"),
-            "timeGMT": gmt.strftime("%H:%M"), "sampleMeasurement": f"{v:.3f}",
-            "unitsOfMeasure": "Parts per million", "mdl": "0.005", "uncertainty": "",
-            "qualifier": "", "methodType": "FEM", "methodCode": "087",
-            "methodName": "INSTRUMENTAL - ULTRA VIOLET ABSORPTION", "stateName": "Delaware",
-            "countyName": "Kent", "dateOfLastChange": "2014-02-12",
-            "deviceId": EPA_DEVICE, "timestamp": _rfc3339(gmt), "value": v,
+            "stateCode": "10",
+            "countyCode": "001",
+            "siteNum": "0002",
+            "parameterCode": "44201",
+            "poc": "1",
+            "latitude": "38.986672",
+            "longitude": "-75.5568",
+            "datum": "WGS84",
+            "parameterName": "Ozone",
+            "dateLocal": local.strftime("%Y-%m-%d"),
+            "timeLocal": local.strftime("%H:%M"),
+            "dateGMT": gmt.strftime("%Y-%m-%d"),
+            "timeGMT": gmt.strftime("%H:%M"),
+            "sampleMeasurement": f"{v:.3f}",
+            "unitsOfMeasure": "Parts per million",
+            "mdl": "0.005",
+            "uncertainty": "",
+            "qualifier": "",
+            "methodType": "FEM",
+            "methodCode": "087",
+            "methodName": "INSTRUMENTAL - ULTRA VIOLET ABSORPTION",
+            "stateName": "Delaware",
+            "countyName": "Kent",
+            "dateOfLastChange": "2014-02-12",
+            "deviceId": EPA_DEVICE,
+            "timestamp": _rfc3339(gmt),
+            "value": v,
         }
         rec.update(d)
         rec.update(partition=0, offset=i)
         records.append(rec)
     labels = [
-        {"kind": "spike", "start": _rfc3339(t0 + timedelta(hours=spike.start)),
-         "end": _rfc3339(t0 + timedelta(hours=spike.stop - 1))},
-        {"kind": "level_shift", "start": _rfc3339(t0 + timedelta(hours=shift.start)),
-         "end": _rfc3339(t0 + timedelta(hours=shift.stop - 1))},
+        {
+            "kind": "spike",
+            "start": _rfc3339(t0 + timedelta(hours=spike.start)),
+            "end": _rfc3339(t0 + timedelta(hours=spike.stop - 1)),
+        },
+        {
+            "kind": "level_shift",
+            "start": _rfc3339(t0 + timedelta(hours=shift.start)),
+            "end": _rfc3339(t0 + timedelta(hours=shift.stop - 1)),
+        },
     ]
     return records, labels
 
@@ -132,16 +155,22 @@ def generic_records(n: int = 480, seed: int = 11):
         spatial.append(i in spike)
     det = _detector_fields(values, anomalous, spatial, rng)
     records = []
-    for i, (v, d) in enumerate(zip(values, det)):
+    for i, (v, d) in enumerate(zip(values, det, strict=True)):
         rec = {"timestamp": _rfc3339(t0 + timedelta(minutes=5 * i)), "deviceId": GENERIC_DEVICE, "value": v}
         rec.update(d)
         rec.update(partition=1, offset=i)
         records.append(rec)
     labels = [
-        {"kind": "spike", "start": _rfc3339(t0 + timedelta(minutes=5 * spike.start)),
-         "end": _rfc3339(t0 + timedelta(minutes=5 * (spike.stop - 1)))},
-        {"kind": "dropout", "start": _rfc3339(t0 + timedelta(minutes=5 * dropout.start)),
-         "end": _rfc3339(t0 + timedelta(minutes=5 * (dropout.stop - 1)))},
+        {
+            "kind": "spike",
+            "start": _rfc3339(t0 + timedelta(minutes=5 * spike.start)),
+            "end": _rfc3339(t0 + timedelta(minutes=5 * (spike.stop - 1))),
+        },
+        {
+            "kind": "dropout",
+            "start": _rfc3339(t0 + timedelta(minutes=5 * dropout.start)),
+            "end": _rfc3339(t0 + timedelta(minutes=5 * (dropout.stop - 1))),
+        },
     ]
     return records, labels
 

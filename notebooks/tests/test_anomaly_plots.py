@@ -182,7 +182,7 @@ def test_load_jsonl_types_sorting_and_skips(tmp_path):
     assert str(df["timestamp"].dtype) == "datetime64[ns, UTC]"
     assert df["value"].dtype == np.float64 and df["isAnomaly"].dtype == bool
     assert df["spatialAnomaly"].dtype == bool and not df["spatialAnomaly"].any()
-    assert list(zip(df["deviceId"], df["value"])) == [("a", 1.0), ("a", 1.5), ("b", 2.5)]
+    assert list(zip(df["deviceId"], df["value"], strict=True)) == [("a", 1.0), ("a", 1.5), ("b", 2.5)]
     assert math.isnan(df.loc[0, "prediction"]) and df.loc[1, "prediction"] == 2.0
     assert df["isAnomaly"].tolist() == [False, True, False]
     assert df.loc[0, "timestamp"] == T0 + pd.Timedelta(hours=1)
@@ -284,7 +284,8 @@ def test_plot_device_writes_readable_png(tmp_path):
     assert dev in fig._suptitle.get_text() and "Ozone (Parts per million)" in fig._suptitle.get_text()
     assert len(fig.axes) == 5
     ax_lik = fig.axes[3]
-    assert any(ln.get_ydata()[0] == pytest.approx(0.9999) for ln in ax_lik.get_lines() if ln.get_linestyle() == ":")
+    dotted = [ln for ln in ax_lik.get_lines() if ln.get_linestyle() == ":"]
+    assert [ln.get_ydata()[0] for ln in dotted] == [pytest.approx(0.9999)]
 
 
 def test_plot_device_generic_device_without_predictions(tmp_path):
@@ -341,7 +342,13 @@ def test_live_view_follows_latest_device_and_stops_on_time():
     rendered = []
     wins = {"a": [window(0, 1), window(11, 12)], "b": [window(10, 10)]}
     res = ap.live_view(
-        src, df, seconds=10, refresh_s=3, points=4, clock=clock, windows=wins,
+        src,
+        df,
+        seconds=10,
+        refresh_s=3,
+        points=4,
+        clock=clock,
+        windows=wins,
         render=lambda fig, status: rendered.append((fig, status)),
     )
     assert src.polls == [3, 3, 3, 1]  # the last poll only gets the time that is left
@@ -360,8 +367,14 @@ def test_live_view_with_nothing_to_draw_and_zero_seconds():
     clock = FakeClock()
     empty = ap.records_to_frame([])
     rendered = []
-    res = ap.live_view(FakeSource([], clock), empty, seconds=2, refresh_s=5, clock=clock,
-                       render=lambda fig, status: rendered.append((fig, status)))
+    res = ap.live_view(
+        FakeSource([], clock),
+        empty,
+        seconds=2,
+        refresh_s=5,
+        clock=clock,
+        render=lambda fig, status: rendered.append((fig, status)),
+    )
     assert rendered == [(None, "live: +0 records, 0 total (nothing to draw yet)")]
     assert res.refreshes == 1
     res = ap.live_view(FakeSource([], clock), empty, seconds=0, clock=clock, render=rendered.append)
@@ -371,3 +384,34 @@ def test_live_view_with_nothing_to_draw_and_zero_seconds():
 def test_find_root_locates_repository(tmp_path):
     assert (ap.find_root(HERE) / "notebooks" / "anomaly_plots.py").is_file()
     assert ap.find_root(tmp_path) == tmp_path.resolve()
+
+
+# ---------------------------------------------------------------- the notebook file itself
+
+
+def test_notebook_has_papermill_parameters_and_no_stored_outputs():
+    nb = json.loads((HERE.parent / "anomalies.ipynb").read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    params = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1
+    namespace: dict = {}
+    exec("".join(params[0]["source"]), namespace)  # plain literals only, as papermill needs
+    expected = {
+        "source": "kafka",
+        "bootstrap_servers": "localhost:9092",
+        "topic": "telemetry-enriched",
+        "group_id": None,
+        "devices": None,
+        "max_records": None,
+        "start": None,
+        "end": None,
+        "likelihood_threshold": None,
+        "labels": None,
+        "output_dir": "out/plots",
+        "live_seconds": 0,
+        "expected_records": None,
+    }
+    for name, value in expected.items():
+        assert namespace[name] == value, name
+    assert namespace["poll_timeout_s"] > 0
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
