@@ -263,6 +263,18 @@ impl TemporalMemory {
         &self.predicted_columns
     }
 
+    /// Segments active for the current activity (they make their cells predictive), sorted
+    /// by cell then creation order.
+    pub fn active_segments(&self) -> &[SegmentId] {
+        &self.active_segments
+    }
+
+    /// Segments matching the current activity (enough potential synapses to learn), sorted
+    /// by cell then creation order.
+    pub fn matching_segments(&self) -> &[SegmentId] {
+        &self.matching_segments
+    }
+
     /// Heap bytes held (capacity-based), including scratch buffers.
     pub fn heap_bytes(&self) -> usize {
         let s = &self.scratch;
@@ -654,4 +666,409 @@ fn raw_anomaly(active: &[u32], predicted: &[u32]) -> f32 {
     }
     let hit = crate::sdr::sorted_intersection_len(active, predicted);
     1.0 - hit as f32 / active.len() as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` distinct SDRs of `w` columns each, pairwise disjoint, drawn from `[0, columns)`.
+    fn disjoint_patterns(seed: u64, columns: u32, n: usize, w: usize) -> Vec<Vec<u32>> {
+        let mut rng = Random::new(seed);
+        let all: Vec<u32> = (0..columns).collect();
+        let picked = rng.sample(&all, n * w);
+        picked
+            .chunks(w)
+            .map(|c| {
+                let mut v = c.to_vec();
+                v.sort_unstable();
+                v
+            })
+            .collect()
+    }
+
+    fn small_params() -> TemporalMemoryParams {
+        TemporalMemoryParams {
+            column_count: 512,
+            cells_per_column: 8,
+            ..TemporalMemoryParams::default()
+        }
+    }
+
+    fn overlap(a: &[u32], b: &[u32]) -> usize {
+        crate::sdr::sorted_intersection_len(a, b)
+    }
+
+    #[test]
+    fn repeating_sequence_is_learned_and_a_novel_input_is_fully_anomalous() {
+        let mut tm = TemporalMemory::new(TemporalMemoryParams::default()).unwrap();
+        let pats = disjoint_patterns(1, 2048, 7, 40);
+        let (seq, novel) = (&pats[..6], &pats[6]);
+        // Sequences are separated by resets, as NuPIC trains them: without one, the cycle's
+        // start keeps changing context and the memory keeps learning ever longer versions
+        // of the loop (a burst every other pass), which is NuPIC behaviour too.
+        let mut pass = Vec::new();
+        for rep in 0..15 {
+            tm.reset();
+            pass.clear();
+            for p in seq {
+                pass.push(tm.compute(p, true));
+            }
+            if rep == 0 {
+                // Nothing is predicted yet: every column bursts.
+                assert!(pass.iter().all(|&a| a == 1.0), "{pass:?}");
+                assert_eq!(tm.active_cells().len(), 40 * 32);
+            }
+        }
+        // After a reset the first element cannot be predicted; every later one is.
+        assert_eq!(pass[0], 1.0);
+        let mean = pass[1..].iter().sum::<f32>() / 5.0;
+        assert!(mean < 0.05, "anomaly after training {pass:?}");
+        tm.reset();
+        for (i, p) in seq.iter().enumerate() {
+            tm.compute(p, true);
+            if let Some(next) = seq.get(i + 1) {
+                assert_eq!(tm.predicted_columns(), next.as_slice());
+                assert_eq!(tm.predictive_cells().len(), 40);
+                assert_eq!(tm.active_cells().len(), if i == 0 { 40 * 32 } else { 40 });
+            }
+        }
+        // A transition never seen: nothing of it was predicted.
+        tm.reset();
+        tm.compute(&seq[0], true);
+        assert_eq!(tm.compute(novel, true), 1.0);
+        assert_eq!(tm.active_cells().len(), 40 * 32, "novel input bursts");
+    }
+
+    #[test]
+    fn shared_subsequence_is_disambiguated_by_context() {
+        // A B C D and X B C Y: after C the memory must predict D or Y depending on whether
+        // the sequence started with A or X (high-order memory).
+        // Early on, while B still bursts in both sequences, C and then Y learn on cells shared
+        // by both contexts; a visible predicted-segment decrement lets those early segments
+        // fade within a few dozen epochs (NAB's 0.001 needs hundreds).
+        let params = TemporalMemoryParams {
+            predicted_segment_decrement: 0.01,
+            ..small_params()
+        };
+        let mut tm = TemporalMemory::new(params).unwrap();
+        let p = disjoint_patterns(7, 512, 6, 20);
+        let (a, b, c, d, x, y) = (&p[0], &p[1], &p[2], &p[3], &p[4], &p[5]);
+        let seq1 = [a, b, c, d];
+        let seq2 = [x, b, c, y];
+        for _ in 0..40 {
+            for seq in [&seq1, &seq2] {
+                tm.reset();
+                for s in seq.iter() {
+                    tm.compute(s, true);
+                }
+            }
+        }
+        for (seq, want, other) in [(&seq1, d, y), (&seq2, y, d)] {
+            tm.reset();
+            for s in &seq[..3] {
+                tm.compute(s, false);
+            }
+            let pred = tm.predicted_columns();
+            assert_eq!(
+                overlap(pred, want),
+                want.len(),
+                "expected continuation predicted"
+            );
+            assert_eq!(
+                overlap(pred, other),
+                0,
+                "other context's continuation predicted"
+            );
+            assert_eq!(tm.compute(want, false), 0.0);
+        }
+    }
+
+    #[test]
+    fn segment_and_synapse_caps_are_never_exceeded() {
+        let params = TemporalMemoryParams {
+            column_count: 64,
+            cells_per_column: 2,
+            activation_threshold: 3,
+            min_threshold: 2,
+            max_new_synapse_count: 6,
+            max_segments_per_cell: 2,
+            max_synapses_per_segment: 8,
+            ..TemporalMemoryParams::default()
+        };
+        let mut tm = TemporalMemory::new(params).unwrap();
+        let mut rng = Random::new(3);
+        let all: Vec<u32> = (0..64).collect();
+        let mut seen_full_cell = false;
+        let mut seen_full_segment = false;
+        for step in 0..600 {
+            let mut cols = rng.sample(&all, 6);
+            cols.sort_unstable();
+            tm.compute(&cols, true);
+            let c = tm.connections();
+            for cell in 0..128 {
+                let segs = c.segments_for_cell(cell);
+                assert!(
+                    segs.len() <= 2,
+                    "step {step}: cell {cell} has {}",
+                    segs.len()
+                );
+                seen_full_cell |= segs.len() == 2;
+                for &seg in segs {
+                    let n = c.synapses_for_segment(seg).len();
+                    assert!(
+                        (1..=8).contains(&n),
+                        "step {step}: segment with {n} synapses"
+                    );
+                    seen_full_segment |= n == 8;
+                }
+            }
+        }
+        assert!(seen_full_cell && seen_full_segment, "caps never reached");
+    }
+
+    #[test]
+    fn inference_does_not_change_connections() {
+        let mut tm = TemporalMemory::new(small_params()).unwrap();
+        let pats = disjoint_patterns(5, 512, 8, 20);
+        for _ in 0..10 {
+            for p in &pats[..5] {
+                tm.compute(p, true);
+            }
+        }
+        let conns = tm.connections().clone();
+        let (iteration, last_used) = (tm.iteration, tm.last_used.clone());
+        // Predicted, bursting-with-match and novel inputs alike.
+        for p in pats.iter().chain(pats.iter().rev()) {
+            tm.compute(p, false);
+        }
+        assert_eq!(tm.connections(), &conns);
+        assert_eq!((tm.iteration, &tm.last_used), (iteration, &last_used));
+    }
+
+    #[test]
+    fn wrong_predictions_are_punished_and_dead_synapses_removed() {
+        let params = TemporalMemoryParams {
+            predicted_segment_decrement: 0.3,
+            ..small_params()
+        };
+        let mut tm = TemporalMemory::new(params).unwrap();
+        let p = disjoint_patterns(9, 512, 3, 20);
+        for _ in 0..12 {
+            tm.reset();
+            tm.compute(&p[0], true);
+            tm.compute(&p[1], true);
+        }
+        tm.reset();
+        tm.compute(&p[0], true);
+        assert_eq!(tm.predicted_columns(), p[1].as_slice());
+        let predicting: Vec<SegmentId> = tm.active_segments().to_vec();
+        let perm_before: f32 = predicting
+            .iter()
+            .flat_map(|&s| tm.connections().synapses_for_segment(s).to_vec())
+            .map(|syn| tm.connections().synapse(syn).permanence)
+            .sum();
+        // p[2] arrives instead of the predicted p[1]: the predicting segments are punished.
+        tm.compute(&p[2], true);
+        let c = tm.connections();
+        let perm_after: f32 = predicting
+            .iter()
+            .filter(|&&s| c.segment(s).alive)
+            .flat_map(|&s| c.synapses_for_segment(s).to_vec())
+            .map(|syn| c.synapse(syn).permanence)
+            .sum();
+        assert!(
+            perm_after < perm_before - 1.0,
+            "{perm_before} -> {perm_after}"
+        );
+        // Repeated punishment drives synapses to 0: they and their segments disappear.
+        for _ in 0..4 {
+            tm.reset();
+            tm.compute(&p[0], true);
+            tm.compute(&p[2], true);
+        }
+        tm.reset();
+        tm.compute(&p[0], false);
+        assert!(tm.predicted_columns().is_empty(), "p[1] still predicted");
+        let c = tm.connections();
+        for &col in &p[1] {
+            for cell in col * 8..col * 8 + 8 {
+                assert!(
+                    c.segments_for_cell(cell).is_empty(),
+                    "segment left on {cell}"
+                );
+            }
+        }
+        for cell in 0..c.num_cells() as u32 {
+            for &seg in c.segments_for_cell(cell) {
+                assert!(!c.synapses_for_segment(seg).is_empty());
+                for &syn in c.synapses_for_segment(seg) {
+                    assert!(c.synapse(syn).permanence >= EPSILON);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn anomaly_score_edge_cases() {
+        let mut tm = TemporalMemory::new(small_params()).unwrap();
+        assert_eq!(tm.compute(&[], true), 0.0);
+        assert_eq!(tm.compute(&[1, 2, 3], true), 1.0);
+        let p = disjoint_patterns(4, 512, 2, 20);
+        for _ in 0..15 {
+            tm.reset();
+            tm.compute(&p[0], true);
+            tm.compute(&p[1], true);
+        }
+        tm.reset();
+        tm.compute(&p[0], true);
+        // Half of the input predicted.
+        let mut half: Vec<u32> = p[1][..10].iter().chain(&p[0][..10]).copied().collect();
+        half.sort_unstable();
+        assert_eq!(tm.compute(&half, false), 0.5);
+        tm.reset();
+        assert!(tm.predicted_columns().is_empty());
+        assert_eq!(tm.compute(&p[1], false), 1.0);
+    }
+
+    fn step_all(tms: &mut [&mut TemporalMemory], cols: &[u32], learn: bool) {
+        let results: Vec<(f32, Vec<u32>, Vec<u32>)> = tms
+            .iter_mut()
+            .map(|tm| {
+                let a = tm.compute(cols, learn);
+                (
+                    a,
+                    tm.active_cells().to_vec(),
+                    tm.predictive_cells().to_vec(),
+                )
+            })
+            .collect();
+        assert!(results.windows(2).all(|w| w[0] == w[1]));
+    }
+
+    #[test]
+    fn serde_round_trip_continues_bit_identically() {
+        let params = TemporalMemoryParams {
+            max_segments_per_cell: 3,
+            max_synapses_per_segment: 24,
+            ..small_params()
+        };
+        let mut tm = TemporalMemory::new(params).unwrap();
+        let pats = disjoint_patterns(8, 512, 20, 20);
+        let mut rng = Random::new(8);
+        let mut next = move || pats[rng.below(20) as usize].clone();
+        for _ in 0..300 {
+            tm.compute(&next(), true);
+        }
+        let cfg = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&tm, cfg).unwrap();
+        let (mut back, _): (TemporalMemory, _) =
+            bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+        back.rebuild_after_restore();
+        assert_eq!(back, tm);
+        let (mut lazy, _): (TemporalMemory, _) =
+            bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+        for step in 0..300 {
+            step_all(&mut [&mut tm, &mut back, &mut lazy], &next(), step % 7 != 6);
+        }
+        assert_eq!(tm, back);
+        assert_eq!(
+            bincode::serde::encode_to_vec(&tm, cfg).unwrap(),
+            bincode::serde::encode_to_vec(&back, cfg).unwrap()
+        );
+    }
+
+    #[test]
+    fn same_seed_same_history_same_state() {
+        let pats = disjoint_patterns(2, 512, 10, 20);
+        let run = |seed| {
+            let mut tm = TemporalMemory::new(TemporalMemoryParams {
+                seed,
+                ..small_params()
+            })
+            .unwrap();
+            for i in 0..200 {
+                tm.compute(&pats[(i * 7) % 10], true);
+            }
+            tm
+        };
+        assert_eq!(run(1), run(1));
+        assert_ne!(run(1).connections(), run(2).connections());
+    }
+
+    #[test]
+    fn invalid_params_name_the_parameter() {
+        let d = TemporalMemoryParams::default;
+        let cases = [
+            (
+                "column_count",
+                TemporalMemoryParams {
+                    column_count: 0,
+                    ..d()
+                },
+            ),
+            (
+                "cells_per_column",
+                TemporalMemoryParams {
+                    cells_per_column: 0,
+                    ..d()
+                },
+            ),
+            (
+                "cells_per_column",
+                TemporalMemoryParams {
+                    column_count: 1 << 20,
+                    cells_per_column: 1 << 13,
+                    ..d()
+                },
+            ),
+            (
+                "activation_threshold",
+                TemporalMemoryParams {
+                    activation_threshold: 0,
+                    ..d()
+                },
+            ),
+            (
+                "min_threshold",
+                TemporalMemoryParams {
+                    min_threshold: 0,
+                    ..d()
+                },
+            ),
+            (
+                "max_segments_per_cell",
+                TemporalMemoryParams {
+                    max_segments_per_cell: 0,
+                    ..d()
+                },
+            ),
+            (
+                "connected_permanence",
+                TemporalMemoryParams {
+                    connected_permanence: 1.5,
+                    ..d()
+                },
+            ),
+            (
+                "permanence_decrement",
+                TemporalMemoryParams {
+                    permanence_decrement: -0.1,
+                    ..d()
+                },
+            ),
+            (
+                "initial_permanence",
+                TemporalMemoryParams {
+                    initial_permanence: f32::NAN,
+                    ..d()
+                },
+            ),
+        ];
+        for (name, p) in cases {
+            let err = TemporalMemory::new(p).unwrap_err();
+            assert_eq!(err.name, name);
+            assert!(err.to_string().contains(name), "{err}");
+        }
+    }
 }
