@@ -257,6 +257,65 @@ impl Connections {
         }
     }
 
+    /// Rewrites the permanence of every synapse on `seg`, in the segment's synapse order:
+    /// `update(presyn, old)` returns the new permanence, stored clamped to `[0, 1]`.
+    ///
+    /// One call per segment lets learning rules run as a tight loop instead of a
+    /// lookup-and-store per synapse.
+    pub fn update_permanences<F: FnMut(u32, f32) -> f32>(&mut self, seg: SegmentId, mut update: F) {
+        let synapses = &mut self.synapses;
+        for &syn in &self.segments[seg as usize].synapses {
+            let s = &mut synapses[syn as usize];
+            s.permanence = update(s.presyn, s.permanence).clamp(0.0, 1.0);
+        }
+    }
+
+    /// Same counts as [`Connections::compute_activity`], but work is proportional to the
+    /// synapses of `active_presyn` instead of to the number of segments.
+    ///
+    /// The three buffers must be passed back unchanged on every call: entries listed in
+    /// `touched` by the previous call are zeroed first, then `touched` is refilled with
+    /// the segments reached this time (in discovery order, each once). On return
+    /// `connected`/`potential` hold the counts for every segment id below
+    /// [`Connections::segment_capacity`] (zero for segments not in `touched`).
+    pub fn compute_activity_sparse(
+        &self,
+        active_presyn: &[u32],
+        connected_threshold: f32,
+        connected: &mut Vec<u32>,
+        potential: &mut Vec<u32>,
+        touched: &mut Vec<SegmentId>,
+    ) {
+        assert!(
+            self.indexed,
+            "compute_activity_sparse needs an indexed store"
+        );
+        for &seg in touched.iter() {
+            if let Some(c) = connected.get_mut(seg as usize) {
+                *c = 0;
+            }
+            if let Some(p) = potential.get_mut(seg as usize) {
+                *p = 0;
+            }
+        }
+        touched.clear();
+        connected.resize(self.segments.len(), 0);
+        potential.resize(self.segments.len(), 0);
+        for &p in active_presyn {
+            for &syn in &self.presyn_index[p as usize] {
+                let s = &self.synapses[syn as usize];
+                let seg = s.segment as usize;
+                if potential[seg] == 0 {
+                    touched.push(s.segment);
+                }
+                potential[seg] += 1;
+                if s.permanence >= connected_threshold {
+                    connected[seg] += 1;
+                }
+            }
+        }
+    }
+
     /// Heap bytes held by the store (capacity-based), for memory reporting.
     pub fn heap_bytes(&self) -> usize {
         use std::mem::size_of;
@@ -310,6 +369,44 @@ mod tests {
         let (mut con, mut pot) = (Vec::new(), Vec::new());
         c.compute_activity(&[1, 2], 0.5, &mut con, &mut pot);
         assert_eq!(pot, vec![0]);
+    }
+
+    #[test]
+    fn sparse_activity_matches_dense_and_resets_between_calls() {
+        let mut c = Connections::new(3, 6, true);
+        let s0 = c.create_segment(0);
+        c.create_synapse(s0, 1, 0.6);
+        c.create_synapse(s0, 2, 0.2);
+        let s1 = c.create_segment(2);
+        c.create_synapse(s1, 2, 0.7);
+        c.create_synapse(s1, 5, 0.7);
+        let (mut con, mut pot, mut touched) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut dcon, mut dpot) = (Vec::new(), Vec::new());
+        for active in [&[1u32, 2][..], &[5], &[0, 3], &[1, 2, 5]] {
+            c.compute_activity_sparse(active, 0.5, &mut con, &mut pot, &mut touched);
+            c.compute_activity(active, 0.5, &mut dcon, &mut dpot);
+            assert_eq!((&con, &pot), (&dcon, &dpot), "active {active:?}");
+            let mut expect: Vec<u32> = (0..2).filter(|&s| dpot[s as usize] > 0).collect();
+            touched.sort_unstable();
+            expect.sort_unstable();
+            assert_eq!(touched, expect);
+        }
+    }
+
+    #[test]
+    fn update_permanences_visits_segment_synapses_in_order_and_clamps() {
+        let mut c = Connections::new(1, 4, false);
+        let s = c.create_segment(0);
+        let a = c.create_synapse(s, 3, 0.5);
+        let b = c.create_synapse(s, 1, 0.95);
+        let mut seen = Vec::new();
+        c.update_permanences(s, |presyn, p| {
+            seen.push(presyn);
+            p + 0.1
+        });
+        assert_eq!(seen, vec![3, 1]);
+        assert!((c.synapse(a).permanence - 0.6).abs() < 1e-6);
+        assert_eq!(c.synapse(b).permanence, 1.0);
     }
 
     #[test]

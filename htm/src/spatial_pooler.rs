@@ -1,1 +1,1267 @@
-//! (in progress)
+//! Spatial pooler: NuPIC `SpatialPooler` semantics with a 1-D topology.
+//!
+//! Each column is one segment (owner cell = column index) in a [`Connections`] store whose
+//! synapses are the column's potential pool. Overlaps are computed from a derived bitset of
+//! connected synapses (one row of `u64` words per column) with AND + popcount, which is an
+//! order of magnitude faster than walking synapses. The bitset is a cache: it is rebuilt
+//! from the permanences after a restore, so checkpoints only carry the synapses.
+
+use serde::{Deserialize, Serialize};
+
+use crate::connections::Connections;
+use crate::random::Random;
+use crate::sdr::Sdr;
+
+/// An invalid parameter value, naming the parameter (snake_case, as in the params struct).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("invalid parameter `{name}`: {reason}")]
+pub struct ParamError {
+    /// The offending parameter.
+    pub name: &'static str,
+    /// What is wrong with its value.
+    pub reason: String,
+}
+
+impl ParamError {
+    pub(crate) fn new(name: &'static str, reason: impl Into<String>) -> Self {
+        ParamError {
+            name,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Learning iterations between inhibition-radius / minimum-duty-cycle updates (NuPIC's
+/// `updatePeriod`).
+const UPDATE_PERIOD: u64 = 50;
+/// Fraction of a potential pool that starts connected (NuPIC's `initConnectedPct`).
+const INIT_CONNECTED_PCT: f64 = 0.5;
+/// Tolerance NuPIC applies when testing `permanence >= syn_perm_connected`.
+const PERMANENCE_EPSILON: f64 = 0.000_001;
+
+/// Spatial pooler parameters. Defaults are NuPIC's values as used by NAB's best detector;
+/// `input_size` has no meaningful default and must be set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SpatialPoolerParams {
+    /// Number of input bits (the encoder's output width).
+    pub input_size: u32,
+    /// Number of columns.
+    pub column_count: u32,
+    /// Radius (in inputs) of a column's potential pool around its centre; `None` = the
+    /// whole input.
+    pub potential_radius: Option<u32>,
+    /// Fraction of the inputs within the radius that join the potential pool.
+    pub potential_pct: f64,
+    /// Pick winners over all columns (true) or per neighbourhood of the inhibition radius.
+    pub global_inhibition: bool,
+    /// Target fraction of active columns per inhibition area; `<= 0` means use
+    /// `num_active_columns_per_inh_area` instead.
+    pub local_area_density: f64,
+    /// Active columns per inhibition area (used when `local_area_density <= 0`).
+    pub num_active_columns_per_inh_area: u32,
+    /// Minimum overlap for a column to be eligible to win.
+    pub stimulus_threshold: u32,
+    /// Permanence decrement for synapses on inactive inputs of winning columns.
+    pub syn_perm_inactive_dec: f64,
+    /// Permanence increment for synapses on active inputs of winning columns.
+    pub syn_perm_active_inc: f64,
+    /// Permanence at which a synapse counts as connected.
+    pub syn_perm_connected: f64,
+    /// Weak-column threshold as a fraction of the (neighbourhood) maximum overlap duty cycle.
+    pub min_pct_overlap_duty_cycle: f64,
+    /// Period of the duty-cycle moving averages.
+    pub duty_cycle_period: u32,
+    /// Boosting strength (0 disables boosting).
+    pub boost_strength: f64,
+    /// Seed of the pooler's random generator.
+    pub seed: u64,
+    /// Whether topology wraps around the input and column edges.
+    pub wrap_around: bool,
+}
+
+impl Default for SpatialPoolerParams {
+    fn default() -> Self {
+        SpatialPoolerParams {
+            input_size: 0,
+            column_count: 2048,
+            potential_radius: None,
+            potential_pct: 0.8,
+            global_inhibition: true,
+            local_area_density: -1.0,
+            num_active_columns_per_inh_area: 40,
+            stimulus_threshold: 0,
+            syn_perm_inactive_dec: 0.0005,
+            syn_perm_active_inc: 0.003,
+            syn_perm_connected: 0.2,
+            min_pct_overlap_duty_cycle: 0.001,
+            duty_cycle_period: 1000,
+            boost_strength: 0.0,
+            seed: 1956,
+            wrap_around: true,
+        }
+    }
+}
+
+fn check_unit(name: &'static str, v: f64, allow_zero: bool) -> Result<(), ParamError> {
+    let ok = v.is_finite() && v <= 1.0 && (v > 0.0 || (allow_zero && v == 0.0));
+    if ok {
+        Ok(())
+    } else {
+        let range = if allow_zero { "[0, 1]" } else { "(0, 1]" };
+        Err(ParamError::new(
+            name,
+            format!("must be in {range}, got {v}"),
+        ))
+    }
+}
+
+impl SpatialPoolerParams {
+    /// Checks every parameter, naming the first invalid one.
+    pub fn validate(&self) -> Result<(), ParamError> {
+        if self.input_size == 0 {
+            return Err(ParamError::new("input_size", "must be > 0 (no default)"));
+        }
+        if self.column_count == 0 {
+            return Err(ParamError::new("column_count", "must be > 0"));
+        }
+        check_unit("potential_pct", self.potential_pct, false)?;
+        if self.local_area_density > 0.0 {
+            check_unit("local_area_density", self.local_area_density, false)?;
+        } else if self.local_area_density.is_nan() {
+            return Err(ParamError::new("local_area_density", "must not be NaN"));
+        } else if self.num_active_columns_per_inh_area == 0 {
+            return Err(ParamError::new(
+                "num_active_columns_per_inh_area",
+                "must be > 0 when local_area_density <= 0",
+            ));
+        } else if self.global_inhibition && self.num_active_columns_per_inh_area > self.column_count
+        {
+            return Err(ParamError::new(
+                "num_active_columns_per_inh_area",
+                format!(
+                    "{} exceeds column_count {}",
+                    self.num_active_columns_per_inh_area, self.column_count
+                ),
+            ));
+        }
+        check_unit("syn_perm_inactive_dec", self.syn_perm_inactive_dec, true)?;
+        check_unit("syn_perm_active_inc", self.syn_perm_active_inc, true)?;
+        check_unit("syn_perm_connected", self.syn_perm_connected, false)?;
+        if self.syn_perm_active_inc / 2.0 >= self.syn_perm_connected {
+            return Err(ParamError::new(
+                "syn_perm_active_inc",
+                format!(
+                    "trim threshold syn_perm_active_inc/2 = {} must be below syn_perm_connected {}",
+                    self.syn_perm_active_inc / 2.0,
+                    self.syn_perm_connected
+                ),
+            ));
+        }
+        check_unit(
+            "min_pct_overlap_duty_cycle",
+            self.min_pct_overlap_duty_cycle,
+            true,
+        )?;
+        if self.duty_cycle_period == 0 {
+            return Err(ParamError::new("duty_cycle_period", "must be > 0"));
+        }
+        if !(self.boost_strength.is_finite() && self.boost_strength >= 0.0) {
+            return Err(ParamError::new(
+                "boost_strength",
+                format!("must be finite and >= 0, got {}", self.boost_strength),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Learning constants in the precision NuPIC applies them (its arrays are `float32`).
+#[derive(Clone, Debug, Default)]
+struct Consts {
+    active_inc: f32,
+    inactive_dec_neg: f32,
+    below_stimulus_inc: f32,
+    trim: f32,
+    /// `syn_perm_connected - PERMANENCE_EPSILON`.
+    connected: f32,
+    stimulus_threshold: u32,
+}
+
+/// Derived data and scratch buffers: rebuilt from the persistent state, never serialised.
+#[derive(Clone, Debug, Default)]
+struct Cache {
+    consts: Consts,
+    /// `u64` words per column row and per input bitset.
+    words: usize,
+    /// Column-major rows of connected-synapse bits over the input.
+    connected: Vec<u64>,
+    input_bits: Vec<u64>,
+    overlaps: Vec<u32>,
+    boosted: Vec<f32>,
+    keys: Vec<u64>,
+    histogram: Vec<u32>,
+    winners: Vec<u32>,
+    active_flags: Vec<bool>,
+    has_popcnt: bool,
+}
+
+/// Caches compare equal: they are a function of the persistent state.
+impl PartialEq for Cache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+/// The spatial pooler. See the module docs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SpatialPooler {
+    params: SpatialPoolerParams,
+    /// One segment per column (segment id == column), synapses = potential pool.
+    connections: Connections,
+    rng: Random,
+    potential_radius: u32,
+    inhibition_radius: u32,
+    /// Learning iterations so far (NuPIC's iteration counter; see [`SpatialPooler::compute`]).
+    iteration: u64,
+    overlap_duty_cycles: Vec<f32>,
+    active_duty_cycles: Vec<f32>,
+    min_overlap_duty_cycles: Vec<f32>,
+    boost_factors: Vec<f32>,
+    #[serde(skip)]
+    cache: Cache,
+}
+
+/// Indices of a 1-D neighbourhood of `radius` around `center` in a space of `dim`, in
+/// NuPIC's order (left to right, wrapped values taken modulo `dim`).
+fn neighborhood(center: u32, radius: u32, dim: u32, wrap: bool) -> impl Iterator<Item = u32> {
+    let (c, r, d) = (i64::from(center), i64::from(radius), i64::from(dim));
+    let (lo, hi) = if wrap {
+        (c - r, (c + r).min(c - r + d - 1))
+    } else {
+        ((c - r).max(0), (c + r).min(d - 1))
+    };
+    (lo..=hi).map(move |v| v.rem_euclid(d) as u32)
+}
+
+fn neighborhood_len(center: u32, radius: u32, dim: u32, wrap: bool) -> usize {
+    let (c, r, d) = (i64::from(center), i64::from(radius), i64::from(dim));
+    let n = if wrap {
+        (2 * r + 1).min(d)
+    } else {
+        (c + r).min(d - 1) - (c - r).max(0) + 1
+    };
+    n as usize
+}
+
+#[inline(always)]
+fn bit(words: &[u64], i: u32) -> bool {
+    (words[(i >> 6) as usize] >> (i & 63)) & 1 != 0
+}
+
+/// Applies `delta` to every permanence of column `col`, then NuPIC's
+/// `_updatePermanencesForColumn`: optional raise to the stimulus threshold, trim, clip; and
+/// refreshes the column's connected-bit row.
+fn update_column<D: Fn(u32) -> f32>(
+    conns: &mut Connections,
+    row: &mut [u64],
+    col: u32,
+    k: &Consts,
+    raise: bool,
+    delta: D,
+) {
+    row.fill(0);
+    if !raise || k.stimulus_threshold == 0 {
+        // Single pass: clip-then-trim equals trim-then-clip because trim > 0.
+        conns.update_permanences(col, |presyn, p| {
+            let mut np = p + delta(presyn);
+            if np < k.trim {
+                np = 0.0;
+            }
+            np = np.min(1.0);
+            row[(presyn >> 6) as usize] |= u64::from(np >= k.connected) << (presyn & 63);
+            np
+        });
+        return;
+    }
+    let mut n_connected = 0u32;
+    conns.update_permanences(col, |presyn, p| {
+        let np = (p + delta(presyn)).clamp(0.0, 1.0);
+        n_connected += u32::from(np > k.connected);
+        np
+    });
+    // `_raisePermanenceToThreshold`: lift the whole pool until enough synapses connect.
+    // Validation guarantees the pool is large enough for this to terminate.
+    while n_connected < k.stimulus_threshold {
+        n_connected = 0;
+        conns.update_permanences(col, |_, p| {
+            let np = p + k.below_stimulus_inc;
+            n_connected += u32::from(np > k.connected);
+            np
+        });
+    }
+    conns.update_permanences(col, |presyn, p| {
+        let np = if p < k.trim { 0.0 } else { p.min(1.0) };
+        row[(presyn >> 6) as usize] |= u64::from(np >= k.connected) << (presyn & 63);
+        np
+    });
+}
+
+/// Connected-synapse overlap of every column with the input bitset.
+#[inline(always)]
+fn overlaps_kernel(connected: &[u64], words: usize, input: &[u64], out: &mut [u32]) {
+    for (row, o) in connected.chunks_exact(words).zip(out.iter_mut()) {
+        *o = row
+            .iter()
+            .zip(input)
+            .map(|(a, b)| (a & b).count_ones())
+            .sum();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "popcnt")]
+fn overlaps_kernel_popcnt(connected: &[u64], words: usize, input: &[u64], out: &mut [u32]) {
+    overlaps_kernel(connected, words, input, out);
+}
+
+impl SpatialPooler {
+    /// Builds a pooler: potential pools and initial permanences as NuPIC's constructor.
+    pub fn new(params: SpatialPoolerParams) -> Result<Self, ParamError> {
+        params.validate()?;
+        let n_in = params.input_size;
+        let n_col = params.column_count;
+        let potential_radius = params.potential_radius.unwrap_or(n_in).min(n_in);
+        let mut sp = SpatialPooler {
+            connections: Connections::new(n_col as usize, n_in as usize, false),
+            rng: Random::new(params.seed),
+            potential_radius,
+            inhibition_radius: 0,
+            iteration: 0,
+            overlap_duty_cycles: vec![0.0; n_col as usize],
+            active_duty_cycles: vec![0.0; n_col as usize],
+            min_overlap_duty_cycles: vec![0.0; n_col as usize],
+            boost_factors: vec![1.0; n_col as usize],
+            cache: Cache::default(),
+            params,
+        };
+        sp.cache.consts = sp.consts();
+        let k = sp.cache.consts.clone();
+        let syn_perm_connected = sp.params.syn_perm_connected;
+        let mut row = vec![0u64; n_in.div_ceil(64) as usize];
+        for col in 0..n_col {
+            let center = sp.map_column(col);
+            let inputs: Vec<u32> =
+                neighborhood(center, potential_radius, n_in, sp.params.wrap_around).collect();
+            let n_potential = (inputs.len() as f64 * sp.params.potential_pct + 0.5) as usize;
+            if n_potential < k.stimulus_threshold as usize {
+                return Err(ParamError::new(
+                    "stimulus_threshold",
+                    format!(
+                        "{} exceeds the {n_potential} inputs in column {col}'s potential pool",
+                        k.stimulus_threshold
+                    ),
+                ));
+            }
+            let mut pool = sp.rng.sample(&inputs, n_potential);
+            pool.sort_unstable();
+            let seg = sp.connections.create_segment(col);
+            debug_assert_eq!(seg, col);
+            for &input in &pool {
+                // `_initPermanence`: values rounded down to 5 decimals, then trimmed.
+                let p = if sp.rng.real() <= INIT_CONNECTED_PCT {
+                    syn_perm_connected + (1.0 - syn_perm_connected) * sp.rng.real()
+                } else {
+                    syn_perm_connected * sp.rng.real()
+                };
+                let p = ((p * 100_000.0) as i64) as f64 / 100_000.0;
+                let p = p as f32;
+                let p = if p < k.trim { 0.0 } else { p };
+                sp.connections.create_synapse(seg, input, p);
+            }
+            update_column(&mut sp.connections, &mut row, col, &k, true, |_| 0.0);
+        }
+        sp.rebuild_after_restore();
+        sp.update_inhibition_radius();
+        Ok(sp)
+    }
+
+    fn consts(&self) -> Consts {
+        let p = &self.params;
+        Consts {
+            active_inc: p.syn_perm_active_inc as f32,
+            inactive_dec_neg: -(p.syn_perm_inactive_dec as f32),
+            below_stimulus_inc: (p.syn_perm_connected / 10.0) as f32,
+            trim: (p.syn_perm_active_inc / 2.0) as f32,
+            connected: (p.syn_perm_connected - PERMANENCE_EPSILON) as f32,
+            stimulus_threshold: p.stimulus_threshold,
+        }
+    }
+
+    /// Rebuilds the derived connected-synapse bitset and scratch buffers from the
+    /// permanences. Call after deserialising; idempotent ([`SpatialPooler::compute`] also
+    /// calls it if it was forgotten).
+    pub fn rebuild_after_restore(&mut self) {
+        self.connections.rebuild_index();
+        let n_col = self.num_columns();
+        let words = self.input_size().div_ceil(64);
+        let consts = self.consts();
+        let mut connected = vec![0u64; n_col * words];
+        for (col, row) in connected.chunks_exact_mut(words).enumerate() {
+            for &syn in self.connections.synapses_for_segment(col as u32) {
+                let s = self.connections.synapse(syn);
+                if s.permanence >= consts.connected {
+                    row[(s.presyn >> 6) as usize] |= 1 << (s.presyn & 63);
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        let has_popcnt = std::arch::is_x86_feature_detected!("popcnt");
+        #[cfg(not(target_arch = "x86_64"))]
+        let has_popcnt = false;
+        self.cache = Cache {
+            consts,
+            words,
+            connected,
+            input_bits: vec![0; words],
+            overlaps: vec![0; n_col],
+            boosted: vec![0.0; n_col],
+            keys: Vec::with_capacity(n_col),
+            histogram: vec![0; self.input_size() + 1],
+            winners: Vec::with_capacity(n_col),
+            active_flags: vec![false; n_col],
+            has_popcnt,
+        };
+    }
+
+    /// Number of columns.
+    pub fn num_columns(&self) -> usize {
+        self.params.column_count as usize
+    }
+
+    /// Number of input bits.
+    pub fn input_size(&self) -> usize {
+        self.params.input_size as usize
+    }
+
+    /// The parameters the pooler was built with.
+    pub fn params(&self) -> &SpatialPoolerParams {
+        &self.params
+    }
+
+    /// The synapse store: segment `c` holds column `c`'s potential pool.
+    pub fn connections(&self) -> &Connections {
+        &self.connections
+    }
+
+    /// Current inhibition radius (in columns).
+    pub fn inhibition_radius(&self) -> u32 {
+        self.inhibition_radius
+    }
+
+    /// Learning iterations performed so far.
+    pub fn iteration(&self) -> u64 {
+        self.iteration
+    }
+
+    /// Raw (unboosted) overlaps of the last [`SpatialPooler::compute`].
+    pub fn overlaps(&self) -> &[u32] {
+        &self.cache.overlaps
+    }
+
+    /// Per-column boost factors.
+    pub fn boost_factors(&self) -> &[f32] {
+        &self.boost_factors
+    }
+
+    /// Per-column active duty cycles.
+    pub fn active_duty_cycles(&self) -> &[f32] {
+        &self.active_duty_cycles
+    }
+
+    /// Per-column overlap duty cycles.
+    pub fn overlap_duty_cycles(&self) -> &[f32] {
+        &self.overlap_duty_cycles
+    }
+
+    /// Number of connected synapses of `column`.
+    pub fn connected_count(&self, column: u32) -> u32 {
+        let w = self.cache.words;
+        let start = column as usize * w;
+        self.cache.connected[start..start + w]
+            .iter()
+            .map(|x| x.count_ones())
+            .sum()
+    }
+
+    /// Heap bytes held (capacity-based), including the derived caches.
+    pub fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let c = &self.cache;
+        self.connections.heap_bytes()
+            + 4 * (self.overlap_duty_cycles.capacity()
+                + self.active_duty_cycles.capacity()
+                + self.min_overlap_duty_cycles.capacity()
+                + self.boost_factors.capacity())
+            + size_of::<u64>()
+                * (c.connected.capacity() + c.input_bits.capacity() + c.keys.capacity())
+            + 4 * (c.overlaps.capacity()
+                + c.boosted.capacity()
+                + c.histogram.capacity()
+                + c.winners.capacity())
+            + c.active_flags.capacity()
+    }
+
+    /// NuPIC `_mapColumn` (1-D): the input index at the centre of `column`'s receptive field.
+    fn map_column(&self, column: u32) -> u32 {
+        let n_in = f64::from(self.params.input_size);
+        let n_col = f64::from(self.params.column_count);
+        let ratio = f64::from(column) / n_col;
+        let center = (n_in * ratio + 0.5 * n_in / n_col) as u32;
+        center.min(self.params.input_size - 1)
+    }
+
+    /// NuPIC's inhibition density: `local_area_density`, or the configured number of winners
+    /// per inhibition area.
+    fn density(&self) -> f64 {
+        if self.params.local_area_density > 0.0 {
+            return self.params.local_area_density;
+        }
+        let area = (2 * u64::from(self.inhibition_radius) + 1).min(self.num_columns() as u64);
+        (f64::from(self.params.num_active_columns_per_inh_area) / area as f64).min(0.5)
+    }
+
+    /// Runs one input through the pooler, writing the active columns (sorted) to `active`.
+    ///
+    /// With `learn`, permanences, duty cycles, boost factors and the inhibition radius are
+    /// updated as NuPIC does. Without it nothing in the pooler changes (unlike NuPIC, whose
+    /// iteration counter also counts inference steps; here only learning steps count, so
+    /// that inference is side-effect free).
+    ///
+    /// # Panics
+    /// If `input.size()` differs from the configured `input_size`.
+    pub fn compute(&mut self, input: &Sdr, learn: bool, active: &mut Sdr) {
+        assert_eq!(
+            input.size(),
+            self.input_size(),
+            "spatial pooler input size mismatch"
+        );
+        if self.cache.words == 0 {
+            self.rebuild_after_restore();
+        }
+        if learn {
+            self.iteration += 1;
+        }
+        self.calculate_overlaps(input);
+        let boosted = learn && self.params.boost_strength != 0.0;
+        if boosted {
+            let c = &mut self.cache;
+            for ((b, &o), &f) in c
+                .boosted
+                .iter_mut()
+                .zip(&c.overlaps)
+                .zip(&self.boost_factors)
+            {
+                *b = f * o as f32;
+            }
+        }
+        self.inhibit_columns(boosted);
+        if learn {
+            self.adapt_synapses(input);
+            self.update_duty_cycles();
+            self.bump_up_weak_columns();
+            self.update_boost_factors();
+            if self.iteration % UPDATE_PERIOD == 0 {
+                self.update_inhibition_radius();
+                self.update_min_duty_cycles();
+            }
+        }
+        if active.size() != self.num_columns() {
+            *active = Sdr::new(self.num_columns());
+        }
+        active.set_sorted(&self.cache.winners);
+    }
+
+    fn calculate_overlaps(&mut self, input: &Sdr) {
+        let c = &mut self.cache;
+        c.input_bits.fill(0);
+        for &i in input.sparse() {
+            c.input_bits[(i >> 6) as usize] |= 1 << (i & 63);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if c.has_popcnt {
+            // SAFETY: `has_popcnt` was set from runtime CPU feature detection.
+            unsafe {
+                overlaps_kernel_popcnt(&c.connected, c.words, &c.input_bits, &mut c.overlaps);
+            }
+            return;
+        }
+        overlaps_kernel(&c.connected, c.words, &c.input_bits, &mut c.overlaps);
+    }
+
+    /// Fills `cache.winners` (sorted) from the raw or boosted overlaps.
+    fn inhibit_columns(&mut self, boosted: bool) {
+        let density = self.density();
+        if self.params.global_inhibition || self.inhibition_radius > self.params.column_count {
+            let k = (density * self.num_columns() as f64) as usize;
+            if boosted {
+                self.inhibit_global_boosted(k);
+            } else {
+                self.inhibit_global_counting(k);
+            }
+        } else {
+            if !boosted {
+                let c = &mut self.cache;
+                for (b, &o) in c.boosted.iter_mut().zip(&c.overlaps) {
+                    *b = o as f32;
+                }
+            }
+            self.inhibit_local(density);
+        }
+    }
+
+    /// Global top-`k` of integer overlaps by counting: NuPIC's stable ascending argsort,
+    /// last `k` taken, means that among equal overlaps the higher column index wins.
+    fn inhibit_global_counting(&mut self, k: usize) {
+        let c = &mut self.cache;
+        c.winners.clear();
+        if k == 0 {
+            return;
+        }
+        c.histogram.fill(0);
+        for &o in &c.overlaps {
+            c.histogram[o as usize] += 1;
+        }
+        // Smallest overlap `t` such that at least k columns have overlap >= t.
+        let mut above = 0usize;
+        let mut t = c.histogram.len() - 1;
+        loop {
+            let here = c.histogram[t] as usize;
+            if above + here >= k || t == 0 {
+                break;
+            }
+            above += here;
+            t -= 1;
+        }
+        let mut need_at_t = k - above;
+        let t = t as u32;
+        // Ties at `t`: the highest indices win, so walk columns downwards.
+        for col in (0..c.overlaps.len()).rev() {
+            let o = c.overlaps[col];
+            if o > t || (o == t && need_at_t > 0) {
+                if o == t {
+                    need_at_t -= 1;
+                }
+                if o >= self.params.stimulus_threshold {
+                    c.winners.push(col as u32);
+                }
+            }
+        }
+        c.winners.reverse();
+    }
+
+    /// Global top-`k` of boosted overlaps, same tie-break as the counting version.
+    fn inhibit_global_boosted(&mut self, k: usize) {
+        let c = &mut self.cache;
+        c.winners.clear();
+        if k == 0 {
+            return;
+        }
+        c.keys.clear();
+        // Non-negative floats order like their bit patterns; the index breaks ties upward.
+        c.keys.extend(
+            c.boosted
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (u64::from(b.to_bits()) << 32) | i as u64),
+        );
+        if k < c.keys.len() {
+            c.keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        }
+        let threshold = self.params.stimulus_threshold as f32;
+        for &key in &c.keys[..k.min(c.keys.len())] {
+            let col = key as u32;
+            if c.boosted[col as usize] >= threshold {
+                c.winners.push(col);
+            }
+        }
+        c.winners.sort_unstable();
+    }
+
+    /// NuPIC `_inhibitColumnsLocal` over `cache.boosted`: a column wins when fewer than the
+    /// neighbourhood's quota beat it, ties lost to neighbours already chosen.
+    fn inhibit_local(&mut self, density: f64) {
+        let n_col = self.params.column_count;
+        let (radius, wrap) = (self.inhibition_radius, self.params.wrap_around);
+        let threshold = self.params.stimulus_threshold as f32;
+        let c = &mut self.cache;
+        c.active_flags.fill(false);
+        c.winners.clear();
+        for col in 0..n_col {
+            let overlap = c.boosted[col as usize];
+            if overlap < threshold {
+                continue;
+            }
+            let len = neighborhood_len(col, radius, n_col, wrap);
+            let num_active = (0.5 + density * len as f64) as usize;
+            let mut beaten = 0usize;
+            for n in neighborhood(col, radius, n_col, wrap) {
+                let o = c.boosted[n as usize];
+                beaten += usize::from(o > overlap || (o == overlap && c.active_flags[n as usize]));
+            }
+            if beaten < num_active {
+                c.active_flags[col as usize] = true;
+                c.winners.push(col);
+            }
+        }
+    }
+
+    /// NuPIC `_adaptSynapses`: winners' synapses on active inputs +inc, others -dec.
+    fn adapt_synapses(&mut self, _input: &Sdr) {
+        let c = &mut self.cache;
+        let k = &c.consts;
+        let words = c.words;
+        let input_bits = &c.input_bits;
+        for &col in &c.winners {
+            let row = &mut c.connected[col as usize * words..(col as usize + 1) * words];
+            update_column(&mut self.connections, row, col, k, true, |presyn| {
+                if bit(input_bits, presyn) {
+                    k.active_inc
+                } else {
+                    k.inactive_dec_neg
+                }
+            });
+        }
+    }
+
+    fn update_duty_cycles(&mut self) {
+        let period = u64::from(self.params.duty_cycle_period).min(self.iteration) as f32;
+        let keep = period - 1.0;
+        let c = &mut self.cache;
+        for (d, &o) in self.overlap_duty_cycles.iter_mut().zip(&c.overlaps) {
+            *d = (*d * keep + f32::from(u8::from(o > 0))) / period;
+        }
+        c.active_flags.fill(false);
+        for &w in &c.winners {
+            c.active_flags[w as usize] = true;
+        }
+        for (d, &a) in self.active_duty_cycles.iter_mut().zip(&c.active_flags) {
+            *d = (*d * keep + f32::from(u8::from(a))) / period;
+        }
+    }
+
+    /// NuPIC `_bumpUpWeakColumns`: columns whose overlap duty cycle fell below the minimum
+    /// get every potential synapse raised by `syn_perm_connected / 10`.
+    fn bump_up_weak_columns(&mut self) {
+        let c = &mut self.cache;
+        let words = c.words;
+        for col in 0..self.params.column_count {
+            let i = col as usize;
+            if self.overlap_duty_cycles[i] < self.min_overlap_duty_cycles[i] {
+                let row = &mut c.connected[i * words..(i + 1) * words];
+                let inc = c.consts.below_stimulus_inc;
+                update_column(&mut self.connections, row, col, &c.consts, false, |_| inc);
+            }
+        }
+    }
+
+    fn update_boost_factors(&mut self) {
+        if self.params.boost_strength == 0.0 {
+            // exp(0) == 1 exactly: the factors never move from their initial 1.0.
+            return;
+        }
+        let strength = self.params.boost_strength as f32;
+        if self.params.global_inhibition {
+            let target = self.density() as f32;
+            for (b, &d) in self.boost_factors.iter_mut().zip(&self.active_duty_cycles) {
+                *b = ((target - d) * strength).exp();
+            }
+        } else {
+            let n_col = self.params.column_count;
+            let (radius, wrap) = (self.inhibition_radius, self.params.wrap_around);
+            for col in 0..n_col {
+                let mut sum = 0.0f64;
+                let mut n = 0usize;
+                for nb in neighborhood(col, radius, n_col, wrap) {
+                    sum += f64::from(self.active_duty_cycles[nb as usize]);
+                    n += 1;
+                }
+                let target = (sum / n as f64) as f32;
+                let d = self.active_duty_cycles[col as usize];
+                self.boost_factors[col as usize] = ((target - d) * strength).exp();
+            }
+        }
+    }
+
+    /// NuPIC `_updateInhibitionRadius` (1-D).
+    fn update_inhibition_radius(&mut self) {
+        if self.params.global_inhibition {
+            self.inhibition_radius = self.params.column_count;
+            return;
+        }
+        let words = self.cache.words;
+        let mut span_sum = 0u64;
+        for row in self.cache.connected.chunks_exact(words) {
+            let first = row.iter().position(|&w| w != 0);
+            let last = row.iter().rposition(|&w| w != 0);
+            if let (Some(f), Some(l)) = (first, last) {
+                let lo = f * 64 + row[f].trailing_zeros() as usize;
+                let hi = l * 64 + 63 - row[l].leading_zeros() as usize;
+                span_sum += (hi - lo + 1) as u64;
+            }
+        }
+        let avg_span = span_sum as f64 / self.num_columns() as f64;
+        let columns_per_input =
+            f64::from(self.params.column_count) / f64::from(self.params.input_size);
+        let diameter = avg_span * columns_per_input;
+        let radius = ((diameter - 1.0) / 2.0).max(1.0);
+        self.inhibition_radius = (radius + 0.5) as u32;
+    }
+
+    /// NuPIC `_updateMinDutyCycles`: a fraction of the global or neighbourhood maximum
+    /// overlap duty cycle.
+    fn update_min_duty_cycles(&mut self) {
+        let pct = self.params.min_pct_overlap_duty_cycle;
+        if self.params.global_inhibition || self.inhibition_radius > self.params.input_size {
+            let max = self
+                .overlap_duty_cycles
+                .iter()
+                .copied()
+                .fold(0.0f32, f32::max);
+            self.min_overlap_duty_cycles
+                .fill((f64::from(max) * pct) as f32);
+        } else {
+            let n_col = self.params.column_count;
+            let (radius, wrap) = (self.inhibition_radius, self.params.wrap_around);
+            for col in 0..n_col {
+                let max = neighborhood(col, radius, n_col, wrap)
+                    .map(|n| self.overlap_duty_cycles[n as usize])
+                    .fold(0.0f32, f32::max);
+                self.min_overlap_duty_cycles[col as usize] = (f64::from(max) * pct) as f32;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(input_size: u32, column_count: u32, active: u32) -> SpatialPoolerParams {
+        SpatialPoolerParams {
+            input_size,
+            column_count,
+            num_active_columns_per_inh_area: active,
+            ..SpatialPoolerParams::default()
+        }
+    }
+
+    /// A contiguous run of `w` bits starting at `start` (like a scalar encoder's output).
+    fn block(size: usize, start: u32, w: u32) -> Sdr {
+        Sdr::from_sparse(size, (start..start + w).collect())
+    }
+
+    fn random_sdr(rng: &mut Random, size: usize, n: usize) -> Sdr {
+        let all: Vec<u32> = (0..size as u32).collect();
+        Sdr::from_sparse(size, rng.sample(&all, n))
+    }
+
+    fn run(sp: &mut SpatialPooler, input: &Sdr, learn: bool) -> Sdr {
+        let mut out = Sdr::new(sp.num_columns());
+        sp.compute(input, learn, &mut out);
+        out
+    }
+
+    #[test]
+    fn initial_pools_and_permanences_follow_nupic() {
+        let sp = SpatialPooler::new(params(200, 64, 8)).unwrap();
+        let c = sp.connections();
+        let thr = (0.2 - PERMANENCE_EPSILON) as f32;
+        let (mut connected, mut total) = (0usize, 0usize);
+        for col in 0..64 {
+            let syns = c.synapses_for_segment(col);
+            // Whole input in range: round(200 * 0.8) potential inputs, each input once.
+            assert_eq!(syns.len(), 160);
+            let mut presyn: Vec<u32> = syns.iter().map(|&s| c.synapse(s).presyn).collect();
+            presyn.dedup();
+            assert_eq!(presyn.len(), 160);
+            for &s in syns {
+                let p = c.synapse(s).permanence;
+                assert!(p == 0.0 || p >= 0.0015, "untrimmed permanence {p}");
+                connected += usize::from(p >= thr);
+                total += 1;
+            }
+            assert_eq!(
+                sp.connected_count(col),
+                syns.iter()
+                    .filter(|&&s| c.synapse(s).permanence >= thr)
+                    .count() as u32
+            );
+        }
+        let frac = connected as f64 / total as f64;
+        assert!((0.45..0.55).contains(&frac), "connected fraction {frac}");
+    }
+
+    #[test]
+    fn potential_radius_limits_pools_to_a_window_around_the_column_centre() {
+        let p = SpatialPoolerParams {
+            potential_radius: Some(5),
+            potential_pct: 1.0,
+            wrap_around: false,
+            ..params(100, 50, 5)
+        };
+        let sp = SpatialPooler::new(p).unwrap();
+        let c = sp.connections();
+        for col in 0..50u32 {
+            // 100 inputs over 50 columns: centres near 2 * col + 1 (NuPIC's float mapping
+            // truncates, so some land one lower).
+            let centre = sp.map_column(col);
+            assert!(centre == 2 * col + 1 || centre == 2 * col, "column {col}");
+            let presyn: Vec<u32> = c
+                .synapses_for_segment(col)
+                .iter()
+                .map(|&s| c.synapse(s).presyn)
+                .collect();
+            let lo = centre.saturating_sub(5);
+            let hi = (centre + 5).min(99);
+            assert_eq!(presyn, (lo..=hi).collect::<Vec<_>>(), "column {col}");
+        }
+    }
+
+    #[test]
+    fn global_inhibition_activates_exactly_the_configured_number() {
+        let mut sp = SpatialPooler::new(params(454, 2048, 40)).unwrap();
+        let mut rng = Random::new(3);
+        for step in 0..120 {
+            let input = random_sdr(&mut rng, 454, 5 + (step % 60));
+            let out = run(&mut sp, &input, step % 3 != 0);
+            assert_eq!(out.len(), 40, "step {step}");
+            assert_eq!(out.size(), 2048);
+        }
+    }
+
+    #[test]
+    fn ties_go_to_the_highest_column_indices() {
+        // An empty input gives every column overlap 0: NuPIC's stable argsort then keeps
+        // the last k columns.
+        let mut sp = SpatialPooler::new(params(100, 300, 10)).unwrap();
+        let out = run(&mut sp, &Sdr::new(100), true);
+        assert_eq!(out.sparse(), (290..300).collect::<Vec<u32>>().as_slice());
+        // With a stimulus threshold, zero overlaps cannot win at all.
+        let mut p = params(100, 300, 10);
+        p.stimulus_threshold = 1;
+        let mut sp = SpatialPooler::new(p).unwrap();
+        assert!(run(&mut sp, &Sdr::new(100), true).is_empty());
+        assert_eq!(run(&mut sp, &block(100, 10, 20), false).len(), 10);
+    }
+
+    #[test]
+    fn winners_are_the_columns_with_the_largest_overlaps() {
+        let mut sp = SpatialPooler::new(params(300, 500, 20)).unwrap();
+        let mut rng = Random::new(9);
+        for _ in 0..20 {
+            let input = random_sdr(&mut rng, 300, 30);
+            let out = run(&mut sp, &input, false);
+            let ov = sp.overlaps().to_vec();
+            let min_win = out.sparse().iter().map(|&c| ov[c as usize]).min().unwrap();
+            let max_lose = (0..500u32)
+                .filter(|c| !out.contains(*c))
+                .map(|c| ov[c as usize])
+                .max()
+                .unwrap();
+            assert!(min_win >= max_lose, "{min_win} < {max_lose}");
+        }
+    }
+
+    #[test]
+    fn local_inhibition_activates_about_the_target_density() {
+        let p = SpatialPoolerParams {
+            global_inhibition: false,
+            potential_radius: Some(8),
+            num_active_columns_per_inh_area: 3,
+            ..params(256, 256, 3)
+        };
+        let mut sp = SpatialPooler::new(p).unwrap();
+        let r = sp.inhibition_radius();
+        assert!((1..256).contains(&r), "radius {r}");
+        let density = sp.density();
+        let mut rng = Random::new(5);
+        let mut total = 0usize;
+        let steps = 60;
+        for step in 0..steps {
+            let input = random_sdr(&mut rng, 256, 40);
+            total += run(&mut sp, &input, step % 2 == 0).len();
+        }
+        let mean = total as f64 / steps as f64;
+        let expected = density * 256.0;
+        assert!(
+            mean > 0.75 * expected && mean < 1.35 * expected,
+            "mean active {mean}, expected ~{expected}"
+        );
+    }
+
+    #[test]
+    fn similar_inputs_overlap_and_disjoint_inputs_do_not() {
+        let mut sp = SpatialPooler::new(params(454, 2048, 40)).unwrap();
+        let a = run(&mut sp, &block(454, 100, 40), false);
+        let a_shift = run(&mut sp, &block(454, 102, 40), false);
+        let far = run(&mut sp, &block(454, 300, 40), false);
+        assert!(
+            a.overlap(&a_shift) >= 20,
+            "similar: {}",
+            a.overlap(&a_shift)
+        );
+        assert!(a.overlap(&far) <= 6, "disjoint: {}", a.overlap(&far));
+    }
+
+    #[test]
+    fn trained_inputs_map_to_stable_distinct_outputs() {
+        let mut sp = SpatialPooler::new(params(454, 2048, 40)).unwrap();
+        let inputs: Vec<Sdr> = (0..5).map(|i| block(454, 20 + 80 * i, 40)).collect();
+        for _ in 0..30 {
+            for x in &inputs {
+                run(&mut sp, x, true);
+            }
+        }
+        let first: Vec<Sdr> = inputs.iter().map(|x| run(&mut sp, x, true)).collect();
+        let second: Vec<Sdr> = inputs.iter().map(|x| run(&mut sp, x, true)).collect();
+        assert_eq!(first, second);
+        for i in 0..5 {
+            for j in i + 1..5 {
+                assert!(first[i].overlap(&first[j]) <= 6);
+            }
+        }
+    }
+
+    #[test]
+    fn learning_moves_permanences_towards_the_input() {
+        let mut sp = SpatialPooler::new(params(200, 300, 10)).unwrap();
+        let x = block(200, 50, 30);
+        let out = run(&mut sp, &x, false);
+        let before = sp.clone();
+        let out_learn = run(&mut sp, &x, true);
+        assert_eq!(out, out_learn);
+        let c0 = before.connections();
+        let c1 = sp.connections();
+        for col in 0..300u32 {
+            for &syn in c0.synapses_for_segment(col) {
+                let (p0, p1) = (c0.synapse(syn).permanence, c1.synapse(syn).permanence);
+                let presyn = c0.synapse(syn).presyn;
+                if !out.contains(col) {
+                    assert_eq!(p0, p1);
+                } else if x.contains(presyn) {
+                    assert_eq!(p1, (p0 + 0.003).min(1.0));
+                } else if p0 > 0.0 {
+                    let want = p0 - 0.0005;
+                    assert_eq!(p1, if want < 0.0015 { 0.0 } else { want });
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn boosting_favours_columns_that_have_been_inactive() {
+        let p = SpatialPoolerParams {
+            boost_strength: 2.0,
+            ..params(100, 200, 10)
+        };
+        let mut sp = SpatialPooler::new(p).unwrap();
+        let x = block(100, 10, 20);
+        let first = run(&mut sp, &x, true);
+        for _ in 0..20 {
+            run(&mut sp, &x, true);
+        }
+        let b = sp.boost_factors();
+        let winner = first.sparse()[0] as usize;
+        let idle = (0..200)
+            .find(|&c| sp.active_duty_cycles()[c] == 0.0)
+            .unwrap();
+        assert!(
+            b[idle] > 1.0 && b[winner] < b[idle],
+            "{} {}",
+            b[idle],
+            b[winner]
+        );
+    }
+
+    #[test]
+    fn weak_columns_are_bumped_up() {
+        // Inputs only ever touch the first half: columns whose connected synapses miss them
+        // keep a zero overlap duty cycle and must be bumped after the first update round.
+        let p = SpatialPoolerParams {
+            potential_radius: Some(4),
+            wrap_around: false,
+            ..params(100, 100, 4)
+        };
+        let mut sp = SpatialPooler::new(p).unwrap();
+        let before = sp.connections().clone();
+        for i in 0..UPDATE_PERIOD as u32 + 1 {
+            run(&mut sp, &block(100, i % 40, 8), true);
+        }
+        let col = 95u32; // centred on input 95, never overlapped
+        assert_eq!(sp.overlap_duty_cycles()[col as usize], 0.0);
+        let (c0, c1) = (
+            before.connections_sum(col),
+            sp.connections().connections_sum(col),
+        );
+        assert!(c1 > c0 + 0.01, "weak column not bumped: {c0} -> {c1}");
+    }
+
+    #[test]
+    fn inference_leaves_the_pooler_unchanged() {
+        let mut sp = SpatialPooler::new(params(454, 2048, 40)).unwrap();
+        let mut rng = Random::new(11);
+        for _ in 0..30 {
+            run(&mut sp, &random_sdr(&mut rng, 454, 50), true);
+        }
+        let frozen = sp.clone();
+        for _ in 0..30 {
+            run(&mut sp, &random_sdr(&mut rng, 454, 50), false);
+        }
+        assert_eq!(sp, frozen);
+    }
+
+    #[test]
+    fn serde_round_trip_continues_bit_identically() {
+        let p = SpatialPoolerParams {
+            boost_strength: 1.0,
+            ..params(454, 1024, 20)
+        };
+        let mut sp = SpatialPooler::new(p).unwrap();
+        let mut rng = Random::new(21);
+        for _ in 0..60 {
+            run(&mut sp, &random_sdr(&mut rng, 454, 40), true);
+        }
+        let cfg = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&sp, cfg).unwrap();
+        let (mut back, _): (SpatialPooler, _) =
+            bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+        back.rebuild_after_restore();
+        assert_eq!(back, sp);
+        for step in 0..80 {
+            let x = random_sdr(&mut rng, 454, 40);
+            let learn = step % 5 != 4;
+            assert_eq!(run(&mut sp, &x, learn), run(&mut back, &x, learn));
+            assert_eq!(sp.overlaps(), back.overlaps());
+        }
+        assert_eq!(
+            bincode::serde::encode_to_vec(&sp, cfg).unwrap(),
+            bincode::serde::encode_to_vec(&back, cfg).unwrap()
+        );
+    }
+
+    #[test]
+    fn local_inhibition_round_trip_continues_bit_identically() {
+        let p = SpatialPoolerParams {
+            global_inhibition: false,
+            potential_radius: Some(10),
+            boost_strength: 0.5,
+            ..params(128, 128, 4)
+        };
+        let mut sp = SpatialPooler::new(p).unwrap();
+        let mut rng = Random::new(2);
+        for _ in 0..55 {
+            run(&mut sp, &random_sdr(&mut rng, 128, 20), true);
+        }
+        let cfg = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&sp, cfg).unwrap();
+        let (mut back, _): (SpatialPooler, _) =
+            bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+        // compute() rebuilds the cache itself if the caller forgot.
+        for _ in 0..60 {
+            let x = random_sdr(&mut rng, 128, 20);
+            assert_eq!(run(&mut sp, &x, true), run(&mut back, &x, true));
+        }
+        assert_eq!(sp, back);
+    }
+
+    #[test]
+    fn invalid_params_name_the_parameter() {
+        let cases: Vec<(&str, SpatialPoolerParams)> = vec![
+            ("input_size", SpatialPoolerParams::default()),
+            (
+                "column_count",
+                SpatialPoolerParams {
+                    column_count: 0,
+                    ..params(10, 10, 2)
+                },
+            ),
+            (
+                "potential_pct",
+                SpatialPoolerParams {
+                    potential_pct: 1.5,
+                    ..params(10, 10, 2)
+                },
+            ),
+            ("num_active_columns_per_inh_area", params(10, 10, 0)),
+            ("num_active_columns_per_inh_area", params(10, 10, 11)),
+            (
+                "syn_perm_connected",
+                SpatialPoolerParams {
+                    syn_perm_connected: -0.1,
+                    ..params(10, 10, 2)
+                },
+            ),
+            (
+                "syn_perm_active_inc",
+                SpatialPoolerParams {
+                    syn_perm_active_inc: 0.5,
+                    ..params(10, 10, 2)
+                },
+            ),
+            (
+                "duty_cycle_period",
+                SpatialPoolerParams {
+                    duty_cycle_period: 0,
+                    ..params(10, 10, 2)
+                },
+            ),
+            (
+                "boost_strength",
+                SpatialPoolerParams {
+                    boost_strength: f64::NAN,
+                    ..params(10, 10, 2)
+                },
+            ),
+            (
+                "stimulus_threshold",
+                SpatialPoolerParams {
+                    stimulus_threshold: 9,
+                    ..params(10, 10, 2)
+                },
+            ),
+        ];
+        for (name, p) in cases {
+            let err = SpatialPooler::new(p).unwrap_err();
+            assert_eq!(err.name, name);
+            assert!(err.to_string().contains(name), "{err}");
+        }
+        assert!(SpatialPooler::new(params(10, 10, 2)).is_ok());
+    }
+
+    #[test]
+    fn stimulus_threshold_raises_initial_permanences() {
+        let p = SpatialPoolerParams {
+            stimulus_threshold: 30,
+            potential_pct: 0.5,
+            ..params(64, 32, 4)
+        };
+        let sp = SpatialPooler::new(p).unwrap();
+        for col in 0..32 {
+            assert!(sp.connected_count(col) >= 30, "column {col}");
+        }
+    }
+
+    trait PermSum {
+        fn connections_sum(&self, col: u32) -> f32;
+    }
+
+    impl PermSum for Connections {
+        fn connections_sum(&self, col: u32) -> f32 {
+            self.synapses_for_segment(col)
+                .iter()
+                .map(|&s| self.synapse(s).permanence)
+                .sum()
+        }
+    }
+}
