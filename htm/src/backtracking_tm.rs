@@ -163,50 +163,121 @@ pub struct BacktrackStats {
     pub learning_lock_ons: u64,
 }
 
-/// Per-segment activity of one forward pass, with the list of segments it touched so that
-/// clearing costs the pass's size, not the number of segments.
+/// Presynaptic cell → the segments it has a synapse on, one entry per synapse: `Cells4`'s
+/// `OutSynapses`, plus each synapse's connected flag in the entry's top bit. A forward pass is
+/// then a sequential read and one counter update per synapse, with no synapse lookups.
+/// Derived from the connections: not serialised, rebuilt by
+/// [`BacktrackingTm::rebuild_after_restore`]; entry order is irrelevant because passes only
+/// count.
+#[derive(Clone, Debug, Default)]
+struct OutIndex {
+    by_cell: Vec<Vec<u32>>,
+}
+
+/// Derived data: equal whenever the connections it indexes are.
+impl PartialEq for OutIndex {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+const CONNECTED_FLAG: u32 = 1 << 31;
+
+impl OutIndex {
+    #[inline]
+    fn entry(seg: SegmentId, connected: bool) -> u32 {
+        debug_assert!(seg < CONNECTED_FLAG);
+        seg | if connected { CONNECTED_FLAG } else { 0 }
+    }
+
+    #[inline]
+    fn add(&mut self, presyn: u32, seg: SegmentId, connected: bool) {
+        self.by_cell[presyn as usize].push(Self::entry(seg, connected));
+    }
+
+    /// Position of `seg`'s entry in `presyn`'s list (a segment has one synapse per
+    /// presynaptic cell, so it is unique).
+    fn position(&self, presyn: u32, seg: SegmentId) -> usize {
+        self.by_cell[presyn as usize]
+            .iter()
+            .rposition(|&e| e & !CONNECTED_FLAG == seg)
+            .expect("synapse listed in the out index")
+    }
+
+    fn remove(&mut self, presyn: u32, seg: SegmentId) {
+        let pos = self.position(presyn, seg);
+        self.by_cell[presyn as usize].swap_remove(pos);
+    }
+
+    fn set_connected(&mut self, presyn: u32, seg: SegmentId, connected: bool) {
+        let pos = self.position(presyn, seg);
+        self.by_cell[presyn as usize][pos] = Self::entry(seg, connected);
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.by_cell.capacity() * std::mem::size_of::<Vec<u32>>()
+            + self.by_cell.iter().map(|v| v.capacity() * 4).sum::<usize>()
+    }
+}
+
+/// Per-segment counts of one forward pass — active synapses whatever their permanence in the
+/// low half, active connected synapses in the high half — with the list of segments it
+/// touched, so that clearing costs the pass's size.
 #[derive(Clone, Debug, Default)]
 struct Activity {
-    /// `[active synapses, active connected synapses]` per segment.
-    counts: Vec<[u32; 2]>,
+    counts: Vec<u64>,
     touched: Vec<SegmentId>,
 }
 
 impl Activity {
     /// NuPIC's `computeForwardPropagation`, counting connected synapses in the same pass.
-    fn propagate(&mut self, conns: &Connections, active_cells: &[u32], connected_perm: f32) {
+    fn propagate(&mut self, index: &OutIndex, segment_capacity: usize, active_cells: &[u32]) {
         for &s in &self.touched {
-            self.counts[s as usize] = [0, 0];
+            self.counts[s as usize] = 0;
         }
         self.touched.clear();
-        let cap = conns.segment_capacity();
-        if self.counts.len() < cap {
-            self.counts.resize(cap, [0, 0]);
+        if self.counts.len() < segment_capacity {
+            self.counts.resize(segment_capacity, 0);
         }
         for &cell in active_cells {
-            for &syn in conns.presynaptic_synapses(cell) {
-                let s = conns.synapse(syn);
-                let c = &mut self.counts[s.segment as usize];
-                if c[0] == 0 {
-                    self.touched.push(s.segment);
+            for &e in &index.by_cell[cell as usize] {
+                let seg = e & !CONNECTED_FLAG;
+                let c = &mut self.counts[seg as usize];
+                if *c == 0 {
+                    self.touched.push(seg);
                 }
-                c[0] += 1;
-                c[1] += (s.permanence >= connected_perm) as u32;
+                *c += 1 + (((e >> 31) as u64) << 32);
             }
         }
     }
+
+    #[inline]
+    fn potential(&self, seg: SegmentId) -> u32 {
+        self.counts[seg as usize] as u32
+    }
+
+    #[inline]
+    fn connected(&self, seg: SegmentId) -> u32 {
+        (self.counts[seg as usize] >> 32) as u32
+    }
 }
 
-/// A segment that passed an activity threshold, with its position in NuPIC's scan order:
-/// column, then `order` (cell index in the column, or its reverse), then slot.
+/// A segment that passed an activity threshold. `key` orders NuPIC's scans: the high half is
+/// the owner cell (or, for best-match searches that scan cells downwards, the cell mirrored
+/// within its column), the low half the slot.
 #[derive(Clone, Copy, Debug)]
 struct Ranked {
-    col: u32,
-    order: u32,
-    slot: u32,
+    key: u64,
     seg: SegmentId,
     potential: u32,
-    connected: u32,
+}
+
+impl Ranked {
+    /// The owner cell, or its mirror within the column for a downward scan.
+    #[inline]
+    fn scan_cell(&self) -> u32 {
+        (self.key >> 32) as u32
+    }
 }
 
 /// Buffers reused across steps; they carry no state from one call to the next.
@@ -223,7 +294,7 @@ struct Scratch {
     pruned: Vec<u32>,
     update: Vec<u32>,
     syns: Vec<(u32, SynapseId)>,
-    free_candidates: Vec<(f32, SynapseId)>,
+    free_candidates: Vec<(f32, u32, SynapseId)>,
     backup_active: Vec<u32>,
     backup_predicted: Vec<u32>,
     spare_patterns: Vec<Vec<u32>>,
@@ -246,6 +317,8 @@ impl PartialEq for Scratch {
 pub struct BacktrackingTm {
     params: BacktrackingTmParams,
     connections: Connections,
+    #[serde(skip)]
+    out_index: OutIndex,
     segments: Vec<SegmentMeta>,
     /// Per cell, its segment slots in `Cells4` order; [`NO_SEGMENT`] marks a free slot.
     cell_slots: Vec<Vec<SegmentId>>,
@@ -290,7 +363,11 @@ impl BacktrackingTm {
         let n = params.num_cells();
         let state = || CellState::new(n);
         let mut tm = BacktrackingTm {
-            connections: Connections::new(n, n, true),
+            // Unindexed: the out index below serves the forward passes.
+            connections: Connections::new(n, n, false),
+            out_index: OutIndex {
+                by_cell: vec![Vec::new(); n],
+            },
             segments: Vec::new(),
             cell_slots: vec![Vec::new(); n],
             cell_free_slots: vec![Vec::new(); n],
@@ -514,6 +591,22 @@ impl BacktrackingTm {
     pub fn rebuild_after_restore(&mut self) {
         self.connections.rebuild_index();
         let n = self.params.num_cells();
+        let mut index = OutIndex {
+            by_cell: vec![Vec::new(); n],
+        };
+        for slots in &self.cell_slots {
+            for &seg in slots.iter().filter(|&&s| s != NO_SEGMENT) {
+                for &id in self.connections.synapses_for_segment(seg) {
+                    let syn = self.connections.synapse(id);
+                    index.add(
+                        syn.presyn,
+                        seg,
+                        syn.permanence >= self.params.connected_perm,
+                    );
+                }
+            }
+        }
+        self.out_index = index;
         for s in [
             &mut self.inf_active,
             &mut self.inf_predicted,
@@ -542,6 +635,7 @@ impl BacktrackingTm {
         };
         let s = &self.scratch;
         self.connections.heap_bytes()
+            + self.out_index.heap_bytes()
             + self.segments.capacity() * size_of::<SegmentMeta>()
             + nested(&self.cell_slots)
             + nested(&self.cell_free_slots)
@@ -575,7 +669,7 @@ impl BacktrackingTm {
                 + s.backup_predicted.capacity())
                 * 4
             + s.syns.capacity() * 8
-            + s.free_candidates.capacity() * 8
+            + s.free_candidates.capacity() * 12
             + nested(&s.spare_patterns)
     }
 
@@ -623,9 +717,9 @@ impl BacktrackingTm {
         let cpc = self.params.cells_per_column;
         let s = &mut self.scratch;
         s.activity.propagate(
-            &self.connections,
+            &self.out_index,
+            self.connections.segment_capacity(),
             self.inf_active.cells(),
-            self.params.connected_perm,
         );
         rank_segments(&s.activity, &self.segments, thr, cpc, false, &mut s.ranked);
 
@@ -638,18 +732,17 @@ impl BacktrackingTm {
         let mut i = 0;
         // Summation order is Cells4's (column, cell, slot), so rounding matches.
         while i < ranked.len() {
-            let col = ranked[i].col;
+            let col = ranked[i].scan_cell() / cpc;
             let (mut col_sum, mut col_predicted) = (0.0f32, false);
-            while i < ranked.len() && ranked[i].col == col {
-                let order = ranked[i].order;
-                let cell = col * cpc + order;
+            while i < ranked.len() && ranked[i].scan_cell() / cpc == col {
+                let cell = ranked[i].scan_cell();
                 let mut cell_sum = 0.0f32;
-                while i < ranked.len() && ranked[i].col == col && ranked[i].order == order {
+                while i < ranked.len() && ranked[i].scan_cell() == cell {
                     let r = ranked[i];
                     let dc = self.segments[r.seg as usize].duty_cycle(it, false, false);
                     cell_sum += dc;
                     col_sum += dc;
-                    if r.connected >= thr {
+                    if s.activity.connected(r.seg) >= thr {
                         self.inf_predicted.set(cell);
                         col_predicted = true;
                     }
@@ -831,9 +924,9 @@ impl BacktrackingTm {
                 // previous learning state serves every column.
                 let s = &mut self.scratch;
                 s.activity.propagate(
-                    &self.connections,
+                    &self.out_index,
+                    self.connections.segment_capacity(),
                     self.lrn_active_prev.cells(),
-                    self.params.connected_perm,
                 );
                 rank_segments(
                     &s.activity,
@@ -882,9 +975,9 @@ impl BacktrackingTm {
         let cpc = self.params.cells_per_column;
         let s = &mut self.scratch;
         s.activity.propagate(
-            &self.connections,
+            &self.out_index,
+            self.connections.segment_capacity(),
             self.lrn_active.cells(),
-            self.params.connected_perm,
         );
         rank_segments(
             &s.activity,
@@ -1146,17 +1239,17 @@ impl BacktrackingTm {
             }
             let perm = (self.connections.synapse(s.1).permanence - dec).min(max);
             if perm <= 0.0 {
-                self.connections.destroy_synapse(s.1);
+                self.remove_synapse(seg, s.1, s.0);
                 s.1 = REMOVED;
                 alive -= 1;
             } else {
-                self.connections.set_permanence(s.1, perm);
+                self.update_permanence(seg, s.1, s.0, perm);
             }
         }
         for s in &syns {
             if s.1 != REMOVED && update.binary_search(&s.0).is_ok() {
                 let perm = (self.connections.synapse(s.1).permanence + inc).min(max);
-                self.connections.set_permanence(s.1, perm);
+                self.update_permanence(seg, s.1, s.0, perm);
             }
         }
 
@@ -1166,22 +1259,23 @@ impl BacktrackingTm {
             let to_free = n_new + alive - max_synapses as usize;
             let mut candidates = std::mem::take(&mut self.scratch.free_candidates);
             candidates.clear();
-            for s in &syns {
-                if s.1 != REMOVED && update.binary_search(&s.0).is_err() {
-                    candidates.push((self.connections.synapse(s.1).permanence, s.1));
+            for &(presyn, id) in &syns {
+                if id != REMOVED && update.binary_search(&presyn).is_err() {
+                    candidates.push((self.connections.synapse(id).permanence, presyn, id));
                 }
             }
             if candidates.len() < to_free {
                 // Active synapses only after every inactive one (offset as Cells4 does).
-                for s in &syns {
-                    if update.binary_search(&s.0).is_ok() {
-                        candidates.push((self.connections.synapse(s.1).permanence + max, s.1));
+                for &(presyn, id) in &syns {
+                    if update.binary_search(&presyn).is_ok() {
+                        let key = self.connections.synapse(id).permanence + max;
+                        candidates.push((key, presyn, id));
                     }
                 }
             }
             candidates.sort_by(|a, b| a.0.total_cmp(&b.0)); // stable: ties keep presyn order
-            for &(_, id) in &candidates[..to_free] {
-                self.connections.destroy_synapse(id);
+            for &(_, presyn, id) in &candidates[..to_free] {
+                self.remove_synapse(seg, id, presyn);
             }
             alive -= to_free;
             self.scratch.free_candidates = candidates;
@@ -1190,7 +1284,7 @@ impl BacktrackingTm {
         let initial = self.params.initial_perm;
         for &presyn in update {
             if syns.binary_search_by_key(&presyn, |s| s.0).is_err() {
-                self.connections.create_synapse(seg, presyn, initial);
+                self.add_synapse(seg, presyn, initial);
                 alive += 1;
             }
         }
@@ -1214,10 +1308,6 @@ impl BacktrackingTm {
         };
         let seg = self.connections.create_segment(cell);
         slots[slot as usize] = seg;
-        for &p in presyn {
-            self.connections
-                .create_synapse(seg, p, self.params.initial_perm);
-        }
         if self.segments.len() <= seg as usize {
             self.segments
                 .resize(seg as usize + 1, SegmentMeta::default());
@@ -1232,12 +1322,43 @@ impl BacktrackingTm {
             last_pos_duty_cycle: (1.0f64 / it.max(1) as f64) as f32,
             last_pos_duty_cycle_iteration: it,
         };
+        for &p in presyn {
+            self.add_synapse(seg, p, self.params.initial_perm);
+        }
         seg
+    }
+
+    // Every synapse change goes through these three, which keep the out index and the
+    // connected counts in step with the connections.
+
+    fn add_synapse(&mut self, seg: SegmentId, presyn: u32, permanence: f32) {
+        let id = self.connections.create_synapse(seg, presyn, permanence);
+        let connected = self.connections.synapse(id).permanence >= self.params.connected_perm;
+        self.out_index.add(presyn, seg, connected);
+    }
+
+    fn remove_synapse(&mut self, seg: SegmentId, id: SynapseId, presyn: u32) {
+        self.connections.destroy_synapse(id);
+        self.out_index.remove(presyn, seg);
+    }
+
+    fn update_permanence(&mut self, seg: SegmentId, id: SynapseId, presyn: u32, permanence: f32) {
+        let cp = self.params.connected_perm;
+        let was = self.connections.synapse(id).permanence >= cp;
+        self.connections.set_permanence(id, permanence);
+        let is = self.connections.synapse(id).permanence >= cp;
+        if was != is {
+            self.out_index.set_connected(presyn, seg, is);
+        }
     }
 
     /// Frees a segment's slot and drops updates queued for it.
     fn release_segment(&mut self, seg: SegmentId) {
         let meta = self.segments[seg as usize];
+        for &id in self.connections.synapses_for_segment(seg) {
+            self.out_index
+                .remove(self.connections.synapse(id).presyn, seg);
+        }
         self.connections.destroy_segment(seg);
         self.cell_slots[meta.cell as usize][meta.slot as usize] = NO_SEGMENT;
         self.cell_free_slots[meta.cell as usize].push(meta.slot);
@@ -1277,11 +1398,12 @@ impl BacktrackingTm {
                 ids.clear();
                 ids.extend_from_slice(self.connections.synapses_for_segment(seg));
                 for &id in &ids {
-                    let perm = self.connections.synapse(id).permanence;
+                    let syn = *self.connections.synapse(id);
+                    let perm = syn.permanence;
                     if perm <= decay {
-                        self.connections.destroy_synapse(id);
+                        self.remove_synapse(seg, id, syn.presyn);
                     } else {
-                        self.connections.set_permanence(id, perm - decay);
+                        self.update_permanence(seg, id, syn.presyn, perm - decay);
                     }
                 }
                 if self.connections.synapses_for_segment(seg).is_empty() {
@@ -1361,21 +1483,22 @@ fn rank_segments(
 ) {
     out.clear();
     for &seg in &activity.touched {
-        let [potential, connected] = activity.counts[seg as usize];
+        let potential = activity.potential(seg);
         if potential >= threshold {
             let meta = &segments[seg as usize];
-            let idx = meta.cell % cpc;
+            let cell = if reverse_cells {
+                mirror_in_column(meta.cell, cpc)
+            } else {
+                meta.cell
+            };
             out.push(Ranked {
-                col: meta.cell / cpc,
-                order: if reverse_cells { cpc - 1 - idx } else { idx },
-                slot: meta.slot,
+                key: (cell as u64) << 32 | meta.slot as u64,
                 seg,
                 potential,
-                connected,
             });
         }
     }
-    out.sort_unstable_by_key(|r| (r.col, r.order, r.slot));
+    out.sort_unstable_by_key(|r| r.key);
 }
 
 /// Per column, the first segment in scan order with the most active synapses (`ranked` must
@@ -1384,15 +1507,22 @@ fn best_per_column(ranked: &[Ranked], cpc: u32, out: &mut Vec<(u32, u32, Segment
     out.clear();
     let mut i = 0;
     while i < ranked.len() {
-        let col = ranked[i].col;
+        let col = ranked[i].scan_cell() / cpc;
         let mut best = ranked[i];
         i += 1;
-        while i < ranked.len() && ranked[i].col == col {
+        while i < ranked.len() && ranked[i].scan_cell() / cpc == col {
             if ranked[i].potential > best.potential {
                 best = ranked[i];
             }
             i += 1;
         }
-        out.push((col, col * cpc + (cpc - 1 - best.order), best.seg));
+        out.push((col, mirror_in_column(best.scan_cell(), cpc), best.seg));
     }
+}
+
+/// The cell at the mirrored position of the same column (index `i` ↔ `cpc - 1 - i`).
+#[inline]
+fn mirror_in_column(cell: u32, cpc: u32) -> u32 {
+    let base = cell - cell % cpc;
+    base + (cpc - 1 - cell % cpc)
 }

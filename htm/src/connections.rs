@@ -257,14 +257,6 @@ impl Connections {
         }
     }
 
-    /// Synapses whose presynaptic bit is `presyn`, in no particular order (indexed stores
-    /// only). Lets a caller fuse its own bookkeeping (touched-segment lists, several
-    /// thresholds) into one activity pass instead of zeroing full-width count vectors.
-    pub fn presynaptic_synapses(&self, presyn: u32) -> &[SynapseId] {
-        debug_assert!(self.indexed, "presynaptic_synapses needs an indexed store");
-        &self.presyn_index[presyn as usize]
-    }
-
     /// Heap bytes held by the store (capacity-based), for memory reporting.
     pub fn heap_bytes(&self) -> usize {
         use std::mem::size_of;
