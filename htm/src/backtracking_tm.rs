@@ -1,1 +1,1528 @@
-//! (in progress)
+//! NuPIC's backtracking temporal memory: the "TP" (`BacktrackingTM` in Python, `Cells4` in
+//! C++), the sequence memory behind NuPIC's best NAB scores.
+//!
+//! # What NuPIC does, and what this module reproduces
+//!
+//! NAB's `numenta` detector ran an OPF `HTMPredictionModel` with `inferenceType:
+//! TemporalAnomaly` and `temporalImp: "cpp"`, i.e. `BacktrackingTMCPP`, a thin Python shell
+//! around the C++ `Cells4`. Where the Python `BacktrackingTM` and `Cells4` differ, this module
+//! follows `Cells4`:
+//!
+//! * **Segments live in per-cell slots.** A released segment leaves an empty slot that the
+//!   cell's next new segment reuses (last freed first). Iteration order is slot order, which
+//!   decides ties, and the `max_segments_per_cell` test counts *slots*, empty ones included.
+//!   When every non-start cell of a column has its quota of slots, the non-empty segment with
+//!   the lowest duty cycle in the column is released to make room (`getCellForNewSegment`).
+//! * **Best-matching cell** (both `getBestMatchingCellT1` with `min_threshold` in learning
+//!   phase 1 and `getBestMatchingCellT` with `activation_threshold` in learning phase 2) counts
+//!   active synapses whatever their permanence; the winner is the segment with the most active
+//!   synapses, ties going to the highest cell index and then to the lowest slot.
+//! * **Synapse freeing** (`freeNSynapses`): when an update would exceed
+//!   `max_synapses_per_segment`, the inactive synapses with the lowest permanence go first
+//!   (ties: lowest presynaptic cell), then active ones.
+//! * **Duty cycles** use `Segment::dutyCycle`'s tiers and `f32` arithmetic, are refreshed on
+//!   every segment at each tier boundary, and are cached whenever they are read (inference
+//!   reads them too), exactly like `Cells4`.
+//! * **Confidences**: inference phase 2 gives every segment with at least
+//!   `activation_threshold` active synapses — connected or not — its duty cycle as confidence
+//!   for its cell and column, then normalises by the total; a cell is *predicted* only when a
+//!   segment reaches the threshold with connected synapses.
+//! * **Thresholds**: inference phase 1 is "in sequence" when at least half the active columns
+//!   had a predicted cell; phase 2 when at least half the average input density of columns is
+//!   predicted; learning phase 1 when fewer than `⌊active/2⌋` columns were unpredicted.
+//! * **Backtracking** (inference): on losing the sequence, replay the buffered inputs from the
+//!   start cells of the oldest one onward and keep the first start point that stays in
+//!   sequence up to the current input; failing that, keep the bursting state. Buffered inputs
+//!   that failed as start points, and the chosen one, leave the buffer. Learning backtracks the
+//!   same way (read-only trials, then a learning replay of the chosen path) whenever it starts
+//!   over: after `pam_length` unpredicted steps, at `max_seq_length`, or after a reset.
+//!
+//! # The anomaly score and [`BacktrackingTm::predicted_columns`]
+//!
+//! In anomaly mode NuPIC's `TMRegion` takes, *before* each compute,
+//! `prevPredictedColumns = tm.topDownCompute().nonzero()`; for this TM `topDownCompute()`
+//! returns the column confidences of the previous step. The score is then
+//! `computeRawAnomalyScore(active, prevPredictedColumns)` = the fraction of active columns
+//! outside that set (0 when nothing is active). So the "predicted columns" of NAB's score are
+//! the columns with non-zero confidence — those holding a segment with at least
+//! `activation_threshold` active synapses *counting unconnected ones* — a superset of the
+//! columns of [`BacktrackingTm::predictive_cells`]. [`BacktrackingTm::compute`] returns that
+//! score, and a reset empties the set (the first input after a reset scores 1).
+//!
+//! # Deliberate differences
+//!
+//! * NuPIC's random stream (its own `Random`) cannot be reproduced; draws come from the
+//!   crate's seeded [`Random`], in the same places and order.
+//! * With `max_inf_backtrack = 0`, NuPIC's backtrack returns before recomputing predictions, so
+//!   an unpredicted input leaves the previous step's predictions in place (a bug). Here the
+//!   predictions are recomputed from the bursting state, which makes 0 a clean "no inference
+//!   backtracking" switch. NAB uses 10, where both behave the same.
+//! * The `t-1` confidences and active state are not kept: only NuPIC's statistics read them.
+//! * Pooling (`doPooling`) is not implemented; NAB does not use it, and without it queued
+//!   segment updates are applied or dropped at the next learning step.
+//! * A queued update whose segment has been released is dropped (`Cells4` could apply it to a
+//!   new segment that reused the slot).
+//! * NuPIC's statistics (`collectStats`, `burnIn`) are not computed.
+
+mod cell_state;
+mod params;
+#[cfg(test)]
+mod tests;
+
+pub use params::{BacktrackingTmParams, OutputType, ParamError};
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use crate::connections::{Connections, SegmentId, SynapseId};
+use crate::random::Random;
+use cell_state::CellState;
+
+/// Marks an empty slot in a cell's slot list.
+const NO_SEGMENT: SegmentId = SegmentId::MAX;
+/// Marks a synapse removed earlier in the same update.
+const REMOVED: SynapseId = SynapseId::MAX;
+
+/// Learning-iteration boundaries at which the duty-cycle moving average changes its rate.
+const DUTY_CYCLE_TIERS: [u32; 9] = [0, 100, 320, 1000, 3200, 10000, 32000, 100000, 320000];
+/// `DUTY_CYCLE_ALPHAS[n]` is used once the iteration exceeds `DUTY_CYCLE_TIERS[n]`.
+const DUTY_CYCLE_ALPHAS: [f32; 9] = [
+    0.0, 0.0032, 0.0010, 0.00032, 0.00010, 0.000032, 0.000010, 0.0000032, 0.0000010,
+];
+
+/// Per-segment bookkeeping of `Cells4::Segment`, indexed by [`SegmentId`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct SegmentMeta {
+    cell: u32,
+    slot: u32,
+    sequence: bool,
+    total_activations: u32,
+    positive_activations: u32,
+    last_active_iteration: u32,
+    last_pos_duty_cycle: f32,
+    last_pos_duty_cycle_iteration: u32,
+}
+
+impl SegmentMeta {
+    /// `Segment::dutyCycle`: how often this segment predicted correctly, as a tiered moving
+    /// average. Unless `read_only`, the result is cached, which changes later rounding, so it
+    /// is called exactly where `Cells4` calls it.
+    fn duty_cycle(&mut self, iteration: u32, active: bool, read_only: bool) -> f32 {
+        debug_assert!(iteration > 0, "duty cycles need a learning iteration");
+        if iteration <= DUTY_CYCLE_TIERS[1] {
+            let dc = self.positive_activations as f32 / iteration.max(1) as f32;
+            if !read_only {
+                self.last_pos_duty_cycle_iteration = iteration;
+                self.last_pos_duty_cycle = dc;
+            }
+            return dc;
+        }
+        let age = iteration - self.last_pos_duty_cycle_iteration;
+        if age == 0 && !active {
+            return self.last_pos_duty_cycle;
+        }
+        let alpha = (1..DUTY_CYCLE_TIERS.len())
+            .rev()
+            .find(|&t| iteration > DUTY_CYCLE_TIERS[t])
+            .map_or(0.0, |t| DUTY_CYCLE_ALPHAS[t]);
+        // Cells4 raises in double precision and rounds before multiplying in single.
+        let mut dc = (1.0f64 - alpha as f64).powf(age as f64) as f32 * self.last_pos_duty_cycle;
+        if active {
+            dc += alpha;
+        }
+        if !read_only {
+            self.last_pos_duty_cycle = dc;
+            self.last_pos_duty_cycle_iteration = iteration;
+        }
+        dc
+    }
+}
+
+/// A queued reinforcement of an existing segment (`Cells4::SegmentUpdate`); its presynaptic
+/// cells are `update_pool[start..start + len]`, sorted.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+struct PendingUpdate {
+    cell: u32,
+    segment: SegmentId,
+    timestamp: u32,
+    start: u32,
+    len: u32,
+}
+
+/// How often each backtracking path ran (diagnostics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BacktrackStats {
+    /// Inference steps that lost the sequence and tried to backtrack.
+    pub inference_backtracks: u64,
+    /// ... of which found a start point (past or current input) that stays in sequence.
+    pub inference_lock_ons: u64,
+    /// Learning start-overs that tried to backtrack.
+    pub learning_backtracks: u64,
+    /// ... of which found an earlier start point.
+    pub learning_lock_ons: u64,
+}
+
+/// Presynaptic cell → the segments it has a synapse on, one entry per synapse: `Cells4`'s
+/// `OutSynapses`, plus each synapse's connected flag in the entry's top bit. A forward pass is
+/// then a sequential read and one counter update per synapse, with no synapse lookups.
+/// Derived from the connections: not serialised, rebuilt by
+/// [`BacktrackingTm::rebuild_after_restore`]; entry order is irrelevant because passes only
+/// count.
+#[derive(Clone, Debug, Default)]
+struct OutIndex {
+    by_cell: Vec<Vec<u32>>,
+}
+
+/// Derived data: equal whenever the connections it indexes are.
+impl PartialEq for OutIndex {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+const CONNECTED_FLAG: u32 = 1 << 31;
+
+impl OutIndex {
+    #[inline]
+    fn entry(seg: SegmentId, connected: bool) -> u32 {
+        debug_assert!(seg < CONNECTED_FLAG);
+        seg | if connected { CONNECTED_FLAG } else { 0 }
+    }
+
+    #[inline]
+    fn add(&mut self, presyn: u32, seg: SegmentId, connected: bool) {
+        self.by_cell[presyn as usize].push(Self::entry(seg, connected));
+    }
+
+    /// Position of `seg`'s entry in `presyn`'s list (a segment has one synapse per
+    /// presynaptic cell, so it is unique).
+    fn position(&self, presyn: u32, seg: SegmentId) -> usize {
+        self.by_cell[presyn as usize]
+            .iter()
+            .rposition(|&e| e & !CONNECTED_FLAG == seg)
+            .expect("synapse listed in the out index")
+    }
+
+    fn remove(&mut self, presyn: u32, seg: SegmentId) {
+        let pos = self.position(presyn, seg);
+        self.by_cell[presyn as usize].swap_remove(pos);
+    }
+
+    fn set_connected(&mut self, presyn: u32, seg: SegmentId, connected: bool) {
+        let pos = self.position(presyn, seg);
+        self.by_cell[presyn as usize][pos] = Self::entry(seg, connected);
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.by_cell.capacity() * std::mem::size_of::<Vec<u32>>()
+            + self.by_cell.iter().map(|v| v.capacity() * 4).sum::<usize>()
+    }
+}
+
+/// Per-segment counts of one forward pass — active synapses whatever their permanence in the
+/// low half, active connected synapses in the high half — with the list of segments it
+/// touched, so that clearing costs the pass's size.
+#[derive(Clone, Debug, Default)]
+struct Activity {
+    counts: Vec<u64>,
+    touched: Vec<SegmentId>,
+}
+
+impl Activity {
+    /// NuPIC's `computeForwardPropagation`, counting connected synapses in the same pass.
+    fn propagate(&mut self, index: &OutIndex, segment_capacity: usize, active_cells: &[u32]) {
+        for &s in &self.touched {
+            self.counts[s as usize] = 0;
+        }
+        self.touched.clear();
+        if self.counts.len() < segment_capacity {
+            self.counts.resize(segment_capacity, 0);
+        }
+        for &cell in active_cells {
+            for &e in &index.by_cell[cell as usize] {
+                let seg = e & !CONNECTED_FLAG;
+                let c = &mut self.counts[seg as usize];
+                if *c == 0 {
+                    self.touched.push(seg);
+                }
+                *c += 1 + (((e >> 31) as u64) << 32);
+            }
+        }
+    }
+
+    #[inline]
+    fn potential(&self, seg: SegmentId) -> u32 {
+        self.counts[seg as usize] as u32
+    }
+
+    #[inline]
+    fn connected(&self, seg: SegmentId) -> u32 {
+        (self.counts[seg as usize] >> 32) as u32
+    }
+}
+
+/// A segment that passed an activity threshold. `key` orders NuPIC's scans: the high half is
+/// the owner cell (or, for best-match searches that scan cells downwards, the cell mirrored
+/// within its column), the low half the slot.
+#[derive(Clone, Copy, Debug)]
+struct Ranked {
+    key: u64,
+    seg: SegmentId,
+    potential: u32,
+}
+
+impl Ranked {
+    /// The owner cell, or its mirror within the column for a downward scan.
+    #[inline]
+    fn scan_cell(&self) -> u32 {
+        (self.key >> 32) as u32
+    }
+}
+
+/// Buffers reused across steps; they carry no state from one call to the next.
+#[derive(Clone, Debug, Default)]
+struct Scratch {
+    /// False after deserialisation until derived data is rebuilt.
+    ready: bool,
+    activity: Activity,
+    ranked: Vec<Ranked>,
+    /// Best match per column: `(column, cell, segment)`, ascending columns.
+    best: Vec<(u32, u32, SegmentId)>,
+    cells: Vec<u32>,
+    seg_presyn: Vec<u32>,
+    pruned: Vec<u32>,
+    update: Vec<u32>,
+    syns: Vec<(u32, SynapseId)>,
+    free_candidates: Vec<(f32, u32, SynapseId)>,
+    backup_active: Vec<u32>,
+    backup_predicted: Vec<u32>,
+    spare_patterns: Vec<Vec<u32>>,
+}
+
+/// Scratch space is not state: two TMs are equal whatever their buffers hold.
+impl PartialEq for Scratch {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+/// NuPIC's backtracking temporal memory (see the module docs).
+///
+/// Cells are numbered `column * cells_per_column + index`; cell 0 of each column is its start
+/// cell. All state, the random generator included, serialises with serde; call
+/// [`BacktrackingTm::rebuild_after_restore`] after deserialising (or let the next
+/// [`BacktrackingTm::compute`] do it) and the run continues bit for bit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BacktrackingTm {
+    params: BacktrackingTmParams,
+    connections: Connections,
+    #[serde(skip)]
+    out_index: OutIndex,
+    segments: Vec<SegmentMeta>,
+    /// Per cell, its segment slots in `Cells4` order; [`NO_SEGMENT`] marks a free slot.
+    cell_slots: Vec<Vec<SegmentId>>,
+    /// Per cell, its free slots, most recently freed last.
+    cell_free_slots: Vec<Vec<u32>>,
+    rng: Random,
+    iteration: u32,
+    lrn_iteration: u32,
+    avg_input_density: f32,
+    reset_called: bool,
+
+    inf_active: CellState,
+    inf_predicted: CellState,
+    inf_predicted_prev: CellState,
+    /// Non-zero cell confidences, ascending cells.
+    cell_confidence: Vec<(u32, f32)>,
+    /// Non-zero-candidate column confidences, ascending columns.
+    col_confidence: Vec<(u32, f32)>,
+    predicted_columns: Vec<u32>,
+    prev_inf_patterns: VecDeque<Vec<u32>>,
+
+    lrn_active: CellState,
+    lrn_active_prev: CellState,
+    lrn_predicted: CellState,
+    lrn_predicted_prev: CellState,
+    prev_lrn_patterns: VecDeque<Vec<u32>>,
+    pam_counter: u32,
+    learned_seq_length: u32,
+    avg_learned_seq_length: f32,
+    updates: Vec<PendingUpdate>,
+    update_pool: Vec<u32>,
+
+    stats: BacktrackStats,
+    #[serde(skip)]
+    scratch: Scratch,
+}
+
+impl BacktrackingTm {
+    /// A TM with no segments, or the first invalid parameter.
+    pub fn new(params: BacktrackingTmParams) -> Result<Self, ParamError> {
+        params.validate()?;
+        let n = params.num_cells();
+        let state = || CellState::new(n);
+        let mut tm = BacktrackingTm {
+            // Unindexed: the out index below serves the forward passes.
+            connections: Connections::new(n, n, false),
+            out_index: OutIndex {
+                by_cell: vec![Vec::new(); n],
+            },
+            segments: Vec::new(),
+            cell_slots: vec![Vec::new(); n],
+            cell_free_slots: vec![Vec::new(); n],
+            rng: Random::new(params.seed),
+            iteration: 0,
+            lrn_iteration: 0,
+            avg_input_density: 0.0,
+            reset_called: false,
+            inf_active: state(),
+            inf_predicted: state(),
+            inf_predicted_prev: state(),
+            cell_confidence: Vec::new(),
+            col_confidence: Vec::new(),
+            predicted_columns: Vec::new(),
+            prev_inf_patterns: VecDeque::new(),
+            lrn_active: state(),
+            lrn_active_prev: state(),
+            lrn_predicted: state(),
+            lrn_predicted_prev: state(),
+            prev_lrn_patterns: VecDeque::new(),
+            pam_counter: params.pam_length,
+            learned_seq_length: 0,
+            avg_learned_seq_length: 0.0,
+            updates: Vec::new(),
+            update_pool: Vec::new(),
+            stats: BacktrackStats::default(),
+            scratch: Scratch::default(),
+            params,
+        };
+        tm.scratch.ready = true;
+        Ok(tm)
+    }
+
+    /// One time step: infers (always) and learns (if `learn`) on the sorted, distinct
+    /// `active_columns`, and returns the raw anomaly score of this input against the columns
+    /// predicted at the previous step (see the module docs).
+    ///
+    /// # Panics
+    /// If `active_columns` is unsorted, has duplicates or a column out of range.
+    pub fn compute(&mut self, active_columns: &[u32], learn: bool) -> f32 {
+        self.ensure_ready();
+        assert!(
+            active_columns.windows(2).all(|w| w[0] < w[1]),
+            "active columns must be sorted and distinct"
+        );
+        if let Some(&last) = active_columns.last() {
+            assert!(
+                last < self.params.column_count,
+                "active column {last} out of range for {} columns",
+                self.params.column_count
+            );
+        }
+        let anomaly = raw_anomaly(active_columns, &self.predicted_columns);
+
+        if learn {
+            self.lrn_iteration += 1;
+        }
+        self.iteration += 1;
+        if learn && DUTY_CYCLE_TIERS.contains(&self.lrn_iteration) {
+            self.refresh_duty_cycles();
+        }
+        let n = active_columns.len() as f32;
+        if self.avg_input_density == 0.0 {
+            self.avg_input_density = n;
+        } else {
+            const COOL_DOWN: f32 = 0.99;
+            self.avg_input_density = COOL_DOWN * self.avg_input_density + (1.0 - COOL_DOWN) * n;
+        }
+
+        self.update_inference_state(active_columns);
+        if learn {
+            self.update_learning_state(active_columns);
+            self.apply_global_decay();
+        }
+        self.reset_called = false;
+
+        self.predicted_columns.clear();
+        self.predicted_columns.extend(
+            self.col_confidence
+                .iter()
+                .filter(|&&(_, conf)| conf != 0.0)
+                .map(|&(col, _)| col),
+        );
+        anomaly
+    }
+
+    /// Starts a new sequence, as NuPIC's `reset()`: clears all cell states, confidences,
+    /// queued updates and input history; the next input activates start cells.
+    pub fn reset(&mut self) {
+        self.ensure_ready();
+        self.inf_active.reset();
+        self.inf_predicted.reset();
+        self.inf_predicted_prev.reset();
+        self.lrn_active.reset();
+        self.lrn_active_prev.reset();
+        self.lrn_predicted.reset();
+        self.lrn_predicted_prev.reset();
+        self.cell_confidence.clear();
+        self.col_confidence.clear();
+        self.predicted_columns.clear();
+        self.updates.clear();
+        self.update_pool.clear();
+        self.reset_called = true;
+        let spare = &mut self.scratch.spare_patterns;
+        spare.extend(self.prev_inf_patterns.drain(..));
+        spare.extend(self.prev_lrn_patterns.drain(..));
+    }
+
+    /// Columns predicted for the next input (non-zero column confidence), ascending: the set
+    /// the next anomaly score is measured against.
+    pub fn predicted_columns(&self) -> &[u32] {
+        &self.predicted_columns
+    }
+
+    /// Inference active cells, ascending.
+    pub fn active_cells(&self) -> &[u32] {
+        self.inf_active.cells()
+    }
+
+    /// Inference predicted cells (a segment active on connected synapses), ascending.
+    pub fn predictive_cells(&self) -> &[u32] {
+        self.inf_predicted.cells()
+    }
+
+    /// Learning active cells (at most one per column), ascending.
+    pub fn learn_active_cells(&self) -> &[u32] {
+        self.lrn_active.cells()
+    }
+
+    /// Normalised column confidences of the last step as `(column, confidence)`, ascending
+    /// columns; columns not listed have confidence 0.
+    pub fn column_confidences(&self) -> &[(u32, f32)] {
+        &self.col_confidence
+    }
+
+    /// The TM's output cells according to `output_type`, ascending.
+    pub fn output_cells(&self) -> Vec<u32> {
+        match self.params.output_type {
+            OutputType::ActiveState => self.inf_active.cells().to_vec(),
+            OutputType::Normal => {
+                let mut out: Vec<u32> = self
+                    .inf_active
+                    .cells()
+                    .iter()
+                    .chain(self.inf_predicted.cells())
+                    .copied()
+                    .collect();
+                out.sort_unstable();
+                out.dedup();
+                out
+            }
+            OutputType::ActiveState1CellPerCol => {
+                // The most confident cell of each active column (first on ties, as argmax).
+                let cpc = self.params.cells_per_column;
+                let mut out = Vec::new();
+                let cells = self.inf_active.cells();
+                let mut i = 0;
+                while i < cells.len() {
+                    let col = cells[i] / cpc;
+                    while i < cells.len() && cells[i] / cpc == col {
+                        i += 1;
+                    }
+                    let (mut best, mut best_conf) = (col * cpc, 0.0f32);
+                    let lo = self.cell_confidence.partition_point(|e| e.0 < col * cpc);
+                    for &(cell, conf) in &self.cell_confidence[lo..] {
+                        if cell >= (col + 1) * cpc {
+                            break;
+                        }
+                        if conf > best_conf {
+                            best = cell;
+                            best_conf = conf;
+                        }
+                    }
+                    out.push(best);
+                }
+                out
+            }
+        }
+    }
+
+    pub fn params(&self) -> &BacktrackingTmParams {
+        &self.params
+    }
+
+    /// The segment/synapse store (presynaptic space = the cells).
+    pub fn connections(&self) -> &Connections {
+        &self.connections
+    }
+
+    /// Live segments.
+    pub fn num_segments(&self) -> usize {
+        self.connections.num_segments()
+    }
+
+    /// Live synapses.
+    pub fn num_synapses(&self) -> usize {
+        self.connections.num_synapses()
+    }
+
+    /// Segment slots of `cell`, empty ones included (what the segment cap counts).
+    pub fn segment_slots_on_cell(&self, cell: u32) -> usize {
+        self.cell_slots[cell as usize].len()
+    }
+
+    /// Learning iterations so far.
+    pub fn learning_iterations(&self) -> u32 {
+        self.lrn_iteration
+    }
+
+    /// Moving average of learned sequence lengths (a NuPIC diagnostic).
+    pub fn avg_learned_seq_length(&self) -> f32 {
+        self.avg_learned_seq_length
+    }
+
+    pub fn backtrack_stats(&self) -> BacktrackStats {
+        self.stats
+    }
+
+    /// Rebuilds derived data (presynaptic index, dense state tables) after deserialisation.
+    /// Idempotent; [`BacktrackingTm::compute`] and [`BacktrackingTm::reset`] call it when needed.
+    pub fn rebuild_after_restore(&mut self) {
+        self.connections.rebuild_index();
+        let n = self.params.num_cells();
+        let mut index = OutIndex {
+            by_cell: vec![Vec::new(); n],
+        };
+        for slots in &self.cell_slots {
+            for &seg in slots.iter().filter(|&&s| s != NO_SEGMENT) {
+                for &id in self.connections.synapses_for_segment(seg) {
+                    let syn = self.connections.synapse(id);
+                    index.add(
+                        syn.presyn,
+                        seg,
+                        syn.permanence >= self.params.connected_perm,
+                    );
+                }
+            }
+        }
+        self.out_index = index;
+        for s in [
+            &mut self.inf_active,
+            &mut self.inf_predicted,
+            &mut self.inf_predicted_prev,
+            &mut self.lrn_active,
+            &mut self.lrn_active_prev,
+            &mut self.lrn_predicted,
+            &mut self.lrn_predicted_prev,
+        ] {
+            s.rebuild(n);
+        }
+        self.scratch = Scratch {
+            ready: true,
+            ..Scratch::default()
+        };
+    }
+
+    /// Heap bytes held (capacity-based), for memory reporting.
+    pub fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let nested = |v: &Vec<Vec<u32>>| {
+            v.capacity() * size_of::<Vec<u32>>() + v.iter().map(|x| x.capacity() * 4).sum::<usize>()
+        };
+        let patterns = |q: &VecDeque<Vec<u32>>| {
+            q.capacity() * size_of::<Vec<u32>>() + q.iter().map(|x| x.capacity() * 4).sum::<usize>()
+        };
+        let s = &self.scratch;
+        self.connections.heap_bytes()
+            + self.out_index.heap_bytes()
+            + self.segments.capacity() * size_of::<SegmentMeta>()
+            + nested(&self.cell_slots)
+            + nested(&self.cell_free_slots)
+            + [
+                &self.inf_active,
+                &self.inf_predicted,
+                &self.inf_predicted_prev,
+                &self.lrn_active,
+                &self.lrn_active_prev,
+                &self.lrn_predicted,
+                &self.lrn_predicted_prev,
+            ]
+            .iter()
+            .map(|c| c.heap_bytes())
+            .sum::<usize>()
+            + (self.cell_confidence.capacity() + self.col_confidence.capacity()) * 8
+            + self.predicted_columns.capacity() * 4
+            + patterns(&self.prev_inf_patterns)
+            + patterns(&self.prev_lrn_patterns)
+            + self.updates.capacity() * size_of::<PendingUpdate>()
+            + self.update_pool.capacity() * 4
+            + s.activity.counts.capacity() * 8
+            + s.activity.touched.capacity() * 4
+            + s.ranked.capacity() * size_of::<Ranked>()
+            + s.best.capacity() * 12
+            + (s.cells.capacity()
+                + s.seg_presyn.capacity()
+                + s.pruned.capacity()
+                + s.update.capacity()
+                + s.backup_active.capacity()
+                + s.backup_predicted.capacity())
+                * 4
+            + s.syns.capacity() * 8
+            + s.free_candidates.capacity() * 12
+            + nested(&s.spare_patterns)
+    }
+
+    fn ensure_ready(&mut self) {
+        if !self.scratch.ready {
+            self.rebuild_after_restore();
+        }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Inference
+
+    fn update_inference_state(&mut self, cols: &[u32]) {
+        self.inf_predicted_prev.copy_from(&self.inf_predicted);
+        let max = self.params.max_inf_backtrack as usize;
+        if max > 0 {
+            if self.prev_inf_patterns.len() > max {
+                let old = self
+                    .prev_inf_patterns
+                    .pop_front()
+                    .expect("non-empty buffer");
+                self.scratch.spare_patterns.push(old);
+            }
+            let pattern = copy_pattern(&mut self.scratch.spare_patterns, cols);
+            self.prev_inf_patterns.push_back(pattern);
+        }
+        let in_sequence = infer_phase1(
+            cols,
+            self.reset_called,
+            self.params.cells_per_column,
+            &self.inf_predicted_prev,
+            &mut self.inf_active,
+        );
+        if !in_sequence {
+            self.infer_backtrack(false);
+        } else if !self.infer_phase2() {
+            self.infer_backtrack(true);
+        }
+    }
+
+    /// Predicted cells and confidences from the inference active state; returns whether
+    /// enough columns are predicted to consider the sequence going on.
+    fn infer_phase2(&mut self) -> bool {
+        let thr = self.params.activation_threshold;
+        let cpc = self.params.cells_per_column;
+        let s = &mut self.scratch;
+        s.activity.propagate(
+            &self.out_index,
+            self.connections.segment_capacity(),
+            self.inf_active.cells(),
+        );
+        rank_segments(&s.activity, &self.segments, thr, cpc, false, &mut s.ranked);
+
+        self.inf_predicted.reset();
+        self.cell_confidence.clear();
+        self.col_confidence.clear();
+        let it = self.lrn_iteration;
+        let ranked = &s.ranked;
+        let (mut sum, mut predicted_cols) = (0.0f32, 0u32);
+        let mut i = 0;
+        // Summation order is Cells4's (column, cell, slot), so rounding matches.
+        while i < ranked.len() {
+            let col = ranked[i].scan_cell() / cpc;
+            let (mut col_sum, mut col_predicted) = (0.0f32, false);
+            while i < ranked.len() && ranked[i].scan_cell() / cpc == col {
+                let cell = ranked[i].scan_cell();
+                let mut cell_sum = 0.0f32;
+                while i < ranked.len() && ranked[i].scan_cell() == cell {
+                    let r = ranked[i];
+                    let dc = self.segments[r.seg as usize].duty_cycle(it, false, false);
+                    cell_sum += dc;
+                    col_sum += dc;
+                    if s.activity.connected(r.seg) >= thr {
+                        self.inf_predicted.set(cell);
+                        col_predicted = true;
+                    }
+                    i += 1;
+                }
+                self.cell_confidence.push((cell, cell_sum));
+            }
+            self.col_confidence.push((col, col_sum));
+            sum += col_sum;
+            predicted_cols += col_predicted as u32;
+        }
+        if sum > 0.0 {
+            for e in &mut self.cell_confidence {
+                e.1 /= sum;
+            }
+            for e in &mut self.col_confidence {
+                e.1 /= sum;
+            }
+        }
+        predicted_cols as f64 >= 0.5 * self.avg_input_density as f64
+    }
+
+    /// `inferBacktrack`: find the oldest buffered input whose start cells, replayed forward,
+    /// stay in sequence up to the current input; otherwise keep the bursting state.
+    fn infer_backtrack(&mut self, phase2_done: bool) {
+        self.stats.inference_backtracks += 1;
+        let mut patterns = std::mem::take(&mut self.prev_inf_patterns);
+        let n = patterns.len();
+        if n == 0 {
+            // Deliberate difference (module docs): predict from the bursting state.
+            if !phase2_done {
+                self.infer_phase2();
+            }
+            self.prev_inf_patterns = patterns;
+            return;
+        }
+        let cpc = self.params.cells_per_column;
+        let mut backup_active = std::mem::take(&mut self.scratch.backup_active);
+        backup_active.clear();
+        backup_active.extend_from_slice(self.inf_active.cells());
+        let mut backup_predicted = std::mem::take(&mut self.scratch.backup_predicted);
+        backup_predicted.clear();
+        backup_predicted.extend_from_slice(self.inf_predicted_prev.cells());
+
+        // The state after the successful replay is the candidate itself: Cells4 stops at the
+        // first start point that works, so nothing needs saving aside.
+        let mut candidate = None;
+        for start in 0..n {
+            let mut in_sequence = false;
+            for (offset, pattern) in patterns.iter().enumerate().skip(start) {
+                self.inf_predicted_prev.copy_from(&self.inf_predicted);
+                in_sequence = infer_phase1(
+                    pattern,
+                    offset == start,
+                    cpc,
+                    &self.inf_predicted_prev,
+                    &mut self.inf_active,
+                );
+                if !in_sequence {
+                    break;
+                }
+                in_sequence = self.infer_phase2();
+                if !in_sequence {
+                    break;
+                }
+            }
+            if in_sequence {
+                candidate = Some(start);
+                break;
+            }
+        }
+        match candidate {
+            None => {
+                self.inf_active.assign(&backup_active);
+                self.infer_phase2();
+            }
+            Some(_) => self.stats.inference_lock_ons += 1,
+        }
+        // Every start point tried before the chosen one failed; they and the chosen one go.
+        for _ in 0..candidate.map_or(n, |s| s + 1) {
+            let p = patterns.pop_front().expect("pattern to drop");
+            self.scratch.spare_patterns.push(p);
+        }
+        self.prev_inf_patterns = patterns;
+        self.inf_predicted_prev.assign(&backup_predicted);
+        self.scratch.backup_active = backup_active;
+        self.scratch.backup_predicted = backup_predicted;
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Learning
+
+    fn update_learning_state(&mut self, cols: &[u32]) {
+        let cpc = self.params.cells_per_column;
+        self.lrn_active_prev.copy_from(&self.lrn_active);
+        self.lrn_predicted_prev.copy_from(&self.lrn_predicted);
+        let max = self.params.max_lrn_backtrack as usize;
+        if max > 0 {
+            if self.prev_lrn_patterns.len() > max {
+                let old = self
+                    .prev_lrn_patterns
+                    .pop_front()
+                    .expect("non-empty buffer");
+                self.scratch.spare_patterns.push(old);
+            }
+            let pattern = copy_pattern(&mut self.scratch.spare_patterns, cols);
+            self.prev_lrn_patterns.push_back(pattern);
+        }
+
+        self.process_segment_updates(cols);
+
+        if self.pam_counter > 0 {
+            self.pam_counter -= 1;
+        }
+        self.learned_seq_length += 1;
+
+        if !self.reset_called && self.learn_phase1(cols, false) {
+            self.pam_counter = self.params.pam_length;
+        }
+
+        let max_seq = self.params.max_seq_length;
+        if self.reset_called
+            || self.pam_counter == 0
+            || (max_seq != 0 && self.learned_seq_length >= max_seq)
+        {
+            let seq_length = if self.pam_counter == 0 {
+                self.learned_seq_length
+                    .saturating_sub(self.params.pam_length)
+            } else {
+                self.learned_seq_length
+            };
+            let alpha: f32 = if self.lrn_iteration < 100 { 0.5 } else { 0.1 };
+            self.avg_learned_seq_length =
+                (1.0 - alpha) * self.avg_learned_seq_length + alpha * seq_length as f32;
+
+            let mut backsteps = 0;
+            if !self.reset_called {
+                backsteps = self.learn_backtrack();
+            }
+            if self.reset_called || backsteps == 0 {
+                self.lrn_active.reset();
+                for &c in cols {
+                    self.lrn_active.set(c * cpc);
+                }
+                let spare = &mut self.scratch.spare_patterns;
+                spare.extend(self.prev_lrn_patterns.drain(..));
+            }
+            self.pam_counter = self.params.pam_length;
+            self.learned_seq_length = backsteps;
+            self.updates.clear();
+            self.update_pool.clear();
+        }
+
+        self.learn_phase2(false);
+    }
+
+    /// Chooses the learning cell of each active column from the learning predictions of the
+    /// previous step; unless `read_only`, unpredicted columns learn on their best matching
+    /// segment or grow a new one. Returns whether the input counts as in sequence.
+    fn learn_phase1(&mut self, cols: &[u32], read_only: bool) -> bool {
+        let cpc = self.params.cells_per_column;
+        self.lrn_active.reset();
+        let mut unpredicted = 0usize;
+        let mut matches_ready = false;
+        for &col in cols {
+            let base = col * cpc;
+            // At most one cell per column is learn-predicted; Cells4 keeps the last.
+            let predicting = (0..cpc).rfind(|&i| self.lrn_predicted_prev.is_set(base + i));
+            if let Some(i) = predicting {
+                self.lrn_active.set(base + i);
+                continue;
+            }
+            unpredicted += 1;
+            if read_only {
+                continue;
+            }
+            if !matches_ready {
+                // Learning here only touches this column's segments, so one pass over the
+                // previous learning state serves every column.
+                let s = &mut self.scratch;
+                s.activity.propagate(
+                    &self.out_index,
+                    self.connections.segment_capacity(),
+                    self.lrn_active_prev.cells(),
+                );
+                rank_segments(
+                    &s.activity,
+                    &self.segments,
+                    self.params.min_threshold,
+                    cpc,
+                    true,
+                    &mut s.ranked,
+                );
+                best_per_column(&s.ranked, cpc, &mut s.best);
+                matches_ready = true;
+            }
+            let best = self
+                .scratch
+                .best
+                .binary_search_by_key(&col, |b| b.0)
+                .ok()
+                .map(|k| self.scratch.best[k]);
+            match best {
+                Some((_, cell, seg)) if self.segments[seg as usize].sequence => {
+                    self.lrn_active.set(cell);
+                    let update = self.build_update(Some(seg), true);
+                    self.segments[seg as usize].total_activations += 1;
+                    if !update.is_empty() {
+                        self.adapt_segment(cell, Some(seg), &update, true);
+                    }
+                    self.scratch.update = update;
+                }
+                _ => {
+                    let cell = self.cell_for_new_segment(col);
+                    self.lrn_active.set(cell);
+                    let update = self.build_update(None, true);
+                    if !update.is_empty() {
+                        self.adapt_segment(cell, None, &update, true);
+                    }
+                    self.scratch.update = update;
+                }
+            }
+        }
+        unpredicted < cols.len() / 2
+    }
+
+    /// Predicts at most one cell per column from the learning active state and, unless
+    /// `read_only`, queues the predicting segments for reinforcement at the next step.
+    fn learn_phase2(&mut self, read_only: bool) {
+        let cpc = self.params.cells_per_column;
+        let s = &mut self.scratch;
+        s.activity.propagate(
+            &self.out_index,
+            self.connections.segment_capacity(),
+            self.lrn_active.cells(),
+        );
+        rank_segments(
+            &s.activity,
+            &self.segments,
+            self.params.activation_threshold,
+            cpc,
+            true,
+            &mut s.ranked,
+        );
+        best_per_column(&s.ranked, cpc, &mut s.best);
+
+        self.lrn_predicted.reset();
+        let best = std::mem::take(&mut self.scratch.best);
+        for &(_, cell, seg) in &best {
+            self.lrn_predicted.set(cell);
+            if read_only {
+                continue;
+            }
+            let update = self.build_update(Some(seg), false);
+            if !update.is_empty() {
+                self.updates.push(PendingUpdate {
+                    cell,
+                    segment: seg,
+                    timestamp: self.lrn_iteration,
+                    start: self.update_pool.len() as u32,
+                    len: update.len() as u32,
+                });
+                self.update_pool.extend_from_slice(&update);
+            }
+            self.segments[seg as usize].total_activations += 1;
+            self.scratch.update = update;
+        }
+        self.scratch.best = best;
+    }
+
+    /// Applies queued updates of cells whose column is active now; without pooling every
+    /// other update is dropped.
+    fn process_segment_updates(&mut self, cols: &[u32]) {
+        if self.updates.is_empty() {
+            self.update_pool.clear();
+            return;
+        }
+        let mut updates = std::mem::take(&mut self.updates);
+        let mut pool = std::mem::take(&mut self.update_pool);
+        let cpc = self.params.cells_per_column;
+        let valid = self.params.segment_update_valid_duration;
+        for u in &updates {
+            if self.lrn_iteration.saturating_sub(u.timestamp) > valid {
+                continue;
+            }
+            if cols.binary_search(&(u.cell / cpc)).is_ok() {
+                let range = u.start as usize..(u.start + u.len) as usize;
+                self.adapt_segment(u.cell, Some(u.segment), &pool[range], false);
+            }
+        }
+        updates.clear();
+        pool.clear();
+        self.updates = updates;
+        self.update_pool = pool;
+    }
+
+    /// `learnBacktrack`: on starting over, look for the oldest buffered input (the current one
+    /// excluded) from whose start cells learning stays in sequence up to now; replay that path
+    /// with learning. Returns how many steps back it starts (0 = none found).
+    fn learn_backtrack(&mut self) -> u32 {
+        let num_prev = self.prev_lrn_patterns.len().saturating_sub(1);
+        if num_prev == 0 {
+            return 0;
+        }
+        self.stats.learning_backtracks += 1;
+        let mut patterns = std::mem::take(&mut self.prev_lrn_patterns);
+        let found = (0..num_prev).find(|&start| self.learn_backtrack_from(&patterns, start, true));
+        let Some(start) = found else {
+            self.scratch.spare_patterns.extend(patterns.drain(..));
+            self.prev_lrn_patterns = patterns;
+            return 0;
+        };
+        self.stats.learning_lock_ons += 1;
+        self.learn_backtrack_from(&patterns, start, false);
+        for _ in 0..=start {
+            let p = patterns.pop_front().expect("pattern to drop");
+            self.scratch.spare_patterns.push(p);
+        }
+        self.prev_lrn_patterns = patterns;
+        (num_prev - start) as u32
+    }
+
+    /// Replays the learning state from the start cells of `patterns[start]` to the current
+    /// input; returns whether it stayed in sequence all the way.
+    fn learn_backtrack_from(
+        &mut self,
+        patterns: &VecDeque<Vec<u32>>,
+        start: usize,
+        read_only: bool,
+    ) -> bool {
+        let cpc = self.params.cells_per_column;
+        let current = patterns.len() - 1;
+        if !read_only {
+            self.updates.clear();
+            self.update_pool.clear();
+        }
+        let mut in_sequence = true;
+        for (offset, pattern) in patterns.iter().enumerate().skip(start) {
+            self.lrn_active_prev.copy_from(&self.lrn_active);
+            self.lrn_predicted_prev.copy_from(&self.lrn_predicted);
+            if !read_only {
+                self.process_segment_updates(pattern);
+            }
+            if offset == start {
+                self.lrn_active.reset();
+                for &c in pattern {
+                    self.lrn_active.set(c * cpc);
+                }
+                in_sequence = true;
+            } else {
+                in_sequence = self.learn_phase1(pattern, read_only);
+            }
+            if !in_sequence || offset == current {
+                break;
+            }
+            self.learn_phase2(read_only);
+        }
+        in_sequence
+    }
+
+    /// `getCellForNewSegment`: a random non-start cell of `col` with a free segment quota,
+    /// else the owner of the column's least useful segment, which is released.
+    fn cell_for_new_segment(&mut self, col: u32) -> u32 {
+        let cpc = self.params.cells_per_column;
+        let base = col * cpc;
+        let (lo, hi) = if cpc == 1 { (0, 0) } else { (1, cpc - 1) };
+        let max_segments = self.params.max_segments_per_cell;
+        if max_segments < 0 {
+            return base + lo + if cpc > 1 { self.rng.below(cpc - 1) } else { 0 };
+        }
+        let candidates = &mut self.scratch.cells;
+        candidates.clear();
+        candidates.extend(
+            (base + lo..=base + hi)
+                .filter(|&cell| self.cell_slots[cell as usize].len() < max_segments as usize),
+        );
+        if !candidates.is_empty() {
+            return candidates[self.rng.below(candidates.len() as u32) as usize];
+        }
+        let it = self.lrn_iteration;
+        let mut victim = None;
+        let mut victim_dc = 1.0f32;
+        let mut first_live = None;
+        for cell in base + lo..=base + hi {
+            for &seg in &self.cell_slots[cell as usize] {
+                if seg == NO_SEGMENT {
+                    continue;
+                }
+                first_live.get_or_insert(seg);
+                let dc = self.segments[seg as usize].duty_cycle(it, false, false);
+                if dc < victim_dc {
+                    victim = Some(seg);
+                    victim_dc = dc;
+                }
+            }
+        }
+        match victim.or(first_live) {
+            Some(seg) => {
+                let cell = self.segments[seg as usize].cell;
+                self.release_segment(seg);
+                cell
+            }
+            // Every slot is free: any cell can take the new segment.
+            None => base + lo,
+        }
+    }
+
+    /// The presynaptic cells of an update to `seg` (or a new segment): its synapses from
+    /// cells active in the previous (`from_prev`) or current learning state, plus randomly
+    /// chosen new ones from that state up to `new_synapse_count`. Sorted.
+    fn build_update(&mut self, seg: Option<SegmentId>, from_prev: bool) -> Vec<u32> {
+        let mut out = std::mem::take(&mut self.scratch.update);
+        let state = if from_prev {
+            &self.lrn_active_prev
+        } else {
+            &self.lrn_active
+        };
+        out.clear();
+        let presyn = &mut self.scratch.seg_presyn;
+        presyn.clear();
+        if let Some(seg) = seg {
+            for &syn in self.connections.synapses_for_segment(seg) {
+                let p = self.connections.synapse(syn).presyn;
+                presyn.push(p);
+                if state.is_set(p) {
+                    out.push(p);
+                }
+            }
+            presyn.sort_unstable();
+            out.sort_unstable();
+        }
+        let wanted = (self.params.new_synapse_count as usize).saturating_sub(out.len());
+        if wanted > 0 {
+            // chooseCellsToLearnFrom: on cells of the state not yet on the segment.
+            let learn_cells = state.cells();
+            debug_assert!(learn_cells.windows(2).all(|w| w[0] < w[1]));
+            let pruned = &mut self.scratch.pruned;
+            pruned.clear();
+            pruned.extend(
+                learn_cells
+                    .iter()
+                    .copied()
+                    .filter(|c| presyn.binary_search(c).is_err()),
+            );
+            if pruned.len() <= wanted {
+                out.extend_from_slice(pruned);
+            } else if wanted == 1 {
+                out.push(pruned[self.rng.below(pruned.len() as u32) as usize]);
+            } else {
+                for i in 0..wanted {
+                    let j = i + self.rng.below((pruned.len() - i) as u32) as usize;
+                    pruned.swap(i, j);
+                }
+                out.extend_from_slice(&pruned[..wanted]);
+            }
+            out.sort_unstable();
+        }
+        out
+    }
+
+    /// `adaptSegment`: reinforce `seg` with the sorted presynaptic cells of an update (active
+    /// synapses up, the others down, new ones grown at `initial_perm`), or create a new
+    /// segment on `cell` from them.
+    fn adapt_segment(&mut self, cell: u32, seg: Option<SegmentId>, update: &[u32], sequence: bool) {
+        let Some(seg) = seg else {
+            self.create_segment(cell, update, sequence);
+            return;
+        };
+        let info = self.connections.segment(seg);
+        if !info.alive || info.cell != cell {
+            return; // released since the update was queued
+        }
+        let it = self.lrn_iteration;
+        let meta = &mut self.segments[seg as usize];
+        meta.last_active_iteration = it;
+        meta.positive_activations += 1;
+        meta.duty_cycle(it, true, false);
+
+        let p = &self.params;
+        let (inc, dec, max) = (p.permanence_inc, p.permanence_dec, p.permanence_max);
+        let mut syns = std::mem::take(&mut self.scratch.syns);
+        syns.clear();
+        for &id in self.connections.synapses_for_segment(seg) {
+            syns.push((self.connections.synapse(id).presyn, id));
+        }
+        syns.sort_unstable_by_key(|s| s.0);
+
+        let mut alive = syns.len();
+        let mut n_active = 0;
+        for s in syns.iter_mut() {
+            if update.binary_search(&s.0).is_ok() {
+                n_active += 1;
+                continue;
+            }
+            let perm = (self.connections.synapse(s.1).permanence - dec).min(max);
+            if perm <= 0.0 {
+                self.remove_synapse(seg, s.1, s.0);
+                s.1 = REMOVED;
+                alive -= 1;
+            } else {
+                self.update_permanence(seg, s.1, s.0, perm);
+            }
+        }
+        for s in &syns {
+            if s.1 != REMOVED && update.binary_search(&s.0).is_ok() {
+                let perm = (self.connections.synapse(s.1).permanence + inc).min(max);
+                self.update_permanence(seg, s.1, s.0, perm);
+            }
+        }
+
+        let n_new = update.len() - n_active;
+        let max_synapses = self.params.max_synapses_per_segment;
+        if max_synapses > 0 && n_new + alive > max_synapses as usize {
+            let to_free = n_new + alive - max_synapses as usize;
+            let mut candidates = std::mem::take(&mut self.scratch.free_candidates);
+            candidates.clear();
+            for &(presyn, id) in &syns {
+                if id != REMOVED && update.binary_search(&presyn).is_err() {
+                    candidates.push((self.connections.synapse(id).permanence, presyn, id));
+                }
+            }
+            if candidates.len() < to_free {
+                // Active synapses only after every inactive one (offset as Cells4 does).
+                for &(presyn, id) in &syns {
+                    if update.binary_search(&presyn).is_ok() {
+                        let key = self.connections.synapse(id).permanence + max;
+                        candidates.push((key, presyn, id));
+                    }
+                }
+            }
+            candidates.sort_by(|a, b| a.0.total_cmp(&b.0)); // stable: ties keep presyn order
+            for &(_, presyn, id) in &candidates[..to_free] {
+                self.remove_synapse(seg, id, presyn);
+            }
+            alive -= to_free;
+            self.scratch.free_candidates = candidates;
+        }
+
+        let initial = self.params.initial_perm;
+        for &presyn in update {
+            if syns.binary_search_by_key(&presyn, |s| s.0).is_err() {
+                self.add_synapse(seg, presyn, initial);
+                alive += 1;
+            }
+        }
+        self.scratch.syns = syns;
+        if alive == 0 {
+            self.release_segment(seg);
+        }
+    }
+
+    /// A new segment on `cell` (in its most recently freed slot, else a new one) with
+    /// synapses from `presyn` at `initial_perm`.
+    fn create_segment(&mut self, cell: u32, presyn: &[u32], sequence: bool) -> SegmentId {
+        let it = self.lrn_iteration;
+        let slots = &mut self.cell_slots[cell as usize];
+        let slot = match self.cell_free_slots[cell as usize].pop() {
+            Some(s) => s,
+            None => {
+                slots.push(NO_SEGMENT);
+                (slots.len() - 1) as u32
+            }
+        };
+        let seg = self.connections.create_segment(cell);
+        slots[slot as usize] = seg;
+        if self.segments.len() <= seg as usize {
+            self.segments
+                .resize(seg as usize + 1, SegmentMeta::default());
+        }
+        self.segments[seg as usize] = SegmentMeta {
+            cell,
+            slot,
+            sequence,
+            total_activations: 1,
+            positive_activations: 1,
+            last_active_iteration: it,
+            last_pos_duty_cycle: (1.0f64 / it.max(1) as f64) as f32,
+            last_pos_duty_cycle_iteration: it,
+        };
+        for &p in presyn {
+            self.add_synapse(seg, p, self.params.initial_perm);
+        }
+        seg
+    }
+
+    // Every synapse change goes through these three, which keep the out index and the
+    // connected counts in step with the connections.
+
+    fn add_synapse(&mut self, seg: SegmentId, presyn: u32, permanence: f32) {
+        let id = self.connections.create_synapse(seg, presyn, permanence);
+        let connected = self.connections.synapse(id).permanence >= self.params.connected_perm;
+        self.out_index.add(presyn, seg, connected);
+    }
+
+    fn remove_synapse(&mut self, seg: SegmentId, id: SynapseId, presyn: u32) {
+        self.connections.destroy_synapse(id);
+        self.out_index.remove(presyn, seg);
+    }
+
+    fn update_permanence(&mut self, seg: SegmentId, id: SynapseId, presyn: u32, permanence: f32) {
+        let cp = self.params.connected_perm;
+        let was = self.connections.synapse(id).permanence >= cp;
+        self.connections.set_permanence(id, permanence);
+        let is = self.connections.synapse(id).permanence >= cp;
+        if was != is {
+            self.out_index.set_connected(presyn, seg, is);
+        }
+    }
+
+    /// Frees a segment's slot and drops updates queued for it.
+    fn release_segment(&mut self, seg: SegmentId) {
+        let meta = self.segments[seg as usize];
+        for &id in self.connections.synapses_for_segment(seg) {
+            self.out_index
+                .remove(self.connections.synapse(id).presyn, seg);
+        }
+        self.connections.destroy_segment(seg);
+        self.cell_slots[meta.cell as usize][meta.slot as usize] = NO_SEGMENT;
+        self.cell_free_slots[meta.cell as usize].push(meta.slot);
+        self.updates.retain(|u| u.segment != seg);
+    }
+
+    /// At each duty-cycle tier boundary every segment's cached duty cycle is brought up to
+    /// date, so the moving average switches rate consistently.
+    fn refresh_duty_cycles(&mut self) {
+        let it = self.lrn_iteration;
+        for slots in &self.cell_slots {
+            for &seg in slots {
+                if seg != NO_SEGMENT {
+                    self.segments[seg as usize].duty_cycle(it, false, false);
+                }
+            }
+        }
+    }
+
+    /// Age-based global decay (`applyGlobalDecay`); off with NAB's settings.
+    fn apply_global_decay(&mut self) {
+        let decay = self.params.global_decay;
+        let max_age = self.params.max_age;
+        if decay == 0.0 || max_age == 0 || self.lrn_iteration % max_age != 0 {
+            return;
+        }
+        let it = self.lrn_iteration;
+        let mut ids = std::mem::take(&mut self.scratch.cells);
+        for cell in 0..self.cell_slots.len() {
+            for slot in 0..self.cell_slots[cell].len() {
+                let seg = self.cell_slots[cell][slot];
+                if seg == NO_SEGMENT
+                    || it - self.segments[seg as usize].last_active_iteration <= max_age
+                {
+                    continue;
+                }
+                ids.clear();
+                ids.extend_from_slice(self.connections.synapses_for_segment(seg));
+                for &id in &ids {
+                    let syn = *self.connections.synapse(id);
+                    let perm = syn.permanence;
+                    if perm <= decay {
+                        self.remove_synapse(seg, id, syn.presyn);
+                    } else {
+                        self.update_permanence(seg, id, syn.presyn, perm - decay);
+                    }
+                }
+                if self.connections.synapses_for_segment(seg).is_empty() {
+                    self.release_segment(seg);
+                }
+            }
+        }
+        self.scratch.cells = ids;
+    }
+}
+
+/// Fraction of `active` columns absent from `predicted` (both sorted); 0 for no input.
+fn raw_anomaly(active: &[u32], predicted: &[u32]) -> f32 {
+    if active.is_empty() {
+        return 0.0;
+    }
+    let hits = crate::sdr::sorted_intersection_len(active, predicted);
+    (active.len() - hits) as f32 / active.len() as f32
+}
+
+/// A copy of `cols` in a recycled buffer.
+fn copy_pattern(spare: &mut Vec<Vec<u32>>, cols: &[u32]) -> Vec<u32> {
+    let mut p = spare.pop().unwrap_or_default();
+    p.clear();
+    p.extend_from_slice(cols);
+    p
+}
+
+/// `inferPhase1`: activate the predicted cells of each active column, or burst the column
+/// (or only its start cell with `use_start_cells`). Returns whether at least half the columns
+/// were predicted (always true on start cells).
+fn infer_phase1(
+    cols: &[u32],
+    use_start_cells: bool,
+    cpc: u32,
+    predicted_prev: &CellState,
+    active: &mut CellState,
+) -> bool {
+    active.reset();
+    if use_start_cells {
+        for &c in cols {
+            active.set(c * cpc);
+        }
+        return true;
+    }
+    let mut predicted_cols = 0usize;
+    for &c in cols {
+        let base = c * cpc;
+        let mut any = false;
+        for cell in base..base + cpc {
+            if predicted_prev.is_set(cell) {
+                active.set(cell);
+                any = true;
+            }
+        }
+        if any {
+            predicted_cols += 1;
+        } else {
+            for cell in base..base + cpc {
+                active.set(cell);
+            }
+        }
+    }
+    predicted_cols as f64 >= 0.5 * cols.len() as f64
+}
+
+/// Segments of the last pass with at least `threshold` active synapses, in scan order:
+/// column, then cell (descending with `reverse_cells`, as the best-match searches scan),
+/// then slot. The keys are unique, so the order does not depend on the pass's.
+fn rank_segments(
+    activity: &Activity,
+    segments: &[SegmentMeta],
+    threshold: u32,
+    cpc: u32,
+    reverse_cells: bool,
+    out: &mut Vec<Ranked>,
+) {
+    out.clear();
+    for &seg in &activity.touched {
+        let potential = activity.potential(seg);
+        if potential >= threshold {
+            let meta = &segments[seg as usize];
+            let cell = if reverse_cells {
+                mirror_in_column(meta.cell, cpc)
+            } else {
+                meta.cell
+            };
+            out.push(Ranked {
+                key: (cell as u64) << 32 | meta.slot as u64,
+                seg,
+                potential,
+            });
+        }
+    }
+    out.sort_unstable_by_key(|r| r.key);
+}
+
+/// Per column, the first segment in scan order with the most active synapses (`ranked` must
+/// come from [`rank_segments`] with `reverse_cells`).
+fn best_per_column(ranked: &[Ranked], cpc: u32, out: &mut Vec<(u32, u32, SegmentId)>) {
+    out.clear();
+    let mut i = 0;
+    while i < ranked.len() {
+        let col = ranked[i].scan_cell() / cpc;
+        let mut best = ranked[i];
+        i += 1;
+        while i < ranked.len() && ranked[i].scan_cell() / cpc == col {
+            if ranked[i].potential > best.potential {
+                best = ranked[i];
+            }
+            i += 1;
+        }
+        out.push((col, mirror_in_column(best.scan_cell(), cpc), best.seg));
+    }
+}
+
+/// The cell at the mirrored position of the same column (index `i` ↔ `cpc - 1 - i`).
+#[inline]
+fn mirror_in_column(cell: u32, cpc: u32) -> u32 {
+    let base = cell - cell % cpc;
+    base + (cpc - 1 - cell % cpc)
+}

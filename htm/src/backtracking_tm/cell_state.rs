@@ -1,0 +1,115 @@
+//! A binary per-cell state kept both as a list of on cells and as a dense lookup table.
+
+use serde::{Deserialize, Serialize};
+
+/// NuPIC's `CStateIndexed`: a dense table for O(1) membership plus the list of on cells, so
+/// clearing and copying cost the number of on cells rather than the number of cells.
+///
+/// Only the list is serialised; the table is rebuilt by [`CellState::rebuild`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct CellState {
+    on: Vec<u32>,
+    #[serde(skip)]
+    dense: Vec<bool>,
+}
+
+/// The table is derived from the list, so equality is the list's.
+impl PartialEq for CellState {
+    fn eq(&self, other: &Self) -> bool {
+        self.on == other.on
+    }
+}
+
+impl CellState {
+    pub(crate) fn new(num_cells: usize) -> Self {
+        CellState {
+            on: Vec::new(),
+            dense: vec![false; num_cells],
+        }
+    }
+
+    /// Restores the dense table after deserialisation.
+    pub(crate) fn rebuild(&mut self, num_cells: usize) {
+        self.dense = vec![false; num_cells];
+        for &c in &self.on {
+            self.dense[c as usize] = true;
+        }
+    }
+
+    #[inline]
+    pub(crate) fn is_set(&self, cell: u32) -> bool {
+        self.dense[cell as usize]
+    }
+
+    #[inline]
+    pub(crate) fn set(&mut self, cell: u32) {
+        let d = &mut self.dense[cell as usize];
+        if !*d {
+            *d = true;
+            self.on.push(cell);
+        }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        for &c in &self.on {
+            self.dense[c as usize] = false;
+        }
+        self.on.clear();
+    }
+
+    /// Makes this state equal to `cells` (which must be free of duplicates).
+    pub(crate) fn assign(&mut self, cells: &[u32]) {
+        self.reset();
+        for &c in cells {
+            self.dense[c as usize] = true;
+        }
+        self.on.extend_from_slice(cells);
+    }
+
+    pub(crate) fn copy_from(&mut self, other: &CellState) {
+        self.assign(&other.on);
+    }
+
+    /// On cells, in the order they were set (ascending everywhere this module sets them).
+    pub(crate) fn cells(&self) -> &[u32] {
+        &self.on
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.on.len()
+    }
+
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.on.capacity() * 4 + self.dense.capacity()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_reset_copy_and_rebuild() {
+        let mut a = CellState::new(10);
+        a.set(3);
+        a.set(7);
+        a.set(3);
+        assert_eq!(a.cells(), &[3, 7]);
+        assert!(a.is_set(7) && !a.is_set(4));
+        let mut b = CellState::new(10);
+        b.set(1);
+        b.copy_from(&a);
+        assert!(!b.is_set(1) && b.is_set(3));
+        assert_eq!(b, a);
+        a.reset();
+        assert_eq!(a.len(), 0);
+        assert!(!a.is_set(3));
+        let bytes = bincode::serde::encode_to_vec(&b, bincode::config::standard()).unwrap();
+        let (mut c, _): (CellState, _) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        c.rebuild(10);
+        assert!(c.is_set(7) && !c.is_set(2));
+        assert_eq!(c, b);
+    }
+}

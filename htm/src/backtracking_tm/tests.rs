@@ -1,0 +1,674 @@
+use super::*;
+
+/// `count` pairwise-disjoint random SDRs of `w` columns, plus the columns none of them use.
+fn disjoint_sdrs(seed: u64, columns: u32, count: usize, w: usize) -> (Vec<Vec<u32>>, Vec<u32>) {
+    let mut rng = Random::new(seed);
+    let mut all: Vec<u32> = (0..columns).collect();
+    rng.shuffle(&mut all);
+    let mut sdrs: Vec<Vec<u32>> = all.chunks(w).take(count).map(|c| c.to_vec()).collect();
+    for s in &mut sdrs {
+        s.sort_unstable();
+    }
+    let mut unused = all[count * w..].to_vec();
+    unused.sort_unstable();
+    (sdrs, unused)
+}
+
+fn overlap(a: &[u32], b: &[u32]) -> usize {
+    crate::sdr::sorted_intersection_len(a, b)
+}
+
+/// A scalar stream shaped like NAB data (daily-ish cycle, drifting noise, a few level shifts)
+/// mapped to ~40 of 2048 columns so that close values share columns, as encoder + SP do.
+fn nab_like_stream(len: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = Random::new(seed);
+    let positions = 400u32;
+    let mut position_to_column: Vec<u32> = (0..2048).collect();
+    rng.shuffle(&mut position_to_column);
+    let mut drift = 0.0f64;
+    (0..len)
+        .map(|t| {
+            drift = (drift + (rng.real() - 0.5) * 0.6).clamp(-8.0, 8.0);
+            let mut v = 50.0 + 30.0 * (t as f64 * std::f64::consts::TAU / 96.0).sin() + drift;
+            if (t % 1500) > 1400 && (t % 1500) < 1420 {
+                v = 150.0; // an anomalous excursion to values never seen
+            }
+            let bucket = (v.clamp(0.0, 179.0) as u32) * 2;
+            let mut cols: Vec<u32> = (bucket..bucket + 40)
+                .map(|p| position_to_column[(p % positions) as usize])
+                .collect();
+            cols.sort_unstable();
+            cols.dedup();
+            cols
+        })
+        .collect()
+}
+
+fn tm(params: BacktrackingTmParams) -> BacktrackingTm {
+    BacktrackingTm::new(params).expect("valid params")
+}
+
+#[test]
+fn defaults_are_nab_settings_and_valid() {
+    let p = BacktrackingTmParams::default();
+    assert!(p.validate().is_ok());
+    assert_eq!((p.column_count, p.cells_per_column), (2048, 32));
+    assert_eq!((p.min_threshold, p.activation_threshold), (10, 13));
+    assert_eq!(
+        (p.max_segments_per_cell, p.max_synapses_per_segment),
+        (128, 32)
+    );
+    assert_eq!((p.initial_perm, p.connected_perm), (0.21, 0.5));
+    assert_eq!(
+        (p.pam_length, p.seed, p.output_type),
+        (3, 1960, OutputType::Normal)
+    );
+}
+
+#[test]
+fn invalid_params_are_rejected_with_the_parameter_named() {
+    let cases: Vec<(&str, BacktrackingTmParams)> = vec![
+        (
+            "column_count",
+            BacktrackingTmParams {
+                column_count: 0,
+                ..Default::default()
+            },
+        ),
+        (
+            "cells_per_column",
+            BacktrackingTmParams {
+                cells_per_column: 0,
+                ..Default::default()
+            },
+        ),
+        (
+            "initial_perm",
+            BacktrackingTmParams {
+                initial_perm: 1.5,
+                ..Default::default()
+            },
+        ),
+        (
+            "connected_perm",
+            BacktrackingTmParams {
+                connected_perm: f32::NAN,
+                ..Default::default()
+            },
+        ),
+        (
+            "activation_threshold",
+            BacktrackingTmParams {
+                activation_threshold: 0,
+                ..Default::default()
+            },
+        ),
+        (
+            "min_threshold",
+            BacktrackingTmParams {
+                min_threshold: 0,
+                ..Default::default()
+            },
+        ),
+        (
+            "pam_length",
+            BacktrackingTmParams {
+                pam_length: 0,
+                ..Default::default()
+            },
+        ),
+        (
+            "max_synapses_per_segment",
+            BacktrackingTmParams {
+                max_synapses_per_segment: 10,
+                ..Default::default()
+            },
+        ),
+        (
+            "max_segments_per_cell",
+            BacktrackingTmParams {
+                max_segments_per_cell: 0,
+                ..Default::default()
+            },
+        ),
+        (
+            "global_decay",
+            BacktrackingTmParams {
+                global_decay: 0.1,
+                max_age: 10,
+                ..Default::default()
+            },
+        ),
+        (
+            "max_age",
+            BacktrackingTmParams {
+                max_age: 100,
+                ..Default::default()
+            },
+        ),
+        (
+            "max_age",
+            BacktrackingTmParams {
+                global_decay: 0.1,
+                max_segments_per_cell: -1,
+                max_synapses_per_segment: -1,
+                ..Default::default()
+            },
+        ),
+    ];
+    for (name, params) in cases {
+        let err = BacktrackingTm::new(params).expect_err(name);
+        let ParamError::Invalid { name: got, .. } = &err;
+        assert_eq!(*got, name, "{err}");
+        assert!(err.to_string().contains(name));
+    }
+    // Unbounded (non-fixed-size) mode with global decay is fine.
+    assert!(BacktrackingTm::new(BacktrackingTmParams {
+        global_decay: 0.05,
+        max_age: 50,
+        max_segments_per_cell: -1,
+        max_synapses_per_segment: -1,
+        ..Default::default()
+    })
+    .is_ok());
+}
+
+#[test]
+fn duty_cycle_follows_cells4_tiers() {
+    let mut m = SegmentMeta {
+        positive_activations: 5,
+        last_pos_duty_cycle: 1.0,
+        last_pos_duty_cycle_iteration: 1,
+        ..Default::default()
+    };
+    // Tier 0: positive activations over iterations, cached.
+    assert_eq!(m.duty_cycle(50, false, false), 5.0 / 50.0);
+    assert_eq!(m.duty_cycle(100, false, false), 0.05);
+    assert_eq!(m.last_pos_duty_cycle_iteration, 100);
+    // Past 100: exponential decay at alpha 0.0032, plus alpha when active.
+    let expected = (1.0f64 - 0.0032f32 as f64).powf(50.0) as f32 * 0.05;
+    assert_eq!(m.duty_cycle(150, false, true), expected);
+    assert_eq!(
+        m.last_pos_duty_cycle_iteration, 100,
+        "read-only leaves the cache"
+    );
+    assert_eq!(m.duty_cycle(150, true, false), expected + 0.0032);
+    assert_eq!(
+        m.duty_cycle(150, false, false),
+        expected + 0.0032,
+        "cached, age 0"
+    );
+    // The rate drops once past 320.
+    let before = m.last_pos_duty_cycle;
+    let expected = (1.0f64 - 0.0010f32 as f64).powf(250.0) as f32 * before;
+    assert_eq!(m.duty_cycle(400, false, false), expected);
+}
+
+#[test]
+fn repeating_sequence_is_learned_and_a_novel_input_scores_one() {
+    let (seq, unused) = disjoint_sdrs(3, 2048, 10, 40);
+    let mut tm = tm(BacktrackingTmParams::default());
+    let mut last_rounds = Vec::new();
+    for rep in 0..40 {
+        for p in &seq {
+            let a = tm.compute(p, true);
+            if rep >= 38 {
+                last_rounds.push(a);
+            }
+        }
+    }
+    assert!(
+        last_rounds.iter().all(|&a| a < 0.05),
+        "anomaly after learning: {last_rounds:?}"
+    );
+    // Each next element is predicted.
+    assert!(overlap(tm.predicted_columns(), &seq[0]) >= 38);
+    let novel = &unused[..40];
+    assert_eq!(tm.compute(novel, true), 1.0);
+    assert!(tm.num_segments() > 0);
+}
+
+#[test]
+fn first_input_after_reset_is_fully_anomalous_and_start_cells_fire() {
+    let (seq, _) = disjoint_sdrs(4, 2048, 4, 40);
+    let mut tm = tm(BacktrackingTmParams::default());
+    for _ in 0..10 {
+        for p in &seq {
+            tm.compute(p, true);
+        }
+    }
+    tm.reset();
+    assert!(tm.predicted_columns().is_empty());
+    assert_eq!(tm.compute(&seq[1], false), 1.0);
+    let cpc = tm.params().cells_per_column;
+    assert_eq!(tm.active_cells().len(), 40);
+    assert!(tm.active_cells().iter().all(|c| c % cpc == 0));
+    assert_eq!(tm.compute(&[], false), 0.0, "no input, no anomaly");
+}
+
+#[test]
+fn high_order_sequences_keep_their_context() {
+    let (s, _) = disjoint_sdrs(5, 2048, 6, 40);
+    let (a, b, c, d, x, y) = (&s[0], &s[1], &s[2], &s[3], &s[4], &s[5]);
+    let mut tm = tm(BacktrackingTmParams::default());
+    for _ in 0..15 {
+        for seq in [[a, b, c, d], [x, b, c, y]] {
+            tm.reset();
+            for p in seq {
+                tm.compute(p, true);
+            }
+        }
+    }
+    for (first, expected, other) in [(a, d, y), (x, y, d)] {
+        tm.reset();
+        tm.compute(first, false);
+        tm.compute(b, false);
+        let anomaly_c = tm.compute(c, false);
+        assert!(anomaly_c < 0.05, "C is predicted in both contexts");
+        let predicted = tm.predicted_columns();
+        assert!(
+            overlap(predicted, expected) >= 38,
+            "expected successor predicted: {} of 40",
+            overlap(predicted, expected)
+        );
+        assert!(
+            overlap(predicted, other) <= 4,
+            "other context's successor predicted: {} of 40",
+            overlap(predicted, other)
+        );
+        // The predicted cells sit in the expected columns only.
+        let cpc = tm.params().cells_per_column;
+        let mut cols: Vec<u32> = tm.predictive_cells().iter().map(|c| c / cpc).collect();
+        cols.dedup();
+        assert!(overlap(&cols, expected) >= 38 && overlap(&cols, other) == 0);
+        assert!(tm.compute(expected, false) < 0.05);
+    }
+}
+
+/// Learns `seq` on a loop, then feeds a noise input and resumes `seq` from its middle;
+/// returns the anomaly scores from the resume point on.
+fn resume_after_noise(params: BacktrackingTmParams) -> (Vec<f32>, BacktrackingTm) {
+    let (pats, unused) = disjoint_sdrs(6, 2048, 30, 40);
+    let noise = unused[..40].to_vec();
+    let mut tm = tm(params);
+    for _ in 0..25 {
+        for p in &pats {
+            tm.compute(p, true);
+        }
+    }
+    for p in &pats[..8] {
+        tm.compute(p, true);
+    }
+    assert_eq!(tm.compute(&noise, true), 1.0);
+    let scores = pats[15..25].iter().map(|p| tm.compute(p, true)).collect();
+    (scores, tm)
+}
+
+#[test]
+fn backtracking_recovers_a_sequence_after_a_break() {
+    let (with_bt, tm_bt) = resume_after_noise(BacktrackingTmParams::default());
+    // The first resumed input cannot be predicted after noise; the second is.
+    assert!(
+        with_bt[1..].iter().all(|&a| a < 0.05),
+        "recovery with backtracking: {with_bt:?}"
+    );
+    assert!(tm_bt.backtrack_stats().inference_backtracks > 0);
+    assert!(tm_bt.backtrack_stats().learning_backtracks > 0);
+
+    let (without, _) = resume_after_noise(BacktrackingTmParams {
+        max_inf_backtrack: 0,
+        ..Default::default()
+    });
+    let recovery = |s: &[f32]| s.iter().position(|&a| a < 0.05).unwrap_or(s.len());
+    assert!(recovery(&with_bt) <= 1);
+    assert!(recovery(&with_bt) <= recovery(&without));
+}
+
+#[test]
+fn inference_backtracking_locks_onto_start_cells() {
+    let (s, _) = disjoint_sdrs(7, 2048, 5, 40);
+    let train = |max_inf_backtrack| {
+        let mut tm = tm(BacktrackingTmParams {
+            max_inf_backtrack,
+            ..Default::default()
+        });
+        for _ in 0..12 {
+            tm.reset();
+            for p in &s {
+                tm.compute(p, true);
+            }
+        }
+        // Replay the sequence twice without a reset: the second "A" follows "E", which
+        // never preceded it, so the sequence is lost there.
+        tm.reset();
+        for p in &s {
+            tm.compute(p, false);
+        }
+        let locks_before = tm.backtrack_stats().inference_lock_ons;
+        tm.compute(&s[0], false);
+        (tm, locks_before)
+    };
+    let cpc = BacktrackingTmParams::default().cells_per_column;
+
+    let (tm_bt, locks_before) = train(10);
+    // Backtracking found that "A" starts a known sequence: only its start cells are active.
+    assert_eq!(tm_bt.active_cells().len(), 40);
+    assert!(tm_bt.active_cells().iter().all(|c| c % cpc == 0));
+    assert_eq!(tm_bt.backtrack_stats().inference_lock_ons, locks_before + 1);
+    assert!(overlap(tm_bt.predicted_columns(), &s[1]) >= 38);
+
+    // Without backtracking the columns burst.
+    let (tm_plain, _) = train(0);
+    assert_eq!(tm_plain.active_cells().len(), 40 * cpc as usize);
+    assert!(overlap(tm_plain.predicted_columns(), &s[1]) >= 38);
+}
+
+fn small_fixed_params() -> BacktrackingTmParams {
+    BacktrackingTmParams {
+        column_count: 256,
+        cells_per_column: 4,
+        new_synapse_count: 10,
+        max_synapses_per_segment: 12,
+        max_segments_per_cell: 2,
+        min_threshold: 5,
+        activation_threshold: 6,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn segment_and_synapse_limits_hold() {
+    let params = small_fixed_params();
+    let mut tm = tm(params.clone());
+    let mut rng = Random::new(11);
+    let pop: Vec<u32> = (0..params.column_count).collect();
+    // A few recurring patterns among random ones, so segments are both grown and reused.
+    let recurring: Vec<Vec<u32>> = (0..6)
+        .map(|_| {
+            let mut s = rng.sample(&pop, 20);
+            s.sort_unstable();
+            s
+        })
+        .collect();
+    let mut saw_full_cell = false;
+    for step in 0..1500 {
+        let p = if rng.below(3) == 0 {
+            let mut s = rng.sample(&pop, 20);
+            s.sort_unstable();
+            s
+        } else {
+            recurring[step % recurring.len()].clone()
+        };
+        tm.compute(&p, true);
+        if step % 100 == 99 {
+            let conns = tm.connections();
+            for cell in 0..params.num_cells() as u32 {
+                let slots = tm.segment_slots_on_cell(cell);
+                assert!(slots <= 2, "cell {cell} has {slots} segment slots");
+                saw_full_cell |= slots == 2;
+                let segs = conns.segments_for_cell(cell);
+                assert!(segs.len() <= slots);
+                if cell % params.cells_per_column == 0 {
+                    assert!(segs.is_empty(), "start cell {cell} grew a segment");
+                }
+                for &seg in segs {
+                    let n = conns.synapses_for_segment(seg).len();
+                    assert!((1..=12).contains(&n), "segment with {n} synapses");
+                }
+            }
+        }
+    }
+    assert!(saw_full_cell, "the test should reach the segment cap");
+    assert!(tm.num_synapses() <= tm.num_segments() * 12);
+}
+
+#[test]
+fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
+    let mut tm = tm(small_fixed_params());
+    tm.lrn_iteration = 1;
+    // Cell 5 (column 1, index 1) with 12 synapses from cells 100..112.
+    let presyn: Vec<u32> = (100..112).collect();
+    let seg = tm.create_segment(5, &presyn, true);
+    let perm_of = |tm: &BacktrackingTm, p: u32| {
+        let c = tm.connections();
+        c.synapses_for_segment(seg)
+            .iter()
+            .map(|&s| c.synapse(s))
+            .find(|s| s.presyn == p)
+            .map(|s| s.permanence)
+    };
+    let ids: Vec<_> = tm.connections().synapses_for_segment(seg).to_vec();
+    for &id in &ids {
+        let p = tm.connections().synapse(id).presyn;
+        let perm = match p {
+            103 => 0.15,
+            107 => 0.15,
+            110 => 0.12,
+            _ => 0.6,
+        };
+        tm.connections.set_permanence(id, perm);
+    }
+    // Active: 100, 101 (existing) plus 3 new cells → 12 + 3 > 12, so 3 must go:
+    // the weakest inactive ones after the decrement: 110 (0.02), then 103 and 107 (0.05 each).
+    let update = [100, 101, 200, 201, 202];
+    tm.adapt_segment(5, Some(seg), &update, false);
+    assert_eq!(tm.connections().synapses_for_segment(seg).len(), 12);
+    for gone in [103, 107, 110] {
+        assert_eq!(perm_of(&tm, gone), None, "{gone} should be freed");
+    }
+    assert!((perm_of(&tm, 100).unwrap() - 0.7).abs() < 1e-6);
+    assert!((perm_of(&tm, 104).unwrap() - 0.5).abs() < 1e-6);
+    assert_eq!(perm_of(&tm, 201), Some(0.21));
+
+    // Now only two of the weakest can go: ties at equal permanence go to the lowest
+    // presynaptic cell.
+    let ids: Vec<_> = tm.connections().synapses_for_segment(seg).to_vec();
+    for &id in &ids {
+        tm.connections.set_permanence(id, 0.6);
+    }
+    let update = [100, 101, 300, 301];
+    tm.adapt_segment(5, Some(seg), &update, false);
+    assert_eq!(perm_of(&tm, 102), None);
+    assert_eq!(perm_of(&tm, 104), None);
+    assert!(perm_of(&tm, 105).is_some());
+    assert_eq!(perm_of(&tm, 300), Some(0.21));
+
+    // Decrements that reach zero remove synapses; an emptied segment frees its slot.
+    let ids: Vec<_> = tm.connections().synapses_for_segment(seg).to_vec();
+    for &id in &ids {
+        tm.connections.set_permanence(id, 0.05);
+    }
+    tm.adapt_segment(5, Some(seg), &[], false);
+    assert!(!tm.connections().segment(seg).alive);
+    assert_eq!(tm.segment_slots_on_cell(5), 1, "the slot stays, empty");
+    let again = tm.create_segment(5, &[1, 2], true);
+    assert_eq!(tm.segments[again as usize].slot, 0, "freed slot reused");
+    assert_eq!(tm.segment_slots_on_cell(5), 1);
+}
+
+#[test]
+fn full_column_releases_its_lowest_duty_cycle_segment() {
+    let mut tm = tm(small_fixed_params());
+    tm.lrn_iteration = 50;
+    // Column 2 has cells 9, 10, 11 available; fill each with 2 segments.
+    let mut segs = Vec::new();
+    for cell in 9..12 {
+        for k in 0..2 {
+            segs.push(tm.create_segment(cell, &[20 + k, 30 + k], true));
+        }
+    }
+    for (i, &s) in segs.iter().enumerate() {
+        tm.segments[s as usize].positive_activations = 10 + i as u32;
+    }
+    tm.segments[segs[3] as usize].positive_activations = 2; // cell 10, slot 1
+    let cell = tm.cell_for_new_segment(2);
+    assert_eq!(cell, 10);
+    assert!(!tm.connections().segment(segs[3]).alive);
+    assert_eq!(tm.cell_free_slots[10], vec![1]);
+    // A column with room picks a random non-start cell below the cap.
+    for _ in 0..20 {
+        let c = tm.cell_for_new_segment(3);
+        assert!((13..16).contains(&c));
+    }
+}
+
+#[test]
+fn learning_off_changes_no_synapse() {
+    let stream = nab_like_stream(600, 21);
+    let mut tm = tm(BacktrackingTmParams::default());
+    for cols in &stream[..400] {
+        tm.compute(cols, true);
+    }
+    let before = tm.connections().clone();
+    let segments_before = tm.num_segments();
+    let (noise, _) = disjoint_sdrs(22, 2048, 3, 40);
+    for cols in stream[400..].iter().chain(&noise) {
+        tm.compute(cols, false);
+    }
+    assert_eq!(tm.connections(), &before);
+    assert_eq!(tm.num_segments(), segments_before);
+}
+
+#[test]
+fn serde_round_trip_continues_bit_identically() {
+    let stream = nab_like_stream(500, 31);
+    let mut tm = tm(BacktrackingTmParams::default());
+    for cols in &stream[..300] {
+        tm.compute(cols, true);
+    }
+    let cfg = bincode::config::standard();
+    let bytes = bincode::serde::encode_to_vec(&tm, cfg).unwrap();
+    let (mut restored, _): (BacktrackingTm, _) =
+        bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+    let (mut lazy, _): (BacktrackingTm, _) =
+        bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+    restored.rebuild_after_restore();
+    assert_eq!(restored, tm);
+    for (i, cols) in stream[300..].iter().enumerate() {
+        let learn = i % 17 != 0;
+        let a = tm.compute(cols, learn);
+        let b = restored.compute(cols, learn);
+        let c = lazy.compute(cols, learn); // rebuilds on first use
+        assert_eq!(a.to_bits(), b.to_bits(), "step {i}");
+        assert_eq!(a.to_bits(), c.to_bits(), "step {i}");
+        assert_eq!(tm.active_cells(), restored.active_cells());
+        assert_eq!(tm.predicted_columns(), restored.predicted_columns());
+        assert_eq!(tm.predictive_cells(), lazy.predictive_cells());
+    }
+    assert_eq!(restored, tm);
+    assert_eq!(lazy, tm);
+}
+
+#[test]
+fn same_seed_same_run_and_output_types() {
+    let stream = nab_like_stream(150, 41);
+    let run = |output_type| {
+        let mut tm = tm(BacktrackingTmParams {
+            output_type,
+            ..Default::default()
+        });
+        let scores: Vec<u32> = stream
+            .iter()
+            .map(|c| tm.compute(c, true).to_bits())
+            .collect();
+        (scores, tm)
+    };
+    let (s1, normal) = run(OutputType::Normal);
+    let (s2, active) = run(OutputType::ActiveState);
+    let (s3, one) = run(OutputType::ActiveState1CellPerCol);
+    assert_eq!(s1, s2);
+    assert_eq!(s1, s3);
+    let out = normal.output_cells();
+    assert!(out.len() >= normal.active_cells().len());
+    assert!(normal
+        .active_cells()
+        .iter()
+        .all(|c| out.binary_search(c).is_ok()));
+    assert!(normal
+        .predictive_cells()
+        .iter()
+        .all(|c| out.binary_search(c).is_ok()));
+    assert_eq!(active.output_cells(), active.active_cells());
+    let cpc = one.params().cells_per_column;
+    let per_col = one.output_cells();
+    let mut cols: Vec<u32> = one.active_cells().iter().map(|c| c / cpc).collect();
+    cols.dedup();
+    // NuPIC's argmax of cell confidence within each active column (cell 0 when all are 0).
+    assert_eq!(per_col.iter().map(|c| c / cpc).collect::<Vec<_>>(), cols);
+    for &cell in &per_col {
+        let col = cell / cpc;
+        let conf = |c: u32| {
+            let cc = one.cell_confidence.iter().find(|e| e.0 == c);
+            cc.map_or(0.0, |e| e.1)
+        };
+        assert!((col * cpc..(col + 1) * cpc).all(|c| conf(c) <= conf(cell)));
+    }
+}
+
+#[test]
+fn global_decay_removes_stale_synapses_in_unbounded_mode() {
+    let params = BacktrackingTmParams {
+        column_count: 256,
+        cells_per_column: 4,
+        new_synapse_count: 10,
+        min_threshold: 5,
+        activation_threshold: 6,
+        max_segments_per_cell: -1,
+        max_synapses_per_segment: -1,
+        global_decay: 0.1,
+        max_age: 5,
+        ..Default::default()
+    };
+    let mut tm = tm(params);
+    let (a, _) = disjoint_sdrs(51, 256, 6, 20);
+    for _ in 0..5 {
+        for p in &a[..3] {
+            tm.compute(p, true);
+        }
+    }
+    let grown = tm.num_synapses();
+    assert!(grown > 0);
+    // A disjoint stretch: the first segments go stale and decay away.
+    for _ in 0..20 {
+        for p in &a[3..] {
+            tm.compute(p, true);
+        }
+    }
+    let conns = tm.connections();
+    let first_cols: Vec<u32> = a[..3].concat();
+    let stale: usize = first_cols
+        .iter()
+        .flat_map(|&col| (col * 4..col * 4 + 4).map(|c| conns.segments_for_cell(c).len()))
+        .sum();
+    assert_eq!(
+        stale, 0,
+        "segments of the stale patterns should have decayed"
+    );
+}
+
+/// A NAB-like stream: the TM learns its regular part and flags the excursions. Run with
+/// `--release --nocapture` for the per-step timing.
+#[test]
+fn nab_like_stream_learns_and_reports_speed() {
+    let len = if cfg!(debug_assertions) { 1600 } else { 6000 };
+    let stream = nab_like_stream(len, 61);
+    let mut tm = tm(BacktrackingTmParams::default());
+    let start = std::time::Instant::now();
+    let scores: Vec<f32> = stream.iter().map(|c| tm.compute(c, true)).collect();
+    let elapsed = start.elapsed();
+    let mean = |r: std::ops::Range<usize>| scores[r.clone()].iter().sum::<f32>() / r.len() as f32;
+    let calm = mean(1000..1400);
+    let excursion = scores[1401..1406].iter().cloned().fold(0.0, f32::max);
+    eprintln!(
+        "btm: {len} steps in {:?} = {:.1} µs/step; segments {}, synapses {}, heap {:.1} MB; \
+         mean anomaly calm {calm:.3}, excursion onset {excursion:.3}; {:?}",
+        elapsed,
+        elapsed.as_secs_f64() * 1e6 / len as f64,
+        tm.num_segments(),
+        tm.num_synapses(),
+        tm.heap_bytes() as f64 / 1e6,
+        tm.backtrack_stats(),
+    );
+    assert!(calm < 0.1, "calm stretch anomaly {calm}");
+    assert!(excursion > 0.9, "excursion onset anomaly {excursion}");
+}
