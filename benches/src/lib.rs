@@ -1,3 +1,4 @@
 //! Shared code of the NAB runner, scorer and benchmarks.
 
+pub mod nab;
 pub mod scoring;

@@ -1,13 +1,166 @@
-//! Detector service entry point (the Kafka pipeline is built in its own issue).
+//! `detector` command line: `run` the service, or `demo` the whole pipeline on an embedded broker.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-/// Online HTM anomaly detector for device telemetry.
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use detector::config::Config;
+use detector::service::{self, Progress};
+use tracing::{error, info, warn};
+
+/// Online HTM anomaly detector for device telemetry on Kafka.
 #[derive(Parser)]
 #[command(version, about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    Cli::parse();
-    Ok(())
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the detector service as a member of its consumer group.
+    Run(Box<RunArgs>),
+    /// Prints the default configuration file, documented.
+    DefaultConfig,
+}
+
+/// Each flag overrides the config file; each also reads an environment variable.
+#[derive(Args)]
+struct RunArgs {
+    /// TOML configuration file (all settings have defaults).
+    #[arg(long, env = "DETECTOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers (`kafka."bootstrap.servers"`).
+    #[arg(long, env = "DETECTOR_BOOTSTRAP_SERVERS")]
+    bootstrap_servers: Option<String>,
+    /// Consumer group id.
+    #[arg(long, env = "DETECTOR_GROUP_ID")]
+    group_id: Option<String>,
+    #[arg(long, env = "DETECTOR_INPUT_TOPIC")]
+    input_topic: Option<String>,
+    #[arg(long, env = "DETECTOR_OUTPUT_TOPIC")]
+    output_topic: Option<String>,
+    #[arg(long, env = "DETECTOR_DEAD_LETTER_TOPIC")]
+    dead_letter_topic: Option<String>,
+    #[arg(long, env = "DETECTOR_CHECKPOINT_DIR")]
+    checkpoint_dir: Option<PathBuf>,
+    /// Prometheus listen address (empty disables).
+    #[arg(long, env = "DETECTOR_METRICS_ADDR")]
+    metrics_addr: Option<String>,
+    /// Compute threads (0 = one per core).
+    #[arg(long, env = "DETECTOR_WORKERS")]
+    workers: Option<usize>,
+    /// Extra librdkafka property, `-X key=value` (repeatable), e.g. `-X security.protocol=SASL_SSL`.
+    #[arg(short = 'X', value_name = "KEY=VALUE")]
+    kafka: Vec<String>,
+}
+
+impl RunArgs {
+    fn config(&self) -> Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = &self.bootstrap_servers {
+            c.kafka.insert("bootstrap.servers".into(), v.clone());
+        }
+        for kv in &self.kafka {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("-X {kv:?}: expected key=value"))?;
+            c.kafka.insert(k.trim().into(), v.trim().into());
+        }
+        macro_rules! set {
+            ($field:expr, $v:expr) => {
+                if let Some(v) = $v {
+                    $field = v.clone();
+                }
+            };
+        }
+        set!(c.group_id, &self.group_id);
+        set!(c.topics.input, &self.input_topic);
+        set!(c.topics.output, &self.output_topic);
+        set!(c.topics.dead_letter, &self.dead_letter_topic);
+        set!(c.checkpoint.dir, &self.checkpoint_dir);
+        set!(c.metrics.addr, &self.metrics_addr);
+        set!(c.workers, &self.workers);
+        c.validate()
+            .context("configuration after command-line overrides")?;
+        Ok(c)
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rdkafka=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run(args) => run(args.config()?),
+        Command::DefaultConfig => {
+            print!("{}", toml::to_string_pretty(&Config::default())?);
+            Ok(())
+        }
+    }
+}
+
+fn run(config: Config) -> Result<()> {
+    let config = Arc::new(config);
+    if !config.metrics.addr.is_empty() {
+        let addr: std::net::SocketAddr = config
+            .metrics
+            .addr
+            .parse()
+            .with_context(|| format!("metrics.addr {:?}", config.metrics.addr))?;
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
+        info!(%addr, "metrics on http://{addr}/metrics");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || wait_for_signal(stop));
+    }
+    let progress = Arc::new(Progress::default());
+    let mut backoff = Duration::from_secs(1);
+    while !stop.load(Ordering::SeqCst) {
+        match service::check_broker(&config, Duration::from_secs(10)) {
+            Ok(()) => break,
+            Err(e) => {
+                warn!("{e:#}; retrying in {backoff:?}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+    if stop.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    service::run(config, stop, progress).inspect_err(|e| error!("detector stopped: {e:#}"))
+}
+
+/// Sets `stop` on SIGINT or SIGTERM; the service then checkpoints, commits and exits.
+fn wait_for_signal(stop: Arc<AtomicBool>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("signal runtime");
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    });
+    info!("signal received: finishing the batch, checkpointing and committing");
+    stop.store(true, Ordering::SeqCst);
 }

@@ -22,7 +22,9 @@ pub enum CheckpointError {
     BadMagic,
     #[error("checkpoint format version {found} is not supported by this build (it reads version {supported})")]
     UnsupportedVersion { found: u32, supported: u32 },
-    #[error("checkpoint truncated or padded: header declares {declared} payload bytes, found {actual}")]
+    #[error(
+        "checkpoint truncated or padded: header declares {declared} payload bytes, found {actual}"
+    )]
     LengthMismatch { declared: u64, actual: u64 },
     #[error("checkpoint corrupt: CRC-32 {actual:#010x} does not match recorded {expected:#010x}")]
     Checksum { expected: u32, actual: u32 },
@@ -96,7 +98,10 @@ mod tests {
         let bytes = encode(&v);
         assert_eq!(decode::<Vec<u32>>(&bytes).unwrap(), v);
 
-        assert_eq!(decode::<Vec<u32>>(&bytes[..10]), Err(CheckpointError::TooShort(10)));
+        assert_eq!(
+            decode::<Vec<u32>>(&bytes[..10]),
+            Err(CheckpointError::TooShort(10))
+        );
 
         let mut bad = bytes.clone();
         bad[0] = b'X';

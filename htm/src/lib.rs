@@ -9,12 +9,13 @@
 //! `activation_threshold` …) so HTM users recognise them.
 
 pub mod anomaly;
-pub mod checkpoint;
 pub mod backtracking_tm;
+pub mod checkpoint;
 pub mod classifier;
 pub mod connections;
 pub mod encoders;
 pub mod likelihood;
+pub mod network;
 pub mod random;
 pub mod sdr;
 pub mod spatial_pooler;

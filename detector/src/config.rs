@@ -1,0 +1,356 @@
+//! Detector configuration: a TOML file with documented defaults; CLI flags and environment
+//! variables override single fields (see `main.rs`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use htm::network::{NetworkParams, PRESETS};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration. Every field has a default, so an empty file is valid.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// librdkafka properties, passed through verbatim to the consumer and the producer
+    /// (`bootstrap.servers`, `security.protocol`, `sasl.*`, `ssl.*` …).
+    pub kafka: BTreeMap<String, String>,
+    /// Consumer group id shared by all detector instances.
+    pub group_id: String,
+    pub topics: Topics,
+    pub htm: HtmConfig,
+    /// `isAnomaly` is set when the anomaly likelihood is at least this (or on a spatial
+    /// anomaly). 0.9999 is a log-likelihood of 0.4; NAB's tuned threshold is about 0.5.
+    pub likelihood_threshold: f64,
+    pub checkpoint: CheckpointConfig,
+    pub batch: BatchConfig,
+    pub metrics: MetricsConfig,
+    /// Threads computing networks (0 = one per core).
+    pub workers: usize,
+}
+
+/// Topic names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Topics {
+    pub input: String,
+    pub output: String,
+    pub dead_letter: String,
+}
+
+/// How device networks are built.
+///
+/// A stream has no look-ahead, so the value range cannot come from the data the way NAB takes
+/// it from the whole file. The value encoder (RDSE) is unbounded — it adds buckets for values
+/// outside the range as they appear — so the range only fixes the encoder's resolution
+/// (range / 130 after 20 % padding each side). It is chosen, most specific first, from
+/// `ranges."<device id>"`, then `ranges."<parameterCode>"` (EPA records), then `min`/`max`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HtmConfig {
+    /// Network preset (`nab` or `nab-tm`).
+    pub preset: String,
+    /// Records per device before the likelihood leaves probation (NAB: 15 % of the file,
+    /// at most 750).
+    pub probation: usize,
+    pub min: f64,
+    pub max: f64,
+    pub ranges: BTreeMap<String, Range>,
+    /// Overrides merged into the preset's parameters, in the parameters' own layout, e.g.
+    /// `[htm.params.sp] potential_pct = 0.85` or `[htm.params.likelihood] reestimation_period = 50`.
+    pub params: Option<toml::Table>,
+}
+
+/// An expected value range.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Range {
+    pub min: f64,
+    pub max: f64,
+}
+
+/// Network checkpoints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Directory of the checkpoint store.
+    pub dir: PathBuf,
+    /// Seconds between checkpoints (each also commits input offsets).
+    pub interval_secs: f64,
+}
+
+/// Batching of the consume → compute → produce loop.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Most records taken into one batch.
+    pub max_records: usize,
+    /// Longest wait for a batch to fill, in milliseconds.
+    pub max_wait_ms: u64,
+}
+
+/// Prometheus endpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Listen address; loopback by default. Empty disables the endpoint.
+    pub addr: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            kafka: BTreeMap::from([(
+                "bootstrap.servers".to_string(),
+                "localhost:9092".to_string(),
+            )]),
+            group_id: "htm-detector".into(),
+            topics: Topics::default(),
+            htm: HtmConfig::default(),
+            likelihood_threshold: 0.9999,
+            checkpoint: CheckpointConfig::default(),
+            batch: BatchConfig::default(),
+            metrics: MetricsConfig::default(),
+            workers: 0,
+        }
+    }
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics {
+            input: "telemetry".into(),
+            output: "telemetry-enriched".into(),
+            dead_letter: "telemetry-dead-letter".into(),
+        }
+    }
+}
+
+impl Default for HtmConfig {
+    fn default() -> Self {
+        HtmConfig {
+            preset: "nab".into(),
+            probation: 750,
+            min: 0.0,
+            max: 100.0,
+            ranges: BTreeMap::new(),
+            params: None,
+        }
+    }
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            dir: PathBuf::from("checkpoints"),
+            interval_secs: 5.0,
+        }
+    }
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_records: 5000,
+            max_wait_ms: 200,
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            addr: "127.0.0.1:9898".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file; errors name the file and, for syntax or type errors,
+    /// the line and column.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config> {
+        let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values a type cannot express, and that a network can be built from the HTM part.
+    pub fn validate(&self) -> Result<()> {
+        if !self.kafka.contains_key("bootstrap.servers") {
+            bail!("kafka.\"bootstrap.servers\" is required");
+        }
+        for (name, topic) in [
+            ("topics.input", &self.topics.input),
+            ("topics.output", &self.topics.output),
+            ("topics.dead_letter", &self.topics.dead_letter),
+        ] {
+            if topic.is_empty() {
+                bail!("{name} must not be empty");
+            }
+        }
+        if self.group_id.is_empty() {
+            bail!("group_id must not be empty");
+        }
+        if !(0.0..=1.0).contains(&self.likelihood_threshold) {
+            bail!(
+                "likelihood_threshold = {} must be within [0, 1]",
+                self.likelihood_threshold
+            );
+        }
+        if self.checkpoint.interval_secs.is_nan() || self.checkpoint.interval_secs <= 0.0 {
+            bail!("checkpoint.interval_secs must be positive");
+        }
+        if self.batch.max_records == 0 {
+            bail!("batch.max_records must be at least 1");
+        }
+        if !PRESETS.contains(&self.htm.preset.as_str()) {
+            bail!(
+                "htm.preset = {:?} is unknown; known presets: {}",
+                self.htm.preset,
+                PRESETS.join(", ")
+            );
+        }
+        for (key, r) in std::iter::once((
+            "min/max",
+            &Range {
+                min: self.htm.min,
+                max: self.htm.max,
+            },
+        ))
+        .chain(self.htm.ranges.iter().map(|(k, r)| (k.as_str(), r)))
+        {
+            if !(r.min.is_finite() && r.max.is_finite() && r.min < r.max) {
+                bail!(
+                    "htm range {key}: min ({}) must be below max ({})",
+                    r.min,
+                    r.max
+                );
+            }
+        }
+        // Build one network's parameters now so a bad override fails at start, not at the
+        // first record.
+        let params = self.network_params(None, None)?;
+        htm::network::Network::new(params).context("htm parameters")?;
+        Ok(())
+    }
+
+    /// The value range for a device (see [`HtmConfig`]).
+    pub fn range_for(&self, device: Option<&str>, parameter_code: Option<&str>) -> Range {
+        device
+            .and_then(|d| self.htm.ranges.get(d))
+            .or_else(|| parameter_code.and_then(|p| self.htm.ranges.get(p)))
+            .copied()
+            .unwrap_or(Range {
+                min: self.htm.min,
+                max: self.htm.max,
+            })
+    }
+
+    /// Network parameters for a device: preset, range, probation, then overrides.
+    pub fn network_params(
+        &self,
+        device: Option<&str>,
+        parameter_code: Option<&str>,
+    ) -> Result<NetworkParams> {
+        let r = self.range_for(device, parameter_code);
+        // NAB sizes probation as 15 % of a file; `probation / 0.15` rows reproduces it.
+        let rows = (self.htm.probation as f64 / 0.15).ceil() as usize;
+        let params = NetworkParams::preset(&self.htm.preset, r.min, r.max, rows)?;
+        let Some(overrides) = &self.htm.params else {
+            return Ok(params);
+        };
+        let mut merged = toml::Table::try_from(&params).context("serialising preset parameters")?;
+        merge(&mut merged, overrides);
+        toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("htm.params: {e}"))
+    }
+}
+
+fn merge(base: &mut toml::Table, overrides: &toml::Table) {
+    for (k, v) in overrides {
+        match (base.get_mut(k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            _ => {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.metrics.addr, "127.0.0.1:9898");
+    }
+
+    #[test]
+    fn unknown_key_and_bad_type_name_the_place() {
+        let err = format!("{:#}", Config::parse("group_idd = \"x\"").unwrap_err());
+        assert!(err.contains("group_idd"), "{err}");
+        let err = format!("{:#}", Config::parse("\n\nworkers = \"two\"").unwrap_err());
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_explained() {
+        let err = format!(
+            "{:#}",
+            Config::parse("likelihood_threshold = 2.0").unwrap_err()
+        );
+        assert!(err.contains("likelihood_threshold"), "{err}");
+        let err = format!(
+            "{:#}",
+            Config::parse("[htm]\npreset = \"fast\"").unwrap_err()
+        );
+        assert!(err.contains("nab-tm"), "{err}");
+        let err = format!(
+            "{:#}",
+            Config::parse("[htm.ranges.44201]\nmin = 1.0\nmax = 0.5").unwrap_err()
+        );
+        assert!(err.contains("44201"), "{err}");
+    }
+
+    #[test]
+    fn ranges_pick_device_then_parameter_then_default() {
+        let c = Config::parse(
+            "[htm]\nmin = 0.0\nmax = 10.0\n[htm.ranges.44201]\nmin = 0.0\nmax = 0.1\n\
+             [htm.ranges.\"10-001-0002-44201-1\"]\nmin = 0.0\nmax = 0.2\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.range_for(Some("10-001-0002-44201-1"), Some("44201")).max,
+            0.2
+        );
+        assert_eq!(c.range_for(Some("other"), Some("44201")).max, 0.1);
+        assert_eq!(c.range_for(Some("other"), None).max, 10.0);
+    }
+
+    #[test]
+    fn parameter_overrides_merge_into_the_preset() {
+        let c = Config::parse("[htm.params.sp]\npotential_pct = 0.5\n").unwrap();
+        let p = c.network_params(None, None).unwrap();
+        assert_eq!(p.sp.potential_pct, 0.5);
+        assert_eq!(
+            p.sp.column_count, 2048,
+            "other fields keep the preset's values"
+        );
+        let err = format!(
+            "{:#}",
+            Config::parse("[htm.params.sp]\npotential_pct = \"high\"\n").unwrap_err()
+        );
+        assert!(err.contains("potential_pct"), "{err}");
+    }
+}

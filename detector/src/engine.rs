@@ -1,0 +1,369 @@
+//! The compute core of the detector, free of Kafka: decodes input messages, keeps exactly one
+//! network per device, restores networks from checkpoints on first sight, computes in parallel
+//! across devices while keeping each device's records in offset order, and renders enriched
+//! records.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use generator::records::{rfc3339, InputRecord};
+use htm::network::{Inference, Network};
+use rayon::prelude::*;
+use serde_json::{Map, Value};
+
+use crate::config::Config;
+use crate::store::{DeviceCheckpoint, DirStore};
+
+/// One input message, as consumed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InMessage {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+}
+
+/// What becomes of one input message.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// An enriched record for the output topic.
+    Enriched {
+        partition: i32,
+        offset: i64,
+        device: String,
+        payload: Vec<u8>,
+        is_anomaly: bool,
+    },
+    /// A record that cannot be processed, for the dead-letter topic with its reason.
+    DeadLetter {
+        partition: i32,
+        offset: i64,
+        key: Option<Vec<u8>>,
+        payload: Option<Vec<u8>>,
+        reason: String,
+    },
+    /// Already reflected in the device's restored checkpoint (a replay after a crash between
+    /// checkpoint and offset commit): its enriched record was produced before.
+    AlreadyProcessed { partition: i32, offset: i64 },
+}
+
+impl Outcome {
+    pub fn partition_offset(&self) -> (i32, i64) {
+        match self {
+            Outcome::Enriched {
+                partition, offset, ..
+            }
+            | Outcome::DeadLetter {
+                partition, offset, ..
+            }
+            | Outcome::AlreadyProcessed { partition, offset } => (*partition, *offset),
+        }
+    }
+}
+
+/// A device's records in a batch: (index in the batch, record), in offset order.
+type DeviceRecords = Vec<(usize, InputRecord)>;
+
+struct Device {
+    network: Network,
+    /// Offset of the last record the network processed.
+    offset: i64,
+    dirty: bool,
+}
+
+/// Checkpointing figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CheckpointStats {
+    pub devices: usize,
+    pub bytes: usize,
+}
+
+/// Per-device networks of the partitions this instance owns.
+pub struct Engine {
+    config: Arc<Config>,
+    store: DirStore,
+    /// partition → device → state. A device lives in exactly one partition (its key's).
+    partitions: BTreeMap<i32, HashMap<String, Device>>,
+    pool: rayon::ThreadPool,
+    restored: u64,
+}
+
+impl Engine {
+    pub fn new(config: Arc<Config>) -> Result<Self> {
+        let store = DirStore::open(&config.checkpoint.dir)?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.workers)
+            .thread_name(|i| format!("htm-worker-{i}"))
+            .build()?;
+        Ok(Engine {
+            config,
+            store,
+            partitions: BTreeMap::new(),
+            pool,
+            restored: 0,
+        })
+    }
+
+    /// Networks in memory.
+    pub fn devices(&self) -> usize {
+        self.partitions.values().map(HashMap::len).sum()
+    }
+
+    /// Networks restored from checkpoints so far.
+    pub fn restored(&self) -> u64 {
+        self.restored
+    }
+
+    /// Processes a batch; returns one outcome per message, in the batch's order (so every
+    /// partition's outcomes are in offset order).
+    pub fn process(&mut self, batch: &[InMessage]) -> Result<Vec<Outcome>> {
+        let threshold = self.config.likelihood_threshold;
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+        // Decode, and group record indices by device, keeping batch (= offset) order.
+        let mut groups: HashMap<(i32, String), DeviceRecords> = HashMap::new();
+        let mut group_order: Vec<(i32, String)> = Vec::new();
+        for (i, m) in batch.iter().enumerate() {
+            match decode(m) {
+                Ok(rec) => {
+                    let k = (m.partition, rec.device_id.clone());
+                    let g = groups.entry(k.clone()).or_default();
+                    if g.is_empty() {
+                        group_order.push(k);
+                    }
+                    g.push((i, rec));
+                }
+                Err(reason) => {
+                    outcomes[i] = Some(Outcome::DeadLetter {
+                        partition: m.partition,
+                        offset: m.offset,
+                        key: m.key.clone(),
+                        payload: m.payload.clone(),
+                        reason,
+                    })
+                }
+            }
+        }
+        // Make sure every device has its one network: in memory, restored, or new.
+        for (partition, device) in &group_order {
+            let first = &groups[&(*partition, device.clone())][0].1;
+            self.ensure_device(*partition, device, first)?;
+        }
+        // Compute: devices in parallel, each device's records in order.
+        let mut work: Vec<(&mut Device, &DeviceRecords, i32)> = Vec::new();
+        for (&partition, devices) in self.partitions.iter_mut() {
+            for (device, state) in devices.iter_mut() {
+                if let Some(g) = groups.get(&(partition, device.clone())) {
+                    work.push((state, g, partition));
+                }
+            }
+        }
+        let results: Vec<Vec<(usize, Outcome)>> = self.pool.install(|| {
+            work.into_par_iter()
+                .map(|(state, records, partition)| {
+                    records
+                        .iter()
+                        .map(|(i, rec)| {
+                            let offset = batch[*i].offset;
+                            if offset <= state.offset {
+                                return (*i, Outcome::AlreadyProcessed { partition, offset });
+                            }
+                            let (ts, value) = htm_input(rec);
+                            let inf = match state.network.compute(ts, value) {
+                                Ok(inf) => inf,
+                                Err(e) => {
+                                    let m = &batch[*i];
+                                    let outcome = Outcome::DeadLetter {
+                                        partition,
+                                        offset,
+                                        key: m.key.clone(),
+                                        payload: m.payload.clone(),
+                                        reason: e.to_string(),
+                                    };
+                                    return (*i, outcome);
+                                }
+                            };
+                            state.offset = offset;
+                            state.dirty = true;
+                            let is_anomaly = inf.likelihood >= threshold || inf.spatial_anomaly;
+                            let payload = enriched_json(rec, &inf, is_anomaly, partition, offset);
+                            let outcome = Outcome::Enriched {
+                                partition,
+                                offset,
+                                device: rec.device_id.clone(),
+                                payload,
+                                is_anomaly,
+                            };
+                            (*i, outcome)
+                        })
+                        .collect()
+                })
+                .collect()
+        });
+        for (i, o) in results.into_iter().flatten() {
+            outcomes[i] = Some(o);
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.expect("every message has an outcome"))
+            .collect())
+    }
+
+    fn ensure_device(&mut self, partition: i32, device: &str, first: &InputRecord) -> Result<()> {
+        if self
+            .partitions
+            .get(&partition)
+            .is_some_and(|d| d.contains_key(device))
+        {
+            return Ok(());
+        }
+        let topic = &self.config.topics.input;
+        let state = match self.store.load(topic, partition, device)? {
+            Some(cp) => {
+                let network = Network::from_bytes(&cp.network).with_context(|| {
+                    format!("restoring device {device:?} of partition {partition}")
+                })?;
+                self.restored += 1;
+                Device {
+                    network,
+                    offset: cp.offset,
+                    dirty: false,
+                }
+            }
+            None => {
+                let code = first.fields.as_ref().map(|f| f.parameter_code.as_str());
+                let params = self.config.network_params(Some(device), code)?;
+                Device {
+                    network: Network::new(params)?,
+                    offset: -1,
+                    dirty: false,
+                }
+            }
+        };
+        self.partitions
+            .entry(partition)
+            .or_default()
+            .insert(device.to_string(), state);
+        Ok(())
+    }
+
+    /// Checkpoints every device that changed since its last checkpoint, in the given
+    /// partitions (all when `None`). Cost follows the devices that changed, not all devices.
+    pub fn checkpoint_dirty(&mut self, only: Option<&[i32]>) -> Result<CheckpointStats> {
+        let topic = self.config.topics.input.clone();
+        let store = &self.store;
+        let mut jobs: Vec<(i32, &String, &mut Device)> = Vec::new();
+        for (&p, devices) in self.partitions.iter_mut() {
+            if only.is_some_and(|o| !o.contains(&p)) {
+                continue;
+            }
+            jobs.extend(
+                devices
+                    .iter_mut()
+                    .filter(|(_, d)| d.dirty)
+                    .map(|(k, d)| (p, k, d)),
+            );
+        }
+        let sizes: Vec<Result<usize>> = self.pool.install(|| {
+            jobs.into_par_iter()
+                .map(|(partition, device, state)| {
+                    let bytes = store.save(
+                        &topic,
+                        &DeviceCheckpoint {
+                            device: device.clone(),
+                            partition,
+                            offset: state.offset,
+                            network: state.network.to_bytes(),
+                        },
+                    )?;
+                    state.dirty = false;
+                    Ok(bytes)
+                })
+                .collect()
+        });
+        let mut stats = CheckpointStats::default();
+        for s in sizes {
+            stats.bytes += s?;
+            stats.devices += 1;
+        }
+        Ok(stats)
+    }
+
+    /// Forgets the networks of partitions this instance no longer owns (checkpoint first).
+    pub fn drop_partitions(&mut self, partitions: &[i32]) {
+        for p in partitions {
+            self.partitions.remove(p);
+        }
+    }
+
+    /// Partitions with networks in memory.
+    pub fn partitions(&self) -> Vec<i32> {
+        self.partitions.keys().copied().collect()
+    }
+}
+
+/// Parses a message into a record; the error is the dead-letter reason.
+fn decode(m: &InMessage) -> std::result::Result<InputRecord, String> {
+    let payload = m.payload.as_deref().ok_or("empty message value")?;
+    let rec = InputRecord::from_json(payload).map_err(|e| format!("undecodable record: {e}"))?;
+    let key = m.key.as_deref().ok_or_else(|| {
+        format!(
+            "message has no key; expected the device id {:?}",
+            rec.device_id
+        )
+    })?;
+    if key != rec.device_id.as_bytes() {
+        // The key chose the partition: a mismatch could put one device on two partitions.
+        return Err(format!(
+            "message key {:?} differs from the record's device id {:?}",
+            String::from_utf8_lossy(key),
+            rec.device_id
+        ));
+    }
+    Ok(rec)
+}
+
+/// The (timestamp, value) a network sees. The date encoder wants local wall-clock time: EPA
+/// records carry it (dateLocal/timeLocal), others only have UTC.
+fn htm_input(rec: &InputRecord) -> (i64, f64) {
+    let local = rec.fields.as_ref().and_then(|f| {
+        let text = format!("{} {}", f.date_local, f.time_local);
+        chrono::NaiveDateTime::parse_from_str(&text, "%Y-%m-%d %H:%M")
+            .ok()
+            .map(|t| t.and_utc().timestamp())
+    });
+    (local.unwrap_or(rec.timestamp), rec.value)
+}
+
+/// Input fields + `deviceId`, `timestamp`, `value` + the enrichment, as JSON.
+fn enriched_json(
+    rec: &InputRecord,
+    inf: &Inference,
+    is_anomaly: bool,
+    partition: i32,
+    offset: i64,
+) -> Vec<u8> {
+    let mut map = match &rec.fields {
+        Some(f) => match serde_json::to_value(f) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        },
+        None => Map::new(),
+    };
+    let num = |x: f64| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number);
+    let opt = |x: Option<f64>| x.map_or(Value::Null, num);
+    map.insert("deviceId".into(), Value::String(rec.device_id.clone()));
+    map.insert("timestamp".into(), Value::String(rfc3339(rec.timestamp)));
+    map.insert("value".into(), num(rec.value));
+    map.insert("prediction".into(), opt(inf.prediction));
+    map.insert("error".into(), opt(inf.error));
+    map.insert("anomaly".into(), num(inf.raw_anomaly));
+    map.insert("predictionNext".into(), opt(inf.prediction_next));
+    map.insert("anomalyLikelihood".into(), num(inf.likelihood));
+    map.insert("logLikelihood".into(), num(inf.log_likelihood));
+    map.insert("spatialAnomaly".into(), Value::Bool(inf.spatial_anomaly));
+    map.insert("isAnomaly".into(), Value::Bool(is_anomaly));
+    map.insert("partition".into(), Value::from(partition));
+    map.insert("offset".into(), Value::from(offset));
+    serde_json::to_vec(&Value::Object(map)).expect("JSON values serialise")
+}

@@ -1,0 +1,383 @@
+//! The Kafka side of the detector: consume → compute → produce, checkpoints and offset
+//! commits, rebalances.
+//!
+//! Delivery protocol (at least once; nothing lost, scores never disturbed):
+//! 1. a batch is polled and computed; enriched records and dead letters are produced with the
+//!    idempotent producer;
+//! 2. every `checkpoint.interval_secs`, on revocation and at shutdown, a *commit point*:
+//!    flush the producer and require every delivery acknowledged; write a checkpoint for every
+//!    device whose network changed, stamped with the offset of the last record it processed;
+//!    then commit the consumer positions.
+//!
+//! After a crash the group resumes at the last committed position. Every network is restored
+//! from its checkpoint, which is never older than that position, so no record is skipped. A
+//! checkpoint can be *newer* (crash between steps 2b and 2c): records at or below its stamp
+//! are recognised and not fed to the network again (their output was acknowledged in 2a), so
+//! scores stay bit-identical to an uninterrupted run.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::engine::{Engine, InMessage, Outcome};
+
+/// Counters a caller (the demo, tests, metrics) can watch while the service runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub consumed: AtomicU64,
+    pub enriched: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub anomalies: AtomicU64,
+    pub commits: AtomicU64,
+}
+
+struct State {
+    engine: Engine,
+    /// Next offset to consume per partition (what gets committed).
+    positions: BTreeMap<i32, i64>,
+}
+
+struct Shared {
+    config: Arc<Config>,
+    state: Mutex<State>,
+    producer: ThreadedProducer<DeliveryContext>,
+}
+
+struct DeliveryContext {
+    failures: AtomicU64,
+    first_failure: Mutex<Option<String>>,
+}
+
+impl ClientContext for DeliveryContext {}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+            let mut first = self.first_failure.lock().unwrap();
+            first.get_or_insert_with(|| e.to_string());
+        }
+    }
+}
+
+struct GroupContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for GroupContext {
+    fn stats(&self, stats: Statistics) {
+        for topic in stats.topics.values() {
+            for (p, s) in &topic.partitions {
+                if *p >= 0 && s.consumer_lag >= 0 {
+                    metrics::gauge!("detector_partition_lag", "partition" => p.to_string())
+                        .set(s.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        info!(
+            ?partitions,
+            "partitions revoked: checkpointing and committing before letting go"
+        );
+        // The poll loop never holds the lock while polling, and rebalance callbacks run inside
+        // poll, so this cannot deadlock.
+        if let Err(e) = commit_point(&self.shared, consumer, Some(&partitions)) {
+            // Nothing was committed for them: the next owner replays from the last commit and
+            // the checkpoints, so this loses nothing, at the cost of duplicates.
+            error!("commit at revocation failed: {e:#}");
+        }
+        let mut state = self.shared.state.lock().unwrap();
+        state.engine.drop_partitions(&partitions);
+        for p in &partitions {
+            state.positions.remove(p);
+        }
+        metrics::gauge!("detector_devices_resident").set(state.engine.devices() as f64);
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            info!(
+                ?partitions,
+                "partitions assigned: networks restore from checkpoints on first record"
+            );
+        }
+    }
+}
+
+/// Flush, checkpoint changed networks, commit positions (for `only` partitions, or all).
+fn commit_point(
+    shared: &Shared,
+    consumer: &BaseConsumer<GroupContext>,
+    only: Option<&[i32]>,
+) -> Result<()> {
+    let started = Instant::now();
+    shared
+        .producer
+        .flush(Duration::from_secs(60))
+        .context("producer flush before commit")?;
+    let ctx = shared.producer.context();
+    if ctx.failures.load(Ordering::SeqCst) > 0 {
+        let first = ctx
+            .first_failure
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_default();
+        bail!("records were not acknowledged by the broker (first error: {first}); not committing");
+    }
+    let mut state = shared.state.lock().unwrap();
+    let stats = state.engine.checkpoint_dirty(only)?;
+    let mut tpl = TopicPartitionList::new();
+    for (&p, &next) in &state.positions {
+        if only.is_none_or(|o| o.contains(&p)) {
+            tpl.add_partition_offset(&shared.config.topics.input, p, Offset::Offset(next))?;
+        }
+    }
+    drop(state);
+    if tpl.count() > 0 {
+        consumer
+            .commit(&tpl, CommitMode::Sync)
+            .context("committing input offsets")?;
+    }
+    metrics::histogram!("detector_checkpoint_seconds").record(started.elapsed().as_secs_f64());
+    metrics::counter!("detector_checkpoint_bytes_total").increment(stats.bytes as u64);
+    metrics::counter!("detector_checkpoint_devices_total").increment(stats.devices as u64);
+    Ok(())
+}
+
+fn client_config(config: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    for (k, v) in &config.kafka {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Creates the consumer and producer and runs until `stop` is set (then commits and returns).
+pub fn run(config: Arc<Config>, stop: Arc<AtomicBool>, progress: Arc<Progress>) -> Result<()> {
+    let mut pc = client_config(&config);
+    pc.set("enable.idempotence", "true");
+    set_default(&mut pc, "linger.ms", "5");
+    let producer: ThreadedProducer<DeliveryContext> = pc
+        .create_with_context(DeliveryContext {
+            failures: AtomicU64::new(0),
+            first_failure: Mutex::new(None),
+        })
+        .context("creating the Kafka producer")?;
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        state: Mutex::new(State {
+            engine: Engine::new(config.clone())?,
+            positions: BTreeMap::new(),
+        }),
+        producer,
+    });
+    let mut cc = client_config(&config);
+    cc.set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    set_default(&mut cc, "auto.offset.reset", "earliest");
+    set_default(&mut cc, "statistics.interval.ms", "5000");
+    let consumer: BaseConsumer<GroupContext> = cc
+        .create_with_context(GroupContext {
+            shared: shared.clone(),
+        })
+        .context("creating the Kafka consumer")?;
+    consumer
+        .subscribe(&[&config.topics.input])
+        .with_context(|| format!("subscribing to {}", config.topics.input))?;
+    info!(topic = %config.topics.input, group = %config.group_id, "detector running");
+
+    let interval = Duration::from_secs_f64(config.checkpoint.interval_secs);
+    let max_wait = Duration::from_millis(config.batch.max_wait_ms);
+    let mut last_commit = Instant::now();
+    let mut batch: Vec<InMessage> = Vec::with_capacity(config.batch.max_records);
+    while !stop.load(Ordering::SeqCst) {
+        batch.clear();
+        let deadline = Instant::now() + max_wait;
+        while batch.len() < config.batch.max_records {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // After the first record, take what is already buffered without waiting long.
+            let wait = if batch.is_empty() {
+                left
+            } else {
+                left.min(Duration::from_millis(5))
+            };
+            match consumer.poll(wait) {
+                Some(Ok(m)) => batch.push(InMessage {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                }),
+                Some(Err(e)) => {
+                    warn!("consumer error: {e}");
+                    if is_fatal(&e) {
+                        bail!("fatal consumer error: {e}");
+                    }
+                    break;
+                }
+                None => break,
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        if !batch.is_empty() {
+            process_batch(&shared, &batch, &progress)?;
+        }
+        if last_commit.elapsed() >= interval {
+            commit_point(&shared, &consumer, None)?;
+            progress.commits.fetch_add(1, Ordering::SeqCst);
+            last_commit = Instant::now();
+        }
+    }
+    info!("stopping: final checkpoint and commit");
+    commit_point(&shared, &consumer, None)?;
+    progress.commits.fetch_add(1, Ordering::SeqCst);
+    consumer.unsubscribe();
+    Ok(())
+}
+
+fn set_default(c: &mut ClientConfig, key: &str, value: &str) {
+    if c.get(key).is_none() {
+        c.set(key, value);
+    }
+}
+
+fn is_fatal(e: &KafkaError) -> bool {
+    matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal))
+}
+
+fn process_batch(shared: &Shared, batch: &[InMessage], progress: &Progress) -> Result<()> {
+    let started = Instant::now();
+    let mut state = shared.state.lock().unwrap();
+    let outcomes = state.engine.process(batch)?;
+    let cfg = &shared.config;
+    for o in &outcomes {
+        match o {
+            Outcome::Enriched {
+                device,
+                payload,
+                is_anomaly,
+                ..
+            } => {
+                send(
+                    &shared.producer,
+                    BaseRecord::to(&cfg.topics.output)
+                        .key(device.as_bytes())
+                        .payload(payload),
+                )?;
+                progress.enriched.fetch_add(1, Ordering::Relaxed);
+                if *is_anomaly {
+                    progress.anomalies.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("detector_anomalies_total").increment(1);
+                }
+            }
+            Outcome::DeadLetter {
+                partition,
+                offset,
+                key,
+                payload,
+                reason,
+            } => {
+                warn!(partition, offset, %reason, "dead letter");
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "reason",
+                        value: Some(reason.as_bytes()),
+                    })
+                    .insert(Header {
+                        key: "source.topic",
+                        value: Some(cfg.topics.input.as_bytes()),
+                    })
+                    .insert(Header {
+                        key: "source.partition",
+                        value: Some(partition.to_string().as_bytes()),
+                    })
+                    .insert(Header {
+                        key: "source.offset",
+                        value: Some(offset.to_string().as_bytes()),
+                    });
+                let empty: &[u8] = &[];
+                let mut rec = BaseRecord::to(&cfg.topics.dead_letter)
+                    .payload(payload.as_deref().unwrap_or(empty))
+                    .headers(headers);
+                if let Some(k) = key {
+                    rec = rec.key(k.as_slice());
+                }
+                send(&shared.producer, rec)?;
+                progress.dead_letters.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("detector_dead_letters_total").increment(1);
+            }
+            Outcome::AlreadyProcessed { .. } => {}
+        }
+    }
+    for o in &outcomes {
+        let (p, off) = o.partition_offset();
+        state.positions.insert(p, off + 1);
+    }
+    progress
+        .consumed
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    metrics::counter!("detector_records_in_total").increment(batch.len() as u64);
+    metrics::counter!("detector_records_out_total").increment(outcomes.len() as u64);
+    metrics::gauge!("detector_devices_resident").set(state.engine.devices() as f64);
+    metrics::histogram!("detector_batch_seconds").record(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Sends, waiting for queue space when the local queue is full (back-pressure, not loss).
+fn send<'a>(
+    producer: &ThreadedProducer<DeliveryContext>,
+    mut rec: BaseRecord<'a, [u8], [u8]>,
+) -> Result<()> {
+    loop {
+        match producer.send(rec) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                rec = back;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err((e, _)) => return Err(anyhow!("producing: {e}")),
+        }
+    }
+}
+
+/// Fails with a clear message when no broker answers at the configured address in `timeout`.
+pub fn check_broker(config: &Config, timeout: Duration) -> Result<()> {
+    let servers = config
+        .kafka
+        .get("bootstrap.servers")
+        .cloned()
+        .unwrap_or_default();
+    let probe: BaseConsumer = client_config(config)
+        .create()
+        .context("creating a Kafka client")?;
+    probe
+        .fetch_metadata(None, timeout)
+        .map(|_| ())
+        .map_err(|e| anyhow!("Kafka broker unreachable at {servers}: {e}"))
+}
