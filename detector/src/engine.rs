@@ -367,3 +367,140 @@ fn enriched_json(
     map.insert("offset".into(), Value::from(offset));
     serde_json::to_vec(&Value::Object(map)).expect("JSON values serialise")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path) -> Arc<Config> {
+        let mut c = Config::default();
+        c.checkpoint.dir = dir.to_path_buf();
+        c.htm.probation = 30;
+        c.workers = 2;
+        Arc::new(c)
+    }
+
+    fn message(partition: i32, offset: i64, device: &str, i: i64, value: f64) -> InMessage {
+        let rec = InputRecord {
+            device_id: device.into(),
+            timestamp: 1_388_534_400 + 3600 * i,
+            value,
+            fields: None,
+        };
+        InMessage {
+            partition,
+            offset,
+            key: Some(device.as_bytes().to_vec()),
+            payload: Some(rec.to_json().into_bytes()),
+        }
+    }
+
+    /// Three devices on two partitions, interleaved as a broker would deliver them.
+    fn stream(len: i64) -> Vec<InMessage> {
+        let mut out = Vec::new();
+        let mut offsets = [0i64; 2];
+        for i in 0..len {
+            for (d, p) in [("a", 0), ("b", 1), ("c", 0)] {
+                let v = 50.0 + 20.0 * ((i % 24) as f64 / 24.0 * 6.28).sin() + (d.len() as f64) * (i % 7) as f64;
+                out.push(message(p, offsets[p as usize], d, i, v));
+                offsets[p as usize] += 1;
+            }
+        }
+        out
+    }
+
+    fn enriched(outcomes: &[Outcome]) -> Vec<(i32, i64, String)> {
+        outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Enriched { partition, offset, payload, .. } => {
+                    Some((*partition, *offset, String::from_utf8(payload.clone()).unwrap()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_network_per_device_outcomes_in_batch_order_and_bad_input_dead_lettered() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine = Engine::new(config(dir.path())).unwrap();
+        let mut batch = stream(40);
+        batch.push(InMessage { partition: 1, offset: 900, key: Some(b"x".to_vec()), payload: Some(b"{not json".to_vec()) });
+        let mut wrong_key = message(0, 901, "a", 41, 1.0);
+        wrong_key.key = Some(b"b".to_vec());
+        batch.push(wrong_key);
+        let mut no_key = message(0, 902, "a", 41, 1.0);
+        no_key.key = None;
+        batch.push(no_key);
+
+        let outcomes = engine.process(&batch).unwrap();
+        assert_eq!(outcomes.len(), batch.len());
+        for (o, m) in outcomes.iter().zip(&batch) {
+            assert_eq!(o.partition_offset(), (m.partition, m.offset), "outcomes follow the batch order");
+        }
+        assert_eq!(engine.devices(), 3);
+        let reasons: Vec<&str> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::DeadLetter { reason, .. } => Some(reason.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reasons.len(), 3);
+        assert!(reasons[0].contains("undecodable"), "{}", reasons[0]);
+        assert!(reasons[1].contains("differs"), "{}", reasons[1]);
+        assert!(reasons[2].contains("no key"), "{}", reasons[2]);
+        let out = enriched(&outcomes);
+        assert_eq!(out.len(), 120);
+        let v: Value = serde_json::from_str(&out[0].2).unwrap();
+        for field in ["deviceId", "timestamp", "value", "prediction", "error", "anomaly", "predictionNext",
+            "anomalyLikelihood", "logLikelihood", "isAnomaly", "partition", "offset"] {
+            assert!(v.get(field).is_some(), "enriched record lacks {field}: {v}");
+        }
+    }
+
+    #[test]
+    fn scores_do_not_depend_on_batching_or_on_a_restore_from_checkpoints() {
+        let data = stream(60);
+        let dir = tempfile::tempdir().unwrap();
+        let reference = enriched(&Engine::new(config(dir.path())).unwrap().process(&data).unwrap());
+
+        // Same stream in small batches, with a checkpoint and a brand-new engine (a restart)
+        // after 100 records.
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine = Engine::new(config(dir.path())).unwrap();
+        let mut got = Vec::new();
+        for chunk in data[..100].chunks(7) {
+            got.extend(enriched(&engine.process(chunk).unwrap()));
+        }
+        let stats = engine.checkpoint_dirty(None).unwrap();
+        assert_eq!(stats.devices, 3);
+        assert_eq!(engine.checkpoint_dirty(None).unwrap().devices, 0, "nothing changed since");
+        drop(engine);
+        let mut engine = Engine::new(config(dir.path())).unwrap();
+        for chunk in data[100..].chunks(11) {
+            got.extend(enriched(&engine.process(chunk).unwrap()));
+        }
+        assert_eq!(engine.restored(), 3);
+        assert_eq!(got, reference);
+    }
+
+    #[test]
+    fn records_already_in_a_checkpoint_are_not_learned_twice() {
+        let data = stream(30);
+        let dir = tempfile::tempdir().unwrap();
+        let reference = enriched(&Engine::new(config(dir.path())).unwrap().process(&data).unwrap());
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine = Engine::new(config(dir.path())).unwrap();
+        engine.process(&data[..60]).unwrap();
+        engine.checkpoint_dirty(None).unwrap();
+        drop(engine); // crash before the offsets were committed: replay from record 45
+        let mut engine = Engine::new(config(dir.path())).unwrap();
+        let outcomes = engine.process(&data[45..]).unwrap();
+        let skipped = outcomes.iter().filter(|o| matches!(o, Outcome::AlreadyProcessed { .. })).count();
+        assert_eq!(skipped, 15);
+        assert_eq!(enriched(&outcomes), reference[60..].to_vec());
+    }
+}
