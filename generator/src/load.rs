@@ -303,12 +303,16 @@ impl ClientContext for LoadContext {
         } else {
             reason.to_string()
         };
+        let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        // rdkafka hands each error event to this callback twice (client and producer poll).
+        if last.as_deref() == Some(text.as_str()) {
+            return;
+        }
         if self.connected.load(Ordering::Relaxed) {
             tracing::warn!("kafka: {text}");
         } else {
             tracing::debug!("kafka: {text}");
         }
-        let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
         // "All brokers down" follows the error that says why (refused, DNS, TLS...): keep that.
         let summary_only = matches!(error, KafkaError::Global(RDKafkaErrorCode::AllBrokersDown));
         if !summary_only || last.is_none() {
@@ -469,7 +473,10 @@ where
         send_start: Instant::now(),
     };
     for item in records {
-        sent.one(item);
+        if !sent.one(item) {
+            // A fatal producer error: everything after would fail too; reported below.
+            break;
+        }
     }
     bar.set_position(sent.rows);
     bar.set_message("flushing");
@@ -494,14 +501,18 @@ where
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
 
-    let failed = ctx.failed.load(Ordering::Relaxed);
+    let delivered = ctx.delivered.load(Ordering::Relaxed);
+    let reported = ctx.failed.load(Ordering::Relaxed);
+    // A completed flush leaves no message without a report; count any that lack one as failed.
+    let unreported = sent.attempted.saturating_sub(delivered + reported);
+    let failed = reported + unreported;
     if failed > 0 {
         let first_error = ctx
             .first_failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-            .unwrap_or_default();
+            .unwrap_or_else(|| "no delivery report".to_string());
         return Err(LoadError::Delivery {
             topic: opts.topic.clone(),
             failed,
@@ -509,7 +520,6 @@ where
             first_error,
         });
     }
-    let delivered = ctx.delivered.load(Ordering::Relaxed);
     if delivered == 0 {
         return Err(LoadError::NothingSent {
             bad_rows: sent.bad_rows,
@@ -558,16 +568,21 @@ struct Sending<'a> {
 }
 
 impl Sending<'_> {
-    fn one(&mut self, item: Result<InputRecord, RowError>) {
+    /// Handles one row; `false` when the producer has failed fatally.
+    fn one(&mut self, item: Result<InputRecord, RowError>) -> bool {
         self.rows += 1;
-        if self.rows % 256 == 0 {
-            // Serves delivery reports so they do not pile up, and keeps the bar moving.
+        if self.rows % 16 == 0 {
+            // Serves delivery reports: a zero-timeout poll handles one event (a batch of
+            // reports), and until served each report pins its message in the producer's queue.
             self.producer.poll(Duration::ZERO);
             self.bar.set_position(self.rows);
         }
         let rec = match item {
             Ok(rec) => rec,
-            Err(bad) => return self.bad_row(bad),
+            Err(bad) => {
+                self.bad_row(bad);
+                return true;
+            }
         };
         self.pause_until_due(rec.timestamp);
         self.payload.clear();
@@ -590,6 +605,9 @@ impl Sending<'_> {
                 Err((err, _)) => {
                     self.ctx
                         .note_failure(format!("device {key} (partition {partition}): {err}"));
+                    if self.producer.client().fatal_error().is_some() {
+                        return false;
+                    }
                     break;
                 }
             }
@@ -597,6 +615,7 @@ impl Sending<'_> {
         if !self.devices.contains(key) {
             self.devices.insert(key.to_string());
         }
+        true
     }
 
     fn bad_row(&mut self, bad: RowError) {
@@ -790,6 +809,19 @@ fn block_on<F: Future>(fut: F) -> F::Output {
     }
 }
 
+const BAR_TEMPLATE: &str = "{bar:40.cyan/blue} {pos}/{len} rows  {rate}  ETA {eta}  {msg}";
+const SPINNER_TEMPLATE: &str = "{spinner} {pos} rows  {rate}  {elapsed}  {msg}";
+
+/// The progress style, with a whole-number rate (indicatif's `{per_sec}` prints four decimals).
+fn progress_style(template: &str) -> Result<ProgressStyle, indicatif::style::TemplateError> {
+    Ok(ProgressStyle::with_template(template)?.with_key(
+        "rate",
+        |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.0} rows/s", state.per_sec());
+        },
+    ))
+}
+
 fn progress_bar(enabled: bool, total: Option<u64>) -> ProgressBar {
     if !enabled || !io::stderr().is_terminal() {
         return ProgressBar::hidden();
@@ -797,14 +829,14 @@ fn progress_bar(enabled: bool, total: Option<u64>) -> ProgressBar {
     let (bar, template) = match total {
         Some(n) => (
             ProgressBar::with_draw_target(Some(n), ProgressDrawTarget::stderr()),
-            "{bar:40.cyan/blue} {pos}/{len} rows  {per_sec}  ETA {eta}  {msg}",
+            BAR_TEMPLATE,
         ),
         None => (
             ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()),
-            "{spinner} {pos} rows  {per_sec}  {elapsed}  {msg}",
+            SPINNER_TEMPLATE,
         ),
     };
-    if let Ok(style) = ProgressStyle::with_template(template) {
+    if let Ok(style) = progress_style(template) {
         bar.set_style(style);
     }
     // Keeps the rate and ETA fresh while a paced load is sleeping between records.
@@ -919,6 +951,15 @@ mod tests {
             let err = opts.validate().expect_err(name).to_string();
             assert!(err.contains(name), "{err}");
         }
+    }
+
+    #[test]
+    fn progress_templates_parse() {
+        for t in [BAR_TEMPLATE, SPINNER_TEMPLATE] {
+            assert!(progress_style(t).is_ok(), "{t}");
+        }
+        // Not a terminal under test (or progress off): the bar is hidden, never drawn.
+        assert!(progress_bar(false, Some(10)).is_hidden());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::{BufWriter, IsTerminal};
 use std::num::NonZeroU32;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -114,15 +115,41 @@ fn parse_interval_arg(s: &str) -> Result<u32, String> {
     parse_interval(s).map_err(|e| e.to_string())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     // librdkafka's own log lines are noise next to the loader's messages; RUST_LOG can bring them back.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,librdkafka=off,rdkafka=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match Cli::parse().command {
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The cause chain on one line (no backtrace), skipping causes a message already quotes.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Synth {
             devices,
             days,

@@ -431,7 +431,12 @@ fn cli_loads_the_sample_and_reports() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("nothing was sent"), "{stderr}");
-    assert!(stderr.contains("line 2"), "{stderr}");
+    assert!(stderr.contains("bad row skipped: line 2: "), "{stderr}");
+    assert!(stderr.contains("error: "), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "no colour codes when not a terminal: {stderr}"
+    );
 
     // An unknown librdkafka property is refused with its name.
     let out = bin()
