@@ -15,6 +15,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 const TOPIC: &str = "telemetry";
@@ -389,6 +390,48 @@ fn a_full_producer_queue_applies_back_pressure_without_dropping() {
             "{device} out of order"
         );
     }
+}
+
+#[test]
+fn retried_produce_errors_deliver_exactly_once() {
+    let cluster = mock(10);
+    // Transient broker errors: the idempotent producer retries without duplicating anything.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+        ],
+    );
+    let summary = load(&options(&cluster), generic(500, 60).into_iter(), None).expect("load");
+    assert_eq!(summary.sent, 500);
+    let got = consume(&cluster.bootstrap_servers(), 10, 500);
+    assert_eq!(got.len(), 500, "no loss, and `consume` fails on duplicates");
+}
+
+#[test]
+fn undeliverable_records_make_the_load_fail() {
+    let cluster = mock(10);
+    // A permanent rejection of every produce request.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 200],
+    );
+    let err = load(&options(&cluster), generic(20, 60).into_iter(), None).expect_err("rejected");
+    match &err {
+        LoadError::Delivery {
+            failed, attempted, ..
+        } => {
+            assert_eq!(*attempted, 20);
+            assert!(*failed > 0 && *failed <= 20, "{err}");
+        }
+        other => panic!("expected a delivery error, got {other}"),
+    }
+    assert!(
+        err.to_string().contains("not delivered to telemetry"),
+        "{err}"
+    );
 }
 
 fn bin() -> Command {
