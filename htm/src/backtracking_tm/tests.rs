@@ -175,6 +175,7 @@ fn invalid_params_are_rejected_with_the_parameter_named() {
 
 #[test]
 fn duty_cycle_follows_cells4_tiers() {
+    let mut pow = PowCache::default();
     let mut m = SegmentMeta {
         positive_activations: 5,
         last_pos_duty_cycle: 1.0,
@@ -182,26 +183,26 @@ fn duty_cycle_follows_cells4_tiers() {
         ..Default::default()
     };
     // Tier 0: positive activations over iterations, cached.
-    assert_eq!(m.duty_cycle(50, false, false), 5.0 / 50.0);
-    assert_eq!(m.duty_cycle(100, false, false), 0.05);
+    assert_eq!(m.duty_cycle(50, false, false, &mut pow), 5.0 / 50.0);
+    assert_eq!(m.duty_cycle(100, false, false, &mut pow), 0.05);
     assert_eq!(m.last_pos_duty_cycle_iteration, 100);
     // Past 100: exponential decay at alpha 0.0032, plus alpha when active.
     let expected = (1.0f64 - 0.0032f32 as f64).powf(50.0) as f32 * 0.05;
-    assert_eq!(m.duty_cycle(150, false, true), expected);
+    assert_eq!(m.duty_cycle(150, false, true, &mut pow), expected);
     assert_eq!(
         m.last_pos_duty_cycle_iteration, 100,
         "read-only leaves the cache"
     );
-    assert_eq!(m.duty_cycle(150, true, false), expected + 0.0032);
+    assert_eq!(m.duty_cycle(150, true, false, &mut pow), expected + 0.0032);
     assert_eq!(
-        m.duty_cycle(150, false, false),
+        m.duty_cycle(150, false, false, &mut pow),
         expected + 0.0032,
         "cached, age 0"
     );
     // The rate drops once past 320.
     let before = m.last_pos_duty_cycle;
     let expected = (1.0f64 - 0.0010f32 as f64).powf(250.0) as f32 * before;
-    assert_eq!(m.duty_cycle(400, false, false), expected);
+    assert_eq!(m.duty_cycle(400, false, false, &mut pow), expected);
 }
 
 #[test]
@@ -657,17 +658,23 @@ fn nab_like_stream_learns_and_reports_speed() {
     let scores: Vec<f32> = stream.iter().map(|c| tm.compute(c, true)).collect();
     let elapsed = start.elapsed();
     let mean = |r: std::ops::Range<usize>| scores[r.clone()].iter().sum::<f32>() / r.len() as f32;
+    // Fingerprint of the run: changes only if behaviour does.
+    let mut crc = crc32fast::Hasher::new();
+    for a in &scores {
+        crc.update(&a.to_bits().to_le_bytes());
+    }
     let calm = mean(1000..1400);
     let excursion = scores[1401..1406].iter().cloned().fold(0.0, f32::max);
     eprintln!(
         "btm: {len} steps in {:?} = {:.1} µs/step; segments {}, synapses {}, heap {:.1} MB; \
-         mean anomaly calm {calm:.3}, excursion onset {excursion:.3}; {:?}",
+         mean anomaly calm {calm:.3}, excursion onset {excursion:.3}; {:?}; run crc {:08x}",
         elapsed,
         elapsed.as_secs_f64() * 1e6 / len as f64,
         tm.num_segments(),
         tm.num_synapses(),
         tm.heap_bytes() as f64 / 1e6,
         tm.backtrack_stats(),
+        crc.finalize(),
     );
     assert!(calm < 0.1, "calm stretch anomaly {calm}");
     assert!(excursion > 0.9, "excursion onset anomaly {excursion}");
