@@ -63,6 +63,18 @@
 //! * A queued update whose segment has been released is dropped (`Cells4` could apply it to a
 //!   new segment that reused the slot).
 //! * NuPIC's statistics (`collectStats`, `burnIn`) are not computed.
+//!
+//! # Cost
+//!
+//! Almost all the time goes into forward passes (`computeForwardPropagation`): every active
+//! cell adds one to each segment it has a synapse on. The TP activates *every* predicted cell
+//! of an active column, and after a few thousand records a column typically has many cells
+//! predicted at once (one per learned context), so a pass walks tens of thousands of
+//! synapses. To keep that walk cheap, each cell keeps the list of segments it projects to with
+//! the synapse's connected bit (`Cells4`'s `OutSynapses`, plus the bit), and counters carry a
+//! pass number so that they never need clearing; the segments reaching the threshold are
+//! collected during the walk. Everything else (ranking, duty cycles, updates) works on those
+//! few hundred segments only.
 
 mod cell_state;
 mod params;
@@ -269,8 +281,9 @@ struct Activity {
 const COUNT_BITS: u32 = 24;
 const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
 const EPOCH_SHIFT: u32 = 2 * COUNT_BITS;
-/// Largest cell count for which no segment can overflow a 24-bit counter.
-pub(crate) const MAX_CELLS: u64 = 1 << COUNT_BITS;
+/// Largest cell count for which no segment can overflow a 24-bit counter (a segment has at
+/// most one synapse per cell).
+pub(crate) const MAX_CELLS: u64 = (1 << COUNT_BITS) - 1;
 
 impl Activity {
     /// NuPIC's `computeForwardPropagation`, counting connected synapses in the same pass and

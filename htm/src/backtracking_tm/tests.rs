@@ -44,6 +44,68 @@ fn nab_like_stream(len: usize, seed: u64) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// Checks the derived structures against the connections: the out index lists every synapse
+/// once with its connected flag, slot lists and segment metadata agree, start cells have no
+/// segments, and no segment exceeds the synapse cap.
+fn check_invariants(tm: &BacktrackingTm) {
+    let conns = tm.connections();
+    let p = tm.params();
+    let mut expected: Vec<(u32, u32)> = Vec::new();
+    let mut live = 0;
+    for cell in 0..p.num_cells() as u32 {
+        let slots = &tm.cell_slots[cell as usize];
+        if p.max_segments_per_cell > 0 {
+            assert!(slots.len() <= p.max_segments_per_cell as usize);
+        }
+        let mut free = tm.cell_free_slots[cell as usize].clone();
+        free.sort_unstable();
+        let empty: Vec<u32> = (0..slots.len() as u32)
+            .filter(|&i| slots[i as usize] == NO_SEGMENT)
+            .collect();
+        assert_eq!(free, empty, "free slots of cell {cell}");
+        for (slot, &seg) in slots.iter().enumerate() {
+            if seg == NO_SEGMENT {
+                continue;
+            }
+            live += 1;
+            assert!(p.cells_per_column == 1 || cell % p.cells_per_column != 0);
+            let info = conns.segment(seg);
+            assert!(info.alive && info.cell == cell);
+            let meta = &tm.segments[seg as usize];
+            assert_eq!((meta.cell, meta.slot), (cell, slot as u32));
+            let syns = conns.synapses_for_segment(seg);
+            assert!(!syns.is_empty());
+            if p.max_synapses_per_segment > 0 {
+                assert!(syns.len() <= p.max_synapses_per_segment as usize);
+            }
+            let mut presyns: Vec<u32> = syns.iter().map(|&id| conns.synapse(id).presyn).collect();
+            presyns.sort_unstable();
+            presyns.dedup();
+            assert_eq!(presyns.len(), syns.len(), "duplicate presynaptic cell");
+            for &id in syns {
+                let syn = conns.synapse(id);
+                assert!(syn.permanence > 0.0 && syn.permanence <= p.permanence_max);
+                let connected = syn.permanence >= p.connected_perm;
+                expected.push((syn.presyn, OutIndex::entry(seg, connected)));
+            }
+        }
+    }
+    assert_eq!(live, conns.num_segments());
+    let mut indexed: Vec<(u32, u32)> = tm
+        .out_index
+        .by_cell
+        .iter()
+        .enumerate()
+        .flat_map(|(cell, list)| list.iter().map(move |&e| (cell as u32, e)))
+        .collect();
+    expected.sort_unstable();
+    indexed.sort_unstable();
+    assert_eq!(
+        indexed, expected,
+        "out index out of step with the connections"
+    );
+}
+
 fn tm(params: BacktrackingTmParams) -> BacktrackingTm {
     BacktrackingTm::new(params).expect("valid params")
 }
@@ -419,6 +481,7 @@ fn segment_and_synapse_limits_hold() {
             }
         }
     }
+    check_invariants(&tm);
     assert!(saw_full_cell, "the test should reach the segment cap");
     assert!(tm.num_synapses() <= tm.num_segments() * 12);
 }
@@ -545,6 +608,7 @@ fn serde_round_trip_continues_bit_identically() {
         bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
     restored.rebuild_after_restore();
     assert_eq!(restored, tm);
+    check_invariants(&restored);
     for (i, cols) in stream[300..].iter().enumerate() {
         let learn = i % 17 != 0;
         let a = tm.compute(cols, learn);
@@ -676,6 +740,7 @@ fn nab_like_stream_learns_and_reports_speed() {
         tm.backtrack_stats(),
         crc.finalize(),
     );
+    check_invariants(&tm);
     assert!(calm < 0.1, "calm stretch anomaly {calm}");
     assert!(excursion > 0.9, "excursion onset anomaly {excursion}");
 }
