@@ -63,6 +63,18 @@
 //! * A queued update whose segment has been released is dropped (`Cells4` could apply it to a
 //!   new segment that reused the slot).
 //! * NuPIC's statistics (`collectStats`, `burnIn`) are not computed.
+//!
+//! # Cost
+//!
+//! Almost all the time goes into forward passes (`computeForwardPropagation`): every active
+//! cell adds one to each segment it has a synapse on. The TP activates *every* predicted cell
+//! of an active column, and after a few thousand records a column typically has many cells
+//! predicted at once (one per learned context), so a pass walks tens of thousands of
+//! synapses. To keep that walk cheap, each cell keeps the list of segments it projects to with
+//! the synapse's connected bit (`Cells4`'s `OutSynapses`, plus the bit), and counters carry a
+//! pass number so that they never need clearing; the segments reaching the threshold are
+//! collected during the walk. Everything else (ranking, duty cycles, updates) works on those
+//! few hundred segments only.
 
 mod cell_state;
 mod params;
@@ -108,7 +120,13 @@ impl SegmentMeta {
     /// `Segment::dutyCycle`: how often this segment predicted correctly, as a tiered moving
     /// average. Unless `read_only`, the result is cached, which changes later rounding, so it
     /// is called exactly where `Cells4` calls it.
-    fn duty_cycle(&mut self, iteration: u32, active: bool, read_only: bool) -> f32 {
+    fn duty_cycle(
+        &mut self,
+        iteration: u32,
+        active: bool,
+        read_only: bool,
+        pow: &mut PowCache,
+    ) -> f32 {
         debug_assert!(iteration > 0, "duty cycles need a learning iteration");
         if iteration <= DUTY_CYCLE_TIERS[1] {
             let dc = self.positive_activations as f32 / iteration.max(1) as f32;
@@ -122,12 +140,13 @@ impl SegmentMeta {
         if age == 0 && !active {
             return self.last_pos_duty_cycle;
         }
-        let alpha = (1..DUTY_CYCLE_TIERS.len())
+        let tier = (1..DUTY_CYCLE_TIERS.len())
             .rev()
             .find(|&t| iteration > DUTY_CYCLE_TIERS[t])
-            .map_or(0.0, |t| DUTY_CYCLE_ALPHAS[t]);
+            .unwrap_or(0);
+        let alpha = DUTY_CYCLE_ALPHAS[tier];
         // Cells4 raises in double precision and rounds before multiplying in single.
-        let mut dc = (1.0f64 - alpha as f64).powf(age as f64) as f32 * self.last_pos_duty_cycle;
+        let mut dc = pow.decay(tier, age) as f32 * self.last_pos_duty_cycle;
         if active {
             dc += alpha;
         }
@@ -136,6 +155,33 @@ impl SegmentMeta {
             self.last_pos_duty_cycle_iteration = iteration;
         }
         dc
+    }
+}
+
+/// Memoised `(1 - alpha[tier])^age` in double precision: the same values `pow` gives, without
+/// paying for `pow` on every confidence read.
+#[derive(Clone, Debug, Default)]
+struct PowCache {
+    tables: [Vec<f64>; DUTY_CYCLE_TIERS.len()],
+}
+
+impl PowCache {
+    const MAX_AGE: usize = 4096;
+
+    fn decay(&mut self, tier: usize, age: u32) -> f64 {
+        let base = 1.0f64 - DUTY_CYCLE_ALPHAS[tier] as f64;
+        if age as usize >= Self::MAX_AGE {
+            return base.powf(age as f64);
+        }
+        let table = &mut self.tables[tier];
+        if table.is_empty() {
+            table.resize(Self::MAX_AGE, f64::NAN);
+        }
+        let v = &mut table[age as usize];
+        if v.is_nan() {
+            *v = base.powf(age as f64);
+        }
+        *v
     }
 }
 
@@ -220,45 +266,82 @@ impl OutIndex {
     }
 }
 
-/// Per-segment counts of one forward pass — active synapses whatever their permanence in the
-/// low half, active connected synapses in the high half — with the list of segments it
-/// touched, so that clearing costs the pass's size.
+/// Per-segment counts of one forward pass, packed as `epoch | connected | potential`
+/// (16 | 24 | 24 bits): active synapses whatever their permanence, and active connected ones.
+/// A counter whose epoch is not the current pass's reads as zero, so passes never clear the
+/// table; the segments reaching the pass's threshold are collected as the counts rise.
 #[derive(Clone, Debug, Default)]
 struct Activity {
     counts: Vec<u64>,
-    touched: Vec<SegmentId>,
+    epoch: u64,
+    /// Segments whose potential count reached the threshold, in no particular order.
+    qualified: Vec<SegmentId>,
 }
 
+const COUNT_BITS: u32 = 24;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+const EPOCH_SHIFT: u32 = 2 * COUNT_BITS;
+/// Largest cell count for which no segment can overflow a 24-bit counter (a segment has at
+/// most one synapse per cell).
+pub(crate) const MAX_CELLS: u64 = (1 << COUNT_BITS) - 1;
+
 impl Activity {
-    /// NuPIC's `computeForwardPropagation`, counting connected synapses in the same pass.
-    fn propagate(&mut self, index: &OutIndex, segment_capacity: usize, active_cells: &[u32]) {
-        for &s in &self.touched {
-            self.counts[s as usize] = 0;
+    /// NuPIC's `computeForwardPropagation`, counting connected synapses in the same pass and
+    /// collecting the segments with at least `threshold` (> 0) active synapses.
+    fn propagate(
+        &mut self,
+        index: &OutIndex,
+        segment_capacity: usize,
+        active_cells: &[u32],
+        threshold: u32,
+    ) {
+        debug_assert!(threshold > 0);
+        self.epoch += 1;
+        if self.epoch >= 1 << (64 - EPOCH_SHIFT) {
+            self.counts.iter_mut().for_each(|c| *c = 0);
+            self.epoch = 1;
         }
-        self.touched.clear();
         if self.counts.len() < segment_capacity {
             self.counts.resize(segment_capacity, 0);
         }
+        let tag = self.epoch << EPOCH_SHIFT;
+        let threshold = threshold as u64;
+        self.qualified.clear();
         for &cell in active_cells {
             for &e in &index.by_cell[cell as usize] {
                 let seg = e & !CONNECTED_FLAG;
                 let c = &mut self.counts[seg as usize];
-                if *c == 0 {
-                    self.touched.push(seg);
+                let current = if *c >> EPOCH_SHIFT << EPOCH_SHIFT == tag {
+                    *c
+                } else {
+                    tag
+                };
+                *c = current + 1 + (((e >> 31) as u64) << COUNT_BITS);
+                if *c & COUNT_MASK == threshold {
+                    self.qualified.push(seg);
                 }
-                *c += 1 + (((e >> 31) as u64) << 32);
             }
         }
     }
 
     #[inline]
+    fn current(&self, seg: SegmentId) -> u64 {
+        let c = self.counts[seg as usize];
+        if c >> EPOCH_SHIFT == self.epoch {
+            c
+        } else {
+            0
+        }
+    }
+
+    #[inline]
     fn potential(&self, seg: SegmentId) -> u32 {
-        self.counts[seg as usize] as u32
+        (self.current(seg) & COUNT_MASK) as u32
     }
 
     #[inline]
     fn connected(&self, seg: SegmentId) -> u32 {
-        (self.counts[seg as usize] >> 32) as u32
+        (self.current(seg) >> COUNT_BITS & COUNT_MASK) as u32
     }
 }
 
@@ -280,13 +363,83 @@ impl Ranked {
     }
 }
 
+/// Segments of a forward pass that reach a threshold, in NuPIC's scan order.
+#[derive(Clone, Debug, Default)]
+struct Ranking {
+    ranked: Vec<Ranked>,
+    unsorted: Vec<Ranked>,
+    column_ends: Vec<u32>,
+}
+
+impl Ranking {
+    /// Orders the segments the last pass qualified (at least its threshold of active synapses) in
+    /// scan order: owner cell (mirrored within its column with `reverse_cells`, as the
+    /// best-match searches scan cells downwards), then slot. The keys are unique, so the
+    /// order does not depend on the pass's. Sorted by a counting sort on the column and
+    /// small per-column sorts, which beats a general sort at these sizes.
+    fn rank(
+        &mut self,
+        activity: &Activity,
+        segments: &[SegmentMeta],
+        cpc: u32,
+        num_columns: u32,
+        reverse_cells: bool,
+    ) {
+        self.unsorted.clear();
+        for &seg in &activity.qualified {
+            let meta = &segments[seg as usize];
+            let cell = if reverse_cells {
+                mirror_in_column(meta.cell, cpc)
+            } else {
+                meta.cell
+            };
+            self.unsorted.push(Ranked {
+                key: (cell as u64) << 32 | meta.slot as u64,
+                seg,
+                potential: activity.potential(seg),
+            });
+        }
+        let ends = &mut self.column_ends;
+        ends.clear();
+        ends.resize(num_columns as usize + 1, 0);
+        for r in &self.unsorted {
+            ends[(r.scan_cell() / cpc) as usize + 1] += 1;
+        }
+        for c in 1..ends.len() {
+            ends[c] += ends[c - 1];
+        }
+        self.ranked.clear();
+        self.ranked.resize(
+            self.unsorted.len(),
+            Ranked {
+                key: 0,
+                seg: 0,
+                potential: 0,
+            },
+        );
+        for r in &self.unsorted {
+            let slot = &mut ends[(r.scan_cell() / cpc) as usize];
+            self.ranked[*slot as usize] = *r;
+            *slot += 1;
+        }
+        let mut i = 0;
+        while i < self.ranked.len() {
+            let col = self.ranked[i].scan_cell() / cpc;
+            let end = ends[col as usize] as usize;
+            self.ranked[i..end].sort_unstable_by_key(|r| r.key);
+            i = end;
+        }
+    }
+}
+
 /// Buffers reused across steps; they carry no state from one call to the next.
 #[derive(Clone, Debug, Default)]
 struct Scratch {
     /// False after deserialisation until derived data is rebuilt.
     ready: bool,
     activity: Activity,
-    ranked: Vec<Ranked>,
+    pow: PowCache,
+    ranking: Ranking,
     /// Best match per column: `(column, cell, segment)`, ascending columns.
     best: Vec<(u32, u32, SegmentId)>,
     cells: Vec<u32>,
@@ -297,7 +450,22 @@ struct Scratch {
     free_candidates: Vec<(f32, u32, SynapseId)>,
     backup_active: Vec<u32>,
     backup_predicted: Vec<u32>,
+    /// Per-cell marks, all zero between uses.
+    marks: Vec<u8>,
     spare_patterns: Vec<Vec<u32>>,
+}
+
+/// Marks in [`Scratch::marks`]: the cell is in the update being applied / already has a
+/// synapse on the segment being updated.
+const MARK_IN_UPDATE: u8 = 1;
+const MARK_ON_SEGMENT: u8 = 2;
+
+impl Scratch {
+    fn ensure_marks(&mut self, num_cells: usize) {
+        if self.marks.len() < num_cells {
+            self.marks.resize(num_cells, 0);
+        }
+    }
 }
 
 /// Scratch space is not state: two TMs are equal whatever their buffers hold.
@@ -658,8 +826,9 @@ impl BacktrackingTm {
             + self.updates.capacity() * size_of::<PendingUpdate>()
             + self.update_pool.capacity() * 4
             + s.activity.counts.capacity() * 8
-            + s.activity.touched.capacity() * 4
-            + s.ranked.capacity() * size_of::<Ranked>()
+            + s.activity.qualified.capacity() * 4
+            + (s.ranking.ranked.capacity() + s.ranking.unsorted.capacity()) * size_of::<Ranked>()
+            + s.ranking.column_ends.capacity() * 4
             + s.best.capacity() * 12
             + (s.cells.capacity()
                 + s.seg_presyn.capacity()
@@ -670,6 +839,7 @@ impl BacktrackingTm {
                 * 4
             + s.syns.capacity() * 8
             + s.free_candidates.capacity() * 12
+            + s.marks.capacity()
             + nested(&s.spare_patterns)
     }
 
@@ -720,14 +890,21 @@ impl BacktrackingTm {
             &self.out_index,
             self.connections.segment_capacity(),
             self.inf_active.cells(),
+            thr,
         );
-        rank_segments(&s.activity, &self.segments, thr, cpc, false, &mut s.ranked);
+        s.ranking.rank(
+            &s.activity,
+            &self.segments,
+            cpc,
+            self.params.column_count,
+            false,
+        );
 
         self.inf_predicted.reset();
         self.cell_confidence.clear();
         self.col_confidence.clear();
         let it = self.lrn_iteration;
-        let ranked = &s.ranked;
+        let (ranked, pow) = (&s.ranking.ranked, &mut s.pow);
         let (mut sum, mut predicted_cols) = (0.0f32, 0u32);
         let mut i = 0;
         // Summation order is Cells4's (column, cell, slot), so rounding matches.
@@ -739,7 +916,7 @@ impl BacktrackingTm {
                 let mut cell_sum = 0.0f32;
                 while i < ranked.len() && ranked[i].scan_cell() == cell {
                     let r = ranked[i];
-                    let dc = self.segments[r.seg as usize].duty_cycle(it, false, false);
+                    let dc = self.segments[r.seg as usize].duty_cycle(it, false, false, pow);
                     cell_sum += dc;
                     col_sum += dc;
                     if s.activity.connected(r.seg) >= thr {
@@ -927,16 +1104,16 @@ impl BacktrackingTm {
                     &self.out_index,
                     self.connections.segment_capacity(),
                     self.lrn_active_prev.cells(),
+                    self.params.min_threshold,
                 );
-                rank_segments(
+                s.ranking.rank(
                     &s.activity,
                     &self.segments,
-                    self.params.min_threshold,
                     cpc,
+                    self.params.column_count,
                     true,
-                    &mut s.ranked,
                 );
-                best_per_column(&s.ranked, cpc, &mut s.best);
+                best_per_column(&s.ranking.ranked, cpc, &mut s.best);
                 matches_ready = true;
             }
             let best = self
@@ -978,16 +1155,16 @@ impl BacktrackingTm {
             &self.out_index,
             self.connections.segment_capacity(),
             self.lrn_active.cells(),
+            self.params.activation_threshold,
         );
-        rank_segments(
+        s.ranking.rank(
             &s.activity,
             &self.segments,
-            self.params.activation_threshold,
             cpc,
+            self.params.column_count,
             true,
-            &mut s.ranked,
         );
-        best_per_column(&s.ranked, cpc, &mut s.best);
+        best_per_column(&s.ranking.ranked, cpc, &mut s.best);
 
         self.lrn_predicted.reset();
         let best = std::mem::take(&mut self.scratch.best);
@@ -1132,7 +1309,8 @@ impl BacktrackingTm {
                     continue;
                 }
                 first_live.get_or_insert(seg);
-                let dc = self.segments[seg as usize].duty_cycle(it, false, false);
+                let dc =
+                    self.segments[seg as usize].duty_cycle(it, false, false, &mut self.scratch.pow);
                 if dc < victim_dc {
                     victim = Some(seg);
                     victim_dc = dc;
@@ -1161,31 +1339,31 @@ impl BacktrackingTm {
             &self.lrn_active
         };
         out.clear();
-        let presyn = &mut self.scratch.seg_presyn;
-        presyn.clear();
+        let s = &mut self.scratch;
+        s.ensure_marks(self.params.num_cells());
+        s.seg_presyn.clear();
         if let Some(seg) = seg {
             for &syn in self.connections.synapses_for_segment(seg) {
                 let p = self.connections.synapse(syn).presyn;
-                presyn.push(p);
+                s.seg_presyn.push(p);
+                s.marks[p as usize] = MARK_ON_SEGMENT;
                 if state.is_set(p) {
                     out.push(p);
                 }
             }
-            presyn.sort_unstable();
-            out.sort_unstable();
         }
         let wanted = (self.params.new_synapse_count as usize).saturating_sub(out.len());
         if wanted > 0 {
-            // chooseCellsToLearnFrom: on cells of the state not yet on the segment.
+            // chooseCellsToLearnFrom: on cells of the state not yet on the segment, ascending.
             let learn_cells = state.cells();
             debug_assert!(learn_cells.windows(2).all(|w| w[0] < w[1]));
-            let pruned = &mut self.scratch.pruned;
+            let pruned = &mut s.pruned;
             pruned.clear();
             pruned.extend(
                 learn_cells
                     .iter()
                     .copied()
-                    .filter(|c| presyn.binary_search(c).is_err()),
+                    .filter(|&c| s.marks[c as usize] == 0),
             );
             if pruned.len() <= wanted {
                 out.extend_from_slice(pruned);
@@ -1198,8 +1376,11 @@ impl BacktrackingTm {
                 }
                 out.extend_from_slice(&pruned[..wanted]);
             }
-            out.sort_unstable();
         }
+        for &p in &s.seg_presyn {
+            s.marks[p as usize] = 0;
+        }
+        out.sort_unstable();
         out
     }
 
@@ -1219,21 +1400,27 @@ impl BacktrackingTm {
         let meta = &mut self.segments[seg as usize];
         meta.last_active_iteration = it;
         meta.positive_activations += 1;
-        meta.duty_cycle(it, true, false);
+        meta.duty_cycle(it, true, false, &mut self.scratch.pow);
 
         let p = &self.params;
         let (inc, dec, max) = (p.permanence_inc, p.permanence_dec, p.permanence_max);
+        self.scratch.ensure_marks(self.params.num_cells());
+        for &c in update {
+            self.scratch.marks[c as usize] = MARK_IN_UPDATE;
+        }
         let mut syns = std::mem::take(&mut self.scratch.syns);
         syns.clear();
         for &id in self.connections.synapses_for_segment(seg) {
-            syns.push((self.connections.synapse(id).presyn, id));
+            let presyn = self.connections.synapse(id).presyn;
+            syns.push((presyn, id));
+            self.scratch.marks[presyn as usize] |= MARK_ON_SEGMENT;
         }
-        syns.sort_unstable_by_key(|s| s.0);
+        let in_update = |marks: &[u8], presyn: u32| marks[presyn as usize] & MARK_IN_UPDATE != 0;
 
         let mut alive = syns.len();
         let mut n_active = 0;
         for s in syns.iter_mut() {
-            if update.binary_search(&s.0).is_ok() {
+            if in_update(&self.scratch.marks, s.0) {
                 n_active += 1;
                 continue;
             }
@@ -1246,10 +1433,10 @@ impl BacktrackingTm {
                 self.update_permanence(seg, s.1, s.0, perm);
             }
         }
-        for s in &syns {
-            if s.1 != REMOVED && update.binary_search(&s.0).is_ok() {
-                let perm = (self.connections.synapse(s.1).permanence + inc).min(max);
-                self.update_permanence(seg, s.1, s.0, perm);
+        for &(presyn, id) in &syns {
+            if id != REMOVED && in_update(&self.scratch.marks, presyn) {
+                let perm = (self.connections.synapse(id).permanence + inc).min(max);
+                self.update_permanence(seg, id, presyn, perm);
             }
         }
 
@@ -1260,20 +1447,21 @@ impl BacktrackingTm {
             let mut candidates = std::mem::take(&mut self.scratch.free_candidates);
             candidates.clear();
             for &(presyn, id) in &syns {
-                if id != REMOVED && update.binary_search(&presyn).is_err() {
+                if id != REMOVED && !in_update(&self.scratch.marks, presyn) {
                     candidates.push((self.connections.synapse(id).permanence, presyn, id));
                 }
             }
             if candidates.len() < to_free {
                 // Active synapses only after every inactive one (offset as Cells4 does).
                 for &(presyn, id) in &syns {
-                    if update.binary_search(&presyn).is_ok() {
+                    if in_update(&self.scratch.marks, presyn) {
                         let key = self.connections.synapse(id).permanence + max;
                         candidates.push((key, presyn, id));
                     }
                 }
             }
-            candidates.sort_by(|a, b| a.0.total_cmp(&b.0)); // stable: ties keep presyn order
+            // Cells4 stable-sorts a presynaptic-ordered list: ties go to the lower cell.
+            candidates.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
             for &(_, presyn, id) in &candidates[..to_free] {
                 self.remove_synapse(seg, id, presyn);
             }
@@ -1283,10 +1471,16 @@ impl BacktrackingTm {
 
         let initial = self.params.initial_perm;
         for &presyn in update {
-            if syns.binary_search_by_key(&presyn, |s| s.0).is_err() {
+            if self.scratch.marks[presyn as usize] & MARK_ON_SEGMENT == 0 {
                 self.add_synapse(seg, presyn, initial);
                 alive += 1;
             }
+        }
+        for &c in update {
+            self.scratch.marks[c as usize] = 0;
+        }
+        for &(presyn, _) in &syns {
+            self.scratch.marks[presyn as usize] = 0;
         }
         self.scratch.syns = syns;
         if alive == 0 {
@@ -1372,7 +1566,7 @@ impl BacktrackingTm {
         for slots in &self.cell_slots {
             for &seg in slots {
                 if seg != NO_SEGMENT {
-                    self.segments[seg as usize].duty_cycle(it, false, false);
+                    self.segments[seg as usize].duty_cycle(it, false, false, &mut self.scratch.pow);
                 }
             }
         }
@@ -1470,39 +1664,8 @@ fn infer_phase1(
     predicted_cols as f64 >= 0.5 * cols.len() as f64
 }
 
-/// Segments of the last pass with at least `threshold` active synapses, in scan order:
-/// column, then cell (descending with `reverse_cells`, as the best-match searches scan),
-/// then slot. The keys are unique, so the order does not depend on the pass's.
-fn rank_segments(
-    activity: &Activity,
-    segments: &[SegmentMeta],
-    threshold: u32,
-    cpc: u32,
-    reverse_cells: bool,
-    out: &mut Vec<Ranked>,
-) {
-    out.clear();
-    for &seg in &activity.touched {
-        let potential = activity.potential(seg);
-        if potential >= threshold {
-            let meta = &segments[seg as usize];
-            let cell = if reverse_cells {
-                mirror_in_column(meta.cell, cpc)
-            } else {
-                meta.cell
-            };
-            out.push(Ranked {
-                key: (cell as u64) << 32 | meta.slot as u64,
-                seg,
-                potential,
-            });
-        }
-    }
-    out.sort_unstable_by_key(|r| r.key);
-}
-
 /// Per column, the first segment in scan order with the most active synapses (`ranked` must
-/// come from [`rank_segments`] with `reverse_cells`).
+/// come from [`Ranking::rank`] with `reverse_cells`).
 fn best_per_column(ranked: &[Ranked], cpc: u32, out: &mut Vec<(u32, u32, SegmentId)>) {
     out.clear();
     let mut i = 0;

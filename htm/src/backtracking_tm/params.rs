@@ -129,7 +129,7 @@ impl BacktrackingTmParams {
         if self.cells_per_column == 0 {
             return Err(invalid("cells_per_column", "must be at least 1"));
         }
-        if (self.column_count as u64) * (self.cells_per_column as u64) > u32::MAX as u64 / 2 {
+        if (self.column_count as u64) * (self.cells_per_column as u64) > super::MAX_CELLS {
             return Err(invalid(
                 "cells_per_column",
                 format!(

@@ -44,6 +44,68 @@ fn nab_like_stream(len: usize, seed: u64) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// Checks the derived structures against the connections: the out index lists every synapse
+/// once with its connected flag, slot lists and segment metadata agree, start cells have no
+/// segments, and no segment exceeds the synapse cap.
+fn check_invariants(tm: &BacktrackingTm) {
+    let conns = tm.connections();
+    let p = tm.params();
+    let mut expected: Vec<(u32, u32)> = Vec::new();
+    let mut live = 0;
+    for cell in 0..p.num_cells() as u32 {
+        let slots = &tm.cell_slots[cell as usize];
+        if p.max_segments_per_cell > 0 {
+            assert!(slots.len() <= p.max_segments_per_cell as usize);
+        }
+        let mut free = tm.cell_free_slots[cell as usize].clone();
+        free.sort_unstable();
+        let empty: Vec<u32> = (0..slots.len() as u32)
+            .filter(|&i| slots[i as usize] == NO_SEGMENT)
+            .collect();
+        assert_eq!(free, empty, "free slots of cell {cell}");
+        for (slot, &seg) in slots.iter().enumerate() {
+            if seg == NO_SEGMENT {
+                continue;
+            }
+            live += 1;
+            assert!(p.cells_per_column == 1 || cell % p.cells_per_column != 0);
+            let info = conns.segment(seg);
+            assert!(info.alive && info.cell == cell);
+            let meta = &tm.segments[seg as usize];
+            assert_eq!((meta.cell, meta.slot), (cell, slot as u32));
+            let syns = conns.synapses_for_segment(seg);
+            assert!(!syns.is_empty());
+            if p.max_synapses_per_segment > 0 {
+                assert!(syns.len() <= p.max_synapses_per_segment as usize);
+            }
+            let mut presyns: Vec<u32> = syns.iter().map(|&id| conns.synapse(id).presyn).collect();
+            presyns.sort_unstable();
+            presyns.dedup();
+            assert_eq!(presyns.len(), syns.len(), "duplicate presynaptic cell");
+            for &id in syns {
+                let syn = conns.synapse(id);
+                assert!(syn.permanence > 0.0 && syn.permanence <= p.permanence_max);
+                let connected = syn.permanence >= p.connected_perm;
+                expected.push((syn.presyn, OutIndex::entry(seg, connected)));
+            }
+        }
+    }
+    assert_eq!(live, conns.num_segments());
+    let mut indexed: Vec<(u32, u32)> = tm
+        .out_index
+        .by_cell
+        .iter()
+        .enumerate()
+        .flat_map(|(cell, list)| list.iter().map(move |&e| (cell as u32, e)))
+        .collect();
+    expected.sort_unstable();
+    indexed.sort_unstable();
+    assert_eq!(
+        indexed, expected,
+        "out index out of step with the connections"
+    );
+}
+
 fn tm(params: BacktrackingTmParams) -> BacktrackingTm {
     BacktrackingTm::new(params).expect("valid params")
 }
@@ -175,6 +237,7 @@ fn invalid_params_are_rejected_with_the_parameter_named() {
 
 #[test]
 fn duty_cycle_follows_cells4_tiers() {
+    let mut pow = PowCache::default();
     let mut m = SegmentMeta {
         positive_activations: 5,
         last_pos_duty_cycle: 1.0,
@@ -182,26 +245,26 @@ fn duty_cycle_follows_cells4_tiers() {
         ..Default::default()
     };
     // Tier 0: positive activations over iterations, cached.
-    assert_eq!(m.duty_cycle(50, false, false), 5.0 / 50.0);
-    assert_eq!(m.duty_cycle(100, false, false), 0.05);
+    assert_eq!(m.duty_cycle(50, false, false, &mut pow), 5.0 / 50.0);
+    assert_eq!(m.duty_cycle(100, false, false, &mut pow), 0.05);
     assert_eq!(m.last_pos_duty_cycle_iteration, 100);
     // Past 100: exponential decay at alpha 0.0032, plus alpha when active.
     let expected = (1.0f64 - 0.0032f32 as f64).powf(50.0) as f32 * 0.05;
-    assert_eq!(m.duty_cycle(150, false, true), expected);
+    assert_eq!(m.duty_cycle(150, false, true, &mut pow), expected);
     assert_eq!(
         m.last_pos_duty_cycle_iteration, 100,
         "read-only leaves the cache"
     );
-    assert_eq!(m.duty_cycle(150, true, false), expected + 0.0032);
+    assert_eq!(m.duty_cycle(150, true, false, &mut pow), expected + 0.0032);
     assert_eq!(
-        m.duty_cycle(150, false, false),
+        m.duty_cycle(150, false, false, &mut pow),
         expected + 0.0032,
         "cached, age 0"
     );
     // The rate drops once past 320.
     let before = m.last_pos_duty_cycle;
     let expected = (1.0f64 - 0.0010f32 as f64).powf(250.0) as f32 * before;
-    assert_eq!(m.duty_cycle(400, false, false), expected);
+    assert_eq!(m.duty_cycle(400, false, false, &mut pow), expected);
 }
 
 #[test]
@@ -418,6 +481,7 @@ fn segment_and_synapse_limits_hold() {
             }
         }
     }
+    check_invariants(&tm);
     assert!(saw_full_cell, "the test should reach the segment cap");
     assert!(tm.num_synapses() <= tm.num_segments() * 12);
 }
@@ -544,6 +608,7 @@ fn serde_round_trip_continues_bit_identically() {
         bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
     restored.rebuild_after_restore();
     assert_eq!(restored, tm);
+    check_invariants(&restored);
     for (i, cols) in stream[300..].iter().enumerate() {
         let learn = i % 17 != 0;
         let a = tm.compute(cols, learn);
@@ -657,18 +722,25 @@ fn nab_like_stream_learns_and_reports_speed() {
     let scores: Vec<f32> = stream.iter().map(|c| tm.compute(c, true)).collect();
     let elapsed = start.elapsed();
     let mean = |r: std::ops::Range<usize>| scores[r.clone()].iter().sum::<f32>() / r.len() as f32;
+    // Fingerprint of the run: changes only if behaviour does.
+    let mut crc = crc32fast::Hasher::new();
+    for a in &scores {
+        crc.update(&a.to_bits().to_le_bytes());
+    }
     let calm = mean(1000..1400);
     let excursion = scores[1401..1406].iter().cloned().fold(0.0, f32::max);
     eprintln!(
         "btm: {len} steps in {:?} = {:.1} µs/step; segments {}, synapses {}, heap {:.1} MB; \
-         mean anomaly calm {calm:.3}, excursion onset {excursion:.3}; {:?}",
+         mean anomaly calm {calm:.3}, excursion onset {excursion:.3}; {:?}; run crc {:08x}",
         elapsed,
         elapsed.as_secs_f64() * 1e6 / len as f64,
         tm.num_segments(),
         tm.num_synapses(),
         tm.heap_bytes() as f64 / 1e6,
         tm.backtrack_stats(),
+        crc.finalize(),
     );
+    check_invariants(&tm);
     assert!(calm < 0.1, "calm stretch anomaly {calm}");
     assert!(excursion > 0.9, "excursion onset anomaly {excursion}");
 }
