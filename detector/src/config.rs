@@ -15,6 +15,10 @@ pub struct Config {
     /// librdkafka properties, passed through verbatim to the consumer and the producer
     /// (`bootstrap.servers`, `security.protocol`, `sasl.*`, `ssl.*` …).
     pub kafka: BTreeMap<String, String>,
+    /// librdkafka properties for the consumer only (e.g. `session.timeout.ms`).
+    pub kafka_consumer: BTreeMap<String, String>,
+    /// librdkafka properties for the producer only (e.g. `linger.ms`).
+    pub kafka_producer: BTreeMap<String, String>,
     /// Consumer group id shared by all detector instances.
     pub group_id: String,
     pub topics: Topics,
@@ -104,6 +108,8 @@ impl Default for Config {
                 "bootstrap.servers".to_string(),
                 "localhost:9092".to_string(),
             )]),
+            kafka_consumer: BTreeMap::new(),
+            kafka_producer: BTreeMap::new(),
             group_id: "htm-detector".into(),
             topics: Topics::default(),
             htm: HtmConfig::default(),

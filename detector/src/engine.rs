@@ -401,7 +401,9 @@ mod tests {
         let mut offsets = [0i64; 2];
         for i in 0..len {
             for (d, p) in [("a", 0), ("b", 1), ("c", 0)] {
-                let v = 50.0 + 20.0 * ((i % 24) as f64 / 24.0 * 6.28).sin() + (d.len() as f64) * (i % 7) as f64;
+                let v = 50.0
+                    + 20.0 * ((i % 24) as f64 / 24.0 * std::f64::consts::TAU).sin()
+                    + (d.len() as f64) * (i % 7) as f64;
                 out.push(message(p, offsets[p as usize], d, i, v));
                 offsets[p as usize] += 1;
             }
@@ -413,9 +415,16 @@ mod tests {
         outcomes
             .iter()
             .filter_map(|o| match o {
-                Outcome::Enriched { partition, offset, payload, .. } => {
-                    Some((*partition, *offset, String::from_utf8(payload.clone()).unwrap()))
-                }
+                Outcome::Enriched {
+                    partition,
+                    offset,
+                    payload,
+                    ..
+                } => Some((
+                    *partition,
+                    *offset,
+                    String::from_utf8(payload.clone()).unwrap(),
+                )),
                 _ => None,
             })
             .collect()
@@ -426,7 +435,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut engine = Engine::new(config(dir.path())).unwrap();
         let mut batch = stream(40);
-        batch.push(InMessage { partition: 1, offset: 900, key: Some(b"x".to_vec()), payload: Some(b"{not json".to_vec()) });
+        batch.push(InMessage {
+            partition: 1,
+            offset: 900,
+            key: Some(b"x".to_vec()),
+            payload: Some(b"{not json".to_vec()),
+        });
         let mut wrong_key = message(0, 901, "a", 41, 1.0);
         wrong_key.key = Some(b"b".to_vec());
         batch.push(wrong_key);
@@ -437,7 +451,11 @@ mod tests {
         let outcomes = engine.process(&batch).unwrap();
         assert_eq!(outcomes.len(), batch.len());
         for (o, m) in outcomes.iter().zip(&batch) {
-            assert_eq!(o.partition_offset(), (m.partition, m.offset), "outcomes follow the batch order");
+            assert_eq!(
+                o.partition_offset(),
+                (m.partition, m.offset),
+                "outcomes follow the batch order"
+            );
         }
         assert_eq!(engine.devices(), 3);
         let reasons: Vec<&str> = outcomes
@@ -454,8 +472,20 @@ mod tests {
         let out = enriched(&outcomes);
         assert_eq!(out.len(), 120);
         let v: Value = serde_json::from_str(&out[0].2).unwrap();
-        for field in ["deviceId", "timestamp", "value", "prediction", "error", "anomaly", "predictionNext",
-            "anomalyLikelihood", "logLikelihood", "isAnomaly", "partition", "offset"] {
+        for field in [
+            "deviceId",
+            "timestamp",
+            "value",
+            "prediction",
+            "error",
+            "anomaly",
+            "predictionNext",
+            "anomalyLikelihood",
+            "logLikelihood",
+            "isAnomaly",
+            "partition",
+            "offset",
+        ] {
             assert!(v.get(field).is_some(), "enriched record lacks {field}: {v}");
         }
     }
@@ -464,7 +494,12 @@ mod tests {
     fn scores_do_not_depend_on_batching_or_on_a_restore_from_checkpoints() {
         let data = stream(60);
         let dir = tempfile::tempdir().unwrap();
-        let reference = enriched(&Engine::new(config(dir.path())).unwrap().process(&data).unwrap());
+        let reference = enriched(
+            &Engine::new(config(dir.path()))
+                .unwrap()
+                .process(&data)
+                .unwrap(),
+        );
 
         // Same stream in small batches, with a checkpoint and a brand-new engine (a restart)
         // after 100 records.
@@ -476,7 +511,11 @@ mod tests {
         }
         let stats = engine.checkpoint_dirty(None).unwrap();
         assert_eq!(stats.devices, 3);
-        assert_eq!(engine.checkpoint_dirty(None).unwrap().devices, 0, "nothing changed since");
+        assert_eq!(
+            engine.checkpoint_dirty(None).unwrap().devices,
+            0,
+            "nothing changed since"
+        );
         drop(engine);
         let mut engine = Engine::new(config(dir.path())).unwrap();
         for chunk in data[100..].chunks(11) {
@@ -490,7 +529,12 @@ mod tests {
     fn records_already_in_a_checkpoint_are_not_learned_twice() {
         let data = stream(30);
         let dir = tempfile::tempdir().unwrap();
-        let reference = enriched(&Engine::new(config(dir.path())).unwrap().process(&data).unwrap());
+        let reference = enriched(
+            &Engine::new(config(dir.path()))
+                .unwrap()
+                .process(&data)
+                .unwrap(),
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let mut engine = Engine::new(config(dir.path())).unwrap();
@@ -499,7 +543,10 @@ mod tests {
         drop(engine); // crash before the offsets were committed: replay from record 45
         let mut engine = Engine::new(config(dir.path())).unwrap();
         let outcomes = engine.process(&data[45..]).unwrap();
-        let skipped = outcomes.iter().filter(|o| matches!(o, Outcome::AlreadyProcessed { .. })).count();
+        let skipped = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::AlreadyProcessed { .. }))
+            .count();
         assert_eq!(skipped, 15);
         assert_eq!(enriched(&outcomes), reference[60..].to_vec());
     }

@@ -4,6 +4,7 @@
 //! with checkpoints and commits; `store` keeps checkpoints; `config` reads the TOML file.
 
 pub mod config;
+pub mod demo;
 pub mod engine;
 pub mod service;
 pub mod store;

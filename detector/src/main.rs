@@ -23,8 +23,33 @@ struct Cli {
 enum Command {
     /// Runs the detector service as a member of its consumer group.
     Run(Box<RunArgs>),
+    /// Runs the whole pipeline on an embedded broker: loads the sample data with the generator,
+    /// detects, writes the enriched records to a JSON-lines file and reports against the labels.
+    Demo(DemoArgs),
     /// Prints the default configuration file, documented.
     DefaultConfig,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Telemetry file (EPA, generic or NAB CSV).
+    #[arg(long, default_value = "data/sample-epa.csv")]
+    data: PathBuf,
+    /// Labelled anomaly windows of the data (JSON); `none` to skip the report.
+    #[arg(long, default_value = "data/sample-labels.json")]
+    labels: String,
+    /// Where the enriched records are written (JSON lines).
+    #[arg(long, default_value = "out/enriched.jsonl")]
+    out: PathBuf,
+    /// Partitions of the demo topics.
+    #[arg(long, default_value_t = 10)]
+    partitions: i32,
+    /// Compute threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Keep the embedded broker running afterwards and print its address (for the notebook).
+    #[arg(long)]
+    serve: bool,
 }
 
 /// Each flag overrides the config file; each also reads an environment variable.
@@ -100,9 +125,21 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| "info,rdkafka=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::Run(args) => run(args.config()?),
+        Command::Demo(a) => {
+            detector::demo::run(&detector::demo::DemoOptions {
+                data: a.data,
+                labels: (a.labels != "none").then(|| PathBuf::from(a.labels)),
+                out: a.out,
+                partitions: a.partitions,
+                workers: a.workers,
+                serve: a.serve,
+            })?;
+            Ok(())
+        }
         Command::DefaultConfig => {
             print!("{}", toml::to_string_pretty(&Config::default())?);
             Ok(())

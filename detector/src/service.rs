@@ -36,6 +36,8 @@ use crate::engine::{Engine, InMessage, Outcome};
 /// Counters a caller (the demo, tests, metrics) can watch while the service runs.
 #[derive(Debug, Default)]
 pub struct Progress {
+    /// Milliseconds from the service's start to its first consumed record (0 = none yet).
+    pub first_record_ms: AtomicU64,
     pub consumed: AtomicU64,
     pub enriched: AtomicU64,
     pub dead_letters: AtomicU64,
@@ -175,9 +177,17 @@ fn client_config(config: &Config) -> ClientConfig {
     c
 }
 
+fn role_config(config: &Config, role: &std::collections::BTreeMap<String, String>) -> ClientConfig {
+    let mut c = client_config(config);
+    for (k, v) in role {
+        c.set(k, v);
+    }
+    c
+}
+
 /// Creates the consumer and producer and runs until `stop` is set (then commits and returns).
 pub fn run(config: Arc<Config>, stop: Arc<AtomicBool>, progress: Arc<Progress>) -> Result<()> {
-    let mut pc = client_config(&config);
+    let mut pc = role_config(&config, &config.kafka_producer);
     pc.set("enable.idempotence", "true");
     set_default(&mut pc, "linger.ms", "5");
     let producer: ThreadedProducer<DeliveryContext> = pc
@@ -194,7 +204,7 @@ pub fn run(config: Arc<Config>, stop: Arc<AtomicBool>, progress: Arc<Progress>) 
         }),
         producer,
     });
-    let mut cc = client_config(&config);
+    let mut cc = role_config(&config, &config.kafka_consumer);
     cc.set("group.id", &config.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
@@ -212,6 +222,7 @@ pub fn run(config: Arc<Config>, stop: Arc<AtomicBool>, progress: Arc<Progress>) 
 
     let interval = Duration::from_secs_f64(config.checkpoint.interval_secs);
     let max_wait = Duration::from_millis(config.batch.max_wait_ms);
+    let service_started = Instant::now();
     let mut last_commit = Instant::now();
     let mut batch: Vec<InMessage> = Vec::with_capacity(config.batch.max_records);
     while !stop.load(Ordering::SeqCst) {
@@ -246,6 +257,10 @@ pub fn run(config: Arc<Config>, stop: Arc<AtomicBool>, progress: Arc<Progress>) 
             }
         }
         if !batch.is_empty() {
+            if progress.first_record_ms.load(Ordering::Relaxed) == 0 {
+                let ms = service_started.elapsed().as_millis().max(1) as u64;
+                progress.first_record_ms.store(ms, Ordering::Relaxed);
+            }
             process_batch(&shared, &batch, &progress)?;
         }
         if last_commit.elapsed() >= interval {
