@@ -98,7 +98,9 @@ pub fn run_file(file: &DataFile, preset: &str) -> Result<FileScores> {
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
             (lo.min(v), hi.max(v))
         });
-    let params = NetworkParams::preset(preset, min, max, file.values.len())?;
+    let mut params = NetworkParams::preset(preset, min, max, file.values.len())?;
+    // NAB scores anomalies only; the next-value classifier does not influence them.
+    params.classifier = None;
     let mut net = Network::new(params)?;
     let mut out = FileScores::default();
     for (&t, &v) in file.seconds.iter().zip(&file.values) {

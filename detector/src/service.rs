@@ -43,6 +43,10 @@ pub struct Progress {
     pub dead_letters: AtomicU64,
     pub anomalies: AtomicU64,
     pub commits: AtomicU64,
+    /// Networks in memory after the last batch.
+    pub devices: AtomicU64,
+    /// Networks restored from checkpoints so far.
+    pub restored: AtomicU64,
 }
 
 struct State {
@@ -360,6 +364,12 @@ fn process_batch(shared: &Shared, batch: &[InMessage], progress: &Progress) -> R
     metrics::counter!("detector_records_in_total").increment(batch.len() as u64);
     metrics::counter!("detector_records_out_total").increment(outcomes.len() as u64);
     metrics::gauge!("detector_devices_resident").set(state.engine.devices() as f64);
+    progress
+        .devices
+        .store(state.engine.devices() as u64, Ordering::Relaxed);
+    progress
+        .restored
+        .store(state.engine.restored(), Ordering::Relaxed);
     metrics::histogram!("detector_batch_seconds").record(started.elapsed().as_secs_f64());
     Ok(())
 }
