@@ -22,6 +22,9 @@ use serde_json::Value;
 
 const PARTITIONS: i32 = 4;
 
+/// A consumed message: (partition, key, value, headers).
+type Consumed = (i32, String, Vec<u8>, BTreeMap<String, String>);
+
 struct Cluster {
     mock: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
     config: Config,
@@ -121,7 +124,7 @@ impl Running {
 }
 
 /// Everything on a topic: (partition, key, value, headers).
-fn read_all(c: &Cluster, topic: &str) -> Vec<(i32, String, Vec<u8>, BTreeMap<String, String>)> {
+fn read_all(c: &Cluster, topic: &str) -> Vec<Consumed> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", c.mock.bootstrap_servers())
         .set("group.id", "test-reader")
@@ -171,9 +174,7 @@ fn read_all(c: &Cluster, topic: &str) -> Vec<(i32, String, Vec<u8>, BTreeMap<Str
 }
 
 /// device → [(offset, timestamp, anomaly, likelihood, prediction_next)] in output order.
-fn scores(
-    out: &[(i32, String, Vec<u8>, BTreeMap<String, String>)],
-) -> HashMap<String, Vec<(i64, String, String)>> {
+fn scores(out: &[Consumed]) -> HashMap<String, Vec<(i64, String, String)>> {
     let mut by_device: HashMap<String, Vec<(i64, String, String)>> = HashMap::new();
     for (_, key, payload, _) in out {
         let v: Value = serde_json::from_slice(payload).unwrap();
