@@ -3,9 +3,11 @@
 #   0. creates/updates the venv .venv-nb from notebooks/requirements.txt
 #   1. pytest on notebooks/tests
 #   2. runs notebooks/anomalies.ipynb headless (papermill) on a JSON-lines file: $1 if given
-#      (labels: optional $2), else a generated fixture of 2 devices with anomalies and labels
-#   3. starts a real Kafka-protocol broker (noida-db) on a free loopback port, produces the same
-#      records transactionally, and runs the notebook again with source="kafka" (+ live cell)
+#      (labels: optional $2), else the enriched records of `detector demo` over data/ (the
+#      sample and its labels)
+#   3. starts a real Kafka-protocol broker (noida-db) on a free loopback port, loads the sample
+#      with `generator load`, runs `detector run` until every record is enriched, and runs the
+#      notebook again with source="kafka" (+ live cell)
 # Each notebook run must write one readable PNG per device and a summary holding every record.
 # Outputs are kept in $NB_TEST_OUT (default out/nb-test) for inspection.
 set -euo pipefail
@@ -35,6 +37,11 @@ fail() { failed=$((failed + 1)); echo "FAIL: $*" >&2; }
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
+# ---------------------------------------------------------------- binaries
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/release
+echo "== building the generator and detector"
+cargo build --release -q --bin generator --bin detector
+
 # ---------------------------------------------------------------- unit tests
 echo "== pytest notebooks/tests"
 if "$PY" -m pytest -q notebooks/tests; then pass "pytest"; else fail "pytest"; fi
@@ -44,10 +51,17 @@ if [ $# -ge 1 ]; then
   DATA=$(realpath "$1")
   LABELS=${2:+$(realpath "$2")}
 else
-  mkdir -p "$OUT/fixture"
-  DATA=$OUT/fixture/enriched.jsonl
-  LABELS=$OUT/fixture/labels.json
-  "$PY" notebooks/tests/fixture.py "$DATA" "$LABELS" >/dev/null
+  echo "== detector demo (enriched records of the sample data)"
+  mkdir -p "$OUT/demo"
+  DATA=$OUT/demo/enriched.jsonl
+  LABELS=$ROOT/data/sample-labels.json
+  if "$TARGET/detector" demo --out "$DATA" --labels none >"$OUT/demo/demo.log" 2>&1; then
+    pass "demo ($(tail -1 "$OUT/demo/demo.log"))"
+  else
+    tail -20 "$OUT/demo/demo.log" >&2
+    fail "demo"
+    exit 1
+  fi
 fi
 # Independent count of what the notebook must load: non-null JSON objects with a device and a time.
 EXPECTED=$("$PY" - "$DATA" <<'EOF'
@@ -171,15 +185,50 @@ while time.monotonic() < deadline:
 sys.exit("broker did not accept connections within 30 s")
 EOF
   pass "broker up"
-  if "$PY" notebooks/tests/produce_fixture.py --bootstrap "127.0.0.1:$PORT" --topic telemetry-enriched \
-    --partitions 3 "$DATA"; then
-    pass "records produced"
-    if run_notebook kafka -p source kafka -p bootstrap_servers "127.0.0.1:$PORT" \
-      -p topic telemetry-enriched -p poll_timeout_s 20 -p live_seconds 4 -p live_refresh_s 2; then
-      check_outputs kafka live
-    fi
+  BOOT=127.0.0.1:$PORT
+  if "$TARGET/generator" load "$ROOT/data/sample-epa.csv" --bootstrap-servers "$BOOT" --topic telemetry \
+    --partitions 4 --no-progress >"$OUT/load.log" 2>&1; then
+    pass "generator load"
   else
-    fail "records produced"
+    cat "$OUT/load.log" >&2
+    fail "generator load"
+  fi
+  SENT=$(grep -o 'sent: *[0-9]*' "$OUT/load.log" | grep -o '[0-9]*' || echo 0)
+  CKPT=$(mktemp -d)
+  "$TARGET/detector" run --config detector/detector.example.toml --bootstrap-servers "$BOOT" \
+    --checkpoint-dir "$CKPT" --metrics-addr "" \
+    >"$OUT/detector.log" 2>&1 &
+  DETECTOR_PID=$!
+  # The detector is a service: wait until the enriched topic holds every loaded record.
+  if "$PY" - "$BOOT" "$SENT" <<'EOF'; then
+import sys, time
+from confluent_kafka import Consumer, TopicPartition
+boot, want = sys.argv[1], int(sys.argv[2])
+c = Consumer({"bootstrap.servers": boot, "group.id": "nb-test-watch"})
+deadline = time.monotonic() + 180
+have = 0
+while time.monotonic() < deadline:
+    md = c.list_topics("telemetry-enriched", timeout=5).topics.get("telemetry-enriched")
+    if md is not None and not md.error:
+        have = sum(c.get_watermark_offsets(TopicPartition("telemetry-enriched", p), timeout=5)[1]
+                   for p in md.partitions)
+        if have >= want:
+            sys.exit(0)
+    time.sleep(0.5)
+sys.exit(f"enriched topic holds {have} of {want} records after 180 s")
+EOF
+    pass "detector enriched $SENT records"
+  else
+    tail -20 "$OUT/detector.log" >&2
+    fail "detector enriched the loaded records"
+  fi
+  kill -TERM "$DETECTOR_PID" 2>/dev/null || true
+  if wait "$DETECTOR_PID"; then pass "detector stopped cleanly on SIGTERM"; else fail "detector exit status"; fi
+  rm -rf "$CKPT"
+  EXPECTED=$SENT
+  if run_notebook kafka -p source kafka -p bootstrap_servers "$BOOT" \
+    -p topic telemetry-enriched -p poll_timeout_s 20 -p live_seconds 4 -p live_refresh_s 2; then
+    check_outputs kafka live
   fi
 else
   cat "$OUT/noida.log" >&2

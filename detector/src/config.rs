@@ -24,7 +24,8 @@ pub struct Config {
     pub topics: Topics,
     pub htm: HtmConfig,
     /// `isAnomaly` is set when the anomaly likelihood is at least this (or on a spatial
-    /// anomaly). 0.9999 is a log-likelihood of 0.4; NAB's tuned threshold is about 0.5.
+    /// anomaly once the likelihood has left probation). 0.9999 is a log-likelihood of 0.4;
+    /// NAB's tuned threshold is about 0.5.
     pub likelihood_threshold: f64,
     pub checkpoint: CheckpointConfig,
     pub batch: BatchConfig,
@@ -294,6 +295,13 @@ fn merge(base: &mut toml::Table, overrides: &toml::Table) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("detector.example.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.range_for(None, Some("44201")).max, 0.1);
+    }
 
     #[test]
     fn empty_file_gives_documented_defaults() {

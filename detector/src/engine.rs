@@ -185,7 +185,10 @@ impl Engine {
                             };
                             state.offset = offset;
                             state.dirty = true;
-                            let is_anomaly = inf.likelihood >= threshold || inf.spatial_anomaly;
+                            // A fresh stream's running range is narrow, so spatial anomalies
+                            // only count once the likelihood has left probation.
+                            let is_anomaly = inf.likelihood >= threshold
+                                || (inf.spatial_anomaly && state.network.likelihood_ready());
                             let payload = enriched_json(rec, &inf, is_anomaly, partition, offset);
                             let outcome = Outcome::Enriched {
                                 partition,

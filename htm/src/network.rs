@@ -229,6 +229,13 @@ impl Network {
         self.records
     }
 
+    /// Whether the anomaly likelihood has left its probation (it reports 0.5 until then).
+    pub fn likelihood_ready(&self) -> bool {
+        self.records
+            > self.params.likelihood.learning_period as u64
+                + self.params.likelihood.estimation_samples as u64
+    }
+
     /// Processes one record: `timestamp` in seconds since 1970-01-01 read as local wall-clock
     /// time, `value` the measurement. Learning is always on (online detector).
     ///
