@@ -1,0 +1,240 @@
+//! End-to-end benchmark on librdkafka's in-process mock cluster: a keyed producer, the detector
+//! service, and a consumer of the enriched topic measuring produce → enriched latency.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use detector::demo::demo_config;
+use detector::service::{self, Progress};
+use generator::partition_for_key;
+use generator::records::InputRecord;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+/// Produce → detect → enriched, on an embedded broker.
+#[derive(Parser)]
+#[command(about)]
+struct Args {
+    /// Devices (each gets its own network).
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Records in all.
+    #[arg(long, default_value_t = 200_000)]
+    records: usize,
+    /// Records per second offered by the producer (0 = as fast as it can: a throughput run,
+    /// where latency includes the backlog).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Input topic partitions.
+    #[arg(long, default_value_t = 10)]
+    partitions: i32,
+    /// Detector compute threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+}
+
+const WARM_UP: &str = "warm-up";
+
+type SendTimes = Arc<Mutex<HashMap<(i32, i64), Instant>>>;
+
+struct Timing {
+    sent: SendTimes,
+}
+
+impl ClientContext for Timing {}
+
+impl ProducerContext for Timing {
+    type DeliveryOpaque = Box<Instant>;
+    fn delivery(&self, result: &DeliveryResult<'_>, sent_at: Box<Instant>) {
+        if let Ok(m) = result {
+            self.sent
+                .lock()
+                .unwrap()
+                .insert((m.partition(), m.offset()), *sent_at);
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let mock = MockCluster::new(1)?;
+    let bootstrap = mock.bootstrap_servers();
+    let dir = tempfile::tempdir()?;
+    let mut config = demo_config(&bootstrap, dir.path(), args.workers);
+    config.htm.probation = 200;
+    config.htm.min = 0.0;
+    config.htm.max = 100.0;
+    config.batch.max_wait_ms = 50;
+    config.checkpoint.interval_secs = 5.0;
+    for t in [
+        &config.topics.input,
+        &config.topics.output,
+        &config.topics.dead_letter,
+    ] {
+        mock.create_topic(t, args.partitions, 1)?;
+    }
+    let config = Arc::new(config);
+
+    // Start the detector first so latency is not dominated by the group join.
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(Progress::default());
+    let detector = {
+        let (c, s, p) = (config.clone(), stop.clone(), progress.clone());
+        std::thread::spawn(move || service::run(c, s, p))
+    };
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", "e2e-reader")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..args.partitions {
+        tpl.add_partition_offset(&config.topics.output, p, Offset::Beginning)?;
+    }
+    reader.assign(&tpl)?;
+    warm_up(&bootstrap, &config.topics.input, &progress)?;
+
+    let sent: SendTimes = Arc::new(Mutex::new(HashMap::with_capacity(args.records)));
+    let producer: ThreadedProducer<Timing> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create_with_context(Timing { sent: sent.clone() })?;
+    let partitions =
+        NonZeroU32::new(args.partitions as u32).context("partitions must be positive")?;
+    let topic = config.topics.input.clone();
+    let (devices, total, rate) = (args.devices, args.records, args.rate);
+    let started = Instant::now();
+    let feeder = std::thread::spawn(move || -> Result<()> {
+        let mut rng = htm::random::Random::new(11);
+        let mut buf = Vec::new();
+        for i in 0..total {
+            if rate > 0.0 {
+                let due = started + Duration::from_secs_f64(i as f64 / rate);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            let (d, step) = (i % devices, i / devices);
+            let phase = (step % 24) as f64 / 24.0 * std::f64::consts::TAU;
+            let rec = InputRecord {
+                device_id: format!("device-{d:05}"),
+                timestamp: 1_388_534_400 + 3600 * step as i64,
+                value: 50.0 + 25.0 * phase.sin() + 5.0 * rng.real() + d as f64 % 10.0,
+                fields: None,
+            };
+            buf.clear();
+            rec.write_json(&mut buf);
+            let partition = partition_for_key(rec.device_id.as_bytes(), partitions) as i32;
+            let mut record = BaseRecord::with_opaque_to(&topic, Box::new(Instant::now()))
+                .key(rec.device_id.as_bytes())
+                .payload(&buf[..])
+                .partition(partition);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, back)) => {
+                        record = back;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+        producer.flush(Duration::from_secs(60))?;
+        Ok(())
+    });
+
+    let mut latencies_ms = Vec::with_capacity(total);
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    let mut pending: Vec<((i32, i64), Instant)> = Vec::new();
+    let mut last_report = Instant::now();
+    while latencies_ms.len() < total {
+        if last_report.elapsed() > Duration::from_secs(5) {
+            last_report = Instant::now();
+            eprintln!(
+                "t={:.1}s sent={} consumed={} enriched={} read={} pending={}",
+                started.elapsed().as_secs_f64(),
+                sent.lock().unwrap().len(),
+                progress.consumed.load(Ordering::SeqCst),
+                progress.enriched.load(Ordering::SeqCst),
+                latencies_ms.len(),
+                pending.len()
+            );
+        }
+        if Instant::now() > deadline || detector.is_finished() {
+            bail!("only {} of {total} records enriched", latencies_ms.len());
+        }
+        if let Some(m) = reader.poll(Duration::from_millis(100)) {
+            let m = m?;
+            let now = Instant::now();
+            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
+            if v["deviceId"] == WARM_UP {
+                continue;
+            }
+            let key = (
+                v["partition"].as_i64().unwrap_or(-1) as i32,
+                v["offset"].as_i64().unwrap_or(-1),
+            );
+            pending.push((key, now));
+        }
+        // Delivery reports can arrive after the enriched record: match what is known.
+        if !pending.is_empty() {
+            let sent = sent.lock().unwrap();
+            pending.retain(|(key, at)| match sent.get(key) {
+                Some(t0) => {
+                    latencies_ms.push(at.duration_since(*t0).as_secs_f64() * 1e3);
+                    false
+                }
+                None => true,
+            });
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    feeder.join().expect("producer thread")?;
+    stop.store(true, Ordering::SeqCst);
+    detector.join().expect("detector thread")?;
+    latencies_ms.sort_by(f64::total_cmp);
+    let pct = |q: f64| latencies_ms[((latencies_ms.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "e2e: records={total} seconds={seconds:.3} records_per_s={:.0} p50_ms={:.1} p99_ms={:.1}",
+        total as f64 / seconds,
+        pct(0.50),
+        pct(0.99)
+    );
+    Ok(())
+}
+
+/// The group join on the mock takes a few seconds: one warm-up record, enriched before the
+/// clock starts, makes latency measure the pipeline rather than the join.
+fn warm_up(bootstrap: &str, topic: &str, progress: &Progress) -> Result<()> {
+    let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let rec = InputRecord {
+        device_id: WARM_UP.into(),
+        timestamp: 1_388_534_400,
+        value: 1.0,
+        fields: None,
+    };
+    let payload = rec.to_json();
+    producer
+        .send(BaseRecord::to(topic).key(WARM_UP).payload(&payload))
+        .map_err(|(e, _)| e)?;
+    producer.flush(Duration::from_secs(10))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while progress.enriched.load(Ordering::SeqCst) == 0 {
+        if Instant::now() > deadline {
+            bail!("the detector did not process the warm-up record within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
