@@ -197,6 +197,8 @@ struct Cache {
     /// Column-major rows of connected-synapse bits over the input.
     connected: Vec<u64>,
     input_bits: Vec<u64>,
+    /// Per input bit, the permanence change of a winning column's synapse from it.
+    delta: Vec<f32>,
     overlaps: Vec<u32>,
     boosted: Vec<f32>,
     keys: Vec<u64>,
@@ -254,14 +256,9 @@ fn neighborhood_len(center: u32, radius: u32, dim: u32, wrap: bool) -> usize {
     n as usize
 }
 
-#[inline(always)]
-fn bit(words: &[u64], i: u32) -> bool {
-    (words[(i >> 6) as usize] >> (i & 63)) & 1 != 0
-}
-
 /// Applies `delta` to every permanence of column `col`, then NuPIC's
 /// `_updatePermanencesForColumn`: optional raise to the stimulus threshold, trim, clip; and
-/// refreshes the column's connected-bit row.
+/// keeps the column's connected-bit row in step. `row` must match the permanences on entry.
 fn update_column<D: Fn(u32) -> f32>(
     conns: &mut Connections,
     row: &mut [u64],
@@ -270,16 +267,21 @@ fn update_column<D: Fn(u32) -> f32>(
     raise: bool,
     delta: D,
 ) {
-    row.fill(0);
     if !raise || k.stimulus_threshold == 0 {
-        // Single pass: clip-then-trim equals trim-then-clip because trim > 0.
-        conns.update_permanences(col, |presyn, p| {
-            let mut np = p + delta(presyn);
-            if np < k.trim {
-                np = 0.0;
+        // Single pass: clip-then-trim equals trim-then-clip because trim > 0. Learning steps
+        // are small, so connected status rarely flips: toggling bits only on a change
+        // avoids a read-modify-write of the row per synapse.
+        let (trim, connected) = (k.trim, k.connected);
+        // `move`: constants captured by value stay in registers across the stores.
+        conns.update_permanences(col, move |presyn, p| {
+            let np = (p + delta(presyn)).min(1.0);
+            // Branch-free trim: which synapses sit near zero is data-dependent, and a
+            // mispredicted branch per synapse would dominate the loop.
+            let keep = u32::from(np >= trim).wrapping_neg();
+            let np = f32::from_bits(np.to_bits() & keep);
+            if (np >= connected) != (p >= connected) {
+                row[(presyn >> 6) as usize] ^= 1 << (presyn & 63);
             }
-            np = np.min(1.0);
-            row[(presyn >> 6) as usize] |= u64::from(np >= k.connected) << (presyn & 63);
             np
         });
         return;
@@ -300,6 +302,7 @@ fn update_column<D: Fn(u32) -> f32>(
             np
         });
     }
+    row.fill(0);
     conns.update_permanences(col, |presyn, p| {
         let np = if p < k.trim { 0.0 } else { p.min(1.0) };
         row[(presyn >> 6) as usize] |= u64::from(np >= k.connected) << (presyn & 63);
@@ -379,6 +382,7 @@ impl SpatialPooler {
                 let p = if p < k.trim { 0.0 } else { p };
                 sp.connections.create_synapse(seg, input, p);
             }
+            // `row` is scratch here: the real bitset is rebuilt from the permanences below.
             update_column(&mut sp.connections, &mut row, col, &k, true, |_| 0.0);
         }
         sp.rebuild_after_restore();
@@ -424,6 +428,7 @@ impl SpatialPooler {
             words,
             connected,
             input_bits: vec![0; words],
+            delta: vec![0.0; self.input_size()],
             overlaps: vec![0; n_col],
             boosted: vec![0.0; n_col],
             keys: Vec::with_capacity(n_col),
@@ -506,6 +511,7 @@ impl SpatialPooler {
             + size_of::<u64>()
                 * (c.connected.capacity() + c.input_bits.capacity() + c.keys.capacity())
             + 4 * (c.overlaps.capacity()
+                + c.delta.capacity()
                 + c.boosted.capacity()
                 + c.histogram.capacity()
                 + c.winners.capacity())
@@ -717,19 +723,19 @@ impl SpatialPooler {
     }
 
     /// NuPIC `_adaptSynapses`: winners' synapses on active inputs +inc, others -dec.
-    fn adapt_synapses(&mut self, _input: &Sdr) {
+    fn adapt_synapses(&mut self, input: &Sdr) {
         let c = &mut self.cache;
         let k = &c.consts;
+        c.delta.fill(k.inactive_dec_neg);
+        for &i in input.sparse() {
+            c.delta[i as usize] = k.active_inc;
+        }
         let words = c.words;
-        let input_bits = &c.input_bits;
+        let delta: &[f32] = &c.delta;
         for &col in &c.winners {
             let row = &mut c.connected[col as usize * words..(col as usize + 1) * words];
-            update_column(&mut self.connections, row, col, k, true, |presyn| {
-                if bit(input_bits, presyn) {
-                    k.active_inc
-                } else {
-                    k.inactive_dec_neg
-                }
+            update_column(&mut self.connections, row, col, k, true, move |presyn| {
+                delta[presyn as usize]
             });
         }
     }

@@ -133,6 +133,7 @@ struct Scratch {
     prev_winners: Vec<u32>,
     candidates: Vec<u32>,
     doomed: Vec<SynapseId>,
+    weakest: Vec<(SynapseId, f32)>,
 }
 
 /// Scratch compares equal: it is a function of the persistent state.
@@ -292,7 +293,8 @@ impl TemporalMemory {
                 + s.prev_active_list.capacity()
                 + s.prev_winners.capacity()
                 + s.candidates.capacity()
-                + s.doomed.capacity())
+                + s.doomed.capacity()
+                + 2 * s.weakest.capacity())
     }
 
     /// Forgets the current sequence context (active, winner and predictive state); learned
@@ -506,14 +508,18 @@ impl TemporalMemory {
     /// synapses left at ~0 are destroyed, and the segment too if none remain.
     fn adapt_segment(&mut self, seg: SegmentId, inc: f32, dec: f32) {
         let s = &mut self.scratch;
-        let prev_active = &s.prev_active;
+        let prev_active: &[u64] = &s.prev_active;
+        // Branch-free: whether a presynaptic cell was active is unpredictable.
+        let deltas = [-dec, inc];
+        let mut any_dead = false;
         self.connections.update_permanences(seg, |presyn, p| {
-            if bit(prev_active, presyn) {
-                p + inc
-            } else {
-                p - dec
-            }
+            let np = p + deltas[usize::from(bit(prev_active, presyn))];
+            any_dead |= np < EPSILON;
+            np
         });
+        if !any_dead {
+            return;
+        }
         s.doomed.clear();
         for &syn in self.connections.synapses_for_segment(seg) {
             if self.connections.synapse(syn).permanence < EPSILON {
@@ -586,27 +592,27 @@ impl TemporalMemory {
     /// time; ties (within EPSILON) go to the earlier synapse in segment order.
     fn destroy_min_permanence_synapses(&mut self, seg: SegmentId, n: usize) {
         let s = &mut self.scratch;
-        s.doomed.clear();
+        // Permanences are read once: destroying synapses does not change the others.
+        s.weakest.clear();
         for &syn in self.connections.synapses_for_segment(seg) {
-            let presyn = self.connections.synapse(syn).presyn;
-            if s.prev_winners.binary_search(&presyn).is_err() {
-                s.doomed.push(syn);
+            let data = self.connections.synapse(syn);
+            if s.prev_winners.binary_search(&data.presyn).is_err() {
+                s.weakest.push((syn, data.permanence));
             }
         }
         for _ in 0..n {
-            if s.doomed.is_empty() {
+            if s.weakest.is_empty() {
                 break;
             }
             let mut min_perm = f32::MAX;
             let mut min_i = 0;
-            for (i, &syn) in s.doomed.iter().enumerate() {
-                let p = self.connections.synapse(syn).permanence;
+            for (i, &(_, p)) in s.weakest.iter().enumerate() {
                 if p < min_perm - EPSILON {
                     min_perm = p;
                     min_i = i;
                 }
             }
-            let syn = s.doomed.remove(min_i);
+            let (syn, _) = s.weakest.remove(min_i);
             self.connections.destroy_synapse(syn);
         }
     }
