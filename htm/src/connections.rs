@@ -286,6 +286,28 @@ impl Connections {
         potential: &mut Vec<u32>,
         touched: &mut Vec<SegmentId>,
     ) {
+        self.compute_activity_sparse_with(
+            active_presyn,
+            connected_threshold,
+            connected,
+            potential,
+            touched,
+            |_, _| {},
+        );
+    }
+
+    /// [`Connections::compute_activity_sparse`] that also reports every synapse it counts
+    /// as `visit(segment, synapse)`, in traversal order (which depends on the index's
+    /// history: treat it as unordered).
+    pub fn compute_activity_sparse_with<V: FnMut(SegmentId, SynapseId)>(
+        &self,
+        active_presyn: &[u32],
+        connected_threshold: f32,
+        connected: &mut Vec<u32>,
+        potential: &mut Vec<u32>,
+        touched: &mut Vec<SegmentId>,
+        mut visit: V,
+    ) {
         assert!(
             self.indexed,
             "compute_activity_sparse needs an indexed store"
@@ -309,9 +331,8 @@ impl Connections {
                     touched.push(s.segment);
                 }
                 potential[seg] += 1;
-                if s.permanence >= connected_threshold {
-                    connected[seg] += 1;
-                }
+                connected[seg] += u32::from(s.permanence >= connected_threshold);
+                visit(s.segment, syn);
             }
         }
     }
