@@ -197,6 +197,8 @@ struct Cache {
     /// Column-major rows of connected-synapse bits over the input.
     connected: Vec<u64>,
     input_bits: Vec<u64>,
+    /// Indices of the non-zero words of `input_bits`, ascending.
+    nonzero_words: Vec<usize>,
     /// Per input bit, the permanence change of a winning column's synapse from it.
     delta: Vec<f32>,
     overlaps: Vec<u32>,
@@ -310,22 +312,52 @@ fn update_column<D: Fn(u32) -> f32>(
     });
 }
 
-/// Connected-synapse overlap of every column with the input bitset.
+/// Connected-synapse overlap of every column with the input bitset. `nonzero` lists the
+/// input words with an active bit: encoders produce a few contiguous runs, so most words
+/// are empty and need not be read.
 #[inline(always)]
-fn overlaps_kernel(connected: &[u64], words: usize, input: &[u64], out: &mut [u32]) {
-    for (row, o) in connected.chunks_exact(words).zip(out.iter_mut()) {
-        *o = row
-            .iter()
-            .zip(input)
-            .map(|(a, b)| (a & b).count_ones())
-            .sum();
+fn overlaps_kernel(
+    connected: &[u64],
+    words: usize,
+    input: &[u64],
+    nonzero: &[usize],
+    out: &mut [u32],
+) {
+    match nonzero {
+        [] => out.fill(0),
+        [a] => {
+            let (a, ia) = (*a, input[*a]);
+            for (row, o) in connected.chunks_exact(words).zip(out.iter_mut()) {
+                *o = (row[a] & ia).count_ones();
+            }
+        }
+        [a, b] => {
+            let (a, ia, b, ib) = (*a, input[*a], *b, input[*b]);
+            for (row, o) in connected.chunks_exact(words).zip(out.iter_mut()) {
+                *o = (row[a] & ia).count_ones() + (row[b] & ib).count_ones();
+            }
+        }
+        _ => {
+            for (row, o) in connected.chunks_exact(words).zip(out.iter_mut()) {
+                *o = nonzero
+                    .iter()
+                    .map(|&w| (row[w] & input[w]).count_ones())
+                    .sum();
+            }
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "popcnt")]
-fn overlaps_kernel_popcnt(connected: &[u64], words: usize, input: &[u64], out: &mut [u32]) {
-    overlaps_kernel(connected, words, input, out);
+fn overlaps_kernel_popcnt(
+    connected: &[u64],
+    words: usize,
+    input: &[u64],
+    nonzero: &[usize],
+    out: &mut [u32],
+) {
+    overlaps_kernel(connected, words, input, nonzero, out);
 }
 
 impl SpatialPooler {
@@ -428,6 +460,7 @@ impl SpatialPooler {
             words,
             connected,
             input_bits: vec![0; words],
+            nonzero_words: Vec::with_capacity(words),
             delta: vec![0.0; self.input_size()],
             overlaps: vec![0; n_col],
             boosted: vec![0.0; n_col],
@@ -591,18 +624,22 @@ impl SpatialPooler {
     fn calculate_overlaps(&mut self, input: &Sdr) {
         let c = &mut self.cache;
         c.input_bits.fill(0);
+        c.nonzero_words.clear();
         for &i in input.sparse() {
-            c.input_bits[(i >> 6) as usize] |= 1 << (i & 63);
+            let w = (i >> 6) as usize;
+            if c.nonzero_words.last() != Some(&w) {
+                c.nonzero_words.push(w); // sparse bits are sorted: words come in order
+            }
+            c.input_bits[w] |= 1 << (i & 63);
         }
+        let (conn, words, bits, nz) = (&c.connected, c.words, &c.input_bits, &c.nonzero_words);
         #[cfg(target_arch = "x86_64")]
         if c.has_popcnt {
             // SAFETY: `has_popcnt` was set from runtime CPU feature detection.
-            unsafe {
-                overlaps_kernel_popcnt(&c.connected, c.words, &c.input_bits, &mut c.overlaps);
-            }
+            unsafe { overlaps_kernel_popcnt(conn, words, bits, nz, &mut c.overlaps) };
             return;
         }
-        overlaps_kernel(&c.connected, c.words, &c.input_bits, &mut c.overlaps);
+        overlaps_kernel(conn, words, bits, nz, &mut c.overlaps);
     }
 
     /// Fills `cache.winners` (sorted) from the raw or boosted overlaps.
@@ -959,6 +996,42 @@ mod tests {
         let mut sp = SpatialPooler::new(p).unwrap();
         assert!(run(&mut sp, &Sdr::new(100), true).is_empty());
         assert_eq!(run(&mut sp, &block(100, 10, 20), false).len(), 10);
+    }
+
+    #[test]
+    fn overlaps_equal_a_direct_count_of_connected_synapses() {
+        let mut sp = SpatialPooler::new(params(454, 300, 10)).unwrap();
+        let mut rng = Random::new(17);
+        let inputs = [
+            Sdr::new(454),                    // no active word
+            block(454, 3, 20),                // one word
+            block(454, 50, 40),               // two words
+            block(454, 100, 200),             // several words
+            random_sdr(&mut rng, 454, 60),    // scattered
+            Sdr::from_sparse(454, vec![453]), // last, partial word
+        ];
+        for (i, x) in inputs.iter().enumerate() {
+            for _ in 0..3 {
+                // Learning first, so the check also covers the bitset's upkeep.
+                run(&mut sp, x, true);
+                run(&mut sp, x, false);
+                let c = sp.connections();
+                let thr = sp.cache.consts.connected;
+                for col in 0..300u32 {
+                    let direct = c
+                        .synapses_for_segment(col)
+                        .iter()
+                        .map(|&s| c.synapse(s))
+                        .filter(|s| s.permanence >= thr && x.contains(s.presyn))
+                        .count() as u32;
+                    assert_eq!(
+                        sp.overlaps()[col as usize],
+                        direct,
+                        "input {i} column {col}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
