@@ -465,7 +465,7 @@ impl SpatialPooler {
             overlaps: vec![0; n_col],
             boosted: vec![0.0; n_col],
             keys: Vec::with_capacity(n_col),
-            histogram: vec![0; self.input_size() + 1],
+            histogram: vec![0; 4 * (self.input_size() + 1)],
             winners: Vec::with_capacity(n_col),
             active_flags: vec![false; n_col],
             has_popcnt,
@@ -671,36 +671,53 @@ impl SpatialPooler {
         if k == 0 {
             return;
         }
+        // Four interleaved histograms: overlaps cluster on few values, and a single one
+        // would chain every increment of a popular bin through store-to-load forwarding.
+        let bins = c.histogram.len() / 4;
         c.histogram.fill(0);
-        for &o in &c.overlaps {
-            c.histogram[o as usize] += 1;
+        let (h0, rest) = c.histogram.split_at_mut(bins);
+        let (h1, rest) = rest.split_at_mut(bins);
+        let (h2, h3) = rest.split_at_mut(bins);
+        let mut chunks = c.overlaps.chunks_exact(4);
+        for q in &mut chunks {
+            h0[q[0] as usize] += 1;
+            h1[q[1] as usize] += 1;
+            h2[q[2] as usize] += 1;
+            h3[q[3] as usize] += 1;
+        }
+        for &o in chunks.remainder() {
+            h0[o as usize] += 1;
         }
         // Smallest overlap `t` such that at least k columns have overlap >= t.
         let mut above = 0usize;
-        let mut t = c.histogram.len() - 1;
+        let mut t = bins - 1;
+        let mut at_t;
         loop {
-            let here = c.histogram[t] as usize;
-            if above + here >= k || t == 0 {
+            at_t = (h0[t] + h1[t] + h2[t] + h3[t]) as usize;
+            if above + at_t >= k || t == 0 {
                 break;
             }
-            above += here;
+            above += at_t;
             t -= 1;
         }
-        let mut need_at_t = k - above;
         let t = t as u32;
-        // Ties at `t`: the highest indices win, so walk columns downwards.
-        for col in (0..c.overlaps.len()).rev() {
-            let o = c.overlaps[col];
-            if o > t || (o == t && need_at_t > 0) {
-                if o == t {
-                    need_at_t -= 1;
-                }
-                if o >= self.params.stimulus_threshold {
-                    c.winners.push(col as u32);
-                }
+        // Ties at `t` beyond the k: the lowest indices lose (the highest win).
+        let mut drop_at_t = at_t.saturating_sub(k - above);
+        for (col, &o) in c.overlaps.iter().enumerate() {
+            if o >= t {
+                c.winners.push(col as u32);
             }
         }
-        c.winners.reverse();
+        let stimulus = self.params.stimulus_threshold;
+        let overlaps = &c.overlaps;
+        c.winners.retain(|&col| {
+            let o = overlaps[col as usize];
+            if o == t && drop_at_t > 0 {
+                drop_at_t -= 1;
+                return false;
+            }
+            o >= stimulus
+        });
     }
 
     /// Global top-`k` of boosted overlaps, same tie-break as the counting version.
@@ -1049,6 +1066,15 @@ mod tests {
                 .max()
                 .unwrap();
             assert!(min_win >= max_lose, "{min_win} < {max_lose}");
+            // Among columns tied at the cut, the highest indices won.
+            let lowest_tied_winner = out
+                .sparse()
+                .iter()
+                .find(|&&c| ov[c as usize] == min_win)
+                .unwrap();
+            assert!((0..500u32)
+                .filter(|c| !out.contains(*c) && ov[*c as usize] == min_win)
+                .all(|c| c < *lowest_tied_winner));
         }
     }
 
