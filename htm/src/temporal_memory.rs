@@ -325,9 +325,9 @@ impl TemporalMemory {
     /// by the previous step (0 when no column is active).
     ///
     /// # Panics
-    /// If a column index is out of range.
+    /// If `active_columns` is not sorted and unique, or a column is out of range.
     pub fn compute(&mut self, active_columns: &[u32], learn: bool) -> f32 {
-        debug_assert!(
+        assert!(
             active_columns.windows(2).all(|w| w[0] < w[1]),
             "active columns must be sorted and unique"
         );
