@@ -498,14 +498,21 @@ impl TemporalMemory {
             return;
         }
         for &seg in matching {
-            if self.params.initial_permanence < EPSILON || tests_force_full_walks() {
-                // Inactive synapses below EPSILON (only possible with such a tiny initial
-                // permanence) must die too: take the full walk.
-                self.adapt_segment(seg, -dec, 0.0);
-            } else {
+            if self.shortcuts_exact() {
                 self.punish_segment(seg, dec);
+            } else {
+                self.adapt_segment(seg, -dec, 0.0);
             }
         }
+    }
+
+    /// Whether every live synapse is guaranteed to have permanence >= EPSILON (synapses are
+    /// born at `initial_permanence` and destroyed as soon as they drop below). Then
+    /// inactive synapses survive a punishment untouched and active ones survive
+    /// reinforcement, which the active-synapse shortcuts rely on; with a smaller initial
+    /// permanence the full NuPIC walks are taken instead.
+    fn shortcuts_exact(&self) -> bool {
+        self.params.initial_permanence >= EPSILON && !tests_force_full_walks()
     }
 
     /// `adapt_segment(seg, -dec, 0.0)` restricted to the synapses that can change: with a
@@ -613,6 +620,7 @@ impl TemporalMemory {
     /// Grows up to `n_desired` synapses from previous winner cells not yet on `seg`, picked
     /// at random, first evicting the weakest synapses if the segment would overflow.
     fn grow_synapses(&mut self, seg: SegmentId, n_desired: usize) {
+        let shortcut = self.shortcuts_exact();
         let s = &mut self.scratch;
         s.candidates.clear();
         s.candidates.extend_from_slice(&s.prev_winners);
@@ -620,7 +628,7 @@ impl TemporalMemory {
         // synapses can come from one: a matching segment's recorded run of active synapses
         // (still intact: learning so far only removed inactive ones) is all we must check.
         let slot = s.slot.get(seg as usize).copied().unwrap_or(NO_SLOT);
-        let existing = if slot != NO_SLOT && !tests_force_full_walks() {
+        let existing = if slot != NO_SLOT && shortcut {
             let len = s.potential[seg as usize] as usize;
             &s.active_synapses[slot as usize..slot as usize + len]
         } else {
