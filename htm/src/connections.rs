@@ -264,7 +264,14 @@ impl Connections {
     /// lookup-and-store per synapse.
     pub fn update_permanences<F: FnMut(u32, f32) -> f32>(&mut self, seg: SegmentId, mut update: F) {
         let synapses = &mut self.synapses;
-        for &syn in &self.segments[seg as usize].synapses {
+        let ids = &self.segments[seg as usize].synapses;
+        for &syn in ids.iter().take(PREFETCH_AHEAD) {
+            prefetch(&synapses[syn as usize]);
+        }
+        for (i, &syn) in ids.iter().enumerate() {
+            if let Some(&ahead) = ids.get(i + PREFETCH_AHEAD) {
+                prefetch(&synapses[ahead as usize]);
+            }
             let s = &mut synapses[syn as usize];
             s.permanence = update(s.presyn, s.permanence).clamp(0.0, 1.0);
         }
@@ -286,6 +293,28 @@ impl Connections {
         potential: &mut Vec<u32>,
         touched: &mut Vec<SegmentId>,
     ) {
+        self.compute_activity_sparse_with(
+            active_presyn,
+            connected_threshold,
+            connected,
+            potential,
+            touched,
+            |_, _| {},
+        );
+    }
+
+    /// [`Connections::compute_activity_sparse`] that also reports every synapse it counts
+    /// as `visit(segment, synapse)`, in traversal order (which depends on the index's
+    /// history: treat it as unordered).
+    pub fn compute_activity_sparse_with<V: FnMut(SegmentId, SynapseId)>(
+        &self,
+        active_presyn: &[u32],
+        connected_threshold: f32,
+        connected: &mut Vec<u32>,
+        potential: &mut Vec<u32>,
+        touched: &mut Vec<SegmentId>,
+        mut visit: V,
+    ) {
         assert!(
             self.indexed,
             "compute_activity_sparse needs an indexed store"
@@ -301,17 +330,33 @@ impl Connections {
         touched.clear();
         connected.resize(self.segments.len(), 0);
         potential.resize(self.segments.len(), 0);
-        for &p in active_presyn {
-            for &syn in &self.presyn_index[p as usize] {
+        // Each step is three dependent loads into large arrays (list header, list, synapse),
+        // which mostly miss the cache: prefetching them ahead of use lets the misses overlap.
+        for (i, &p) in active_presyn.iter().enumerate() {
+            if let Some(&later) = active_presyn.get(i + 2) {
+                prefetch(&self.presyn_index[later as usize]);
+            }
+            if let Some(&next) = active_presyn.get(i + 1) {
+                if let Some(first) = self.presyn_index[next as usize].first() {
+                    prefetch(first);
+                }
+            }
+            let list = &self.presyn_index[p as usize];
+            for &syn in list.iter().take(PREFETCH_AHEAD) {
+                prefetch(&self.synapses[syn as usize]);
+            }
+            for (j, &syn) in list.iter().enumerate() {
+                if let Some(&ahead) = list.get(j + PREFETCH_AHEAD) {
+                    prefetch(&self.synapses[ahead as usize]);
+                }
                 let s = &self.synapses[syn as usize];
                 let seg = s.segment as usize;
                 if potential[seg] == 0 {
                     touched.push(s.segment);
                 }
                 potential[seg] += 1;
-                if s.permanence >= connected_threshold {
-                    connected[seg] += 1;
-                }
+                connected[seg] += u32::from(s.permanence >= connected_threshold);
+                visit(s.segment, syn);
             }
         }
     }
@@ -333,6 +378,23 @@ impl Connections {
             + self.synapses.capacity() * size_of::<Synapse>()
             + (self.free_segments.capacity() + self.free_synapses.capacity()) * 4
     }
+}
+
+/// How many synapses ahead scattered synapse walks prefetch.
+const PREFETCH_AHEAD: usize = 8;
+
+/// Asks the CPU to start loading the cache line holding `value`; a pure performance hint.
+#[inline(always)]
+fn prefetch<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and has no architectural effect; the pointer comes
+    // from a live reference anyway.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>((value as *const T).cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
 }
 
 #[cfg(test)]

@@ -197,6 +197,10 @@ struct Cache {
     /// Column-major rows of connected-synapse bits over the input.
     connected: Vec<u64>,
     input_bits: Vec<u64>,
+    /// Indices of the non-zero words of `input_bits`, ascending.
+    nonzero_words: Vec<usize>,
+    /// Per input bit, the permanence change of a winning column's synapse from it.
+    delta: Vec<f32>,
     overlaps: Vec<u32>,
     boosted: Vec<f32>,
     keys: Vec<u64>,
@@ -254,14 +258,9 @@ fn neighborhood_len(center: u32, radius: u32, dim: u32, wrap: bool) -> usize {
     n as usize
 }
 
-#[inline(always)]
-fn bit(words: &[u64], i: u32) -> bool {
-    (words[(i >> 6) as usize] >> (i & 63)) & 1 != 0
-}
-
 /// Applies `delta` to every permanence of column `col`, then NuPIC's
 /// `_updatePermanencesForColumn`: optional raise to the stimulus threshold, trim, clip; and
-/// refreshes the column's connected-bit row.
+/// keeps the column's connected-bit row in step. `row` must match the permanences on entry.
 fn update_column<D: Fn(u32) -> f32>(
     conns: &mut Connections,
     row: &mut [u64],
@@ -270,16 +269,21 @@ fn update_column<D: Fn(u32) -> f32>(
     raise: bool,
     delta: D,
 ) {
-    row.fill(0);
     if !raise || k.stimulus_threshold == 0 {
-        // Single pass: clip-then-trim equals trim-then-clip because trim > 0.
-        conns.update_permanences(col, |presyn, p| {
-            let mut np = p + delta(presyn);
-            if np < k.trim {
-                np = 0.0;
+        // Single pass: clip-then-trim equals trim-then-clip because trim > 0. Learning steps
+        // are small, so connected status rarely flips: toggling bits only on a change
+        // avoids a read-modify-write of the row per synapse.
+        let (trim, connected) = (k.trim, k.connected);
+        // `move`: constants captured by value stay in registers across the stores.
+        conns.update_permanences(col, move |presyn, p| {
+            let np = (p + delta(presyn)).min(1.0);
+            // Branch-free trim: which synapses sit near zero is data-dependent, and a
+            // mispredicted branch per synapse would dominate the loop.
+            let keep = u32::from(np >= trim).wrapping_neg();
+            let np = f32::from_bits(np.to_bits() & keep);
+            if (np >= connected) != (p >= connected) {
+                row[(presyn >> 6) as usize] ^= 1 << (presyn & 63);
             }
-            np = np.min(1.0);
-            row[(presyn >> 6) as usize] |= u64::from(np >= k.connected) << (presyn & 63);
             np
         });
         return;
@@ -300,6 +304,7 @@ fn update_column<D: Fn(u32) -> f32>(
             np
         });
     }
+    row.fill(0);
     conns.update_permanences(col, |presyn, p| {
         let np = if p < k.trim { 0.0 } else { p.min(1.0) };
         row[(presyn >> 6) as usize] |= u64::from(np >= k.connected) << (presyn & 63);
@@ -307,22 +312,52 @@ fn update_column<D: Fn(u32) -> f32>(
     });
 }
 
-/// Connected-synapse overlap of every column with the input bitset.
+/// Connected-synapse overlap of every column with the input bitset. `nonzero` lists the
+/// input words with an active bit: encoders produce a few contiguous runs, so most words
+/// are empty and need not be read.
 #[inline(always)]
-fn overlaps_kernel(connected: &[u64], words: usize, input: &[u64], out: &mut [u32]) {
-    for (row, o) in connected.chunks_exact(words).zip(out.iter_mut()) {
-        *o = row
-            .iter()
-            .zip(input)
-            .map(|(a, b)| (a & b).count_ones())
-            .sum();
+fn overlaps_kernel(
+    connected: &[u64],
+    words: usize,
+    input: &[u64],
+    nonzero: &[usize],
+    out: &mut [u32],
+) {
+    match nonzero {
+        [] => out.fill(0),
+        [a] => {
+            let (a, ia) = (*a, input[*a]);
+            for (row, o) in connected.chunks_exact(words).zip(out.iter_mut()) {
+                *o = (row[a] & ia).count_ones();
+            }
+        }
+        [a, b] => {
+            let (a, ia, b, ib) = (*a, input[*a], *b, input[*b]);
+            for (row, o) in connected.chunks_exact(words).zip(out.iter_mut()) {
+                *o = (row[a] & ia).count_ones() + (row[b] & ib).count_ones();
+            }
+        }
+        _ => {
+            for (row, o) in connected.chunks_exact(words).zip(out.iter_mut()) {
+                *o = nonzero
+                    .iter()
+                    .map(|&w| (row[w] & input[w]).count_ones())
+                    .sum();
+            }
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "popcnt")]
-fn overlaps_kernel_popcnt(connected: &[u64], words: usize, input: &[u64], out: &mut [u32]) {
-    overlaps_kernel(connected, words, input, out);
+fn overlaps_kernel_popcnt(
+    connected: &[u64],
+    words: usize,
+    input: &[u64],
+    nonzero: &[usize],
+    out: &mut [u32],
+) {
+    overlaps_kernel(connected, words, input, nonzero, out);
 }
 
 impl SpatialPooler {
@@ -379,6 +414,7 @@ impl SpatialPooler {
                 let p = if p < k.trim { 0.0 } else { p };
                 sp.connections.create_synapse(seg, input, p);
             }
+            // `row` is scratch here: the real bitset is rebuilt from the permanences below.
             update_column(&mut sp.connections, &mut row, col, &k, true, |_| 0.0);
         }
         sp.rebuild_after_restore();
@@ -424,10 +460,12 @@ impl SpatialPooler {
             words,
             connected,
             input_bits: vec![0; words],
+            nonzero_words: Vec::with_capacity(words),
+            delta: vec![0.0; self.input_size()],
             overlaps: vec![0; n_col],
             boosted: vec![0.0; n_col],
             keys: Vec::with_capacity(n_col),
-            histogram: vec![0; self.input_size() + 1],
+            histogram: vec![0; 4 * (self.input_size() + 1)],
             winners: Vec::with_capacity(n_col),
             active_flags: vec![false; n_col],
             has_popcnt,
@@ -506,6 +544,7 @@ impl SpatialPooler {
             + size_of::<u64>()
                 * (c.connected.capacity() + c.input_bits.capacity() + c.keys.capacity())
             + 4 * (c.overlaps.capacity()
+                + c.delta.capacity()
                 + c.boosted.capacity()
                 + c.histogram.capacity()
                 + c.winners.capacity())
@@ -585,18 +624,22 @@ impl SpatialPooler {
     fn calculate_overlaps(&mut self, input: &Sdr) {
         let c = &mut self.cache;
         c.input_bits.fill(0);
+        c.nonzero_words.clear();
         for &i in input.sparse() {
-            c.input_bits[(i >> 6) as usize] |= 1 << (i & 63);
+            let w = (i >> 6) as usize;
+            if c.nonzero_words.last() != Some(&w) {
+                c.nonzero_words.push(w); // sparse bits are sorted: words come in order
+            }
+            c.input_bits[w] |= 1 << (i & 63);
         }
+        let (conn, words, bits, nz) = (&c.connected, c.words, &c.input_bits, &c.nonzero_words);
         #[cfg(target_arch = "x86_64")]
         if c.has_popcnt {
             // SAFETY: `has_popcnt` was set from runtime CPU feature detection.
-            unsafe {
-                overlaps_kernel_popcnt(&c.connected, c.words, &c.input_bits, &mut c.overlaps);
-            }
+            unsafe { overlaps_kernel_popcnt(conn, words, bits, nz, &mut c.overlaps) };
             return;
         }
-        overlaps_kernel(&c.connected, c.words, &c.input_bits, &mut c.overlaps);
+        overlaps_kernel(conn, words, bits, nz, &mut c.overlaps);
     }
 
     /// Fills `cache.winners` (sorted) from the raw or boosted overlaps.
@@ -628,36 +671,53 @@ impl SpatialPooler {
         if k == 0 {
             return;
         }
+        // Four interleaved histograms: overlaps cluster on few values, and a single one
+        // would chain every increment of a popular bin through store-to-load forwarding.
+        let bins = c.histogram.len() / 4;
         c.histogram.fill(0);
-        for &o in &c.overlaps {
-            c.histogram[o as usize] += 1;
+        let (h0, rest) = c.histogram.split_at_mut(bins);
+        let (h1, rest) = rest.split_at_mut(bins);
+        let (h2, h3) = rest.split_at_mut(bins);
+        let mut chunks = c.overlaps.chunks_exact(4);
+        for q in &mut chunks {
+            h0[q[0] as usize] += 1;
+            h1[q[1] as usize] += 1;
+            h2[q[2] as usize] += 1;
+            h3[q[3] as usize] += 1;
+        }
+        for &o in chunks.remainder() {
+            h0[o as usize] += 1;
         }
         // Smallest overlap `t` such that at least k columns have overlap >= t.
         let mut above = 0usize;
-        let mut t = c.histogram.len() - 1;
+        let mut t = bins - 1;
+        let mut at_t;
         loop {
-            let here = c.histogram[t] as usize;
-            if above + here >= k || t == 0 {
+            at_t = (h0[t] + h1[t] + h2[t] + h3[t]) as usize;
+            if above + at_t >= k || t == 0 {
                 break;
             }
-            above += here;
+            above += at_t;
             t -= 1;
         }
-        let mut need_at_t = k - above;
         let t = t as u32;
-        // Ties at `t`: the highest indices win, so walk columns downwards.
-        for col in (0..c.overlaps.len()).rev() {
-            let o = c.overlaps[col];
-            if o > t || (o == t && need_at_t > 0) {
-                if o == t {
-                    need_at_t -= 1;
-                }
-                if o >= self.params.stimulus_threshold {
-                    c.winners.push(col as u32);
-                }
+        // Ties at `t` beyond the k: the lowest indices lose (the highest win).
+        let mut drop_at_t = at_t.saturating_sub(k - above);
+        for (col, &o) in c.overlaps.iter().enumerate() {
+            if o >= t {
+                c.winners.push(col as u32);
             }
         }
-        c.winners.reverse();
+        let stimulus = self.params.stimulus_threshold;
+        let overlaps = &c.overlaps;
+        c.winners.retain(|&col| {
+            let o = overlaps[col as usize];
+            if o == t && drop_at_t > 0 {
+                drop_at_t -= 1;
+                return false;
+            }
+            o >= stimulus
+        });
     }
 
     /// Global top-`k` of boosted overlaps, same tie-break as the counting version.
@@ -717,19 +777,19 @@ impl SpatialPooler {
     }
 
     /// NuPIC `_adaptSynapses`: winners' synapses on active inputs +inc, others -dec.
-    fn adapt_synapses(&mut self, _input: &Sdr) {
+    fn adapt_synapses(&mut self, input: &Sdr) {
         let c = &mut self.cache;
         let k = &c.consts;
+        c.delta.fill(k.inactive_dec_neg);
+        for &i in input.sparse() {
+            c.delta[i as usize] = k.active_inc;
+        }
         let words = c.words;
-        let input_bits = &c.input_bits;
+        let delta: &[f32] = &c.delta;
         for &col in &c.winners {
             let row = &mut c.connected[col as usize * words..(col as usize + 1) * words];
-            update_column(&mut self.connections, row, col, k, true, |presyn| {
-                if bit(input_bits, presyn) {
-                    k.active_inc
-                } else {
-                    k.inactive_dec_neg
-                }
+            update_column(&mut self.connections, row, col, k, true, move |presyn| {
+                delta[presyn as usize]
             });
         }
     }
@@ -956,6 +1016,42 @@ mod tests {
     }
 
     #[test]
+    fn overlaps_equal_a_direct_count_of_connected_synapses() {
+        let mut sp = SpatialPooler::new(params(454, 300, 10)).unwrap();
+        let mut rng = Random::new(17);
+        let inputs = [
+            Sdr::new(454),                    // no active word
+            block(454, 3, 20),                // one word
+            block(454, 50, 40),               // two words
+            block(454, 100, 200),             // several words
+            random_sdr(&mut rng, 454, 60),    // scattered
+            Sdr::from_sparse(454, vec![453]), // last, partial word
+        ];
+        for (i, x) in inputs.iter().enumerate() {
+            for _ in 0..3 {
+                // Learning first, so the check also covers the bitset's upkeep.
+                run(&mut sp, x, true);
+                run(&mut sp, x, false);
+                let c = sp.connections();
+                let thr = sp.cache.consts.connected;
+                for col in 0..300u32 {
+                    let direct = c
+                        .synapses_for_segment(col)
+                        .iter()
+                        .map(|&s| c.synapse(s))
+                        .filter(|s| s.permanence >= thr && x.contains(s.presyn))
+                        .count() as u32;
+                    assert_eq!(
+                        sp.overlaps()[col as usize],
+                        direct,
+                        "input {i} column {col}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn winners_are_the_columns_with_the_largest_overlaps() {
         let mut sp = SpatialPooler::new(params(300, 500, 20)).unwrap();
         let mut rng = Random::new(9);
@@ -970,6 +1066,15 @@ mod tests {
                 .max()
                 .unwrap();
             assert!(min_win >= max_lose, "{min_win} < {max_lose}");
+            // Among columns tied at the cut, the highest indices won.
+            let lowest_tied_winner = out
+                .sparse()
+                .iter()
+                .find(|&&c| ov[c as usize] == min_win)
+                .unwrap();
+            assert!((0..500u32)
+                .filter(|c| !out.contains(*c) && ov[*c as usize] == min_win)
+                .all(|c| c < *lowest_tied_winner));
         }
     }
 

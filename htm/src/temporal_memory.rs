@@ -133,7 +133,19 @@ struct Scratch {
     prev_winners: Vec<u32>,
     candidates: Vec<u32>,
     doomed: Vec<SynapseId>,
+    weakest: Vec<(SynapseId, f32)>,
+    /// Every (segment, synapse) counted by the last activity pass.
+    visits: Vec<(SegmentId, SynapseId)>,
+    /// Per segment id: start of its run in `active_synapses` (matching segments only).
+    slot: Vec<u32>,
+    fill: Vec<u32>,
+    slotted: Vec<SegmentId>,
+    /// The active synapses of each matching segment, grouped by segment: punishing a
+    /// segment only changes those, and only those can duplicate a growth candidate.
+    active_synapses: Vec<SynapseId>,
 }
+
+const NO_SLOT: u32 = u32::MAX;
 
 /// Scratch compares equal: it is a function of the persistent state.
 impl PartialEq for Scratch {
@@ -203,20 +215,15 @@ impl TemporalMemory {
     pub fn rebuild_after_restore(&mut self) {
         self.connections.rebuild_index();
         let cells = self.num_cells();
-        let mut s = Scratch {
+        self.scratch = Scratch {
             valid: true,
             prev_active: vec![0; cells.div_ceil(64)],
             ..Scratch::default()
         };
-        // The counts the next step's learning reads are those of the current activity.
-        self.connections.compute_activity_sparse(
-            &self.active_cells,
-            self.connected_threshold(),
-            &mut s.connected,
-            &mut s.potential,
-            &mut s.touched,
-        );
-        self.scratch = s;
+        // The counts the next step's learning reads are those of the current activity;
+        // recomputing also re-derives the (serialised) segment lists and predictions,
+        // which come out the same.
+        self.compute_segment_activity();
     }
 
     fn connected_threshold(&self) -> f32 {
@@ -292,7 +299,13 @@ impl TemporalMemory {
                 + s.prev_active_list.capacity()
                 + s.prev_winners.capacity()
                 + s.candidates.capacity()
-                + s.doomed.capacity())
+                + s.doomed.capacity()
+                + 2 * s.weakest.capacity()
+                + 2 * s.visits.capacity()
+                + s.slot.capacity()
+                + s.fill.capacity()
+                + s.slotted.capacity()
+                + s.active_synapses.capacity())
     }
 
     /// Forgets the current sequence context (active, winner and predictive state); learned
@@ -312,9 +325,9 @@ impl TemporalMemory {
     /// by the previous step (0 when no column is active).
     ///
     /// # Panics
-    /// If a column index is out of range.
+    /// If `active_columns` is not sorted and unique, or a column is out of range.
     pub fn compute(&mut self, active_columns: &[u32], learn: bool) -> f32 {
-        debug_assert!(
+        assert!(
             active_columns.windows(2).all(|w| w[0] < w[1]),
             "active columns must be sorted and unique"
         );
@@ -481,10 +494,52 @@ impl TemporalMemory {
     /// their active synapses.
     fn punish_predicted_column(&mut self, matching: &[SegmentId]) {
         let dec = self.params.predicted_segment_decrement;
-        if dec > 0.0 {
-            for &seg in matching {
+        if dec <= 0.0 {
+            return;
+        }
+        for &seg in matching {
+            if self.shortcuts_exact() {
+                self.punish_segment(seg, dec);
+            } else {
                 self.adapt_segment(seg, -dec, 0.0);
             }
+        }
+    }
+
+    /// Whether every live synapse is guaranteed to have permanence >= EPSILON (synapses are
+    /// born at `initial_permanence` and destroyed as soon as they drop below). Then
+    /// inactive synapses survive a punishment untouched and active ones survive
+    /// reinforcement, which the active-synapse shortcuts rely on; with a smaller initial
+    /// permanence the full NuPIC walks are taken instead.
+    fn shortcuts_exact(&self) -> bool {
+        self.params.initial_permanence >= EPSILON && !tests_force_full_walks()
+    }
+
+    /// `adapt_segment(seg, -dec, 0.0)` restricted to the synapses that can change: with a
+    /// zero decrement, inactive synapses keep their permanence (all are >= EPSILON).
+    fn punish_segment(&mut self, seg: SegmentId, dec: f32) {
+        let s = &mut self.scratch;
+        let start = s.slot[seg as usize] as usize;
+        let len = s.potential[seg as usize] as usize;
+        s.doomed.clear();
+        for &syn in &s.active_synapses[start..start + len] {
+            let p = (self.connections.synapse(syn).permanence + -dec).clamp(0.0, 1.0);
+            self.connections.set_permanence(syn, p);
+            if p < EPSILON {
+                s.doomed.push(syn);
+            }
+        }
+        if s.doomed.is_empty() {
+            return;
+        }
+        // Bucket order follows the presynaptic index, whose order depends on history:
+        // destroy in id order so that id recycling is reproducible after a restore.
+        s.doomed.sort_unstable();
+        for &syn in &s.doomed {
+            self.connections.destroy_synapse(syn);
+        }
+        if self.connections.synapses_for_segment(seg).is_empty() {
+            self.connections.destroy_segment(seg);
         }
     }
 
@@ -506,14 +561,18 @@ impl TemporalMemory {
     /// synapses left at ~0 are destroyed, and the segment too if none remain.
     fn adapt_segment(&mut self, seg: SegmentId, inc: f32, dec: f32) {
         let s = &mut self.scratch;
-        let prev_active = &s.prev_active;
+        let prev_active: &[u64] = &s.prev_active;
+        // Branch-free: whether a presynaptic cell was active is unpredictable.
+        let deltas = [-dec, inc];
+        let mut any_dead = false;
         self.connections.update_permanences(seg, |presyn, p| {
-            if bit(prev_active, presyn) {
-                p + inc
-            } else {
-                p - dec
-            }
+            let np = p + deltas[usize::from(bit(prev_active, presyn))];
+            any_dead |= np < EPSILON;
+            np
         });
+        if !any_dead {
+            return;
+        }
         s.doomed.clear();
         for &syn in self.connections.synapses_for_segment(seg) {
             if self.connections.synapse(syn).permanence < EPSILON {
@@ -544,6 +603,10 @@ impl TemporalMemory {
         }
         let seg = self.connections.create_segment(cell);
         let i = seg as usize;
+        // A recycled id must not inherit the active-synapse run of its previous owner.
+        if let Some(slot) = self.scratch.slot.get_mut(i) {
+            *slot = NO_SLOT;
+        }
         if i >= self.last_used.len() {
             self.last_used.resize(i + 1, 0);
             self.ordinal.resize(i + 1, 0);
@@ -557,10 +620,21 @@ impl TemporalMemory {
     /// Grows up to `n_desired` synapses from previous winner cells not yet on `seg`, picked
     /// at random, first evicting the weakest synapses if the segment would overflow.
     fn grow_synapses(&mut self, seg: SegmentId, n_desired: usize) {
+        let shortcut = self.shortcuts_exact();
         let s = &mut self.scratch;
         s.candidates.clear();
         s.candidates.extend_from_slice(&s.prev_winners);
-        for &syn in self.connections.synapses_for_segment(seg) {
+        // Previous winners are previously active cells, so only the segment's active
+        // synapses can come from one: a matching segment's recorded run of active synapses
+        // (still intact: learning so far only removed inactive ones) is all we must check.
+        let slot = s.slot.get(seg as usize).copied().unwrap_or(NO_SLOT);
+        let existing = if slot != NO_SLOT && shortcut {
+            let len = s.potential[seg as usize] as usize;
+            &s.active_synapses[slot as usize..slot as usize + len]
+        } else {
+            self.connections.synapses_for_segment(seg)
+        };
+        for &syn in existing {
             let presyn = self.connections.synapse(syn).presyn;
             if let Ok(i) = s.candidates.binary_search(&presyn) {
                 s.candidates.remove(i);
@@ -586,27 +660,27 @@ impl TemporalMemory {
     /// time; ties (within EPSILON) go to the earlier synapse in segment order.
     fn destroy_min_permanence_synapses(&mut self, seg: SegmentId, n: usize) {
         let s = &mut self.scratch;
-        s.doomed.clear();
+        // Permanences are read once: destroying synapses does not change the others.
+        s.weakest.clear();
         for &syn in self.connections.synapses_for_segment(seg) {
-            let presyn = self.connections.synapse(syn).presyn;
-            if s.prev_winners.binary_search(&presyn).is_err() {
-                s.doomed.push(syn);
+            let data = self.connections.synapse(syn);
+            if s.prev_winners.binary_search(&data.presyn).is_err() {
+                s.weakest.push((syn, data.permanence));
             }
         }
         for _ in 0..n {
-            if s.doomed.is_empty() {
+            if s.weakest.is_empty() {
                 break;
             }
             let mut min_perm = f32::MAX;
             let mut min_i = 0;
-            for (i, &syn) in s.doomed.iter().enumerate() {
-                let p = self.connections.synapse(syn).permanence;
+            for (i, &(_, p)) in s.weakest.iter().enumerate() {
                 if p < min_perm - EPSILON {
                     min_perm = p;
                     min_i = i;
                 }
             }
-            let syn = s.doomed.remove(min_i);
+            let (syn, _) = s.weakest.remove(min_i);
             self.connections.destroy_synapse(syn);
         }
     }
@@ -614,14 +688,29 @@ impl TemporalMemory {
     /// NuPIC `activateDendrites`: segment activity for the new active cells, giving the
     /// active (predictive) and matching segments, and the predictions for the next step.
     fn activate_dendrites(&mut self, learn: bool) {
+        self.compute_segment_activity();
+        if learn {
+            for &seg in &self.active_segments {
+                self.last_used[seg as usize] = self.iteration;
+            }
+            self.iteration += 1;
+        }
+    }
+
+    /// The side-effect-free part of `activate_dendrites`: counts, segment lists,
+    /// predictions, and the per-segment active synapses used for punishment.
+    fn compute_segment_activity(&mut self) {
         let threshold = self.connected_threshold();
         let s = &mut self.scratch;
-        self.connections.compute_activity_sparse(
+        s.visits.clear();
+        let visits = &mut s.visits;
+        self.connections.compute_activity_sparse_with(
             &self.active_cells,
             threshold,
             &mut s.connected,
             &mut s.potential,
             &mut s.touched,
+            |seg, syn| visits.push((seg, syn)),
         );
         self.active_segments.clear();
         self.matching_segments.clear();
@@ -638,11 +727,32 @@ impl TemporalMemory {
         let key = |&seg: &SegmentId| (conns.segment(seg).cell, ordinal[seg as usize]);
         self.active_segments.sort_unstable_by_key(key);
         self.matching_segments.sort_unstable_by_key(key);
-        if learn {
-            for &seg in &self.active_segments {
-                self.last_used[seg as usize] = self.iteration;
+        {
+            // Counting sort of the visits into one run per matching segment.
+            for &seg in &s.slotted {
+                s.slot[seg as usize] = NO_SLOT;
             }
-            self.iteration += 1;
+            s.slotted.clear();
+            let capacity = conns.segment_capacity();
+            s.slot.resize(capacity, NO_SLOT);
+            s.fill.resize(capacity, 0);
+            let mut start = 0u32;
+            for &seg in &self.matching_segments {
+                s.slot[seg as usize] = start;
+                s.fill[seg as usize] = 0;
+                start += s.potential[seg as usize];
+                s.slotted.push(seg);
+            }
+            s.active_synapses.clear();
+            s.active_synapses.resize(start as usize, 0);
+            for &(seg, syn) in &s.visits {
+                let slot = s.slot[seg as usize];
+                if slot != NO_SLOT {
+                    let f = &mut s.fill[seg as usize];
+                    s.active_synapses[(slot + *f) as usize] = syn;
+                    *f += 1;
+                }
+            }
         }
         self.predictive_cells.clear();
         self.predicted_columns.clear();
@@ -656,6 +766,24 @@ impl TemporalMemory {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Lets tests run the plain NuPIC walks instead of the active-synapse shortcuts.
+    static FULL_WALKS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[inline(always)]
+fn tests_force_full_walks() -> bool {
+    #[cfg(test)]
+    {
+        FULL_WALKS.get()
+    }
+    #[cfg(not(test))]
+    {
+        false
     }
 }
 
@@ -976,6 +1104,60 @@ mod tests {
             bincode::serde::encode_to_vec(&tm, cfg).unwrap(),
             bincode::serde::encode_to_vec(&back, cfg).unwrap()
         );
+    }
+
+    /// Everything learned, independent of synapse ids: per cell, per segment, the
+    /// (presynaptic cell, permanence bits) of each synapse in order.
+    fn content(tm: &TemporalMemory) -> Vec<Vec<Vec<(u32, u32)>>> {
+        let c = tm.connections();
+        (0..c.num_cells() as u32)
+            .map(|cell| {
+                c.segments_for_cell(cell)
+                    .iter()
+                    .map(|&seg| {
+                        c.synapses_for_segment(seg)
+                            .iter()
+                            .map(|&s| (c.synapse(s).presyn, c.synapse(s).permanence.to_bits()))
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn shortcuts_match_the_full_nupic_walks() {
+        // Punishing only active synapses and filtering growth candidates through them
+        // must learn exactly what walking every synapse does.
+        let params = TemporalMemoryParams {
+            predicted_segment_decrement: 0.05,
+            max_synapses_per_segment: 40,
+            max_segments_per_cell: 4,
+            ..small_params()
+        };
+        let pats = disjoint_patterns(12, 512, 12, 20);
+        let run = |full: bool| {
+            FULL_WALKS.set(full);
+            let mut tm = TemporalMemory::new(params.clone()).unwrap();
+            let mut rng = Random::new(5);
+            let mut scores = Vec::new();
+            for step in 0..1500 {
+                // Mostly a fixed order with random detours, so segments match, get
+                // punished, fill up and get evicted.
+                let i = if rng.below(5) == 0 {
+                    rng.below(12)
+                } else {
+                    (step % 6) as u32
+                };
+                scores.push(tm.compute(&pats[i as usize], true).to_bits());
+            }
+            FULL_WALKS.set(false);
+            (scores, content(&tm), tm.active_cells().to_vec())
+        };
+        let fast = run(false);
+        let full = run(true);
+        assert!(fast.1.iter().flatten().count() > 100, "too little learned");
+        assert_eq!(fast, full);
     }
 
     #[test]
