@@ -30,8 +30,21 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     pub batch: BatchConfig,
     pub metrics: MetricsConfig,
+    pub memory: MemoryConfig,
     /// Threads computing networks (0 = one per core).
     pub workers: usize,
+}
+
+/// Bounds on the networks kept in memory. Past a bound, the least recently used networks are
+/// checkpointed and dropped, and restored from their checkpoint on their next record — scores
+/// are unchanged, only restores cost time.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Most networks in memory (0 = no bound).
+    pub max_networks: usize,
+    /// Most bytes of network state in memory, in MiB (0 = no bound).
+    pub max_mb: u64,
 }
 
 /// Topic names.
@@ -118,6 +131,7 @@ impl Default for Config {
             checkpoint: CheckpointConfig::default(),
             batch: BatchConfig::default(),
             metrics: MetricsConfig::default(),
+            memory: MemoryConfig::default(),
             workers: 0,
         }
     }

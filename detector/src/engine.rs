@@ -70,6 +70,10 @@ struct Device {
     /// Offset of the last record the network processed.
     offset: i64,
     dirty: bool,
+    /// Batch number of the last use, for least-recently-used eviction.
+    last_used: u64,
+    /// Heap bytes of the network after its last use.
+    bytes: usize,
 }
 
 /// Checkpointing figures.
@@ -87,6 +91,9 @@ pub struct Engine {
     partitions: BTreeMap<i32, HashMap<String, Device>>,
     pool: rayon::ThreadPool,
     restored: u64,
+    evicted: u64,
+    /// Batches processed: the clock of least-recently-used eviction.
+    batches: u64,
 }
 
 impl Engine {
@@ -102,6 +109,8 @@ impl Engine {
             partitions: BTreeMap::new(),
             pool,
             restored: 0,
+            evicted: 0,
+            batches: 0,
         })
     }
 
@@ -115,9 +124,25 @@ impl Engine {
         self.restored
     }
 
+    /// Networks dropped from memory to stay within the memory bounds so far.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Heap bytes of the networks in memory (as of their last use).
+    pub fn resident_bytes(&self) -> usize {
+        self.partitions
+            .values()
+            .flat_map(|d| d.values())
+            .map(|d| d.bytes)
+            .sum()
+    }
+
     /// Processes a batch; returns one outcome per message, in the batch's order (so every
     /// partition's outcomes are in offset order).
     pub fn process(&mut self, batch: &[InMessage]) -> Result<Vec<Outcome>> {
+        self.batches += 1;
+        let now = self.batches;
         let threshold = self.config.likelihood_threshold;
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
         // Decode, and group record indices by device, keeping batch (= offset) order.
@@ -161,7 +186,8 @@ impl Engine {
         let results: Vec<Vec<(usize, Outcome)>> = self.pool.install(|| {
             work.into_par_iter()
                 .map(|(state, records, partition)| {
-                    records
+                    state.last_used = now;
+                    let out: Vec<(usize, Outcome)> = records
                         .iter()
                         .map(|(i, rec)| {
                             let offset = batch[*i].offset;
@@ -199,13 +225,16 @@ impl Engine {
                             };
                             (*i, outcome)
                         })
-                        .collect()
+                        .collect();
+                    state.bytes = state.network.heap_bytes();
+                    out
                 })
                 .collect()
         });
         for (i, o) in results.into_iter().flatten() {
             outcomes[i] = Some(o);
         }
+        self.enforce_memory_bounds(now)?;
         Ok(outcomes
             .into_iter()
             .map(|o| o.expect("every message has an outcome"))
@@ -228,18 +257,23 @@ impl Engine {
                 })?;
                 self.restored += 1;
                 Device {
+                    bytes: network.heap_bytes(),
                     network,
                     offset: cp.offset,
                     dirty: false,
+                    last_used: self.batches,
                 }
             }
             None => {
                 let code = first.fields.as_ref().map(|f| f.parameter_code.as_str());
                 let params = self.config.network_params(Some(device), code)?;
+                let network = Network::new(params)?;
                 Device {
-                    network: Network::new(params)?,
+                    bytes: network.heap_bytes(),
+                    network,
                     offset: -1,
                     dirty: false,
+                    last_used: self.batches,
                 }
             }
         };
@@ -290,6 +324,60 @@ impl Engine {
             stats.devices += 1;
         }
         Ok(stats)
+    }
+
+    /// Checkpoints and drops least-recently-used networks until the memory bounds hold. Networks
+    /// used in the current batch (`now`) stay, so a bound below one batch's devices is exceeded
+    /// for that batch rather than thrashing.
+    fn enforce_memory_bounds(&mut self, now: u64) -> Result<()> {
+        let bounds = &self.config.memory;
+        let max_networks = if bounds.max_networks == 0 {
+            usize::MAX
+        } else {
+            bounds.max_networks
+        };
+        let max_bytes = if bounds.max_mb == 0 {
+            usize::MAX
+        } else {
+            (bounds.max_mb as usize) << 20
+        };
+        let (mut count, mut bytes) = (self.devices(), self.resident_bytes());
+        if count <= max_networks && bytes <= max_bytes {
+            return Ok(());
+        }
+        let mut lru: Vec<(u64, i32, String)> = self
+            .partitions
+            .iter()
+            .flat_map(|(&p, d)| d.iter().map(move |(k, v)| (v.last_used, p, k.clone())))
+            .filter(|(used, _, _)| *used < now)
+            .collect();
+        lru.sort();
+        let topic = self.config.topics.input.clone();
+        for (_, partition, device) in lru {
+            if count <= max_networks && bytes <= max_bytes {
+                break;
+            }
+            let devices = self
+                .partitions
+                .get_mut(&partition)
+                .expect("listed partition");
+            let state = devices.remove(&device).expect("listed device");
+            if state.dirty {
+                self.store.save(
+                    &topic,
+                    &DeviceCheckpoint {
+                        device: device.clone(),
+                        partition,
+                        offset: state.offset,
+                        network: state.network.to_bytes(),
+                    },
+                )?;
+            }
+            count -= 1;
+            bytes -= state.bytes;
+            self.evicted += 1;
+        }
+        Ok(())
     }
 
     /// Forgets the networks of partitions this instance no longer owns (checkpoint first).
@@ -525,6 +613,33 @@ mod tests {
             got.extend(enriched(&engine.process(chunk).unwrap()));
         }
         assert_eq!(engine.restored(), 3);
+        assert_eq!(got, reference);
+    }
+
+    #[test]
+    fn a_memory_bound_far_below_the_device_count_keeps_scores_bit_identical() {
+        let data = stream(20);
+        let dir = tempfile::tempdir().unwrap();
+        let reference = enriched(
+            &Engine::new(config(dir.path()))
+                .unwrap()
+                .process(&data)
+                .unwrap(),
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = (*config(dir.path())).clone();
+        c.memory.max_networks = 1;
+        let mut engine = Engine::new(Arc::new(c)).unwrap();
+        let mut got = Vec::new();
+        // One record per batch: every other network is over the bound after each batch.
+        for chunk in data.chunks(1) {
+            got.extend(enriched(&engine.process(chunk).unwrap()));
+            assert_eq!(engine.devices(), 1);
+        }
+        assert!(engine.evicted() > 40, "evictions: {}", engine.evicted());
+        // Every evicted network that saw records again came back from its checkpoint.
+        assert!(engine.restored() > 0 && engine.restored() + 3 >= engine.evicted());
         assert_eq!(got, reference);
     }
 
