@@ -2,3 +2,4 @@
 
 pub mod nab;
 pub mod scoring;
+pub mod synthetic;

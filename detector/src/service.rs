@@ -47,6 +47,10 @@ pub struct Progress {
     pub devices: AtomicU64,
     /// Networks restored from checkpoints so far.
     pub restored: AtomicU64,
+    /// Networks dropped from memory to respect the memory bounds so far.
+    pub evicted: AtomicU64,
+    /// Heap bytes of the networks in memory after the last batch.
+    pub resident_bytes: AtomicU64,
 }
 
 struct State {
@@ -370,6 +374,14 @@ fn process_batch(shared: &Shared, batch: &[InMessage], progress: &Progress) -> R
     progress
         .restored
         .store(state.engine.restored(), Ordering::Relaxed);
+    progress
+        .evicted
+        .store(state.engine.evicted(), Ordering::Relaxed);
+    let resident = state.engine.resident_bytes() as u64;
+    progress.resident_bytes.store(resident, Ordering::Relaxed);
+    metrics::gauge!("detector_resident_bytes").set(resident as f64);
+    metrics::counter!("detector_networks_evicted_total").absolute(state.engine.evicted());
+    metrics::counter!("detector_networks_restored_total").absolute(state.engine.restored());
     metrics::histogram!("detector_batch_seconds").record(started.elapsed().as_secs_f64());
     Ok(())
 }

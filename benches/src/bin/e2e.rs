@@ -123,14 +123,7 @@ fn main() -> Result<()> {
                     std::thread::sleep(wait);
                 }
             }
-            let (d, step) = (i % devices, i / devices);
-            let phase = (step % 24) as f64 / 24.0 * std::f64::consts::TAU;
-            let rec = InputRecord {
-                device_id: format!("device-{d:05}"),
-                timestamp: 1_388_534_400 + 3600 * step as i64,
-                value: 50.0 + 25.0 * phase.sin() + 5.0 * rng.real() + d as f64 % 10.0,
-                fields: None,
-            };
+            let rec = benches::synthetic::record(i, devices, &mut rng);
             buf.clear();
             rec.write_json(&mut buf);
             let partition = partition_for_key(rec.device_id.as_bytes(), partitions) as i32;

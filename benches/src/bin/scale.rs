@@ -1,0 +1,114 @@
+//! Scale bench: many devices through one detector instance under a memory budget, on the
+//! in-process mock cluster. Networks beyond the budget are checkpointed, dropped and restored
+//! on their next record.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use benches::synthetic::{peak_rss_mb, record};
+use clap::Parser;
+use detector::demo::demo_config;
+use detector::service::{self, Progress};
+use generator::LoadOptions;
+use rdkafka::mocking::MockCluster;
+
+/// Thousands of device networks in one detector under a memory budget.
+#[derive(Parser)]
+#[command(about)]
+struct Args {
+    #[arg(long, default_value_t = 10_000)]
+    devices: usize,
+    #[arg(long, default_value_t = 200)]
+    records_per_device: usize,
+    /// Memory budget for networks, MiB (the detector's `memory.max_mb`).
+    #[arg(long, default_value_t = 2000)]
+    budget_mb: u64,
+    #[arg(long, default_value_t = 10)]
+    partitions: i32,
+    /// Compute threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let mock = MockCluster::new(1)?;
+    let bootstrap = mock.bootstrap_servers();
+    let dir = tempfile::tempdir()?;
+    let mut config = demo_config(&bootstrap, dir.path(), args.workers);
+    config.htm.probation = 100;
+    config.htm.min = 0.0;
+    config.htm.max = 100.0;
+    config.checkpoint.interval_secs = 10.0;
+    config.memory.max_mb = args.budget_mb;
+    for t in [
+        &config.topics.input,
+        &config.topics.output,
+        &config.topics.dead_letter,
+    ] {
+        mock.create_topic(t, args.partitions, 1)?;
+    }
+    let total = args.devices * args.records_per_device;
+    let mut rng = htm::random::Random::new(3);
+    let mut load = LoadOptions::new(bootstrap.clone(), config.topics.input.clone());
+    load.create_topic = false;
+    load.progress = false;
+    let devices = args.devices;
+    generator::load(
+        &load,
+        (0..total).map(|i| Ok(record(i, devices, &mut rng))),
+        Some(total as u64),
+    )?;
+    eprintln!("loaded {total} records for {devices} devices");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(Progress::default());
+    let detector = {
+        let (c, s, p) = (Arc::new(config), stop.clone(), progress.clone());
+        std::thread::spawn(move || service::run(c, s, p))
+    };
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    let mut max_resident = 0u64;
+    let mut max_networks = 0u64;
+    loop {
+        let done = progress.enriched.load(Ordering::SeqCst);
+        max_resident = max_resident.max(progress.resident_bytes.load(Ordering::SeqCst));
+        max_networks = max_networks.max(progress.devices.load(Ordering::SeqCst));
+        if done >= total as u64 {
+            break;
+        }
+        if detector.is_finished() {
+            stop.store(true, Ordering::SeqCst);
+            detector.join().expect("detector thread")?;
+            bail!("detector stopped after {done} of {total} records");
+        }
+        if last_report.elapsed() > Duration::from_secs(10) {
+            last_report = Instant::now();
+            eprintln!(
+                "t={:.0}s enriched={done} resident={} networks ({:.0} MiB) restores={} evictions={}",
+                started.elapsed().as_secs_f64(),
+                progress.devices.load(Ordering::SeqCst),
+                progress.resident_bytes.load(Ordering::SeqCst) as f64 / 1048576.0,
+                progress.restored.load(Ordering::SeqCst),
+                progress.evicted.load(Ordering::SeqCst),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Throughput counts from the first consumed record (the mock's group join comes before).
+    let first = Duration::from_millis(progress.first_record_ms.load(Ordering::SeqCst));
+    let seconds = started.elapsed().saturating_sub(first).as_secs_f64();
+    stop.store(true, Ordering::SeqCst);
+    detector.join().expect("detector thread")?;
+    let bytes_per_network = max_resident / max_networks.max(1);
+    println!(
+        "scale: devices={devices} records={total} seconds={seconds:.3} records_per_s={:.0} peak_rss_mb={:.0} bytes_per_network={bytes_per_network} restores={}",
+        total as f64 / seconds,
+        peak_rss_mb().unwrap_or(f64::NAN),
+        progress.restored.load(Ordering::SeqCst)
+    );
+    Ok(())
+}
