@@ -190,11 +190,7 @@ impl Engine {
             n => (n / 2).max(1),
         };
         let devices = self.devices();
-        let average = if devices == 0 {
-            0
-        } else {
-            self.resident_bytes() / devices
-        };
+        let average = self.resident_bytes().checked_div(devices).unwrap_or(0);
         let by_bytes = match (m.max_mb, average) {
             (0, _) => usize::MAX,
             // No network measured yet: one device, then waves sized from its size.
