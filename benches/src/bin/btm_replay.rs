@@ -3,7 +3,7 @@
 //! `dump` runs encoder + SP over every file once (the SP never sees the TM, so its output is
 //! fixed) and stores the active columns; `run` replays them through a fresh TM per file,
 //! reporting µs per step and a CRC of every raw anomaly score, so a speed change can be checked
-//! for bit-identical behaviour on the whole corpus.
+//! for bit-identical behaviour on the whole corpus. Times are thread CPU times (Linux).
 
 use std::fs;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -132,7 +132,9 @@ fn load(path: &PathBuf) -> Result<Vec<Stream>> {
         let mut steps = Vec::with_capacity(steps_n as usize);
         for _ in 0..steps_n {
             let k = read_u32(&mut r)?;
-            let cols = (0..k).map(|_| read_u32(&mut r)).collect::<Result<Vec<_>>>()?;
+            let cols = (0..k)
+                .map(|_| read_u32(&mut r))
+                .collect::<Result<Vec<_>>>()?;
             steps.push(cols);
         }
         streams.push(Stream {
@@ -152,15 +154,36 @@ struct FileRun {
     heap: usize,
 }
 
+/// CPU time of the calling thread, so that figures hold up on a shared machine.
+fn thread_cpu_seconds() -> f64 {
+    #[repr(C)]
+    struct Timespec {
+        tv_sec: i64,
+        tv_nsec: i64,
+    }
+    extern "C" {
+        fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
+    }
+    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+    let mut t = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid, writable timespec; the clock id is Linux's thread CPU clock.
+    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    assert_eq!(rc, 0, "clock_gettime failed");
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
 fn run_one(s: &Stream, params: &BacktrackingTmParams) -> FileRun {
     let mut tm = BacktrackingTm::new(params.clone()).expect("valid params");
     let mut crc = crc32fast_lite::Crc::default();
-    let start = Instant::now();
+    let start = thread_cpu_seconds();
     for cols in &s.steps {
         let a = tm.compute(cols, true);
         crc.update(&a.to_bits().to_le_bytes());
     }
-    let seconds = start.elapsed().as_secs_f64();
+    let seconds = thread_cpu_seconds() - start;
     FileRun {
         seconds,
         steps: s.steps.len(),

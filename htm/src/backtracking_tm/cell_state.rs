@@ -3,14 +3,19 @@
 use serde::{Deserialize, Serialize};
 
 /// NuPIC's `CStateIndexed`: a dense table for O(1) membership plus the list of on cells, so
-/// clearing and copying cost the number of on cells rather than the number of cells.
+/// clearing and copying cost the number of on cells rather than the number of cells. The
+/// table is a bitset (8 KiB for 65,536 cells) so that lookups stay in L1.
 ///
 /// Only the list is serialised; the table is rebuilt by [`CellState::rebuild`].
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct CellState {
     on: Vec<u32>,
     #[serde(skip)]
-    dense: Vec<bool>,
+    dense: Vec<u64>,
+}
+
+fn words(num_cells: usize) -> usize {
+    num_cells.div_ceil(64)
 }
 
 /// The table is derived from the list, so equality is the list's.
@@ -24,35 +29,36 @@ impl CellState {
     pub(crate) fn new(num_cells: usize) -> Self {
         CellState {
             on: Vec::new(),
-            dense: vec![false; num_cells],
+            dense: vec![0; words(num_cells)],
         }
     }
 
     /// Restores the dense table after deserialisation.
     pub(crate) fn rebuild(&mut self, num_cells: usize) {
-        self.dense = vec![false; num_cells];
+        self.dense = vec![0; words(num_cells)];
         for &c in &self.on {
-            self.dense[c as usize] = true;
+            self.dense[(c >> 6) as usize] |= 1 << (c & 63);
         }
     }
 
     #[inline]
     pub(crate) fn is_set(&self, cell: u32) -> bool {
-        self.dense[cell as usize]
+        self.dense[(cell >> 6) as usize] >> (cell & 63) & 1 != 0
     }
 
     #[inline]
     pub(crate) fn set(&mut self, cell: u32) {
-        let d = &mut self.dense[cell as usize];
-        if !*d {
-            *d = true;
+        let w = &mut self.dense[(cell >> 6) as usize];
+        let bit = 1u64 << (cell & 63);
+        if *w & bit == 0 {
+            *w |= bit;
             self.on.push(cell);
         }
     }
 
     pub(crate) fn reset(&mut self) {
         for &c in &self.on {
-            self.dense[c as usize] = false;
+            self.dense[(c >> 6) as usize] = 0;
         }
         self.on.clear();
     }
@@ -61,7 +67,7 @@ impl CellState {
     pub(crate) fn assign(&mut self, cells: &[u32]) {
         self.reset();
         for &c in cells {
-            self.dense[c as usize] = true;
+            self.dense[(c >> 6) as usize] |= 1 << (c & 63);
         }
         self.on.extend_from_slice(cells);
     }
@@ -81,7 +87,7 @@ impl CellState {
     }
 
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.on.capacity() * 4 + self.dense.capacity()
+        self.on.capacity() * 4 + self.dense.capacity() * 8
     }
 }
 

@@ -44,14 +44,15 @@ fn nab_like_stream(len: usize, seed: u64) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// Checks the derived structures against the connections: the out index lists every synapse
-/// once with its connected flag, slot lists and segment metadata agree, start cells have no
-/// segments, and no segment exceeds the synapse cap.
+/// Checks the derived structures against the segments: the out index lists every synapse
+/// once with its connected flag and each synapse knows its entry, slot lists and segment
+/// metadata agree, start cells have no segments, synapses are sorted and within the cap, and
+/// the segment and synapse counts add up.
 fn check_invariants(tm: &BacktrackingTm) {
-    let conns = tm.connections();
     let p = tm.params();
     let mut expected: Vec<(u32, u32)> = Vec::new();
     let mut live = 0;
+    let mut synapses = 0;
     for cell in 0..p.num_cells() as u32 {
         let slots = &tm.cell_slots[cell as usize];
         if p.max_segments_per_cell > 0 {
@@ -69,28 +70,39 @@ fn check_invariants(tm: &BacktrackingTm) {
             }
             live += 1;
             assert!(p.cells_per_column == 1 || cell % p.cells_per_column != 0);
-            let info = conns.segment(seg);
-            assert!(info.alive && info.cell == cell);
             let meta = &tm.segments[seg as usize];
+            assert!(meta.alive);
             assert_eq!((meta.cell, meta.slot), (cell, slot as u32));
-            let syns = conns.synapses_for_segment(seg);
+            let syns = tm.segment_synapses(seg);
             assert!(!syns.is_empty());
+            synapses += syns.len();
             if p.max_synapses_per_segment > 0 {
                 assert!(syns.len() <= p.max_synapses_per_segment as usize);
             }
-            let mut presyns: Vec<u32> = syns.iter().map(|&id| conns.synapse(id).presyn).collect();
-            presyns.sort_unstable();
-            presyns.dedup();
-            assert_eq!(presyns.len(), syns.len(), "duplicate presynaptic cell");
-            for &id in syns {
-                let syn = conns.synapse(id);
+            assert!(
+                syns.windows(2).all(|w| w[0].presyn < w[1].presyn),
+                "synapses sorted by distinct presynaptic cells"
+            );
+            for syn in syns {
                 assert!(syn.permanence > 0.0 && syn.permanence <= p.permanence_max);
                 let connected = syn.permanence >= p.connected_perm;
-                expected.push((syn.presyn, OutIndex::entry(seg, connected)));
+                let entry = OutIndex::entry(seg, connected);
+                expected.push((syn.presyn, entry));
+                assert_eq!(
+                    tm.out_index.by_cell[syn.presyn as usize][syn.out_pos as usize], entry,
+                    "synapse's out position"
+                );
             }
         }
     }
-    assert_eq!(live, conns.num_segments());
+    assert_eq!(live, tm.num_segments());
+    assert_eq!(synapses, tm.num_synapses());
+    for (seg, meta) in tm.segments.iter().enumerate() {
+        if !meta.alive {
+            assert!(tm.synapses[seg].is_empty());
+            assert!(tm.free_segments.contains(&(seg as u32)));
+        }
+    }
     let mut indexed: Vec<(u32, u32)> = tm
         .out_index
         .by_cell
@@ -100,10 +112,30 @@ fn check_invariants(tm: &BacktrackingTm) {
         .collect();
     expected.sort_unstable();
     indexed.sort_unstable();
-    assert_eq!(
-        indexed, expected,
-        "out index out of step with the connections"
-    );
+    assert_eq!(indexed, expected, "out index out of step with the segments");
+}
+
+/// Sets the permanence of `seg`'s synapse from `presyn`, keeping the out index in step.
+fn set_perm(tm: &mut BacktrackingTm, seg: SegmentId, presyn: u32, perm: f32) {
+    let k = tm
+        .segment_synapses(seg)
+        .iter()
+        .position(|s| s.presyn == presyn)
+        .expect("synapse on segment");
+    tm.set_permanence(seg, k, perm);
+}
+
+/// All live segments with their synapses, for comparing learned state.
+fn all_synapses(tm: &BacktrackingTm) -> Vec<(u32, Vec<Synapse>)> {
+    (0..tm.params().num_cells() as u32)
+        .flat_map(|cell| tm.segments_on_cell(cell).collect::<Vec<_>>())
+        .map(|seg| {
+            (
+                tm.segments[seg as usize].cell,
+                tm.segment_synapses(seg).to_vec(),
+            )
+        })
+        .collect()
 }
 
 fn tm(params: BacktrackingTmParams) -> BacktrackingTm {
@@ -464,18 +496,17 @@ fn segment_and_synapse_limits_hold() {
         };
         tm.compute(&p, true);
         if step % 100 == 99 {
-            let conns = tm.connections();
             for cell in 0..params.num_cells() as u32 {
                 let slots = tm.segment_slots_on_cell(cell);
                 assert!(slots <= 2, "cell {cell} has {slots} segment slots");
                 saw_full_cell |= slots == 2;
-                let segs = conns.segments_for_cell(cell);
+                let segs: Vec<SegmentId> = tm.segments_on_cell(cell).collect();
                 assert!(segs.len() <= slots);
                 if cell % params.cells_per_column == 0 {
                     assert!(segs.is_empty(), "start cell {cell} grew a segment");
                 }
-                for &seg in segs {
-                    let n = conns.synapses_for_segment(seg).len();
+                for &seg in &segs {
+                    let n = tm.segment_synapses(seg).len();
                     assert!((1..=12).contains(&n), "segment with {n} synapses");
                 }
             }
@@ -494,29 +525,26 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
     let presyn: Vec<u32> = (100..112).collect();
     let seg = tm.create_segment(5, &presyn, true);
     let perm_of = |tm: &BacktrackingTm, p: u32| {
-        let c = tm.connections();
-        c.synapses_for_segment(seg)
+        tm.segment_synapses(seg)
             .iter()
-            .map(|&s| c.synapse(s))
             .find(|s| s.presyn == p)
             .map(|s| s.permanence)
     };
-    let ids: Vec<_> = tm.connections().synapses_for_segment(seg).to_vec();
-    for &id in &ids {
-        let p = tm.connections().synapse(id).presyn;
+    for p in presyn {
         let perm = match p {
             103 => 0.15,
             107 => 0.15,
             110 => 0.12,
             _ => 0.6,
         };
-        tm.connections.set_permanence(id, perm);
+        set_perm(&mut tm, seg, p, perm);
     }
     // Active: 100, 101 (existing) plus 3 new cells → 12 + 3 > 12, so 3 must go:
     // the weakest inactive ones after the decrement: 110 (0.02), then 103 and 107 (0.05 each).
     let update = [100, 101, 200, 201, 202];
     tm.adapt_segment(5, Some(seg), &update, false);
-    assert_eq!(tm.connections().synapses_for_segment(seg).len(), 12);
+    assert_eq!(tm.segment_synapses(seg).len(), 12);
+    check_invariants(&tm);
     for gone in [103, 107, 110] {
         assert_eq!(perm_of(&tm, gone), None, "{gone} should be freed");
     }
@@ -526,9 +554,9 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
 
     // Now only two of the weakest can go: ties at equal permanence go to the lowest
     // presynaptic cell.
-    let ids: Vec<_> = tm.connections().synapses_for_segment(seg).to_vec();
-    for &id in &ids {
-        tm.connections.set_permanence(id, 0.6);
+    let cells: Vec<u32> = tm.segment_synapses(seg).iter().map(|s| s.presyn).collect();
+    for &p in &cells {
+        set_perm(&mut tm, seg, p, 0.6);
     }
     let update = [100, 101, 300, 301];
     tm.adapt_segment(5, Some(seg), &update, false);
@@ -538,12 +566,13 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
     assert_eq!(perm_of(&tm, 300), Some(0.21));
 
     // Decrements that reach zero remove synapses; an emptied segment frees its slot.
-    let ids: Vec<_> = tm.connections().synapses_for_segment(seg).to_vec();
-    for &id in &ids {
-        tm.connections.set_permanence(id, 0.05);
+    let cells: Vec<u32> = tm.segment_synapses(seg).iter().map(|s| s.presyn).collect();
+    for &p in &cells {
+        set_perm(&mut tm, seg, p, 0.05);
     }
     tm.adapt_segment(5, Some(seg), &[], false);
-    assert!(!tm.connections().segment(seg).alive);
+    assert!(!tm.segments[seg as usize].alive);
+    check_invariants(&tm);
     assert_eq!(tm.segment_slots_on_cell(5), 1, "the slot stays, empty");
     let again = tm.create_segment(5, &[1, 2], true);
     assert_eq!(tm.segments[again as usize].slot, 0, "freed slot reused");
@@ -567,7 +596,7 @@ fn full_column_releases_its_lowest_duty_cycle_segment() {
     tm.segments[segs[3] as usize].positive_activations = 2; // cell 10, slot 1
     let cell = tm.cell_for_new_segment(2);
     assert_eq!(cell, 10);
-    assert!(!tm.connections().segment(segs[3]).alive);
+    assert!(!tm.segments[segs[3] as usize].alive);
     assert_eq!(tm.cell_free_slots[10], vec![1]);
     // A column with room picks a random non-start cell below the cap.
     for _ in 0..20 {
@@ -583,13 +612,13 @@ fn learning_off_changes_no_synapse() {
     for cols in &stream[..400] {
         tm.compute(cols, true);
     }
-    let before = tm.connections().clone();
+    let before = all_synapses(&tm);
     let segments_before = tm.num_segments();
     let (noise, _) = disjoint_sdrs(22, 2048, 3, 40);
     for cols in stream[400..].iter().chain(&noise) {
         tm.compute(cols, false);
     }
-    assert_eq!(tm.connections(), &before);
+    assert_eq!(all_synapses(&tm), before);
     assert_eq!(tm.num_segments(), segments_before);
 }
 
@@ -699,12 +728,12 @@ fn global_decay_removes_stale_synapses_in_unbounded_mode() {
             tm.compute(p, true);
         }
     }
-    let conns = tm.connections();
     let first_cols: Vec<u32> = a[..3].concat();
     let stale: usize = first_cols
         .iter()
-        .flat_map(|&col| (col * 4..col * 4 + 4).map(|c| conns.segments_for_cell(c).len()))
+        .flat_map(|&col| (col * 4..col * 4 + 4).map(|c| tm.segments_on_cell(c).count()))
         .sum();
+    check_invariants(&tm);
     assert_eq!(
         stale, 0,
         "segments of the stale patterns should have decayed"
