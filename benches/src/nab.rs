@@ -92,13 +92,23 @@ pub struct FileScores {
 /// Runs a fresh network over a file the way NAB runs its detectors: the encoder range comes
 /// from the whole file's min and max, and the likelihood's probation from its length.
 pub fn run_file(file: &DataFile, preset: &str) -> Result<FileScores> {
+    run_file_with(file, preset, &|_| {})
+}
+
+/// [`run_file`] with `tweak` applied to the preset's parameters (for parameter sweeps).
+pub fn run_file_with(
+    file: &DataFile,
+    preset: &str,
+    tweak: &(dyn Fn(&mut NetworkParams) + Sync),
+) -> Result<FileScores> {
     let (min, max) = file
         .values
         .iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
             (lo.min(v), hi.max(v))
         });
-    let params = NetworkParams::preset(preset, min, max, file.values.len())?;
+    let mut params = NetworkParams::preset(preset, min, max, file.values.len())?;
+    tweak(&mut params);
     let mut net = Network::new(params)?;
     let mut out = FileScores::default();
     for (&t, &v) in file.seconds.iter().zip(&file.values) {

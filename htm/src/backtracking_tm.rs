@@ -85,7 +85,8 @@ mod tests;
 pub use params::{BacktrackingTmParams, OutputType, ParamError};
 pub use store::{SegmentId, Synapse};
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -208,6 +209,8 @@ pub struct BacktrackStats {
     pub learning_backtracks: u64,
     /// ... of which found an earlier start point.
     pub learning_lock_ons: u64,
+    /// Segments freed to stay within `max_segments`.
+    pub evictions: u64,
 }
 
 /// Per-segment counts of one forward pass, packed as `epoch | connected | potential`
@@ -343,6 +346,52 @@ impl Ranking {
     }
 }
 
+/// Live segments ordered by `(last_active_iteration, id)` for the `max_segments` budget: a
+/// min-heap of keys pushed whenever a segment is created or reinforced. A key whose segment
+/// has since been reinforced again or freed is stale and skipped when popped; the heap is
+/// rebuilt from the live segments when stale keys outnumber live ones, so every operation is
+/// O(log n) amortised. Derived from the segment metadata: not serialised.
+#[derive(Clone, Debug, Default)]
+struct RecencyHeap {
+    heap: BinaryHeap<Reverse<u64>>,
+}
+
+impl RecencyHeap {
+    #[inline]
+    fn key(iteration: u32, seg: SegmentId) -> u64 {
+        (iteration as u64) << 32 | seg as u64
+    }
+
+    fn touch(&mut self, iteration: u32, seg: SegmentId, segments: &[SegmentMeta], live: usize) {
+        if self.heap.len() > 2 * live + 64 {
+            self.rebuild(segments);
+        }
+        self.heap.push(Reverse(Self::key(iteration, seg)));
+    }
+
+    fn rebuild(&mut self, segments: &[SegmentMeta]) {
+        let keys: Vec<Reverse<u64>> = segments
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.alive)
+            .map(|(id, m)| Reverse(Self::key(m.last_active_iteration, id as SegmentId)))
+            .collect();
+        self.heap = BinaryHeap::from(keys);
+    }
+
+    /// The live segment with the oldest `last_active_iteration` (lowest id on ties).
+    fn pop_oldest(&mut self, segments: &[SegmentMeta]) -> Option<SegmentId> {
+        while let Some(Reverse(key)) = self.heap.pop() {
+            let (iteration, seg) = ((key >> 32) as u32, key as u32);
+            let m = &segments[seg as usize];
+            if m.alive && m.last_active_iteration == iteration {
+                return Some(seg);
+            }
+        }
+        None
+    }
+}
+
 /// Buffers reused across steps; they carry no state from one call to the next.
 #[derive(Clone, Debug, Default)]
 struct Scratch {
@@ -365,6 +414,8 @@ struct Scratch {
     backup_active: Vec<u32>,
     backup_predicted: Vec<u32>,
     spare_patterns: Vec<Vec<u32>>,
+    /// Eviction order under `max_segments` (kept only when that budget is set).
+    recency: RecencyHeap,
 }
 
 /// Scratch space is not state: two TMs are equal whatever their buffers hold.
@@ -691,6 +742,9 @@ impl BacktrackingTm {
             ready: true,
             ..Scratch::default()
         };
+        if self.params.max_segments > 0 {
+            self.scratch.recency.rebuild(&self.segments);
+        }
     }
 
     /// Heap bytes held (capacity-based), for memory reporting.
@@ -1016,7 +1070,12 @@ impl BacktrackingTm {
                 .ok()
                 .map(|k| self.scratch.best[k]);
             match best {
-                Some((_, cell, seg)) if self.segments[seg as usize].sequence => {
+                // A best match freed meanwhile (by the `max_segments` budget) is no match.
+                Some((_, cell, seg))
+                    if self.segments[seg as usize].alive
+                        && self.segments[seg as usize].cell == cell
+                        && self.segments[seg as usize].sequence =>
+                {
                     self.lrn_active.set(cell);
                     let update = self.build_update(Some(seg), true);
                     self.segments[seg as usize].total_activations += 1;
@@ -1285,6 +1344,10 @@ impl BacktrackingTm {
         meta.last_active_iteration = it;
         meta.positive_activations += 1;
         meta.duty_cycle(it, true, false, &mut self.scratch.pow);
+        if self.params.max_segments > 0 {
+            let live = self.num_segments();
+            self.scratch.recency.touch(it, seg, &self.segments, live);
+        }
 
         let p = &self.params;
         let (inc, dec, max) = (p.permanence_inc, p.permanence_dec, p.permanence_max);
@@ -1359,9 +1422,20 @@ impl BacktrackingTm {
     }
 
     /// A new segment on `cell` (in its most recently freed slot, else a new one) with
-    /// synapses from the sorted `presyn` at `initial_perm`.
+    /// synapses from the sorted `presyn` at `initial_perm`. At the `max_segments` budget,
+    /// the least recently active segment goes first.
     fn create_segment(&mut self, cell: u32, presyn: &[u32], sequence: bool) -> SegmentId {
         let it = self.lrn_iteration;
+        let budget = self.params.max_segments as usize;
+        if budget > 0 && self.num_segments() >= budget {
+            let victim = self
+                .scratch
+                .recency
+                .pop_oldest(&self.segments)
+                .expect("a live segment at the budget");
+            self.release_segment(victim);
+            self.stats.evictions += 1;
+        }
         let slots = &mut self.cell_slots[cell as usize];
         let slot = match self.cell_free_slots[cell as usize].pop() {
             Some(s) => s,
@@ -1395,6 +1469,10 @@ impl BacktrackingTm {
         };
         debug_assert!(self.synapses[seg as usize].is_empty());
         self.insert_synapses(seg, presyn);
+        if budget > 0 {
+            let live = self.num_segments();
+            self.scratch.recency.touch(it, seg, &self.segments, live);
+        }
         seg
     }
 
@@ -1447,7 +1525,7 @@ impl BacktrackingTm {
         let syn = &mut self.synapses[seg as usize][k];
         let (presyn, pos) = (syn.presyn, syn.out_pos);
         syn.permanence = DROPPED;
-        self.out_index.remove(presyn, pos, &mut self.synapses);
+        self.out_index.remove(presyn, seg, pos);
         self.num_synapses -= 1;
     }
 
@@ -1458,19 +1536,15 @@ impl BacktrackingTm {
         syn.permanence = permanence.clamp(0.0, 1.0);
         let is = syn.permanence >= cp;
         if was != is {
-            self.out_index
-                .set_connected(syn.presyn, syn.out_pos, seg, is);
+            self.out_index.set_connected(syn, seg, is);
         }
     }
 
     /// Frees a segment's slot and drops updates queued for it.
     fn release_segment(&mut self, seg: SegmentId) {
         let s = seg as usize;
-        // By index: removing one entry may move another of this segment's.
-        for k in 0..self.synapses[s].len() {
-            let syn = self.synapses[s][k];
-            self.out_index
-                .remove(syn.presyn, syn.out_pos, &mut self.synapses);
+        for syn in &self.synapses[s] {
+            self.out_index.remove(syn.presyn, seg, syn.out_pos);
         }
         self.num_synapses -= self.synapses[s].len();
         self.synapses[s].clear(); // keeps the allocation for the id's next segment

@@ -16,8 +16,9 @@ pub struct Synapse {
     /// Presynaptic cell.
     pub presyn: u32,
     pub permanence: f32,
-    /// Where this synapse's entry sits in its presynaptic cell's out list, so flag updates
-    /// and removals need no search. Derived: rebuilt after deserialisation.
+    /// Where this synapse's entry last sat in its presynaptic cell's out list: a hint that
+    /// spares the search unless a removal moved the entry since. Derived: rebuilt after
+    /// deserialisation.
     #[serde(skip)]
     pub(super) out_pos: u32,
 }
@@ -77,25 +78,35 @@ impl OutIndex {
         (list.len() - 1) as u32
     }
 
+    /// Position of the entry of `seg`'s synapse from `presyn`, starting from the synapse's
+    /// hint. A segment has at most one synapse per presynaptic cell, so a matching entry at
+    /// the hint is the one; otherwise the list is searched (removals move entries, and fixing
+    /// the moved synapse's hint eagerly would cost a visit to its segment).
     #[inline]
-    pub(super) fn set_connected(&mut self, presyn: u32, pos: u32, seg: SegmentId, connected: bool) {
-        let e = &mut self.by_cell[presyn as usize][pos as usize];
-        debug_assert_eq!(*e & !CONNECTED_FLAG, seg);
-        *e = Self::entry(seg, connected);
+    fn locate(&self, presyn: u32, seg: SegmentId, hint: u32) -> u32 {
+        let list = &self.by_cell[presyn as usize];
+        match list.get(hint as usize) {
+            Some(&e) if e & !CONNECTED_FLAG == seg => hint,
+            _ => list
+                .iter()
+                .rposition(|&e| e & !CONNECTED_FLAG == seg)
+                .expect("synapse listed in the out index") as u32,
+        }
     }
 
-    /// Removes `presyn`'s entry at `pos` by moving its last entry there; that entry's synapse
-    /// (found in `synapses`) gets its new position.
-    pub(super) fn remove(&mut self, presyn: u32, pos: u32, synapses: &mut [Vec<Synapse>]) {
-        let list = &mut self.by_cell[presyn as usize];
-        list.swap_remove(pos as usize);
-        if let Some(&moved) = list.get(pos as usize) {
-            let syns = &mut synapses[(moved & !CONNECTED_FLAG) as usize];
-            let k = syns
-                .binary_search_by_key(&presyn, |s| s.presyn)
-                .expect("moved entry's synapse on its segment");
-            syns[k].out_pos = pos;
-        }
+    /// Sets the connected flag of `syn` (on `seg`), refreshing its hint.
+    #[inline]
+    pub(super) fn set_connected(&mut self, syn: &mut Synapse, seg: SegmentId, connected: bool) {
+        let pos = self.locate(syn.presyn, seg, syn.out_pos);
+        syn.out_pos = pos;
+        self.by_cell[syn.presyn as usize][pos as usize] = Self::entry(seg, connected);
+    }
+
+    /// Unlists `seg`'s synapse from `presyn` (with position hint `hint`).
+    #[inline]
+    pub(super) fn remove(&mut self, presyn: u32, seg: SegmentId, hint: u32) {
+        let pos = self.locate(presyn, seg, hint);
+        self.by_cell[presyn as usize].swap_remove(pos as usize);
     }
 
     pub(super) fn heap_bytes(&self) -> usize {
