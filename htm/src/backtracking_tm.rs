@@ -92,7 +92,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::random::Random;
 use cell_state::CellState;
-use store::{OutIndex, CONNECTED_FLAG, DROPPED};
+use store::{OutIndex, CONNECTED_FLAG, DROPPED, SINK};
 
 /// Marks an empty slot in a cell's slot list.
 const NO_SEGMENT: SegmentId = SegmentId::MAX;
@@ -330,6 +330,9 @@ impl Ranking {
     ) {
         self.ranked.clear();
         for &seg in &activity.qualified {
+            if seg == SINK {
+                continue;
+            }
             let meta = &segments[seg as usize];
             let cell = if reverse_cells {
                 mirror_in_column(meta.cell, cpc)
@@ -485,11 +488,12 @@ impl BacktrackingTm {
         let n = params.num_cells();
         let state = || CellState::new(n);
         let mut tm = BacktrackingTm {
-            synapses: Vec::new(),
+            // Id 0 is the out index's sink, never a live segment.
+            synapses: vec![Vec::new()],
             free_segments: Vec::new(),
             num_synapses: 0,
             out_index: OutIndex::new(n),
-            segments: Vec::new(),
+            segments: vec![SegmentMeta::default()],
             cell_slots: vec![Vec::new(); n],
             cell_free_slots: vec![Vec::new(); n],
             rng: Random::new(params.seed),
@@ -562,6 +566,10 @@ impl BacktrackingTm {
         if learn {
             self.update_learning_state(active_columns);
             self.apply_global_decay();
+            if self.out_index.needs_rebuild() {
+                self.out_index
+                    .rebuild(&mut self.synapses, self.params.connected_perm);
+            }
         }
         self.reset_called = false;
 
@@ -675,7 +683,7 @@ impl BacktrackingTm {
 
     /// Live segments.
     pub fn num_segments(&self) -> usize {
-        self.synapses.len() - self.free_segments.len()
+        self.synapses.len() - 1 - self.free_segments.len()
     }
 
     /// Live synapses.
@@ -719,14 +727,9 @@ impl BacktrackingTm {
     /// Idempotent; [`BacktrackingTm::compute`] and [`BacktrackingTm::reset`] call it when needed.
     pub fn rebuild_after_restore(&mut self) {
         let n = self.params.num_cells();
-        let mut index = OutIndex::new(n);
-        let cp = self.params.connected_perm;
-        for (seg, syns) in self.synapses.iter_mut().enumerate() {
-            for syn in syns {
-                syn.out_pos = index.add(syn.presyn, seg as SegmentId, syn.permanence >= cp);
-            }
-        }
-        self.out_index = index;
+        self.out_index = OutIndex::new(n);
+        self.out_index
+            .rebuild(&mut self.synapses, self.params.connected_perm);
         for s in [
             &mut self.inf_active,
             &mut self.inf_predicted,
@@ -1523,9 +1526,8 @@ impl BacktrackingTm {
     /// from the segment.
     fn drop_synapse(&mut self, seg: SegmentId, k: usize) {
         let syn = &mut self.synapses[seg as usize][k];
-        let (presyn, pos) = (syn.presyn, syn.out_pos);
+        self.out_index.remove(syn, seg);
         syn.permanence = DROPPED;
-        self.out_index.remove(presyn, seg, pos);
         self.num_synapses -= 1;
     }
 
@@ -1544,7 +1546,7 @@ impl BacktrackingTm {
     fn release_segment(&mut self, seg: SegmentId) {
         let s = seg as usize;
         for syn in &self.synapses[s] {
-            self.out_index.remove(syn.presyn, seg, syn.out_pos);
+            self.out_index.remove(syn, seg);
         }
         self.num_synapses -= self.synapses[s].len();
         self.synapses[s].clear(); // keeps the allocation for the id's next segment

@@ -16,9 +16,8 @@ pub struct Synapse {
     /// Presynaptic cell.
     pub presyn: u32,
     pub permanence: f32,
-    /// Where this synapse's entry last sat in its presynaptic cell's out list: a hint that
-    /// spares the search unless a removal moved the entry since. Derived: rebuilt after
-    /// deserialisation.
+    /// Where this synapse's entry sits in its presynaptic cell's out list, so flag updates
+    /// and removals need no search. Derived: rebuilt after deserialisation.
     #[serde(skip)]
     pub(super) out_pos: u32,
 }
@@ -41,13 +40,21 @@ pub(super) fn compact(syns: &mut Vec<Synapse>) {
 /// Top bit of an out-list entry: the synapse is connected.
 pub(super) const CONNECTED_FLAG: u32 = 1 << 31;
 
+/// Segment id 0 is never allocated. Removed out-list entries are overwritten with it (a
+/// tombstone), so that no entry ever moves and every synapse knows its entry's position;
+/// passes count tombstones into segment 0's counter, which nothing reads.
+pub(super) const SINK: SegmentId = 0;
+
 /// Presynaptic cell → one entry per synapse it makes, `segment | connected flag`:
 /// `Cells4`'s `OutSynapses` plus the flag, so a forward pass is a sequential read and one
 /// counter update per synapse. Entry order is irrelevant (passes only count). Derived from
-/// the segments: not serialised, rebuilt after restore.
+/// the segments: not serialised, rebuilt after restore and whenever tombstones pile up.
 #[derive(Clone, Debug, Default)]
 pub(super) struct OutIndex {
     pub(super) by_cell: Vec<Vec<u32>>,
+    /// Entries in all lists, tombstones included.
+    entries: usize,
+    tombstones: usize,
 }
 
 /// Derived data: equal whenever the segments it indexes are.
@@ -61,6 +68,8 @@ impl OutIndex {
     pub(super) fn new(num_cells: usize) -> Self {
         OutIndex {
             by_cell: vec![Vec::new(); num_cells],
+            entries: 0,
+            tombstones: 0,
         }
     }
 
@@ -75,38 +84,48 @@ impl OutIndex {
     pub(super) fn add(&mut self, presyn: u32, seg: SegmentId, connected: bool) -> u32 {
         let list = &mut self.by_cell[presyn as usize];
         list.push(Self::entry(seg, connected));
+        self.entries += 1;
         (list.len() - 1) as u32
     }
 
-    /// Position of the entry of `seg`'s synapse from `presyn`, starting from the synapse's
-    /// hint. A segment has at most one synapse per presynaptic cell, so a matching entry at
-    /// the hint is the one; otherwise the list is searched (removals move entries, and fixing
-    /// the moved synapse's hint eagerly would cost a visit to its segment).
+    /// Sets the connected flag of `syn`'s entry (a synapse of `seg`).
     #[inline]
-    fn locate(&self, presyn: u32, seg: SegmentId, hint: u32) -> u32 {
-        let list = &self.by_cell[presyn as usize];
-        match list.get(hint as usize) {
-            Some(&e) if e & !CONNECTED_FLAG == seg => hint,
-            _ => list
-                .iter()
-                .rposition(|&e| e & !CONNECTED_FLAG == seg)
-                .expect("synapse listed in the out index") as u32,
+    pub(super) fn set_connected(&mut self, syn: &Synapse, seg: SegmentId, connected: bool) {
+        let e = &mut self.by_cell[syn.presyn as usize][syn.out_pos as usize];
+        debug_assert_eq!(*e & !CONNECTED_FLAG, seg);
+        *e = Self::entry(seg, connected);
+    }
+
+    /// Unlists `syn` (a synapse of `seg`).
+    #[inline]
+    pub(super) fn remove(&mut self, syn: &Synapse, seg: SegmentId) {
+        let e = &mut self.by_cell[syn.presyn as usize][syn.out_pos as usize];
+        debug_assert_eq!(*e & !CONNECTED_FLAG, seg);
+        *e = SINK;
+        self.tombstones += 1;
+    }
+
+    /// Whether tombstones make up enough of the lists (a quarter) to pay for a rebuild.
+    pub(super) fn needs_rebuild(&self) -> bool {
+        self.tombstones > 1024 && self.tombstones * 4 > self.entries
+    }
+
+    /// Relists every synapse of `synapses` (by segment id), recording positions.
+    pub(super) fn rebuild(&mut self, synapses: &mut [Vec<Synapse>], connected_perm: f32) {
+        for list in &mut self.by_cell {
+            list.clear();
         }
-    }
-
-    /// Sets the connected flag of `syn` (on `seg`), refreshing its hint.
-    #[inline]
-    pub(super) fn set_connected(&mut self, syn: &mut Synapse, seg: SegmentId, connected: bool) {
-        let pos = self.locate(syn.presyn, seg, syn.out_pos);
-        syn.out_pos = pos;
-        self.by_cell[syn.presyn as usize][pos as usize] = Self::entry(seg, connected);
-    }
-
-    /// Unlists `seg`'s synapse from `presyn` (with position hint `hint`).
-    #[inline]
-    pub(super) fn remove(&mut self, presyn: u32, seg: SegmentId, hint: u32) {
-        let pos = self.locate(presyn, seg, hint);
-        self.by_cell[presyn as usize].swap_remove(pos as usize);
+        self.entries = 0;
+        self.tombstones = 0;
+        for (seg, syns) in synapses.iter_mut().enumerate() {
+            for syn in syns {
+                syn.out_pos = self.add(
+                    syn.presyn,
+                    seg as SegmentId,
+                    syn.permanence >= connected_perm,
+                );
+            }
+        }
     }
 
     pub(super) fn heap_bytes(&self) -> usize {

@@ -45,7 +45,7 @@ fn nab_like_stream(len: usize, seed: u64) -> Vec<Vec<u32>> {
 }
 
 /// Checks the derived structures against the segments: the out index lists every synapse
-/// once with its connected flag, slot lists and segment
+/// once with its connected flag and each synapse knows its entry, slot lists and segment
 /// metadata agree, start cells have no segments, synapses are sorted and within the cap, and
 /// the segment and synapse counts add up.
 fn check_invariants(tm: &BacktrackingTm) {
@@ -88,12 +88,17 @@ fn check_invariants(tm: &BacktrackingTm) {
                 let connected = syn.permanence >= p.connected_perm;
                 let entry = OutIndex::entry(seg, connected);
                 expected.push((syn.presyn, entry));
+                assert_eq!(
+                    tm.out_index.by_cell[syn.presyn as usize][syn.out_pos as usize], entry,
+                    "synapse's out position"
+                );
             }
         }
     }
     assert_eq!(live, tm.num_segments());
     assert_eq!(synapses, tm.num_synapses());
-    for (seg, meta) in tm.segments.iter().enumerate() {
+    assert!(!tm.segments[SINK as usize].alive && tm.synapses[SINK as usize].is_empty());
+    for (seg, meta) in tm.segments.iter().enumerate().skip(1) {
         if !meta.alive {
             assert!(tm.synapses[seg].is_empty());
             assert!(tm.free_segments.contains(&(seg as u32)));
@@ -105,6 +110,7 @@ fn check_invariants(tm: &BacktrackingTm) {
         .iter()
         .enumerate()
         .flat_map(|(cell, list)| list.iter().map(move |&e| (cell as u32, e)))
+        .filter(|&(_, e)| e != SINK)
         .collect();
     expected.sort_unstable();
     indexed.sort_unstable();
