@@ -187,8 +187,15 @@ impl PowCache {
     }
 }
 
-/// A queued reinforcement of an existing segment (`Cells4::SegmentUpdate`); its presynaptic
-/// cells are `update_pool[start..start + len]`, sorted.
+/// A queued reinforcement of an existing segment (`Cells4::SegmentUpdate`).
+///
+/// NuPIC lists the update's presynaptic cells when it queues it, but most queued updates
+/// are dropped unapplied. Until it is applied, neither the segment nor the learning state it
+/// was built from changes (that state is the previous one by then), so only the random choices
+/// of new cells are made when queueing — in the same order, from the same generator — and
+/// `update_pool[start..start + len]` holds them; the cells are listed when the update applies
+/// (`explicit` false). Global decay, which changes segments in between, first turns pending
+/// updates into their cell lists (`explicit` true: the pool range holds the sorted cells).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 struct PendingUpdate {
     cell: u32,
@@ -196,6 +203,16 @@ struct PendingUpdate {
     timestamp: u32,
     start: u32,
     len: u32,
+    explicit: bool,
+}
+
+/// Where [`BacktrackingTm::build_update`] gets its random choices of new cells.
+#[derive(Clone, Copy)]
+enum Choices<'a> {
+    /// Draw them now.
+    Draw,
+    /// Use these, drawn when the update was queued ([`BacktrackingTm::draw_choices`]).
+    Replay(&'a [u32]),
 }
 
 /// How often each backtracking path ran (diagnostics).
@@ -255,7 +272,7 @@ impl Activity {
         let threshold = threshold as u64;
         self.qualified.clear();
         for &cell in active_cells {
-            for &e in &index.by_cell[cell as usize] {
+            for &e in index.list(cell) {
                 let seg = e & !CONNECTED_FLAG;
                 let c = &mut self.counts[seg as usize];
                 let current = if *c >> EPOCH_SHIFT << EPOCH_SHIFT == tag {
@@ -1080,7 +1097,7 @@ impl BacktrackingTm {
                         && self.segments[seg as usize].sequence =>
                 {
                     self.lrn_active.set(cell);
-                    let update = self.build_update(Some(seg), true);
+                    let update = self.build_update(Some(seg), true, Choices::Draw);
                     self.segments[seg as usize].total_activations += 1;
                     if !update.is_empty() {
                         self.adapt_segment(cell, Some(seg), &update, true);
@@ -1090,7 +1107,7 @@ impl BacktrackingTm {
                 _ => {
                     let cell = self.cell_for_new_segment(col);
                     self.lrn_active.set(cell);
-                    let update = self.build_update(None, true);
+                    let update = self.build_update(None, true, Choices::Draw);
                     if !update.is_empty() {
                         self.adapt_segment(cell, None, &update, true);
                     }
@@ -1117,25 +1134,30 @@ impl BacktrackingTm {
 
         self.lrn_predicted.reset();
         let best = std::mem::take(&mut self.scratch.best);
+        let mut pool = std::mem::take(&mut self.update_pool);
         for &(_, cell, seg) in &best {
             self.lrn_predicted.set(cell);
             if read_only {
                 continue;
             }
-            let update = self.build_update(Some(seg), false);
-            if !update.is_empty() {
-                self.updates.push(PendingUpdate {
-                    cell,
-                    segment: seg,
-                    timestamp: self.lrn_iteration,
-                    start: self.update_pool.len() as u32,
-                    len: update.len() as u32,
-                });
-                self.update_pool.extend_from_slice(&update);
-            }
+            // The update is queued with its random choices only (see `PendingUpdate`). The
+            // pass just counted the segment's synapses from the state, which fixes how many
+            // choices there are; it is at least the threshold, so the update is never empty.
+            let active = self.scratch.activity.potential(seg) as usize;
+            debug_assert!(active > 0);
+            let start = pool.len();
+            self.draw_choices(self.lrn_active.cells().len(), active, &mut pool);
+            self.updates.push(PendingUpdate {
+                cell,
+                segment: seg,
+                timestamp: self.lrn_iteration,
+                start: start as u32,
+                len: (pool.len() - start) as u32,
+                explicit: false,
+            });
             self.segments[seg as usize].total_activations += 1;
-            self.scratch.update = update;
         }
+        self.update_pool = pool;
         self.scratch.best = best;
     }
 
@@ -1156,7 +1178,19 @@ impl BacktrackingTm {
             }
             if cols.binary_search(&(u.cell / cpc)).is_ok() {
                 let range = u.start as usize..(u.start + u.len) as usize;
-                self.adapt_segment(u.cell, Some(u.segment), &pool[range], false);
+                if u.explicit {
+                    self.adapt_segment(u.cell, Some(u.segment), &pool[range], false);
+                    continue;
+                }
+                let meta = &self.segments[u.segment as usize];
+                if !meta.alive || meta.cell != u.cell {
+                    continue; // released since (cannot happen without pooling)
+                }
+                // The state the update was queued from is the previous one now.
+                let update =
+                    self.build_update(Some(u.segment), true, Choices::Replay(&pool[range]));
+                self.adapt_segment(u.cell, Some(u.segment), &update, false);
+                self.scratch.update = update;
             }
         }
         updates.clear();
@@ -1277,10 +1311,33 @@ impl BacktrackingTm {
         }
     }
 
+    /// The random draws of `chooseCellsToLearnFrom` for an update to a segment with `active`
+    /// synapses from a learning state of `state_len` cells, appended to `out`: the same draws,
+    /// in the same order, as [`BacktrackingTm::build_update`] makes.
+    fn draw_choices(&mut self, state_len: usize, active: usize, out: &mut Vec<u32>) {
+        let wanted = (self.params.new_synapse_count as usize).saturating_sub(active);
+        let pool = state_len - active;
+        if wanted == 0 || pool <= wanted {
+            return;
+        }
+        if wanted == 1 {
+            out.push(self.rng.below(pool as u32));
+        } else {
+            for i in 0..wanted {
+                out.push(i as u32 + self.rng.below((pool - i) as u32));
+            }
+        }
+    }
+
     /// The presynaptic cells of an update to `seg` (or a new segment): its synapses from
     /// cells active in the previous (`from_prev`) or current learning state, plus randomly
     /// chosen new ones from that state up to `new_synapse_count`. Sorted.
-    fn build_update(&mut self, seg: Option<SegmentId>, from_prev: bool) -> Vec<u32> {
+    fn build_update(
+        &mut self,
+        seg: Option<SegmentId>,
+        from_prev: bool,
+        choices: Choices,
+    ) -> Vec<u32> {
         let mut out = std::mem::take(&mut self.scratch.update);
         let state = if from_prev {
             &self.lrn_active_prev
@@ -1315,13 +1372,31 @@ impl BacktrackingTm {
                     pruned.push(c);
                 }
             }
+            let rng = &mut self.rng;
+            let mut draw = |i: usize, n: usize| -> usize {
+                match choices {
+                    Choices::Draw => i + rng.below((n - i) as u32) as usize,
+                    Choices::Replay(draws) => draws[i] as usize,
+                }
+            };
+            if let Choices::Replay(draws) = choices {
+                debug_assert_eq!(
+                    draws.len(),
+                    match pruned.len() {
+                        n if n <= wanted => 0,
+                        _ if wanted == 1 => 1,
+                        _ => wanted,
+                    },
+                    "replayed choices do not fit the update"
+                );
+            }
             if pruned.len() <= wanted {
                 out.extend_from_slice(pruned);
             } else if wanted == 1 {
-                out.push(pruned[self.rng.below(pruned.len() as u32) as usize]);
+                out.push(pruned[draw(0, pruned.len())]);
             } else {
                 for i in 0..wanted {
-                    let j = i + self.rng.below((pruned.len() - i) as u32) as usize;
+                    let j = draw(i, pruned.len());
                     pruned.swap(i, j);
                 }
                 out.extend_from_slice(&pruned[..wanted]);
@@ -1571,6 +1646,35 @@ impl BacktrackingTm {
         }
     }
 
+    /// Lists the cells of every pending update still held as random choices, before
+    /// something changes the segments they were queued for.
+    fn make_updates_explicit(&mut self) {
+        if self.updates.iter().all(|u| u.explicit) {
+            return;
+        }
+        let mut updates = std::mem::take(&mut self.updates);
+        let pool = std::mem::take(&mut self.update_pool);
+        let mut explicit_pool = Vec::with_capacity(pool.len());
+        for u in &mut updates {
+            let range = u.start as usize..(u.start + u.len) as usize;
+            let start = explicit_pool.len();
+            if u.explicit {
+                explicit_pool.extend_from_slice(&pool[range]);
+            } else {
+                // Still the learning state the update was queued from.
+                let update =
+                    self.build_update(Some(u.segment), false, Choices::Replay(&pool[range]));
+                explicit_pool.extend_from_slice(&update);
+                self.scratch.update = update;
+            }
+            u.start = start as u32;
+            u.len = (explicit_pool.len() - start) as u32;
+            u.explicit = true;
+        }
+        self.updates = updates;
+        self.update_pool = explicit_pool;
+    }
+
     /// Age-based global decay (`applyGlobalDecay`); off with NAB's settings.
     fn apply_global_decay(&mut self) {
         let decay = self.params.global_decay;
@@ -1578,6 +1682,7 @@ impl BacktrackingTm {
         if decay == 0.0 || max_age == 0 || self.lrn_iteration % max_age != 0 {
             return;
         }
+        self.make_updates_explicit();
         let it = self.lrn_iteration;
         for cell in 0..self.cell_slots.len() {
             for slot in 0..self.cell_slots[cell].len() {

@@ -47,14 +47,30 @@ pub(super) const SINK: SegmentId = 0;
 
 /// Presynaptic cell → one entry per synapse it makes, `segment | connected flag`:
 /// `Cells4`'s `OutSynapses` plus the flag, so a forward pass is a sequential read and one
-/// counter update per synapse. Entry order is irrelevant (passes only count). Derived from
-/// the segments: not serialised, rebuilt after restore and whenever tombstones pile up.
+/// counter update per synapse. Entry order is irrelevant (passes only count).
+///
+/// All lists live in one arena, each in a span with some spare room; a list that outgrows
+/// its span moves to the end of the arena. Rebuilds (after restore, and whenever
+/// tombstones or abandoned spans pile up) lay the lists out again in cell order, so the
+/// cells of a column — which fire together — have their lists side by side. Derived from
+/// the segments: not serialised.
 #[derive(Clone, Debug, Default)]
 pub(super) struct OutIndex {
-    pub(super) by_cell: Vec<Vec<u32>>,
+    spans: Vec<Span>,
+    arena: Vec<u32>,
     /// Entries in all lists, tombstones included.
     entries: usize,
     tombstones: usize,
+    /// Arena slots in abandoned spans.
+    abandoned: usize,
+}
+
+/// A cell's list: `arena[start..start + len]`, room up to `start + cap`.
+#[derive(Clone, Copy, Debug, Default)]
+struct Span {
+    start: u32,
+    len: u32,
+    cap: u32,
 }
 
 /// Derived data: equal whenever the segments it indexes are.
@@ -67,9 +83,11 @@ impl PartialEq for OutIndex {
 impl OutIndex {
     pub(super) fn new(num_cells: usize) -> Self {
         OutIndex {
-            by_cell: vec![Vec::new(); num_cells],
+            spans: vec![Span::default(); num_cells],
+            arena: Vec::new(),
             entries: 0,
             tombstones: 0,
+            abandoned: 0,
         }
     }
 
@@ -79,19 +97,43 @@ impl OutIndex {
         seg | if connected { CONNECTED_FLAG } else { 0 }
     }
 
-    /// Lists a synapse of `seg` from `presyn`; returns its position.
+    /// The entries of `cell`'s list, tombstones included.
     #[inline]
+    pub(super) fn list(&self, cell: u32) -> &[u32] {
+        let sp = self.spans[cell as usize];
+        &self.arena[sp.start as usize..(sp.start + sp.len) as usize]
+    }
+
+    #[inline]
+    fn slot(&mut self, presyn: u32, pos: u32) -> &mut u32 {
+        let sp = self.spans[presyn as usize];
+        debug_assert!(pos < sp.len);
+        &mut self.arena[(sp.start + pos) as usize]
+    }
+
+    /// Lists a synapse of `seg` from `presyn`; returns its position in the list.
     pub(super) fn add(&mut self, presyn: u32, seg: SegmentId, connected: bool) -> u32 {
-        let list = &mut self.by_cell[presyn as usize];
-        list.push(Self::entry(seg, connected));
+        let sp = &mut self.spans[presyn as usize];
+        if sp.len == sp.cap {
+            let cap = (sp.cap * 2).max(4);
+            let start = self.arena.len();
+            let old = sp.start as usize..(sp.start + sp.len) as usize;
+            self.arena.extend_from_within(old);
+            self.arena.resize(start + cap as usize, SINK);
+            self.abandoned += sp.cap as usize;
+            sp.start = u32::try_from(start).expect("out index arena within u32");
+            sp.cap = cap;
+        }
+        self.arena[(sp.start + sp.len) as usize] = Self::entry(seg, connected);
+        sp.len += 1;
         self.entries += 1;
-        (list.len() - 1) as u32
+        sp.len - 1
     }
 
     /// Sets the connected flag of `syn`'s entry (a synapse of `seg`).
     #[inline]
     pub(super) fn set_connected(&mut self, syn: &Synapse, seg: SegmentId, connected: bool) {
-        let e = &mut self.by_cell[syn.presyn as usize][syn.out_pos as usize];
+        let e = self.slot(syn.presyn, syn.out_pos);
         debug_assert_eq!(*e & !CONNECTED_FLAG, seg);
         *e = Self::entry(seg, connected);
     }
@@ -99,24 +141,45 @@ impl OutIndex {
     /// Unlists `syn` (a synapse of `seg`).
     #[inline]
     pub(super) fn remove(&mut self, syn: &Synapse, seg: SegmentId) {
-        let e = &mut self.by_cell[syn.presyn as usize][syn.out_pos as usize];
+        let e = self.slot(syn.presyn, syn.out_pos);
         debug_assert_eq!(*e & !CONNECTED_FLAG, seg);
         *e = SINK;
         self.tombstones += 1;
     }
 
-    /// Whether tombstones make up enough of the lists (a quarter) to pay for a rebuild.
+    /// Whether tombstones (a quarter of the entries) or abandoned spans (half the arena) make
+    /// a rebuild worth its cost.
     pub(super) fn needs_rebuild(&self) -> bool {
-        self.tombstones > 1024 && self.tombstones * 4 > self.entries
+        (self.tombstones > 1024 && self.tombstones * 4 > self.entries)
+            || (self.abandoned > 4096 && self.abandoned * 2 > self.arena.len())
     }
 
     /// Relists every synapse of `synapses` (by segment id), recording positions.
     pub(super) fn rebuild(&mut self, synapses: &mut [Vec<Synapse>], connected_perm: f32) {
-        for list in &mut self.by_cell {
-            list.clear();
+        for sp in &mut self.spans {
+            *sp = Span::default();
         }
+        for syns in synapses.iter() {
+            for syn in syns {
+                self.spans[syn.presyn as usize].len += 1;
+            }
+        }
+        // Room for a quarter more before a list has to move.
+        let mut start = 0u32;
+        for sp in &mut self.spans {
+            let cap = if sp.len == 0 {
+                0
+            } else {
+                sp.len + sp.len / 4 + 2
+            };
+            *sp = Span { start, len: 0, cap };
+            start += cap;
+        }
+        self.arena.clear();
+        self.arena.resize(start as usize, SINK);
         self.entries = 0;
         self.tombstones = 0;
+        self.abandoned = 0;
         for (seg, syns) in synapses.iter_mut().enumerate() {
             for syn in syns {
                 syn.out_pos = self.add(
@@ -129,7 +192,6 @@ impl OutIndex {
     }
 
     pub(super) fn heap_bytes(&self) -> usize {
-        self.by_cell.capacity() * std::mem::size_of::<Vec<u32>>()
-            + self.by_cell.iter().map(|v| v.capacity() * 4).sum::<usize>()
+        self.spans.capacity() * std::mem::size_of::<Span>() + self.arena.capacity() * 4
     }
 }

@@ -89,7 +89,8 @@ fn check_invariants(tm: &BacktrackingTm) {
                 let entry = OutIndex::entry(seg, connected);
                 expected.push((syn.presyn, entry));
                 assert_eq!(
-                    tm.out_index.by_cell[syn.presyn as usize][syn.out_pos as usize], entry,
+                    tm.out_index.list(syn.presyn)[syn.out_pos as usize],
+                    entry,
                     "synapse's out position"
                 );
             }
@@ -104,12 +105,8 @@ fn check_invariants(tm: &BacktrackingTm) {
             assert!(tm.free_segments.contains(&(seg as u32)));
         }
     }
-    let mut indexed: Vec<(u32, u32)> = tm
-        .out_index
-        .by_cell
-        .iter()
-        .enumerate()
-        .flat_map(|(cell, list)| list.iter().map(move |&e| (cell as u32, e)))
+    let mut indexed: Vec<(u32, u32)> = (0..p.num_cells() as u32)
+        .flat_map(|cell| tm.out_index.list(cell).iter().map(move |&e| (cell, e)))
         .filter(|&(_, e)| e != SINK)
         .collect();
     expected.sort_unstable();
