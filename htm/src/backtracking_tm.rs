@@ -1060,7 +1060,12 @@ impl BacktrackingTm {
         for &col in cols {
             let base = col * cpc;
             // At most one cell per column is learn-predicted; Cells4 keeps the last.
-            let predicting = (0..cpc).rfind(|&i| self.lrn_predicted_prev.is_set(base + i));
+            let predicting = if cpc <= 64 {
+                let bits = self.lrn_predicted_prev.bits(base, cpc);
+                (bits != 0).then(|| 63 - bits.leading_zeros())
+            } else {
+                (0..cpc).rfind(|&i| self.lrn_predicted_prev.is_set(base + i))
+            };
             if let Some(i) = predicting {
                 self.lrn_active.set(base + i);
                 continue;
@@ -1747,10 +1752,16 @@ fn infer_phase1(
     for &c in cols {
         let base = c * cpc;
         let mut any = false;
-        for cell in base..base + cpc {
-            if predicted_prev.is_set(cell) {
-                active.set(cell);
-                any = true;
+        if cpc <= 64 {
+            let predicted = predicted_prev.bits(base, cpc);
+            active.set_bits(base, predicted);
+            any = predicted != 0;
+        } else {
+            for cell in base..base + cpc {
+                if predicted_prev.is_set(cell) {
+                    active.set(cell);
+                    any = true;
+                }
             }
         }
         if any {

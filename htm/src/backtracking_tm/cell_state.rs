@@ -56,6 +56,31 @@ impl CellState {
         }
     }
 
+    /// The states of cells `start..start + len` (`len <= 64`) as the low bits of a word.
+    #[inline]
+    pub(crate) fn bits(&self, start: u32, len: u32) -> u64 {
+        debug_assert!((1..=64).contains(&len));
+        let (w, b) = ((start >> 6) as usize, start & 63);
+        let mut v = self.dense[w] >> b;
+        if b + len > 64 {
+            v |= self.dense[w + 1] << (64 - b);
+        }
+        if len == 64 {
+            v
+        } else {
+            v & ((1u64 << len) - 1)
+        }
+    }
+
+    /// Sets cell `start + i` for every bit `i` of `mask`, ascending.
+    #[inline]
+    pub(crate) fn set_bits(&mut self, start: u32, mut mask: u64) {
+        while mask != 0 {
+            self.set(start + mask.trailing_zeros());
+            mask &= mask - 1;
+        }
+    }
+
     pub(crate) fn reset(&mut self) {
         for &c in &self.on {
             self.dense[(c >> 6) as usize] = 0;
@@ -117,5 +142,27 @@ mod tests {
         c.rebuild(10);
         assert!(c.is_set(7) && !c.is_set(2));
         assert_eq!(c, b);
+    }
+
+    #[test]
+    fn bit_ranges_match_single_cells() {
+        let mut a = CellState::new(300);
+        for c in [0, 5, 63, 64, 100, 127, 128, 200, 255, 299] {
+            a.set(c);
+        }
+        for start in [0u32, 1, 30, 60, 63, 64, 99, 120, 236] {
+            for len in [1u32, 7, 32, 33, 64] {
+                if start + len > 300 {
+                    continue;
+                }
+                let expected = (0..len)
+                    .filter(|&i| a.is_set(start + i))
+                    .fold(0u64, |m, i| m | 1 << i);
+                assert_eq!(a.bits(start, len), expected, "start {start} len {len}");
+            }
+        }
+        let mut b = CellState::new(300);
+        b.set_bits(60, 0b1011 | 1 << 40);
+        assert_eq!(b.cells(), &[60, 61, 63, 100]);
     }
 }
