@@ -772,3 +772,126 @@ fn nab_like_stream_learns_and_reports_speed() {
     assert!(calm < 0.1, "calm stretch anomaly {calm}");
     assert!(excursion > 0.9, "excursion onset anomaly {excursion}");
 }
+
+fn budget_params(max_segments: u32) -> BacktrackingTmParams {
+    BacktrackingTmParams {
+        max_segments,
+        ..small_fixed_params()
+    }
+}
+
+/// Random patterns over the small TM's 256 columns: every input is new, so segments keep
+/// being created.
+fn noise_stream(len: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = Random::new(seed);
+    let pop: Vec<u32> = (0..256).collect();
+    (0..len)
+        .map(|_| {
+            let mut s = rng.sample(&pop, 20);
+            s.sort_unstable();
+            s
+        })
+        .collect()
+}
+
+#[test]
+fn max_segments_is_never_exceeded() {
+    let budget = 150;
+    let mut tm = tm(budget_params(budget));
+    for (i, cols) in noise_stream(400, 71).iter().enumerate() {
+        tm.compute(cols, true);
+        assert!(
+            tm.num_segments() <= budget as usize,
+            "step {i}: {} segments",
+            tm.num_segments()
+        );
+    }
+    assert_eq!(tm.num_segments(), budget as usize, "noise fills the budget");
+    assert!(tm.backtrack_stats().evictions > 0);
+    check_invariants(&tm);
+    // Without a budget the same stream grows far beyond it.
+    let mut free = BacktrackingTm::new(small_fixed_params()).unwrap();
+    for cols in &noise_stream(400, 71) {
+        free.compute(cols, true);
+    }
+    assert!(free.num_segments() > 2 * budget as usize);
+}
+
+#[test]
+fn eviction_frees_the_least_recently_active_segment() {
+    let mut tm = tm(budget_params(3));
+    // Three segments on different cells, active at iterations 10, 20 and 20.
+    let mut made = Vec::new();
+    for (it, cell) in [(10, 5), (20, 9), (20, 13)] {
+        tm.lrn_iteration = it;
+        made.push(tm.create_segment(cell, &[100 + cell, 200 + cell], true));
+    }
+    // Reinforcing the oldest makes it the most recent.
+    tm.lrn_iteration = 30;
+    tm.adapt_segment(5, Some(made[0]), &[105, 205], false);
+    assert_eq!(tm.segments[made[0] as usize].last_active_iteration, 30);
+    // At the budget: the tie at 20 goes to the lower id. (Freed ids are reused, so look at
+    // the cells.)
+    tm.lrn_iteration = 31;
+    let (older_cell, newer_cell) = if made[1] < made[2] { (9, 13) } else { (13, 9) };
+    let live_on = |tm: &BacktrackingTm, cell: u32| tm.segments_on_cell(cell).count();
+    tm.create_segment(17, &[117], true);
+    assert_eq!(live_on(&tm, older_cell), 0, "lowest id of the oldest goes");
+    assert_eq!(live_on(&tm, newer_cell), 1);
+    assert_eq!(live_on(&tm, 5), 1);
+    tm.lrn_iteration = 32;
+    tm.create_segment(21, &[121], true);
+    assert_eq!(live_on(&tm, newer_cell), 0);
+    assert_eq!(
+        (live_on(&tm, 5), live_on(&tm, 17), live_on(&tm, 21)),
+        (1, 1, 1)
+    );
+    assert_eq!(tm.num_segments(), 3);
+    assert_eq!(tm.backtrack_stats().evictions, 2);
+    check_invariants(&tm);
+}
+
+#[test]
+fn budgeted_runs_are_deterministic_and_survive_a_round_trip() {
+    let stream: Vec<Vec<u32>> = noise_stream(300, 81)
+        .into_iter()
+        .zip(nab_like_stream(300, 82))
+        .enumerate()
+        .map(|(i, (noise, _))| {
+            // Alternate a short repeating motif with noise, so segments are both reinforced
+            // and evicted.
+            if i % 3 == 0 {
+                noise
+            } else {
+                noise_stream(6, 83)[i % 6].clone()
+            }
+        })
+        .collect();
+    let run = || {
+        let mut tm = tm(budget_params(120));
+        let scores: Vec<u32> = stream[..200]
+            .iter()
+            .map(|c| tm.compute(c, true).to_bits())
+            .collect();
+        (scores, tm)
+    };
+    let (a, mut tm_a) = run();
+    let (b, tm_b) = run();
+    assert_eq!(a, b);
+    assert_eq!(tm_a, tm_b);
+    assert!(tm_a.backtrack_stats().evictions > 0);
+
+    let cfg = bincode::config::standard();
+    let bytes = bincode::serde::encode_to_vec(&tm_a, cfg).unwrap();
+    let (mut restored, _): (BacktrackingTm, _) =
+        bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+    let evictions_before = tm_a.backtrack_stats().evictions;
+    for (i, cols) in stream[200..].iter().enumerate() {
+        let x = tm_a.compute(cols, true);
+        let y = restored.compute(cols, true);
+        assert_eq!(x.to_bits(), y.to_bits(), "step {i} after restore");
+    }
+    assert!(tm_a.backtrack_stats().evictions > evictions_before);
+    assert_eq!(restored, tm_a);
+    check_invariants(&restored);
+}
