@@ -271,18 +271,22 @@ impl Activity {
         let tag = self.epoch << EPOCH_SHIFT;
         let threshold = threshold as u64;
         self.qualified.clear();
+        // Local borrows, so that the table's address stays in a register across the stores.
+        let counts = self.counts.as_mut_slice();
+        let qualified = &mut self.qualified;
         for &cell in active_cells {
             for &e in index.list(cell) {
                 let seg = e & !CONNECTED_FLAG;
-                let c = &mut self.counts[seg as usize];
+                let c = &mut counts[seg as usize];
                 let current = if *c >> EPOCH_SHIFT << EPOCH_SHIFT == tag {
                     *c
                 } else {
                     tag
                 };
-                *c = current + 1 + (((e >> 31) as u64) << COUNT_BITS);
-                if *c & COUNT_MASK == threshold {
-                    self.qualified.push(seg);
+                let next = current + 1 + (((e >> 31) as u64) << COUNT_BITS);
+                *c = next;
+                if next & COUNT_MASK == threshold {
+                    qualified.push(seg);
                 }
             }
         }
