@@ -92,7 +92,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::random::Random;
 use cell_state::CellState;
-use store::{OutIndex, CONNECTED_FLAG, DROPPED, SINK};
+use store::{OutIndex, DROPPED, SINK};
 
 /// Marks an empty slot in a cell's slot list.
 const NO_SEGMENT: SegmentId = SegmentId::MAX;
@@ -274,21 +274,25 @@ impl Activity {
         // Local borrows, so that the table's address stays in a register across the stores.
         let counts = self.counts.as_mut_slice();
         let qualified = &mut self.qualified;
-        for &cell in active_cells {
-            for &e in index.list(cell) {
-                let seg = e & !CONNECTED_FLAG;
+        let mut count = |list: &[SegmentId], increment: u64| {
+            for &seg in list {
                 let c = &mut counts[seg as usize];
                 let current = if *c >> EPOCH_SHIFT << EPOCH_SHIFT == tag {
                     *c
                 } else {
                     tag
                 };
-                let next = current + 1 + (((e >> 31) as u64) << COUNT_BITS);
+                let next = current + increment;
                 *c = next;
                 if next & COUNT_MASK == threshold {
                     qualified.push(seg);
                 }
             }
+        };
+        for &cell in active_cells {
+            let [connected, other] = index.lists(cell);
+            count(connected, 1 + (1 << COUNT_BITS));
+            count(other, 1);
         }
     }
 
@@ -1610,7 +1614,8 @@ impl BacktrackingTm {
     /// from the segment.
     fn drop_synapse(&mut self, seg: SegmentId, k: usize) {
         let syn = &mut self.synapses[seg as usize][k];
-        self.out_index.remove(syn, seg);
+        let connected = syn.permanence >= self.params.connected_perm;
+        self.out_index.remove(syn, seg, connected);
         syn.permanence = DROPPED;
         self.num_synapses -= 1;
     }
@@ -1629,8 +1634,9 @@ impl BacktrackingTm {
     /// Frees a segment's slot and drops updates queued for it.
     fn release_segment(&mut self, seg: SegmentId) {
         let s = seg as usize;
+        let cp = self.params.connected_perm;
         for syn in &self.synapses[s] {
-            self.out_index.remove(syn, seg);
+            self.out_index.remove(syn, seg, syn.permanence >= cp);
         }
         self.num_synapses -= self.synapses[s].len();
         self.synapses[s].clear(); // keeps the allocation for the id's next segment

@@ -16,8 +16,9 @@ pub struct Synapse {
     /// Presynaptic cell.
     pub presyn: u32,
     pub permanence: f32,
-    /// Where this synapse's entry sits in its presynaptic cell's out list, so flag updates
-    /// and removals need no search. Derived: rebuilt after deserialisation.
+    /// Where this synapse's entry sits in its presynaptic cell's out list (the connected or
+    /// the other one, as its permanence says), so moves and removals need no search.
+    /// Derived: rebuilt after deserialisation.
     #[serde(skip)]
     pub(super) out_pos: u32,
 }
@@ -37,17 +38,15 @@ pub(super) fn compact(syns: &mut Vec<Synapse>) {
     syns.retain(|s| s.permanence != DROPPED);
 }
 
-/// Top bit of an out-list entry: the synapse is connected.
-pub(super) const CONNECTED_FLAG: u32 = 1 << 31;
-
 /// Segment id 0 is never allocated. Removed out-list entries are overwritten with it (a
 /// tombstone), so that no entry ever moves and every synapse knows its entry's position;
 /// passes count tombstones into segment 0's counter, which nothing reads.
 pub(super) const SINK: SegmentId = 0;
 
-/// Presynaptic cell → one entry per synapse it makes, `segment | connected flag`:
-/// `Cells4`'s `OutSynapses` plus the flag, so a forward pass is a sequential read and one
-/// counter update per synapse. Entry order is irrelevant (passes only count).
+/// Presynaptic cell → the segments it has a synapse on, in two lists: connected synapses and
+/// the others (`Cells4`'s `OutSynapses`, split by permanence), so a forward pass is a
+/// sequential read and one counter update per synapse, with the increment fixed per list.
+/// Entry order is irrelevant (passes only count).
 ///
 /// All lists live in one arena, each in a span with some spare room; a list that outgrows
 /// its span moves to the end of the arena. Rebuilds (after restore, and whenever
@@ -56,8 +55,9 @@ pub(super) const SINK: SegmentId = 0;
 /// the segments: not serialised.
 #[derive(Clone, Debug, Default)]
 pub(super) struct OutIndex {
-    spans: Vec<Span>,
-    arena: Vec<u32>,
+    /// Per cell: its connected list, then its other list.
+    spans: Vec<[Span; 2]>,
+    arena: Vec<SegmentId>,
     /// Entries in all lists, tombstones included.
     entries: usize,
     tombstones: usize,
@@ -65,7 +65,7 @@ pub(super) struct OutIndex {
     abandoned: usize,
 }
 
-/// A cell's list: `arena[start..start + len]`, room up to `start + cap`.
+/// A list: `arena[start..start + len]`, room up to `start + cap`.
 #[derive(Clone, Copy, Debug, Default)]
 struct Span {
     start: u32,
@@ -80,10 +80,20 @@ impl PartialEq for OutIndex {
     }
 }
 
+/// Which of a cell's two lists holds a synapse.
+#[inline]
+fn side(connected: bool) -> usize {
+    if connected {
+        0
+    } else {
+        1
+    }
+}
+
 impl OutIndex {
     pub(super) fn new(num_cells: usize) -> Self {
         OutIndex {
-            spans: vec![Span::default(); num_cells],
+            spans: vec![[Span::default(); 2]; num_cells],
             arena: Vec::new(),
             entries: 0,
             tombstones: 0,
@@ -91,29 +101,26 @@ impl OutIndex {
         }
     }
 
+    /// `cell`'s connected list and its other list, tombstones included.
     #[inline]
-    pub(super) fn entry(seg: SegmentId, connected: bool) -> u32 {
-        debug_assert!(seg < CONNECTED_FLAG);
-        seg | if connected { CONNECTED_FLAG } else { 0 }
-    }
-
-    /// The entries of `cell`'s list, tombstones included.
-    #[inline]
-    pub(super) fn list(&self, cell: u32) -> &[u32] {
-        let sp = self.spans[cell as usize];
-        &self.arena[sp.start as usize..(sp.start + sp.len) as usize]
+    pub(super) fn lists(&self, cell: u32) -> [&[SegmentId]; 2] {
+        let [c, u] = self.spans[cell as usize];
+        [
+            &self.arena[c.start as usize..(c.start + c.len) as usize],
+            &self.arena[u.start as usize..(u.start + u.len) as usize],
+        ]
     }
 
     #[inline]
-    fn slot(&mut self, presyn: u32, pos: u32) -> &mut u32 {
-        let sp = self.spans[presyn as usize];
+    fn slot(&mut self, presyn: u32, connected: bool, pos: u32) -> &mut SegmentId {
+        let sp = self.spans[presyn as usize][side(connected)];
         debug_assert!(pos < sp.len);
         &mut self.arena[(sp.start + pos) as usize]
     }
 
-    /// Lists a synapse of `seg` from `presyn`; returns its position in the list.
+    /// Lists a synapse of `seg` from `presyn`; returns its position in its list.
     pub(super) fn add(&mut self, presyn: u32, seg: SegmentId, connected: bool) -> u32 {
-        let sp = &mut self.spans[presyn as usize];
+        let sp = &mut self.spans[presyn as usize][side(connected)];
         if sp.len == sp.cap {
             let cap = (sp.cap * 2).max(4);
             let start = self.arena.len();
@@ -124,25 +131,23 @@ impl OutIndex {
             sp.start = u32::try_from(start).expect("out index arena within u32");
             sp.cap = cap;
         }
-        self.arena[(sp.start + sp.len) as usize] = Self::entry(seg, connected);
+        self.arena[(sp.start + sp.len) as usize] = seg;
         sp.len += 1;
         self.entries += 1;
         sp.len - 1
     }
 
-    /// Sets the connected flag of `syn`'s entry (a synapse of `seg`).
-    #[inline]
-    pub(super) fn set_connected(&mut self, syn: &Synapse, seg: SegmentId, connected: bool) {
-        let e = self.slot(syn.presyn, syn.out_pos);
-        debug_assert_eq!(*e & !CONNECTED_FLAG, seg);
-        *e = Self::entry(seg, connected);
+    /// Moves `syn` (a synapse of `seg`) to the list of its new connected state.
+    pub(super) fn set_connected(&mut self, syn: &mut Synapse, seg: SegmentId, connected: bool) {
+        self.remove(syn, seg, !connected);
+        syn.out_pos = self.add(syn.presyn, seg, connected);
     }
 
-    /// Unlists `syn` (a synapse of `seg`).
+    /// Unlists `syn` (a synapse of `seg`, in the list of `connected`).
     #[inline]
-    pub(super) fn remove(&mut self, syn: &Synapse, seg: SegmentId) {
-        let e = self.slot(syn.presyn, syn.out_pos);
-        debug_assert_eq!(*e & !CONNECTED_FLAG, seg);
+    pub(super) fn remove(&mut self, syn: &Synapse, seg: SegmentId, connected: bool) {
+        let e = self.slot(syn.presyn, connected, syn.out_pos);
+        debug_assert_eq!(*e, seg);
         *e = SINK;
         self.tombstones += 1;
     }
@@ -157,16 +162,16 @@ impl OutIndex {
     /// Relists every synapse of `synapses` (by segment id), recording positions.
     pub(super) fn rebuild(&mut self, synapses: &mut [Vec<Synapse>], connected_perm: f32) {
         for sp in &mut self.spans {
-            *sp = Span::default();
+            *sp = [Span::default(); 2];
         }
         for syns in synapses.iter() {
             for syn in syns {
-                self.spans[syn.presyn as usize].len += 1;
+                self.spans[syn.presyn as usize][side(syn.permanence >= connected_perm)].len += 1;
             }
         }
         // Room for a quarter more before a list has to move.
         let mut start = 0u32;
-        for sp in &mut self.spans {
+        for sp in self.spans.iter_mut().flatten() {
             let cap = if sp.len == 0 {
                 0
             } else {
@@ -192,6 +197,6 @@ impl OutIndex {
     }
 
     pub(super) fn heap_bytes(&self) -> usize {
-        self.spans.capacity() * std::mem::size_of::<Span>() + self.arena.capacity() * 4
+        self.spans.capacity() * std::mem::size_of::<[Span; 2]>() + self.arena.capacity() * 4
     }
 }

@@ -50,7 +50,7 @@ fn nab_like_stream(len: usize, seed: u64) -> Vec<Vec<u32>> {
 /// the segment and synapse counts add up.
 fn check_invariants(tm: &BacktrackingTm) {
     let p = tm.params();
-    let mut expected: Vec<(u32, u32)> = Vec::new();
+    let mut expected: Vec<(u32, bool, u32)> = Vec::new();
     let mut live = 0;
     let mut synapses = 0;
     for cell in 0..p.num_cells() as u32 {
@@ -86,11 +86,11 @@ fn check_invariants(tm: &BacktrackingTm) {
             for syn in syns {
                 assert!(syn.permanence > 0.0 && syn.permanence <= p.permanence_max);
                 let connected = syn.permanence >= p.connected_perm;
-                let entry = OutIndex::entry(seg, connected);
-                expected.push((syn.presyn, entry));
+                expected.push((syn.presyn, connected, seg));
                 assert_eq!(
-                    tm.out_index.list(syn.presyn)[syn.out_pos as usize],
-                    entry,
+                    tm.out_index.lists(syn.presyn)[if connected { 0 } else { 1 }]
+                        [syn.out_pos as usize],
+                    seg,
                     "synapse's out position"
                 );
             }
@@ -105,9 +105,13 @@ fn check_invariants(tm: &BacktrackingTm) {
             assert!(tm.free_segments.contains(&(seg as u32)));
         }
     }
-    let mut indexed: Vec<(u32, u32)> = (0..p.num_cells() as u32)
-        .flat_map(|cell| tm.out_index.list(cell).iter().map(move |&e| (cell, e)))
-        .filter(|&(_, e)| e != SINK)
+    let mut indexed: Vec<(u32, bool, u32)> = (0..p.num_cells() as u32)
+        .flat_map(|cell| {
+            let [connected, other] = tm.out_index.lists(cell);
+            let c = connected.iter().map(move |&seg| (cell, true, seg));
+            c.chain(other.iter().map(move |&seg| (cell, false, seg)))
+        })
+        .filter(|&(_, _, seg)| seg != SINK)
         .collect();
     expected.sort_unstable();
     indexed.sort_unstable();
