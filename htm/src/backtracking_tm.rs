@@ -78,23 +78,24 @@
 
 mod cell_state;
 mod params;
+mod store;
 #[cfg(test)]
 mod tests;
 
 pub use params::{BacktrackingTmParams, OutputType, ParamError};
+pub use store::{SegmentId, Synapse};
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::connections::{Connections, SegmentId, SynapseId};
 use crate::random::Random;
 use cell_state::CellState;
+use store::{OutIndex, DROPPED, SINK};
 
 /// Marks an empty slot in a cell's slot list.
 const NO_SEGMENT: SegmentId = SegmentId::MAX;
-/// Marks a synapse removed earlier in the same update.
-const REMOVED: SynapseId = SynapseId::MAX;
 
 /// Learning-iteration boundaries at which the duty-cycle moving average changes its rate.
 const DUTY_CYCLE_TIERS: [u32; 9] = [0, 100, 320, 1000, 3200, 10000, 32000, 100000, 320000];
@@ -108,6 +109,7 @@ const DUTY_CYCLE_ALPHAS: [f32; 9] = [
 struct SegmentMeta {
     cell: u32,
     slot: u32,
+    alive: bool,
     sequence: bool,
     total_activations: u32,
     positive_activations: u32,
@@ -185,8 +187,15 @@ impl PowCache {
     }
 }
 
-/// A queued reinforcement of an existing segment (`Cells4::SegmentUpdate`); its presynaptic
-/// cells are `update_pool[start..start + len]`, sorted.
+/// A queued reinforcement of an existing segment (`Cells4::SegmentUpdate`).
+///
+/// NuPIC lists the update's presynaptic cells when it queues it, but most queued updates
+/// are dropped unapplied. Until it is applied, neither the segment nor the learning state it
+/// was built from changes (that state is the previous one by then), so only the random choices
+/// of new cells are made when queueing — in the same order, from the same generator — and
+/// `update_pool[start..start + len]` holds them; the cells are listed when the update applies
+/// (`explicit` false). Global decay, which changes segments in between, first turns pending
+/// updates into their cell lists (`explicit` true: the pool range holds the sorted cells).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 struct PendingUpdate {
     cell: u32,
@@ -194,6 +203,16 @@ struct PendingUpdate {
     timestamp: u32,
     start: u32,
     len: u32,
+    explicit: bool,
+}
+
+/// Where [`BacktrackingTm::build_update`] gets its random choices of new cells.
+#[derive(Clone, Copy)]
+enum Choices<'a> {
+    /// Draw them now.
+    Draw,
+    /// Use these, drawn when the update was queued ([`BacktrackingTm::draw_choices`]).
+    Replay(&'a [u32]),
 }
 
 /// How often each backtracking path ran (diagnostics).
@@ -207,63 +226,8 @@ pub struct BacktrackStats {
     pub learning_backtracks: u64,
     /// ... of which found an earlier start point.
     pub learning_lock_ons: u64,
-}
-
-/// Presynaptic cell → the segments it has a synapse on, one entry per synapse: `Cells4`'s
-/// `OutSynapses`, plus each synapse's connected flag in the entry's top bit. A forward pass is
-/// then a sequential read and one counter update per synapse, with no synapse lookups.
-/// Derived from the connections: not serialised, rebuilt by
-/// [`BacktrackingTm::rebuild_after_restore`]; entry order is irrelevant because passes only
-/// count.
-#[derive(Clone, Debug, Default)]
-struct OutIndex {
-    by_cell: Vec<Vec<u32>>,
-}
-
-/// Derived data: equal whenever the connections it indexes are.
-impl PartialEq for OutIndex {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-const CONNECTED_FLAG: u32 = 1 << 31;
-
-impl OutIndex {
-    #[inline]
-    fn entry(seg: SegmentId, connected: bool) -> u32 {
-        debug_assert!(seg < CONNECTED_FLAG);
-        seg | if connected { CONNECTED_FLAG } else { 0 }
-    }
-
-    #[inline]
-    fn add(&mut self, presyn: u32, seg: SegmentId, connected: bool) {
-        self.by_cell[presyn as usize].push(Self::entry(seg, connected));
-    }
-
-    /// Position of `seg`'s entry in `presyn`'s list (a segment has one synapse per
-    /// presynaptic cell, so it is unique).
-    fn position(&self, presyn: u32, seg: SegmentId) -> usize {
-        self.by_cell[presyn as usize]
-            .iter()
-            .rposition(|&e| e & !CONNECTED_FLAG == seg)
-            .expect("synapse listed in the out index")
-    }
-
-    fn remove(&mut self, presyn: u32, seg: SegmentId) {
-        let pos = self.position(presyn, seg);
-        self.by_cell[presyn as usize].swap_remove(pos);
-    }
-
-    fn set_connected(&mut self, presyn: u32, seg: SegmentId, connected: bool) {
-        let pos = self.position(presyn, seg);
-        self.by_cell[presyn as usize][pos] = Self::entry(seg, connected);
-    }
-
-    fn heap_bytes(&self) -> usize {
-        self.by_cell.capacity() * std::mem::size_of::<Vec<u32>>()
-            + self.by_cell.iter().map(|v| v.capacity() * 4).sum::<usize>()
-    }
+    /// Segments freed to stay within `max_segments`.
+    pub evictions: u64,
 }
 
 /// Per-segment counts of one forward pass, packed as `epoch | connected | potential`
@@ -307,20 +271,28 @@ impl Activity {
         let tag = self.epoch << EPOCH_SHIFT;
         let threshold = threshold as u64;
         self.qualified.clear();
-        for &cell in active_cells {
-            for &e in &index.by_cell[cell as usize] {
-                let seg = e & !CONNECTED_FLAG;
-                let c = &mut self.counts[seg as usize];
+        // Local borrows, so that the table's address stays in a register across the stores.
+        let counts = self.counts.as_mut_slice();
+        let qualified = &mut self.qualified;
+        let mut count = |list: &[SegmentId], increment: u64| {
+            for &seg in list {
+                let c = &mut counts[seg as usize];
                 let current = if *c >> EPOCH_SHIFT << EPOCH_SHIFT == tag {
                     *c
                 } else {
                     tag
                 };
-                *c = current + 1 + (((e >> 31) as u64) << COUNT_BITS);
-                if *c & COUNT_MASK == threshold {
-                    self.qualified.push(seg);
+                let next = current + increment;
+                *c = next;
+                if next & COUNT_MASK == threshold {
+                    qualified.push(seg);
                 }
             }
+        };
+        for &cell in active_cells {
+            let [connected, other] = index.lists(cell);
+            count(connected, 1 + (1 << COUNT_BITS));
+            count(other, 1);
         }
     }
 
@@ -367,68 +339,84 @@ impl Ranked {
 #[derive(Clone, Debug, Default)]
 struct Ranking {
     ranked: Vec<Ranked>,
-    unsorted: Vec<Ranked>,
-    column_ends: Vec<u32>,
 }
 
 impl Ranking {
     /// Orders the segments the last pass qualified (at least its threshold of active synapses) in
     /// scan order: owner cell (mirrored within its column with `reverse_cells`, as the
     /// best-match searches scan cells downwards), then slot. The keys are unique, so the
-    /// order does not depend on the pass's. Sorted by a counting sort on the column and
-    /// small per-column sorts, which beats a general sort at these sizes.
+    /// order does not depend on the pass's; a few hundred at most, so a plain sort is cheap.
     fn rank(
         &mut self,
         activity: &Activity,
         segments: &[SegmentMeta],
         cpc: u32,
-        num_columns: u32,
         reverse_cells: bool,
     ) {
-        self.unsorted.clear();
+        self.ranked.clear();
         for &seg in &activity.qualified {
+            if seg == SINK {
+                continue;
+            }
             let meta = &segments[seg as usize];
             let cell = if reverse_cells {
                 mirror_in_column(meta.cell, cpc)
             } else {
                 meta.cell
             };
-            self.unsorted.push(Ranked {
+            self.ranked.push(Ranked {
                 key: (cell as u64) << 32 | meta.slot as u64,
                 seg,
                 potential: activity.potential(seg),
             });
         }
-        let ends = &mut self.column_ends;
-        ends.clear();
-        ends.resize(num_columns as usize + 1, 0);
-        for r in &self.unsorted {
-            ends[(r.scan_cell() / cpc) as usize + 1] += 1;
+        self.ranked.sort_unstable_by_key(|r| r.key);
+    }
+}
+
+/// Live segments ordered by `(last_active_iteration, id)` for the `max_segments` budget: a
+/// min-heap of keys pushed whenever a segment is created or reinforced. A key whose segment
+/// has since been reinforced again or freed is stale and skipped when popped; the heap is
+/// rebuilt from the live segments when stale keys outnumber live ones, so every operation is
+/// O(log n) amortised. Derived from the segment metadata: not serialised.
+#[derive(Clone, Debug, Default)]
+struct RecencyHeap {
+    heap: BinaryHeap<Reverse<u64>>,
+}
+
+impl RecencyHeap {
+    #[inline]
+    fn key(iteration: u32, seg: SegmentId) -> u64 {
+        (iteration as u64) << 32 | seg as u64
+    }
+
+    fn touch(&mut self, iteration: u32, seg: SegmentId, segments: &[SegmentMeta], live: usize) {
+        if self.heap.len() > 2 * live + 64 {
+            self.rebuild(segments);
         }
-        for c in 1..ends.len() {
-            ends[c] += ends[c - 1];
+        self.heap.push(Reverse(Self::key(iteration, seg)));
+    }
+
+    fn rebuild(&mut self, segments: &[SegmentMeta]) {
+        let keys: Vec<Reverse<u64>> = segments
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.alive)
+            .map(|(id, m)| Reverse(Self::key(m.last_active_iteration, id as SegmentId)))
+            .collect();
+        self.heap = BinaryHeap::from(keys);
+    }
+
+    /// The live segment with the oldest `last_active_iteration` (lowest id on ties).
+    fn pop_oldest(&mut self, segments: &[SegmentMeta]) -> Option<SegmentId> {
+        while let Some(Reverse(key)) = self.heap.pop() {
+            let (iteration, seg) = ((key >> 32) as u32, key as u32);
+            let m = &segments[seg as usize];
+            if m.alive && m.last_active_iteration == iteration {
+                return Some(seg);
+            }
         }
-        self.ranked.clear();
-        self.ranked.resize(
-            self.unsorted.len(),
-            Ranked {
-                key: 0,
-                seg: 0,
-                potential: 0,
-            },
-        );
-        for r in &self.unsorted {
-            let slot = &mut ends[(r.scan_cell() / cpc) as usize];
-            self.ranked[*slot as usize] = *r;
-            *slot += 1;
-        }
-        let mut i = 0;
-        while i < self.ranked.len() {
-            let col = self.ranked[i].scan_cell() / cpc;
-            let end = ends[col as usize] as usize;
-            self.ranked[i..end].sort_unstable_by_key(|r| r.key);
-            i = end;
-        }
+        None
     }
 }
 
@@ -443,29 +431,19 @@ struct Scratch {
     /// Best match per column: `(column, cell, segment)`, ascending columns.
     best: Vec<(u32, u32, SegmentId)>,
     cells: Vec<u32>,
-    seg_presyn: Vec<u32>,
     pruned: Vec<u32>,
     update: Vec<u32>,
-    syns: Vec<(u32, SynapseId)>,
-    free_candidates: Vec<(f32, u32, SynapseId)>,
+    /// Per synapse of the segment being adapted: is its presynaptic cell in the update.
+    in_update: Vec<bool>,
+    /// Cells of the update being applied that are not on the segment yet.
+    new_cells: Vec<u32>,
+    /// `(key, presynaptic cell, index)` of the synapses that may be freed.
+    free_candidates: Vec<(f32, u32, u32)>,
     backup_active: Vec<u32>,
     backup_predicted: Vec<u32>,
-    /// Per-cell marks, all zero between uses.
-    marks: Vec<u8>,
     spare_patterns: Vec<Vec<u32>>,
-}
-
-/// Marks in [`Scratch::marks`]: the cell is in the update being applied / already has a
-/// synapse on the segment being updated.
-const MARK_IN_UPDATE: u8 = 1;
-const MARK_ON_SEGMENT: u8 = 2;
-
-impl Scratch {
-    fn ensure_marks(&mut self, num_cells: usize) {
-        if self.marks.len() < num_cells {
-            self.marks.resize(num_cells, 0);
-        }
-    }
+    /// Eviction order under `max_segments` (kept only when that budget is set).
+    recency: RecencyHeap,
 }
 
 /// Scratch space is not state: two TMs are equal whatever their buffers hold.
@@ -484,7 +462,11 @@ impl PartialEq for Scratch {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BacktrackingTm {
     params: BacktrackingTmParams,
-    connections: Connections,
+    /// Per segment id, its synapses sorted by presynaptic cell (empty when the id is free).
+    synapses: Vec<Vec<Synapse>>,
+    /// Free segment ids, most recently freed last.
+    free_segments: Vec<SegmentId>,
+    num_synapses: usize,
     #[serde(skip)]
     out_index: OutIndex,
     segments: Vec<SegmentMeta>,
@@ -531,12 +513,12 @@ impl BacktrackingTm {
         let n = params.num_cells();
         let state = || CellState::new(n);
         let mut tm = BacktrackingTm {
-            // Unindexed: the out index below serves the forward passes.
-            connections: Connections::new(n, n, false),
-            out_index: OutIndex {
-                by_cell: vec![Vec::new(); n],
-            },
-            segments: Vec::new(),
+            // Id 0 is the out index's sink, never a live segment.
+            synapses: vec![Vec::new()],
+            free_segments: Vec::new(),
+            num_synapses: 0,
+            out_index: OutIndex::new(n),
+            segments: vec![SegmentMeta::default()],
             cell_slots: vec![Vec::new(); n],
             cell_free_slots: vec![Vec::new(); n],
             rng: Random::new(params.seed),
@@ -609,6 +591,10 @@ impl BacktrackingTm {
         if learn {
             self.update_learning_state(active_columns);
             self.apply_global_decay();
+            if self.out_index.needs_rebuild() {
+                self.out_index
+                    .rebuild(&mut self.synapses, self.params.connected_perm);
+            }
         }
         self.reset_called = false;
 
@@ -720,19 +706,27 @@ impl BacktrackingTm {
         &self.params
     }
 
-    /// The segment/synapse store (presynaptic space = the cells).
-    pub fn connections(&self) -> &Connections {
-        &self.connections
-    }
-
     /// Live segments.
     pub fn num_segments(&self) -> usize {
-        self.connections.num_segments()
+        self.synapses.len() - 1 - self.free_segments.len()
     }
 
     /// Live synapses.
     pub fn num_synapses(&self) -> usize {
-        self.connections.num_synapses()
+        self.num_synapses
+    }
+
+    /// The live segments of `cell`, in slot order.
+    pub fn segments_on_cell(&self, cell: u32) -> impl Iterator<Item = SegmentId> + '_ {
+        self.cell_slots[cell as usize]
+            .iter()
+            .copied()
+            .filter(|&s| s != NO_SEGMENT)
+    }
+
+    /// The synapses of a live segment, ascending presynaptic cells.
+    pub fn segment_synapses(&self, seg: SegmentId) -> &[Synapse] {
+        &self.synapses[seg as usize]
     }
 
     /// Segment slots of `cell`, empty ones included (what the segment cap counts).
@@ -757,24 +751,10 @@ impl BacktrackingTm {
     /// Rebuilds derived data (presynaptic index, dense state tables) after deserialisation.
     /// Idempotent; [`BacktrackingTm::compute`] and [`BacktrackingTm::reset`] call it when needed.
     pub fn rebuild_after_restore(&mut self) {
-        self.connections.rebuild_index();
         let n = self.params.num_cells();
-        let mut index = OutIndex {
-            by_cell: vec![Vec::new(); n],
-        };
-        for slots in &self.cell_slots {
-            for &seg in slots.iter().filter(|&&s| s != NO_SEGMENT) {
-                for &id in self.connections.synapses_for_segment(seg) {
-                    let syn = self.connections.synapse(id);
-                    index.add(
-                        syn.presyn,
-                        seg,
-                        syn.permanence >= self.params.connected_perm,
-                    );
-                }
-            }
-        }
-        self.out_index = index;
+        self.out_index = OutIndex::new(n);
+        self.out_index
+            .rebuild(&mut self.synapses, self.params.connected_perm);
         for s in [
             &mut self.inf_active,
             &mut self.inf_predicted,
@@ -790,6 +770,9 @@ impl BacktrackingTm {
             ready: true,
             ..Scratch::default()
         };
+        if self.params.max_segments > 0 {
+            self.scratch.recency.rebuild(&self.segments);
+        }
     }
 
     /// Heap bytes held (capacity-based), for memory reporting.
@@ -802,7 +785,13 @@ impl BacktrackingTm {
             q.capacity() * size_of::<Vec<u32>>() + q.iter().map(|x| x.capacity() * 4).sum::<usize>()
         };
         let s = &self.scratch;
-        self.connections.heap_bytes()
+        self.synapses.capacity() * size_of::<Vec<Synapse>>()
+            + self
+                .synapses
+                .iter()
+                .map(|v| v.capacity() * size_of::<Synapse>())
+                .sum::<usize>()
+            + self.free_segments.capacity() * 4
             + self.out_index.heap_bytes()
             + self.segments.capacity() * size_of::<SegmentMeta>()
             + nested(&self.cell_slots)
@@ -827,19 +816,17 @@ impl BacktrackingTm {
             + self.update_pool.capacity() * 4
             + s.activity.counts.capacity() * 8
             + s.activity.qualified.capacity() * 4
-            + (s.ranking.ranked.capacity() + s.ranking.unsorted.capacity()) * size_of::<Ranked>()
-            + s.ranking.column_ends.capacity() * 4
+            + s.ranking.ranked.capacity() * size_of::<Ranked>()
             + s.best.capacity() * 12
             + (s.cells.capacity()
-                + s.seg_presyn.capacity()
                 + s.pruned.capacity()
                 + s.update.capacity()
                 + s.backup_active.capacity()
                 + s.backup_predicted.capacity())
                 * 4
-            + s.syns.capacity() * 8
+            + s.in_update.capacity()
+            + s.new_cells.capacity() * 4
             + s.free_candidates.capacity() * 12
-            + s.marks.capacity()
             + nested(&s.spare_patterns)
     }
 
@@ -888,17 +875,11 @@ impl BacktrackingTm {
         let s = &mut self.scratch;
         s.activity.propagate(
             &self.out_index,
-            self.connections.segment_capacity(),
+            self.synapses.len(),
             self.inf_active.cells(),
             thr,
         );
-        s.ranking.rank(
-            &s.activity,
-            &self.segments,
-            cpc,
-            self.params.column_count,
-            false,
-        );
+        s.ranking.rank(&s.activity, &self.segments, cpc, false);
 
         self.inf_predicted.reset();
         self.cell_confidence.clear();
@@ -1087,7 +1068,12 @@ impl BacktrackingTm {
         for &col in cols {
             let base = col * cpc;
             // At most one cell per column is learn-predicted; Cells4 keeps the last.
-            let predicting = (0..cpc).rfind(|&i| self.lrn_predicted_prev.is_set(base + i));
+            let predicting = if cpc <= 64 {
+                let bits = self.lrn_predicted_prev.bits(base, cpc);
+                (bits != 0).then(|| 63 - bits.leading_zeros())
+            } else {
+                (0..cpc).rfind(|&i| self.lrn_predicted_prev.is_set(base + i))
+            };
             if let Some(i) = predicting {
                 self.lrn_active.set(base + i);
                 continue;
@@ -1102,17 +1088,11 @@ impl BacktrackingTm {
                 let s = &mut self.scratch;
                 s.activity.propagate(
                     &self.out_index,
-                    self.connections.segment_capacity(),
+                    self.synapses.len(),
                     self.lrn_active_prev.cells(),
                     self.params.min_threshold,
                 );
-                s.ranking.rank(
-                    &s.activity,
-                    &self.segments,
-                    cpc,
-                    self.params.column_count,
-                    true,
-                );
+                s.ranking.rank(&s.activity, &self.segments, cpc, true);
                 best_per_column(&s.ranking.ranked, cpc, &mut s.best);
                 matches_ready = true;
             }
@@ -1123,9 +1103,14 @@ impl BacktrackingTm {
                 .ok()
                 .map(|k| self.scratch.best[k]);
             match best {
-                Some((_, cell, seg)) if self.segments[seg as usize].sequence => {
+                // A best match freed meanwhile (by the `max_segments` budget) is no match.
+                Some((_, cell, seg))
+                    if self.segments[seg as usize].alive
+                        && self.segments[seg as usize].cell == cell
+                        && self.segments[seg as usize].sequence =>
+                {
                     self.lrn_active.set(cell);
-                    let update = self.build_update(Some(seg), true);
+                    let update = self.build_update(Some(seg), true, Choices::Draw);
                     self.segments[seg as usize].total_activations += 1;
                     if !update.is_empty() {
                         self.adapt_segment(cell, Some(seg), &update, true);
@@ -1135,7 +1120,7 @@ impl BacktrackingTm {
                 _ => {
                     let cell = self.cell_for_new_segment(col);
                     self.lrn_active.set(cell);
-                    let update = self.build_update(None, true);
+                    let update = self.build_update(None, true, Choices::Draw);
                     if !update.is_empty() {
                         self.adapt_segment(cell, None, &update, true);
                     }
@@ -1153,40 +1138,39 @@ impl BacktrackingTm {
         let s = &mut self.scratch;
         s.activity.propagate(
             &self.out_index,
-            self.connections.segment_capacity(),
+            self.synapses.len(),
             self.lrn_active.cells(),
             self.params.activation_threshold,
         );
-        s.ranking.rank(
-            &s.activity,
-            &self.segments,
-            cpc,
-            self.params.column_count,
-            true,
-        );
+        s.ranking.rank(&s.activity, &self.segments, cpc, true);
         best_per_column(&s.ranking.ranked, cpc, &mut s.best);
 
         self.lrn_predicted.reset();
         let best = std::mem::take(&mut self.scratch.best);
+        let mut pool = std::mem::take(&mut self.update_pool);
         for &(_, cell, seg) in &best {
             self.lrn_predicted.set(cell);
             if read_only {
                 continue;
             }
-            let update = self.build_update(Some(seg), false);
-            if !update.is_empty() {
-                self.updates.push(PendingUpdate {
-                    cell,
-                    segment: seg,
-                    timestamp: self.lrn_iteration,
-                    start: self.update_pool.len() as u32,
-                    len: update.len() as u32,
-                });
-                self.update_pool.extend_from_slice(&update);
-            }
+            // The update is queued with its random choices only (see `PendingUpdate`). The
+            // pass just counted the segment's synapses from the state, which fixes how many
+            // choices there are; it is at least the threshold, so the update is never empty.
+            let active = self.scratch.activity.potential(seg) as usize;
+            debug_assert!(active > 0);
+            let start = pool.len();
+            self.draw_choices(self.lrn_active.cells().len(), active, &mut pool);
+            self.updates.push(PendingUpdate {
+                cell,
+                segment: seg,
+                timestamp: self.lrn_iteration,
+                start: start as u32,
+                len: (pool.len() - start) as u32,
+                explicit: false,
+            });
             self.segments[seg as usize].total_activations += 1;
-            self.scratch.update = update;
         }
+        self.update_pool = pool;
         self.scratch.best = best;
     }
 
@@ -1207,7 +1191,19 @@ impl BacktrackingTm {
             }
             if cols.binary_search(&(u.cell / cpc)).is_ok() {
                 let range = u.start as usize..(u.start + u.len) as usize;
-                self.adapt_segment(u.cell, Some(u.segment), &pool[range], false);
+                if u.explicit {
+                    self.adapt_segment(u.cell, Some(u.segment), &pool[range], false);
+                    continue;
+                }
+                let meta = &self.segments[u.segment as usize];
+                if !meta.alive || meta.cell != u.cell {
+                    continue; // released since (cannot happen without pooling)
+                }
+                // The state the update was queued from is the previous one now.
+                let update =
+                    self.build_update(Some(u.segment), true, Choices::Replay(&pool[range]));
+                self.adapt_segment(u.cell, Some(u.segment), &update, false);
+                self.scratch.update = update;
             }
         }
         updates.clear();
@@ -1328,10 +1324,33 @@ impl BacktrackingTm {
         }
     }
 
+    /// The random draws of `chooseCellsToLearnFrom` for an update to a segment with `active`
+    /// synapses from a learning state of `state_len` cells, appended to `out`: the same draws,
+    /// in the same order, as [`BacktrackingTm::build_update`] makes.
+    fn draw_choices(&mut self, state_len: usize, active: usize, out: &mut Vec<u32>) {
+        let wanted = (self.params.new_synapse_count as usize).saturating_sub(active);
+        let pool = state_len - active;
+        if wanted == 0 || pool <= wanted {
+            return;
+        }
+        if wanted == 1 {
+            out.push(self.rng.below(pool as u32));
+        } else {
+            for i in 0..wanted {
+                out.push(i as u32 + self.rng.below((pool - i) as u32));
+            }
+        }
+    }
+
     /// The presynaptic cells of an update to `seg` (or a new segment): its synapses from
     /// cells active in the previous (`from_prev`) or current learning state, plus randomly
     /// chosen new ones from that state up to `new_synapse_count`. Sorted.
-    fn build_update(&mut self, seg: Option<SegmentId>, from_prev: bool) -> Vec<u32> {
+    fn build_update(
+        &mut self,
+        seg: Option<SegmentId>,
+        from_prev: bool,
+        choices: Choices,
+    ) -> Vec<u32> {
         let mut out = std::mem::take(&mut self.scratch.update);
         let state = if from_prev {
             &self.lrn_active_prev
@@ -1339,48 +1358,64 @@ impl BacktrackingTm {
             &self.lrn_active
         };
         out.clear();
-        let s = &mut self.scratch;
-        s.ensure_marks(self.params.num_cells());
-        s.seg_presyn.clear();
-        if let Some(seg) = seg {
-            for &syn in self.connections.synapses_for_segment(seg) {
-                let p = self.connections.synapse(syn).presyn;
-                s.seg_presyn.push(p);
-                s.marks[p as usize] = MARK_ON_SEGMENT;
-                if state.is_set(p) {
-                    out.push(p);
-                }
-            }
-        }
+        let on_segment: &[Synapse] = match seg {
+            Some(seg) => &self.synapses[seg as usize],
+            None => &[],
+        };
+        // Ascending, as the synapses are.
+        out.extend(
+            on_segment
+                .iter()
+                .map(|s| s.presyn)
+                .filter(|&p| state.is_set(p)),
+        );
         let wanted = (self.params.new_synapse_count as usize).saturating_sub(out.len());
         if wanted > 0 {
-            // chooseCellsToLearnFrom: on cells of the state not yet on the segment, ascending.
+            // chooseCellsToLearnFrom: cells of the state not yet on the segment, ascending.
             let learn_cells = state.cells();
             debug_assert!(learn_cells.windows(2).all(|w| w[0] < w[1]));
-            let pruned = &mut s.pruned;
+            let pruned = &mut self.scratch.pruned;
             pruned.clear();
-            pruned.extend(
-                learn_cells
-                    .iter()
-                    .copied()
-                    .filter(|&c| s.marks[c as usize] == 0),
-            );
+            let mut k = 0;
+            for &c in learn_cells {
+                while k < on_segment.len() && on_segment[k].presyn < c {
+                    k += 1;
+                }
+                if k == on_segment.len() || on_segment[k].presyn != c {
+                    pruned.push(c);
+                }
+            }
+            let rng = &mut self.rng;
+            let mut draw = |i: usize, n: usize| -> usize {
+                match choices {
+                    Choices::Draw => i + rng.below((n - i) as u32) as usize,
+                    Choices::Replay(draws) => draws[i] as usize,
+                }
+            };
+            if let Choices::Replay(draws) = choices {
+                debug_assert_eq!(
+                    draws.len(),
+                    match pruned.len() {
+                        n if n <= wanted => 0,
+                        _ if wanted == 1 => 1,
+                        _ => wanted,
+                    },
+                    "replayed choices do not fit the update"
+                );
+            }
             if pruned.len() <= wanted {
                 out.extend_from_slice(pruned);
             } else if wanted == 1 {
-                out.push(pruned[self.rng.below(pruned.len() as u32) as usize]);
+                out.push(pruned[draw(0, pruned.len())]);
             } else {
                 for i in 0..wanted {
-                    let j = i + self.rng.below((pruned.len() - i) as u32) as usize;
+                    let j = draw(i, pruned.len());
                     pruned.swap(i, j);
                 }
                 out.extend_from_slice(&pruned[..wanted]);
             }
+            out.sort_unstable();
         }
-        for &p in &s.seg_presyn {
-            s.marks[p as usize] = 0;
-        }
-        out.sort_unstable();
         out
     }
 
@@ -1392,106 +1427,106 @@ impl BacktrackingTm {
             self.create_segment(cell, update, sequence);
             return;
         };
-        let info = self.connections.segment(seg);
-        if !info.alive || info.cell != cell {
+        let meta = &mut self.segments[seg as usize];
+        if !meta.alive || meta.cell != cell {
             return; // released since the update was queued
         }
         let it = self.lrn_iteration;
-        let meta = &mut self.segments[seg as usize];
         meta.last_active_iteration = it;
         meta.positive_activations += 1;
         meta.duty_cycle(it, true, false, &mut self.scratch.pow);
+        if self.params.max_segments > 0 {
+            let live = self.num_segments();
+            self.scratch.recency.touch(it, seg, &self.segments, live);
+        }
 
         let p = &self.params;
         let (inc, dec, max) = (p.permanence_inc, p.permanence_dec, p.permanence_max);
-        self.scratch.ensure_marks(self.params.num_cells());
-        for &c in update {
-            self.scratch.marks[c as usize] = MARK_IN_UPDATE;
-        }
-        let mut syns = std::mem::take(&mut self.scratch.syns);
-        syns.clear();
-        for &id in self.connections.synapses_for_segment(seg) {
-            let presyn = self.connections.synapse(id).presyn;
-            syns.push((presyn, id));
-            self.scratch.marks[presyn as usize] |= MARK_ON_SEGMENT;
-        }
-        let in_update = |marks: &[u8], presyn: u32| marks[presyn as usize] & MARK_IN_UPDATE != 0;
-
-        let mut alive = syns.len();
-        let mut n_active = 0;
-        for s in syns.iter_mut() {
-            if in_update(&self.scratch.marks, s.0) {
-                n_active += 1;
-                continue;
+        let s = seg as usize;
+        let mut in_update = std::mem::take(&mut self.scratch.in_update);
+        let mut new_cells = std::mem::take(&mut self.scratch.new_cells);
+        in_update.clear();
+        new_cells.clear();
+        // Walk the segment and the update together (both ascending): active synapses up,
+        // the others down (those reaching zero go), update cells not on the segment are new.
+        let mut alive = self.synapses[s].len();
+        let mut j = 0;
+        for k in 0..self.synapses[s].len() {
+            let syn = self.synapses[s][k];
+            while j < update.len() && update[j] < syn.presyn {
+                new_cells.push(update[j]);
+                j += 1;
             }
-            let perm = (self.connections.synapse(s.1).permanence - dec).min(max);
+            let active = j < update.len() && update[j] == syn.presyn;
+            in_update.push(active);
+            let perm = if active {
+                j += 1;
+                (syn.permanence + inc).min(max)
+            } else {
+                (syn.permanence - dec).min(max)
+            };
             if perm <= 0.0 {
-                self.remove_synapse(seg, s.1, s.0);
-                s.1 = REMOVED;
+                self.drop_synapse(seg, k);
                 alive -= 1;
             } else {
-                self.update_permanence(seg, s.1, s.0, perm);
+                self.set_permanence(seg, k, perm);
             }
         }
-        for &(presyn, id) in &syns {
-            if id != REMOVED && in_update(&self.scratch.marks, presyn) {
-                let perm = (self.connections.synapse(id).permanence + inc).min(max);
-                self.update_permanence(seg, id, presyn, perm);
-            }
-        }
+        new_cells.extend_from_slice(&update[j..]);
 
-        let n_new = update.len() - n_active;
+        let n_new = new_cells.len();
         let max_synapses = self.params.max_synapses_per_segment;
         if max_synapses > 0 && n_new + alive > max_synapses as usize {
             let to_free = n_new + alive - max_synapses as usize;
             let mut candidates = std::mem::take(&mut self.scratch.free_candidates);
             candidates.clear();
-            for &(presyn, id) in &syns {
-                if id != REMOVED && !in_update(&self.scratch.marks, presyn) {
-                    candidates.push((self.connections.synapse(id).permanence, presyn, id));
+            let syns = &self.synapses[s];
+            for (k, syn) in syns.iter().enumerate() {
+                if syn.permanence != DROPPED && !in_update[k] {
+                    candidates.push((syn.permanence, syn.presyn, k as u32));
                 }
             }
             if candidates.len() < to_free {
                 // Active synapses only after every inactive one (offset as Cells4 does).
-                for &(presyn, id) in &syns {
-                    if in_update(&self.scratch.marks, presyn) {
-                        let key = self.connections.synapse(id).permanence + max;
-                        candidates.push((key, presyn, id));
+                for (k, syn) in syns.iter().enumerate() {
+                    if in_update[k] {
+                        candidates.push((syn.permanence + max, syn.presyn, k as u32));
                     }
                 }
             }
             // Cells4 stable-sorts a presynaptic-ordered list: ties go to the lower cell.
             candidates.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-            for &(_, presyn, id) in &candidates[..to_free] {
-                self.remove_synapse(seg, id, presyn);
+            for &(_, _, k) in &candidates[..to_free] {
+                self.drop_synapse(seg, k as usize);
             }
             alive -= to_free;
             self.scratch.free_candidates = candidates;
         }
-
-        let initial = self.params.initial_perm;
-        for &presyn in update {
-            if self.scratch.marks[presyn as usize] & MARK_ON_SEGMENT == 0 {
-                self.add_synapse(seg, presyn, initial);
-                alive += 1;
-            }
-        }
-        for &c in update {
-            self.scratch.marks[c as usize] = 0;
-        }
-        for &(presyn, _) in &syns {
-            self.scratch.marks[presyn as usize] = 0;
-        }
-        self.scratch.syns = syns;
+        store::compact(&mut self.synapses[s]);
+        self.insert_synapses(seg, &new_cells);
+        alive += n_new;
+        self.scratch.in_update = in_update;
+        self.scratch.new_cells = new_cells;
         if alive == 0 {
             self.release_segment(seg);
         }
     }
 
     /// A new segment on `cell` (in its most recently freed slot, else a new one) with
-    /// synapses from `presyn` at `initial_perm`.
+    /// synapses from the sorted `presyn` at `initial_perm`. At the `max_segments` budget,
+    /// the least recently active segment goes first.
     fn create_segment(&mut self, cell: u32, presyn: &[u32], sequence: bool) -> SegmentId {
         let it = self.lrn_iteration;
+        let budget = self.params.max_segments as usize;
+        if budget > 0 && self.num_segments() >= budget {
+            let victim = self
+                .scratch
+                .recency
+                .pop_oldest(&self.segments)
+                .expect("a live segment at the budget");
+            self.release_segment(victim);
+            self.stats.evictions += 1;
+        }
         let slots = &mut self.cell_slots[cell as usize];
         let slot = match self.cell_free_slots[cell as usize].pop() {
             Some(s) => s,
@@ -1500,7 +1535,13 @@ impl BacktrackingTm {
                 (slots.len() - 1) as u32
             }
         };
-        let seg = self.connections.create_segment(cell);
+        let seg = match self.free_segments.pop() {
+            Some(id) => id,
+            None => {
+                self.synapses.push(Vec::new());
+                (self.synapses.len() - 1) as SegmentId
+            }
+        };
         slots[slot as usize] = seg;
         if self.segments.len() <= seg as usize {
             self.segments
@@ -1509,6 +1550,7 @@ impl BacktrackingTm {
         self.segments[seg as usize] = SegmentMeta {
             cell,
             slot,
+            alive: true,
             sequence,
             total_activations: 1,
             positive_activations: 1,
@@ -1516,44 +1558,91 @@ impl BacktrackingTm {
             last_pos_duty_cycle: (1.0f64 / it.max(1) as f64) as f32,
             last_pos_duty_cycle_iteration: it,
         };
-        for &p in presyn {
-            self.add_synapse(seg, p, self.params.initial_perm);
+        debug_assert!(self.synapses[seg as usize].is_empty());
+        self.insert_synapses(seg, presyn);
+        if budget > 0 {
+            let live = self.num_segments();
+            self.scratch.recency.touch(it, seg, &self.segments, live);
         }
         seg
     }
 
-    // Every synapse change goes through these three, which keep the out index and the
-    // connected counts in step with the connections.
+    // Every synapse change goes through the next three, which keep the out index and its
+    // connected flags in step with the segments.
 
-    fn add_synapse(&mut self, seg: SegmentId, presyn: u32, permanence: f32) {
-        let id = self.connections.create_synapse(seg, presyn, permanence);
-        let connected = self.connections.synapse(id).permanence >= self.params.connected_perm;
-        self.out_index.add(presyn, seg, connected);
+    /// Adds synapses at `initial_perm` from the sorted `cells`, none of them on `seg` yet,
+    /// keeping the segment's synapses sorted.
+    fn insert_synapses(&mut self, seg: SegmentId, cells: &[u32]) {
+        if cells.is_empty() {
+            return;
+        }
+        debug_assert!(cells.windows(2).all(|w| w[0] < w[1]));
+        let perm = self.params.initial_perm.clamp(0.0, 1.0);
+        let connected = perm >= self.params.connected_perm;
+        let syns = &mut self.synapses[seg as usize];
+        let out = &mut self.out_index;
+        // Merge from the back, in place.
+        let (mut a, mut b) = (syns.len(), cells.len());
+        syns.resize(
+            a + b,
+            Synapse {
+                presyn: 0,
+                permanence: 0.0,
+                out_pos: 0,
+            },
+        );
+        while b > 0 {
+            let w = a + b - 1;
+            if a > 0 && syns[a - 1].presyn > cells[b - 1] {
+                syns[w] = syns[a - 1];
+                a -= 1;
+            } else {
+                let presyn = cells[b - 1];
+                debug_assert!(a == 0 || syns[a - 1].presyn != presyn);
+                syns[w] = Synapse {
+                    presyn,
+                    permanence: perm,
+                    out_pos: out.add(presyn, seg, connected),
+                };
+                b -= 1;
+            }
+        }
+        self.num_synapses += cells.len();
     }
 
-    fn remove_synapse(&mut self, seg: SegmentId, id: SynapseId, presyn: u32) {
-        self.connections.destroy_synapse(id);
-        self.out_index.remove(presyn, seg);
+    /// Unlists synapse `k` of `seg` and marks it [`DROPPED`]; [`store::compact`] removes it
+    /// from the segment.
+    fn drop_synapse(&mut self, seg: SegmentId, k: usize) {
+        let syn = &mut self.synapses[seg as usize][k];
+        let connected = syn.permanence >= self.params.connected_perm;
+        self.out_index.remove(syn, seg, connected);
+        syn.permanence = DROPPED;
+        self.num_synapses -= 1;
     }
 
-    fn update_permanence(&mut self, seg: SegmentId, id: SynapseId, presyn: u32, permanence: f32) {
+    fn set_permanence(&mut self, seg: SegmentId, k: usize, permanence: f32) {
         let cp = self.params.connected_perm;
-        let was = self.connections.synapse(id).permanence >= cp;
-        self.connections.set_permanence(id, permanence);
-        let is = self.connections.synapse(id).permanence >= cp;
+        let syn = &mut self.synapses[seg as usize][k];
+        let was = syn.permanence >= cp;
+        syn.permanence = permanence.clamp(0.0, 1.0);
+        let is = syn.permanence >= cp;
         if was != is {
-            self.out_index.set_connected(presyn, seg, is);
+            self.out_index.set_connected(syn, seg, is);
         }
     }
 
     /// Frees a segment's slot and drops updates queued for it.
     fn release_segment(&mut self, seg: SegmentId) {
-        let meta = self.segments[seg as usize];
-        for &id in self.connections.synapses_for_segment(seg) {
-            self.out_index
-                .remove(self.connections.synapse(id).presyn, seg);
+        let s = seg as usize;
+        let cp = self.params.connected_perm;
+        for syn in &self.synapses[s] {
+            self.out_index.remove(syn, seg, syn.permanence >= cp);
         }
-        self.connections.destroy_segment(seg);
+        self.num_synapses -= self.synapses[s].len();
+        self.synapses[s].clear(); // keeps the allocation for the id's next segment
+        self.free_segments.push(seg);
+        let meta = &mut self.segments[s];
+        meta.alive = false;
         self.cell_slots[meta.cell as usize][meta.slot as usize] = NO_SEGMENT;
         self.cell_free_slots[meta.cell as usize].push(meta.slot);
         self.updates.retain(|u| u.segment != seg);
@@ -1572,6 +1661,35 @@ impl BacktrackingTm {
         }
     }
 
+    /// Lists the cells of every pending update still held as random choices, before
+    /// something changes the segments they were queued for.
+    fn make_updates_explicit(&mut self) {
+        if self.updates.iter().all(|u| u.explicit) {
+            return;
+        }
+        let mut updates = std::mem::take(&mut self.updates);
+        let pool = std::mem::take(&mut self.update_pool);
+        let mut explicit_pool = Vec::with_capacity(pool.len());
+        for u in &mut updates {
+            let range = u.start as usize..(u.start + u.len) as usize;
+            let start = explicit_pool.len();
+            if u.explicit {
+                explicit_pool.extend_from_slice(&pool[range]);
+            } else {
+                // Still the learning state the update was queued from.
+                let update =
+                    self.build_update(Some(u.segment), false, Choices::Replay(&pool[range]));
+                explicit_pool.extend_from_slice(&update);
+                self.scratch.update = update;
+            }
+            u.start = start as u32;
+            u.len = (explicit_pool.len() - start) as u32;
+            u.explicit = true;
+        }
+        self.updates = updates;
+        self.update_pool = explicit_pool;
+    }
+
     /// Age-based global decay (`applyGlobalDecay`); off with NAB's settings.
     fn apply_global_decay(&mut self) {
         let decay = self.params.global_decay;
@@ -1579,8 +1697,8 @@ impl BacktrackingTm {
         if decay == 0.0 || max_age == 0 || self.lrn_iteration % max_age != 0 {
             return;
         }
+        self.make_updates_explicit();
         let it = self.lrn_iteration;
-        let mut ids = std::mem::take(&mut self.scratch.cells);
         for cell in 0..self.cell_slots.len() {
             for slot in 0..self.cell_slots[cell].len() {
                 let seg = self.cell_slots[cell][slot];
@@ -1589,23 +1707,20 @@ impl BacktrackingTm {
                 {
                     continue;
                 }
-                ids.clear();
-                ids.extend_from_slice(self.connections.synapses_for_segment(seg));
-                for &id in &ids {
-                    let syn = *self.connections.synapse(id);
-                    let perm = syn.permanence;
+                for k in 0..self.synapses[seg as usize].len() {
+                    let perm = self.synapses[seg as usize][k].permanence;
                     if perm <= decay {
-                        self.remove_synapse(seg, id, syn.presyn);
+                        self.drop_synapse(seg, k);
                     } else {
-                        self.update_permanence(seg, id, syn.presyn, perm - decay);
+                        self.set_permanence(seg, k, perm - decay);
                     }
                 }
-                if self.connections.synapses_for_segment(seg).is_empty() {
+                store::compact(&mut self.synapses[seg as usize]);
+                if self.synapses[seg as usize].is_empty() {
                     self.release_segment(seg);
                 }
             }
         }
-        self.scratch.cells = ids;
     }
 }
 
@@ -1647,10 +1762,16 @@ fn infer_phase1(
     for &c in cols {
         let base = c * cpc;
         let mut any = false;
-        for cell in base..base + cpc {
-            if predicted_prev.is_set(cell) {
-                active.set(cell);
-                any = true;
+        if cpc <= 64 {
+            let predicted = predicted_prev.bits(base, cpc);
+            active.set_bits(base, predicted);
+            any = predicted != 0;
+        } else {
+            for cell in base..base + cpc {
+                if predicted_prev.is_set(cell) {
+                    active.set(cell);
+                    any = true;
+                }
             }
         }
         if any {

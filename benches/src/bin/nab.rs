@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use benches::nab::{list_files, read_file, run_file, write_scores};
+use benches::nab::{list_files, read_file, run_file_with, write_scores};
 use clap::{Parser, ValueEnum};
+use htm::network::{NetworkParams, TmParams};
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -32,6 +33,12 @@ struct Args {
     /// Which temporal memory to use.
     #[arg(long, value_enum, default_value_t = TmKind::Backtracking)]
     tm: TmKind,
+    /// Override the backtracking TM's total segment budget (0 = unlimited).
+    #[arg(long)]
+    btm_max_segments: Option<u32>,
+    /// Run without the classifier (it does not affect anomaly scores).
+    #[arg(long)]
+    no_classifier: bool,
 }
 
 fn main() -> Result<()> {
@@ -39,6 +46,15 @@ fn main() -> Result<()> {
     let preset = match args.tm {
         TmKind::Backtracking => "nab",
         TmKind::Current => "nab-tm",
+    };
+    let (max_segments, no_classifier) = (args.btm_max_segments, args.no_classifier);
+    let tweak = move |p: &mut NetworkParams| {
+        if let (Some(m), TmParams::Backtracking(tm)) = (max_segments, &mut p.tm) {
+            tm.max_segments = m;
+        }
+        if no_classifier {
+            p.classifier = None;
+        }
     };
     let files = list_files(&args.data)?;
     // Parse everything before the clock starts: the figure is HTM throughput, not CSV parsing.
@@ -52,7 +68,7 @@ fn main() -> Result<()> {
     let start = Instant::now();
     let scores = pool.install(|| {
         data.par_iter()
-            .map(|f| run_file(f, preset))
+            .map(|f| run_file_with(f, preset, &tweak))
             .collect::<Result<Vec<_>>>()
     })?;
     let seconds = start.elapsed().as_secs_f64();

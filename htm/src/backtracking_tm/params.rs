@@ -85,6 +85,9 @@ pub struct BacktrackingTmParams {
     /// Synapse cap per segment; -1 = unbounded. Must be -1 exactly when
     /// `max_segments_per_cell` is.
     pub max_synapses_per_segment: i32,
+    /// Budget of live segments in the whole TM; 0 = unlimited (NuPIC). Creating a segment
+    /// beyond it first frees the least recently active segment (ties: lowest id).
+    pub max_segments: u32,
     /// Seed of the TM's private random generator.
     pub seed: u64,
     /// What [`super::BacktrackingTm::output_cells`] reports.
@@ -114,6 +117,7 @@ impl Default for BacktrackingTmParams {
             max_seq_length: 32,
             max_segments_per_cell: 128,
             max_synapses_per_segment: 32,
+            max_segments: 0,
             seed: 1960,
             output_type: OutputType::Normal,
         }

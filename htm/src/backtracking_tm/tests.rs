@@ -44,14 +44,15 @@ fn nab_like_stream(len: usize, seed: u64) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// Checks the derived structures against the connections: the out index lists every synapse
-/// once with its connected flag, slot lists and segment metadata agree, start cells have no
-/// segments, and no segment exceeds the synapse cap.
+/// Checks the derived structures against the segments: the out index lists every synapse
+/// once with its connected flag and each synapse knows its entry, slot lists and segment
+/// metadata agree, start cells have no segments, synapses are sorted and within the cap, and
+/// the segment and synapse counts add up.
 fn check_invariants(tm: &BacktrackingTm) {
-    let conns = tm.connections();
     let p = tm.params();
-    let mut expected: Vec<(u32, u32)> = Vec::new();
+    let mut expected: Vec<(u32, bool, u32)> = Vec::new();
     let mut live = 0;
+    let mut synapses = 0;
     for cell in 0..p.num_cells() as u32 {
         let slots = &tm.cell_slots[cell as usize];
         if p.max_segments_per_cell > 0 {
@@ -69,41 +70,75 @@ fn check_invariants(tm: &BacktrackingTm) {
             }
             live += 1;
             assert!(p.cells_per_column == 1 || cell % p.cells_per_column != 0);
-            let info = conns.segment(seg);
-            assert!(info.alive && info.cell == cell);
             let meta = &tm.segments[seg as usize];
+            assert!(meta.alive);
             assert_eq!((meta.cell, meta.slot), (cell, slot as u32));
-            let syns = conns.synapses_for_segment(seg);
+            let syns = tm.segment_synapses(seg);
             assert!(!syns.is_empty());
+            synapses += syns.len();
             if p.max_synapses_per_segment > 0 {
                 assert!(syns.len() <= p.max_synapses_per_segment as usize);
             }
-            let mut presyns: Vec<u32> = syns.iter().map(|&id| conns.synapse(id).presyn).collect();
-            presyns.sort_unstable();
-            presyns.dedup();
-            assert_eq!(presyns.len(), syns.len(), "duplicate presynaptic cell");
-            for &id in syns {
-                let syn = conns.synapse(id);
+            assert!(
+                syns.windows(2).all(|w| w[0].presyn < w[1].presyn),
+                "synapses sorted by distinct presynaptic cells"
+            );
+            for syn in syns {
                 assert!(syn.permanence > 0.0 && syn.permanence <= p.permanence_max);
                 let connected = syn.permanence >= p.connected_perm;
-                expected.push((syn.presyn, OutIndex::entry(seg, connected)));
+                expected.push((syn.presyn, connected, seg));
+                assert_eq!(
+                    tm.out_index.lists(syn.presyn)[if connected { 0 } else { 1 }]
+                        [syn.out_pos as usize],
+                    seg,
+                    "synapse's out position"
+                );
             }
         }
     }
-    assert_eq!(live, conns.num_segments());
-    let mut indexed: Vec<(u32, u32)> = tm
-        .out_index
-        .by_cell
-        .iter()
-        .enumerate()
-        .flat_map(|(cell, list)| list.iter().map(move |&e| (cell as u32, e)))
+    assert_eq!(live, tm.num_segments());
+    assert_eq!(synapses, tm.num_synapses());
+    assert!(!tm.segments[SINK as usize].alive && tm.synapses[SINK as usize].is_empty());
+    for (seg, meta) in tm.segments.iter().enumerate().skip(1) {
+        if !meta.alive {
+            assert!(tm.synapses[seg].is_empty());
+            assert!(tm.free_segments.contains(&(seg as u32)));
+        }
+    }
+    let mut indexed: Vec<(u32, bool, u32)> = (0..p.num_cells() as u32)
+        .flat_map(|cell| {
+            let [connected, other] = tm.out_index.lists(cell);
+            let c = connected.iter().map(move |&seg| (cell, true, seg));
+            c.chain(other.iter().map(move |&seg| (cell, false, seg)))
+        })
+        .filter(|&(_, _, seg)| seg != SINK)
         .collect();
     expected.sort_unstable();
     indexed.sort_unstable();
-    assert_eq!(
-        indexed, expected,
-        "out index out of step with the connections"
-    );
+    assert_eq!(indexed, expected, "out index out of step with the segments");
+}
+
+/// Sets the permanence of `seg`'s synapse from `presyn`, keeping the out index in step.
+fn set_perm(tm: &mut BacktrackingTm, seg: SegmentId, presyn: u32, perm: f32) {
+    let k = tm
+        .segment_synapses(seg)
+        .iter()
+        .position(|s| s.presyn == presyn)
+        .expect("synapse on segment");
+    tm.set_permanence(seg, k, perm);
+}
+
+/// All live segments with their synapses, for comparing learned state.
+fn all_synapses(tm: &BacktrackingTm) -> Vec<(u32, Vec<Synapse>)> {
+    (0..tm.params().num_cells() as u32)
+        .flat_map(|cell| tm.segments_on_cell(cell).collect::<Vec<_>>())
+        .map(|seg| {
+            (
+                tm.segments[seg as usize].cell,
+                tm.segment_synapses(seg).to_vec(),
+            )
+        })
+        .collect()
 }
 
 fn tm(params: BacktrackingTmParams) -> BacktrackingTm {
@@ -464,18 +499,17 @@ fn segment_and_synapse_limits_hold() {
         };
         tm.compute(&p, true);
         if step % 100 == 99 {
-            let conns = tm.connections();
             for cell in 0..params.num_cells() as u32 {
                 let slots = tm.segment_slots_on_cell(cell);
                 assert!(slots <= 2, "cell {cell} has {slots} segment slots");
                 saw_full_cell |= slots == 2;
-                let segs = conns.segments_for_cell(cell);
+                let segs: Vec<SegmentId> = tm.segments_on_cell(cell).collect();
                 assert!(segs.len() <= slots);
                 if cell % params.cells_per_column == 0 {
                     assert!(segs.is_empty(), "start cell {cell} grew a segment");
                 }
-                for &seg in segs {
-                    let n = conns.synapses_for_segment(seg).len();
+                for &seg in &segs {
+                    let n = tm.segment_synapses(seg).len();
                     assert!((1..=12).contains(&n), "segment with {n} synapses");
                 }
             }
@@ -494,29 +528,26 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
     let presyn: Vec<u32> = (100..112).collect();
     let seg = tm.create_segment(5, &presyn, true);
     let perm_of = |tm: &BacktrackingTm, p: u32| {
-        let c = tm.connections();
-        c.synapses_for_segment(seg)
+        tm.segment_synapses(seg)
             .iter()
-            .map(|&s| c.synapse(s))
             .find(|s| s.presyn == p)
             .map(|s| s.permanence)
     };
-    let ids: Vec<_> = tm.connections().synapses_for_segment(seg).to_vec();
-    for &id in &ids {
-        let p = tm.connections().synapse(id).presyn;
+    for p in presyn {
         let perm = match p {
             103 => 0.15,
             107 => 0.15,
             110 => 0.12,
             _ => 0.6,
         };
-        tm.connections.set_permanence(id, perm);
+        set_perm(&mut tm, seg, p, perm);
     }
     // Active: 100, 101 (existing) plus 3 new cells → 12 + 3 > 12, so 3 must go:
     // the weakest inactive ones after the decrement: 110 (0.02), then 103 and 107 (0.05 each).
     let update = [100, 101, 200, 201, 202];
     tm.adapt_segment(5, Some(seg), &update, false);
-    assert_eq!(tm.connections().synapses_for_segment(seg).len(), 12);
+    assert_eq!(tm.segment_synapses(seg).len(), 12);
+    check_invariants(&tm);
     for gone in [103, 107, 110] {
         assert_eq!(perm_of(&tm, gone), None, "{gone} should be freed");
     }
@@ -526,9 +557,9 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
 
     // Now only two of the weakest can go: ties at equal permanence go to the lowest
     // presynaptic cell.
-    let ids: Vec<_> = tm.connections().synapses_for_segment(seg).to_vec();
-    for &id in &ids {
-        tm.connections.set_permanence(id, 0.6);
+    let cells: Vec<u32> = tm.segment_synapses(seg).iter().map(|s| s.presyn).collect();
+    for &p in &cells {
+        set_perm(&mut tm, seg, p, 0.6);
     }
     let update = [100, 101, 300, 301];
     tm.adapt_segment(5, Some(seg), &update, false);
@@ -538,12 +569,13 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
     assert_eq!(perm_of(&tm, 300), Some(0.21));
 
     // Decrements that reach zero remove synapses; an emptied segment frees its slot.
-    let ids: Vec<_> = tm.connections().synapses_for_segment(seg).to_vec();
-    for &id in &ids {
-        tm.connections.set_permanence(id, 0.05);
+    let cells: Vec<u32> = tm.segment_synapses(seg).iter().map(|s| s.presyn).collect();
+    for &p in &cells {
+        set_perm(&mut tm, seg, p, 0.05);
     }
     tm.adapt_segment(5, Some(seg), &[], false);
-    assert!(!tm.connections().segment(seg).alive);
+    assert!(!tm.segments[seg as usize].alive);
+    check_invariants(&tm);
     assert_eq!(tm.segment_slots_on_cell(5), 1, "the slot stays, empty");
     let again = tm.create_segment(5, &[1, 2], true);
     assert_eq!(tm.segments[again as usize].slot, 0, "freed slot reused");
@@ -567,7 +599,7 @@ fn full_column_releases_its_lowest_duty_cycle_segment() {
     tm.segments[segs[3] as usize].positive_activations = 2; // cell 10, slot 1
     let cell = tm.cell_for_new_segment(2);
     assert_eq!(cell, 10);
-    assert!(!tm.connections().segment(segs[3]).alive);
+    assert!(!tm.segments[segs[3] as usize].alive);
     assert_eq!(tm.cell_free_slots[10], vec![1]);
     // A column with room picks a random non-start cell below the cap.
     for _ in 0..20 {
@@ -583,13 +615,13 @@ fn learning_off_changes_no_synapse() {
     for cols in &stream[..400] {
         tm.compute(cols, true);
     }
-    let before = tm.connections().clone();
+    let before = all_synapses(&tm);
     let segments_before = tm.num_segments();
     let (noise, _) = disjoint_sdrs(22, 2048, 3, 40);
     for cols in stream[400..].iter().chain(&noise) {
         tm.compute(cols, false);
     }
-    assert_eq!(tm.connections(), &before);
+    assert_eq!(all_synapses(&tm), before);
     assert_eq!(tm.num_segments(), segments_before);
 }
 
@@ -699,12 +731,12 @@ fn global_decay_removes_stale_synapses_in_unbounded_mode() {
             tm.compute(p, true);
         }
     }
-    let conns = tm.connections();
     let first_cols: Vec<u32> = a[..3].concat();
     let stale: usize = first_cols
         .iter()
-        .flat_map(|&col| (col * 4..col * 4 + 4).map(|c| conns.segments_for_cell(c).len()))
+        .flat_map(|&col| (col * 4..col * 4 + 4).map(|c| tm.segments_on_cell(c).count()))
         .sum();
+    check_invariants(&tm);
     assert_eq!(
         stale, 0,
         "segments of the stale patterns should have decayed"
@@ -743,4 +775,127 @@ fn nab_like_stream_learns_and_reports_speed() {
     check_invariants(&tm);
     assert!(calm < 0.1, "calm stretch anomaly {calm}");
     assert!(excursion > 0.9, "excursion onset anomaly {excursion}");
+}
+
+fn budget_params(max_segments: u32) -> BacktrackingTmParams {
+    BacktrackingTmParams {
+        max_segments,
+        ..small_fixed_params()
+    }
+}
+
+/// Random patterns over the small TM's 256 columns: every input is new, so segments keep
+/// being created.
+fn noise_stream(len: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = Random::new(seed);
+    let pop: Vec<u32> = (0..256).collect();
+    (0..len)
+        .map(|_| {
+            let mut s = rng.sample(&pop, 20);
+            s.sort_unstable();
+            s
+        })
+        .collect()
+}
+
+#[test]
+fn max_segments_is_never_exceeded() {
+    let budget = 150;
+    let mut tm = tm(budget_params(budget));
+    for (i, cols) in noise_stream(400, 71).iter().enumerate() {
+        tm.compute(cols, true);
+        assert!(
+            tm.num_segments() <= budget as usize,
+            "step {i}: {} segments",
+            tm.num_segments()
+        );
+    }
+    assert_eq!(tm.num_segments(), budget as usize, "noise fills the budget");
+    assert!(tm.backtrack_stats().evictions > 0);
+    check_invariants(&tm);
+    // Without a budget the same stream grows far beyond it.
+    let mut free = BacktrackingTm::new(small_fixed_params()).unwrap();
+    for cols in &noise_stream(400, 71) {
+        free.compute(cols, true);
+    }
+    assert!(free.num_segments() > 2 * budget as usize);
+}
+
+#[test]
+fn eviction_frees_the_least_recently_active_segment() {
+    let mut tm = tm(budget_params(3));
+    // Three segments on different cells, active at iterations 10, 20 and 20.
+    let mut made = Vec::new();
+    for (it, cell) in [(10, 5), (20, 9), (20, 13)] {
+        tm.lrn_iteration = it;
+        made.push(tm.create_segment(cell, &[100 + cell, 200 + cell], true));
+    }
+    // Reinforcing the oldest makes it the most recent.
+    tm.lrn_iteration = 30;
+    tm.adapt_segment(5, Some(made[0]), &[105, 205], false);
+    assert_eq!(tm.segments[made[0] as usize].last_active_iteration, 30);
+    // At the budget: the tie at 20 goes to the lower id. (Freed ids are reused, so look at
+    // the cells.)
+    tm.lrn_iteration = 31;
+    let (older_cell, newer_cell) = if made[1] < made[2] { (9, 13) } else { (13, 9) };
+    let live_on = |tm: &BacktrackingTm, cell: u32| tm.segments_on_cell(cell).count();
+    tm.create_segment(17, &[117], true);
+    assert_eq!(live_on(&tm, older_cell), 0, "lowest id of the oldest goes");
+    assert_eq!(live_on(&tm, newer_cell), 1);
+    assert_eq!(live_on(&tm, 5), 1);
+    tm.lrn_iteration = 32;
+    tm.create_segment(21, &[121], true);
+    assert_eq!(live_on(&tm, newer_cell), 0);
+    assert_eq!(
+        (live_on(&tm, 5), live_on(&tm, 17), live_on(&tm, 21)),
+        (1, 1, 1)
+    );
+    assert_eq!(tm.num_segments(), 3);
+    assert_eq!(tm.backtrack_stats().evictions, 2);
+    check_invariants(&tm);
+}
+
+#[test]
+fn budgeted_runs_are_deterministic_and_survive_a_round_trip() {
+    let stream: Vec<Vec<u32>> = noise_stream(300, 81)
+        .into_iter()
+        .zip(nab_like_stream(300, 82))
+        .enumerate()
+        .map(|(i, (noise, _))| {
+            // Alternate a short repeating motif with noise, so segments are both reinforced
+            // and evicted.
+            if i % 3 == 0 {
+                noise
+            } else {
+                noise_stream(6, 83)[i % 6].clone()
+            }
+        })
+        .collect();
+    let run = || {
+        let mut tm = tm(budget_params(120));
+        let scores: Vec<u32> = stream[..200]
+            .iter()
+            .map(|c| tm.compute(c, true).to_bits())
+            .collect();
+        (scores, tm)
+    };
+    let (a, mut tm_a) = run();
+    let (b, tm_b) = run();
+    assert_eq!(a, b);
+    assert_eq!(tm_a, tm_b);
+    assert!(tm_a.backtrack_stats().evictions > 0);
+
+    let cfg = bincode::config::standard();
+    let bytes = bincode::serde::encode_to_vec(&tm_a, cfg).unwrap();
+    let (mut restored, _): (BacktrackingTm, _) =
+        bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+    let evictions_before = tm_a.backtrack_stats().evictions;
+    for (i, cols) in stream[200..].iter().enumerate() {
+        let x = tm_a.compute(cols, true);
+        let y = restored.compute(cols, true);
+        assert_eq!(x.to_bits(), y.to_bits(), "step {i} after restore");
+    }
+    assert!(tm_a.backtrack_stats().evictions > evictions_before);
+    assert_eq!(restored, tm_a);
+    check_invariants(&restored);
 }
