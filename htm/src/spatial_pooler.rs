@@ -1,8 +1,10 @@
 //! Spatial pooler: NuPIC `SpatialPooler` semantics with a 1-D topology.
 //!
 //! Columns are materialised lazily. A column's potential pool and initial permanences are a
-//! pure function of (seed, column) — each column draws from its own random stream — so a
-//! column that learning never touched is regenerated on demand instead of being stored. Only
+//! pure function of (seed, column): the constructor draws the columns one after the other
+//! from one seeded stream, as NuPIC does, and keeps the stream's state at the start of each
+//! column (16 bytes a column, derived, rebuilt on restore), so any column can be regenerated
+//! alone. A column that learning never touched is regenerated on demand instead of stored. Only
 //! columns that learning modified (winners, bumped weak columns) keep their permanences: one
 //! dense row of `f32` per column over the input, NaN outside the pool, so a learning step is
 //! straight-line vector code over contiguous memory. With NAB-like inputs only a few hundred
@@ -256,13 +258,15 @@ impl ColumnStore {
         &mut self.perms[slot * s..(slot + 1) * s]
     }
 
-    /// The slot of `column`, generating its initial lanes first if it is still lazy.
+    /// The slot of `column`, generating its initial lanes first (from `stream`, the
+    /// constructor's stream at the start of the column) if it is still lazy.
     fn materialise(
         &mut self,
         column: u32,
         params: &SpatialPoolerParams,
         potential_radius: u32,
         k: &Consts,
+        stream: &Random,
     ) -> usize {
         if let Some(slot) = self.slot(column) {
             return slot;
@@ -281,6 +285,7 @@ impl ColumnStore {
             potential_radius,
             k,
             column,
+            &mut stream.clone(),
             &mut self.perms[start..],
         );
         self.columns.push(column);
@@ -443,6 +448,8 @@ struct Cache {
     histogram: Vec<u32>,
     winners: Vec<u32>,
     active_flags: Vec<bool>,
+    /// The constructor's random stream at the start of each column.
+    streams: Vec<Random>,
     has_popcnt: bool,
     has_avx2: bool,
 }
@@ -512,31 +519,18 @@ fn pool_size(candidates: usize, potential_pct: f64) -> usize {
     (candidates as f64 * potential_pct + 0.5) as usize
 }
 
-/// SplitMix64's finaliser: spreads nearby integers over the whole `u64` range.
-fn mix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The random stream of `column`: its own generator, so any column can be regenerated
-/// without replaying the others.
-fn column_rng(seed: u64, column: u32) -> Random {
-    Random::new(mix64(seed ^ mix64(u64::from(column))))
-}
-
 /// Writes `column`'s initial lanes: [`NOT_IN_POOL`] outside its potential pool, NuPIC's
 /// initial permanence inside (`_initPermanence`: rounded down to 5 decimals, trimmed, then
-/// raised to the stimulus threshold).
+/// raised to the stimulus threshold). `rng` must be the constructor's stream positioned at
+/// the start of `column`; it is left at the start of the next one.
 fn generate_column(
     p: &SpatialPoolerParams,
     potential_radius: u32,
     k: &Consts,
     column: u32,
+    rng: &mut Random,
     lanes: &mut [f32],
 ) {
-    let mut rng = column_rng(p.seed, column);
     let candidates: Vec<u32> = neighborhood(
         map_column(p, column),
         potential_radius,
@@ -766,19 +760,22 @@ impl SpatialPooler {
         let consts = self.consts();
         let mut connected = vec![0u64; n_col * words];
         let mut scratch = vec![NOT_IN_POOL; stride];
+        let mut streams = Vec::with_capacity(n_col);
+        let mut rng = Random::new(self.params.seed);
         for (col, row) in connected.chunks_exact_mut(words).enumerate() {
+            streams.push(rng.clone());
+            // Stored columns are generated too: that moves the stream to the next column.
+            generate_column(
+                &self.params,
+                self.potential_radius,
+                &consts,
+                col as u32,
+                &mut rng,
+                &mut scratch,
+            );
             let lanes = match self.columns.slot(col as u32) {
                 Some(slot) => self.columns.lanes(slot),
-                None => {
-                    generate_column(
-                        &self.params,
-                        self.potential_radius,
-                        &consts,
-                        col as u32,
-                        &mut scratch,
-                    );
-                    &scratch
-                }
+                None => &scratch,
             };
             connected_bits(lanes, consts.connected, row);
         }
@@ -802,6 +799,7 @@ impl SpatialPooler {
             histogram: vec![0; 4 * (self.input_size() + 1)],
             winners: Vec::with_capacity(n_col),
             active_flags: vec![false; n_col],
+            streams,
             has_popcnt,
             has_avx2,
             consts,
@@ -880,11 +878,31 @@ impl SpatialPooler {
             Some(slot) => std::borrow::Cow::Borrowed(self.columns.lanes(slot)),
             None => {
                 let mut lanes = vec![NOT_IN_POOL; self.columns.stride as usize];
+                let k = self.consts();
+                let mut rng = match self.cache.streams.get(column as usize) {
+                    Some(stream) => stream.clone(),
+                    None => {
+                        // Not rebuilt yet (just deserialised): replay the earlier columns.
+                        let mut rng = Random::new(self.params.seed);
+                        for col in 0..column {
+                            generate_column(
+                                &self.params,
+                                self.potential_radius,
+                                &k,
+                                col,
+                                &mut rng,
+                                &mut lanes,
+                            );
+                        }
+                        rng
+                    }
+                };
                 generate_column(
                     &self.params,
                     self.potential_radius,
-                    &self.consts(),
+                    &k,
                     column,
+                    &mut rng,
                     &mut lanes,
                 );
                 std::borrow::Cow::Owned(lanes)
@@ -929,6 +947,7 @@ impl SpatialPooler {
                 + c.histogram.capacity()
                 + c.winners.capacity())
             + c.active_flags.capacity()
+            + size_of::<Random>() * c.streams.capacity()
     }
 
     /// NuPIC's inhibition density: `local_area_density`, or the configured number of winners
@@ -1157,9 +1176,13 @@ impl SpatialPooler {
         }
         let words = c.words;
         for &col in &c.winners {
-            let slot = self
-                .columns
-                .materialise(col, &self.params, self.potential_radius, k);
+            let slot = self.columns.materialise(
+                col,
+                &self.params,
+                self.potential_radius,
+                k,
+                &c.streams[col as usize],
+            );
             let lanes = self.columns.lanes_mut(slot);
             let row = &mut c.connected[col as usize * words..(col as usize + 1) * words];
             if k.stimulus_threshold == 0 {
@@ -1197,9 +1220,13 @@ impl SpatialPooler {
             let i = col as usize;
             if self.overlap_duty_cycles[i] < self.min_overlap_duty_cycles[i] {
                 let k = &c.consts;
-                let slot = self
-                    .columns
-                    .materialise(col, &self.params, self.potential_radius, k);
+                let slot = self.columns.materialise(
+                    col,
+                    &self.params,
+                    self.potential_radius,
+                    k,
+                    &c.streams[i],
+                );
                 let lanes = self.columns.lanes_mut(slot);
                 let row = &mut c.connected[i * words..(i + 1) * words];
                 adapt_lanes_best(c.has_avx2, lanes, &c.bump, k.trim, k.connected, row);
@@ -1770,7 +1797,7 @@ mod tests {
             }
         }
         assert!((312..512).contains(&lazy), "{lazy} lazy columns");
-        // Each column has its own stream, and the seed changes them all.
+        // Columns differ, and the seed changes them all.
         assert_ne!(fresh.potential_pool(0), fresh.potential_pool(1));
         let other = SpatialPooler::new(SpatialPoolerParams {
             seed: 7,
