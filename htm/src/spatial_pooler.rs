@@ -1,14 +1,21 @@
 //! Spatial pooler: NuPIC `SpatialPooler` semantics with a 1-D topology.
 //!
-//! Each column is one segment (owner cell = column index) in a [`Connections`] store whose
-//! synapses are the column's potential pool. Overlaps are computed from a derived bitset of
-//! connected synapses (one row of `u64` words per column) with AND + popcount, which is an
-//! order of magnitude faster than walking synapses. The bitset is a cache: it is rebuilt
-//! from the permanences after a restore, so checkpoints only carry the synapses.
+//! Columns are materialised lazily. A column's potential pool and initial permanences are a
+//! pure function of (seed, column): the constructor draws the columns one after the other
+//! from one seeded stream, as NuPIC does, and keeps the stream's state at the start of each
+//! column (16 bytes a column, derived, rebuilt on restore), so any column can be regenerated
+//! alone. A column that learning never touched is regenerated on demand instead of stored. Only
+//! columns that learning modified (winners, bumped weak columns) keep their permanences: one
+//! dense row of `f32` per column over the input, NaN outside the pool, so a learning step is
+//! straight-line vector code over contiguous memory. With NAB-like inputs only a few hundred
+//! of the 2048 columns ever win, which is what keeps a pooler small in memory and on disk.
+//!
+//! Overlaps come from a derived bitset of connected synapses (one row of `u64` words per
+//! column, AND + popcount). The bitset is a cache: it is rebuilt on restore from the stored
+//! rows and the regenerated ones, so checkpoints carry only what learning changed.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::connections::Connections;
 use crate::random::Random;
 use crate::sdr::Sdr;
 
@@ -188,6 +195,238 @@ struct Consts {
     stimulus_threshold: u32,
 }
 
+/// Marks a column's lanes for inputs outside its potential pool. Learning arithmetic carries
+/// it through unchanged (NaN plus anything is NaN, every comparison with it is false), so
+/// the vector loops need no membership mask.
+const NOT_IN_POOL: f32 = f32::NAN;
+const NO_SLOT: u32 = u32::MAX;
+
+/// Permanences of the materialised columns: `stride` lanes (the input rounded up to whole
+/// 64-bit words) per column, in materialisation order. Lane `i` is the permanence of the
+/// synapse from input `i`, or [`NOT_IN_POOL`].
+#[derive(Clone, Debug, Default)]
+struct ColumnStore {
+    num_columns: u32,
+    stride: u32,
+    /// Slot → column.
+    columns: Vec<u32>,
+    /// Column → slot, [`NO_SLOT`] while the column is lazy. Derived from `columns`.
+    slot_of: Vec<u32>,
+    perms: Vec<f32>,
+}
+
+/// Bitwise equality: NaN lanes are part of the content.
+impl PartialEq for ColumnStore {
+    fn eq(&self, other: &Self) -> bool {
+        self.num_columns == other.num_columns
+            && self.stride == other.stride
+            && self.columns == other.columns
+            && self.perms.len() == other.perms.len()
+            && self
+                .perms
+                .iter()
+                .zip(&other.perms)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+    }
+}
+
+impl ColumnStore {
+    fn new(num_columns: usize, stride: usize) -> Self {
+        ColumnStore {
+            num_columns: num_columns as u32,
+            stride: stride as u32,
+            columns: Vec::new(),
+            slot_of: vec![NO_SLOT; num_columns],
+            perms: Vec::new(),
+        }
+    }
+
+    fn slot(&self, column: u32) -> Option<usize> {
+        match self.slot_of[column as usize] {
+            NO_SLOT => None,
+            s => Some(s as usize),
+        }
+    }
+
+    fn lanes(&self, slot: usize) -> &[f32] {
+        let s = self.stride as usize;
+        &self.perms[slot * s..(slot + 1) * s]
+    }
+
+    fn lanes_mut(&mut self, slot: usize) -> &mut [f32] {
+        let s = self.stride as usize;
+        &mut self.perms[slot * s..(slot + 1) * s]
+    }
+
+    /// The slot of `column`, generating its initial lanes first (from `stream`, the
+    /// constructor's stream at the start of the column) if it is still lazy.
+    fn materialise(
+        &mut self,
+        column: u32,
+        params: &SpatialPoolerParams,
+        potential_radius: u32,
+        k: &Consts,
+        stream: &Random,
+    ) -> usize {
+        if let Some(slot) = self.slot(column) {
+            return slot;
+        }
+        let slot = self.columns.len();
+        let stride = self.stride as usize;
+        let start = self.perms.len();
+        if start + stride > self.perms.capacity() {
+            // Grow by a quarter, not by doubling: resident memory should follow use.
+            self.perms
+                .reserve_exact(stride + (start / 4).max(8 * stride));
+        }
+        self.perms.resize(start + stride, NOT_IN_POOL);
+        generate_column(
+            params,
+            potential_radius,
+            k,
+            column,
+            &mut stream.clone(),
+            &mut self.perms[start..],
+        );
+        self.columns.push(column);
+        self.slot_of[column as usize] = slot as u32;
+        slot
+    }
+
+    fn heap_bytes(&self) -> usize {
+        4 * (self.columns.capacity() + self.slot_of.capacity() + self.perms.capacity())
+    }
+
+    fn to_wire(&self) -> StoreWireRef<'_> {
+        let mut tags = vec![0u8; self.perms.len().div_ceil(4)];
+        let mut values = Vec::new();
+        for (i, &p) in self.perms.iter().enumerate() {
+            let tag = match p.to_bits() {
+                0 => TAG_ZERO,
+                b if b == 1f32.to_bits() => TAG_ONE,
+                b if b == NOT_IN_POOL.to_bits() => TAG_NOT_IN_POOL,
+                _ => {
+                    values.push(p);
+                    TAG_VALUE
+                }
+            };
+            tags[i / 4] |= tag << (2 * (i % 4));
+        }
+        StoreWireRef {
+            num_columns: self.num_columns,
+            stride: self.stride,
+            columns: &self.columns,
+            tags,
+            values,
+        }
+    }
+
+    fn from_wire(w: StoreWire) -> Result<Self, String> {
+        if w.stride == 0 || w.stride % 64 != 0 {
+            return Err(format!("column stride {} is not whole words", w.stride));
+        }
+        let mut store = ColumnStore::new(w.num_columns as usize, w.stride as usize);
+        for (slot, &col) in w.columns.iter().enumerate() {
+            match store.slot_of.get_mut(col as usize) {
+                Some(s) if *s == NO_SLOT => *s = slot as u32,
+                _ => return Err(format!("column {col} out of range or listed twice")),
+            }
+        }
+        let lanes = w.columns.len() * w.stride as usize;
+        if w.tags.len() != lanes.div_ceil(4) {
+            return Err("permanence tags do not match the stored columns".into());
+        }
+        let mut values = w.values.iter();
+        store.perms.reserve_exact(lanes);
+        for i in 0..lanes {
+            let p = match (w.tags[i / 4] >> (2 * (i % 4))) & 3 {
+                TAG_ZERO => 0.0,
+                TAG_ONE => 1.0,
+                TAG_NOT_IN_POOL => NOT_IN_POOL,
+                _ => *values.next().ok_or("fewer permanences than tags")?,
+            };
+            store.perms.push(p);
+        }
+        if values.next().is_some() {
+            return Err("more permanences than tags".into());
+        }
+        store.columns = w.columns;
+        Ok(store)
+    }
+}
+
+// Checkpoint form of the store: 2 bits per lane say 0.0, 1.0, not in the pool, or "next
+// explicit value". Long-trained columns are mostly 0.0 and 1.0, so a stored column costs
+// far less than its 4 bytes per lane.
+const TAG_ZERO: u8 = 0;
+const TAG_ONE: u8 = 1;
+const TAG_VALUE: u8 = 2;
+const TAG_NOT_IN_POOL: u8 = 3;
+
+#[derive(Serialize)]
+struct StoreWireRef<'a> {
+    num_columns: u32,
+    stride: u32,
+    columns: &'a [u32],
+    tags: Vec<u8>,
+    values: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+struct StoreWire {
+    num_columns: u32,
+    stride: u32,
+    columns: Vec<u32>,
+    tags: Vec<u8>,
+    values: Vec<f32>,
+}
+
+impl Serialize for ColumnStore {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_wire().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ColumnStore {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        ColumnStore::from_wire(StoreWire::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Serde form of per-column `f32` vectors as runs of bit-identical values: duty cycles of
+/// columns that were never active (or always overlapped) are equal, and boost factors stay
+/// 1.0 without boosting, so runs are long.
+pub(crate) mod rle_f32 {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    /// Longest vector accepted when decoding (guards against absurd run lengths).
+    const MAX_LEN: u64 = 1 << 28;
+
+    pub fn serialize<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
+        let mut runs: Vec<(u32, f32)> = Vec::new();
+        for &x in v {
+            match runs.last_mut() {
+                Some((n, y)) if y.to_bits() == x.to_bits() => *n += 1,
+                _ => runs.push((1, x)),
+            }
+        }
+        runs.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        let runs: Vec<(u32, f32)> = Vec::deserialize(d)?;
+        let len: u64 = runs.iter().map(|&(n, _)| u64::from(n)).sum();
+        if len > MAX_LEN {
+            return Err(serde::de::Error::custom("run-length vector too long"));
+        }
+        let mut v = Vec::with_capacity(len as usize);
+        for (n, x) in runs {
+            v.extend(std::iter::repeat_n(x, n as usize));
+        }
+        Ok(v)
+    }
+}
+
 /// Derived data and scratch buffers: rebuilt from the persistent state, never serialised.
 #[derive(Clone, Debug, Default)]
 struct Cache {
@@ -199,15 +438,20 @@ struct Cache {
     input_bits: Vec<u64>,
     /// Indices of the non-zero words of `input_bits`, ascending.
     nonzero_words: Vec<usize>,
-    /// Per input bit, the permanence change of a winning column's synapse from it.
+    /// Per input lane, the permanence change of a winning column's synapse from it.
     delta: Vec<f32>,
+    /// Per input lane, the raise of a weak column's synapses.
+    bump: Vec<f32>,
     overlaps: Vec<u32>,
     boosted: Vec<f32>,
     keys: Vec<u64>,
     histogram: Vec<u32>,
     winners: Vec<u32>,
     active_flags: Vec<bool>,
+    /// The constructor's random stream at the start of each column.
+    streams: Vec<Random>,
     has_popcnt: bool,
+    has_avx2: bool,
 }
 
 /// Caches compare equal: they are a function of the persistent state.
@@ -221,17 +465,20 @@ impl PartialEq for Cache {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SpatialPooler {
     params: SpatialPoolerParams,
-    /// One segment per column (segment id == column), synapses = potential pool.
-    connections: Connections,
-    rng: Random,
     potential_radius: u32,
     inhibition_radius: u32,
     /// Learning iterations so far (NuPIC's iteration counter; see [`SpatialPooler::compute`]).
     iteration: u64,
+    #[serde(with = "rle_f32")]
     overlap_duty_cycles: Vec<f32>,
+    #[serde(with = "rle_f32")]
     active_duty_cycles: Vec<f32>,
+    #[serde(with = "rle_f32")]
     min_overlap_duty_cycles: Vec<f32>,
+    #[serde(with = "rle_f32")]
     boost_factors: Vec<f32>,
+    /// Permanences of the columns learning has modified; the others are regenerated.
+    columns: ColumnStore,
     #[serde(skip)]
     cache: Cache,
 }
@@ -258,58 +505,138 @@ fn neighborhood_len(center: u32, radius: u32, dim: u32, wrap: bool) -> usize {
     n as usize
 }
 
-/// Applies `delta` to every permanence of column `col`, then NuPIC's
-/// `_updatePermanencesForColumn`: optional raise to the stimulus threshold, trim, clip; and
-/// keeps the column's connected-bit row in step. `row` must match the permanences on entry.
-fn update_column<D: Fn(u32) -> f32>(
-    conns: &mut Connections,
-    row: &mut [u64],
-    col: u32,
+/// NuPIC `_mapColumn` (1-D): the input index at the centre of `column`'s receptive field.
+fn map_column(p: &SpatialPoolerParams, column: u32) -> u32 {
+    let n_in = f64::from(p.input_size);
+    let n_col = f64::from(p.column_count);
+    let ratio = f64::from(column) / n_col;
+    let center = (n_in * ratio + 0.5 * n_in / n_col) as u32;
+    center.min(p.input_size - 1)
+}
+
+/// Potential pool size for `candidates` inputs in range (NuPIC rounds half up).
+fn pool_size(candidates: usize, potential_pct: f64) -> usize {
+    (candidates as f64 * potential_pct + 0.5) as usize
+}
+
+/// Writes `column`'s initial lanes: [`NOT_IN_POOL`] outside its potential pool, NuPIC's
+/// initial permanence inside (`_initPermanence`: rounded down to 5 decimals, trimmed, then
+/// raised to the stimulus threshold). `rng` must be the constructor's stream positioned at
+/// the start of `column`; it is left at the start of the next one.
+fn generate_column(
+    p: &SpatialPoolerParams,
+    potential_radius: u32,
     k: &Consts,
-    raise: bool,
-    delta: D,
+    column: u32,
+    rng: &mut Random,
+    lanes: &mut [f32],
 ) {
-    if !raise || k.stimulus_threshold == 0 {
-        // Single pass: clip-then-trim equals trim-then-clip because trim > 0. Learning steps
-        // are small, so connected status rarely flips: toggling bits only on a change
-        // avoids a read-modify-write of the row per synapse.
-        let (trim, connected) = (k.trim, k.connected);
-        // `move`: constants captured by value stay in registers across the stores.
-        conns.update_permanences(col, move |presyn, p| {
-            let np = (p + delta(presyn)).min(1.0);
-            // Branch-free trim: which synapses sit near zero is data-dependent, and a
-            // mispredicted branch per synapse would dominate the loop.
-            let keep = u32::from(np >= trim).wrapping_neg();
-            let np = f32::from_bits(np.to_bits() & keep);
-            if (np >= connected) != (p >= connected) {
-                row[(presyn >> 6) as usize] ^= 1 << (presyn & 63);
-            }
-            np
-        });
-        return;
+    let candidates: Vec<u32> = neighborhood(
+        map_column(p, column),
+        potential_radius,
+        p.input_size,
+        p.wrap_around,
+    )
+    .collect();
+    let mut pool = rng.sample(&candidates, pool_size(candidates.len(), p.potential_pct));
+    pool.sort_unstable();
+    lanes.fill(NOT_IN_POOL);
+    let connected = p.syn_perm_connected;
+    for &input in &pool {
+        let v = if rng.real() <= INIT_CONNECTED_PCT {
+            connected + (1.0 - connected) * rng.real()
+        } else {
+            connected * rng.real()
+        };
+        let v = (((v * 100_000.0) as i64) as f64 / 100_000.0) as f32;
+        lanes[input as usize] = if v < k.trim { 0.0 } else { v };
     }
+    if k.stimulus_threshold > 0 {
+        adapt_raising(lanes, k, |_| 0.0);
+    }
+}
+
+/// Connected-synapse bits of a column's lanes, one word per 64 lanes.
+fn connected_bits(lanes: &[f32], connected: f32, row: &mut [u64]) {
+    for (w, chunk) in row.iter_mut().zip(lanes.chunks_exact(64)) {
+        let mut bits = 0u64;
+        for (j, &p) in chunk.iter().enumerate() {
+            bits |= u64::from(p >= connected) << j;
+        }
+        *w = bits;
+    }
+}
+
+/// NuPIC's `_updatePermanencesForColumn` with `raisePerm`: applies `delta(lane)` clipped to
+/// `[0, 1]`, lifts the whole pool by `syn_perm_connected / 10` until the stimulus threshold
+/// of synapses connect, then trims. Only used with a non-zero stimulus threshold.
+fn adapt_raising<D: Fn(usize) -> f32>(lanes: &mut [f32], k: &Consts, delta: D) {
     let mut n_connected = 0u32;
-    conns.update_permanences(col, |presyn, p| {
-        let np = (p + delta(presyn)).clamp(0.0, 1.0);
-        n_connected += u32::from(np > k.connected);
-        np
-    });
-    // `_raisePermanenceToThreshold`: lift the whole pool until enough synapses connect.
-    // Validation guarantees the pool is large enough for this to terminate.
+    for (i, p) in lanes.iter_mut().enumerate() {
+        if !p.is_nan() {
+            *p = (*p + delta(i)).clamp(0.0, 1.0);
+            n_connected += u32::from(*p > k.connected);
+        }
+    }
+    // Validation guarantees every pool is large enough for this to terminate.
     while n_connected < k.stimulus_threshold {
         n_connected = 0;
-        conns.update_permanences(col, |_, p| {
-            let np = p + k.below_stimulus_inc;
-            n_connected += u32::from(np > k.connected);
-            np
-        });
+        for p in lanes.iter_mut().filter(|p| !p.is_nan()) {
+            *p += k.below_stimulus_inc;
+            n_connected += u32::from(*p > k.connected);
+        }
     }
-    row.fill(0);
-    conns.update_permanences(col, |presyn, p| {
-        let np = if p < k.trim { 0.0 } else { p.min(1.0) };
-        row[(presyn >> 6) as usize] |= u64::from(np >= k.connected) << (presyn & 63);
-        np
-    });
+    for p in lanes.iter_mut().filter(|p| !p.is_nan()) {
+        *p = if *p < k.trim { 0.0 } else { p.min(1.0) };
+    }
+}
+
+/// NuPIC's `_updatePermanencesForColumn` without raising, over whole lanes: adds `delta`,
+/// clips at 1, trims values below `trim` to 0 (which also clips at 0, since `trim > 0`), and
+/// rewrites the column's connected bits. Pool-less lanes stay NaN and never connect.
+#[inline(always)]
+fn adapt_lanes(lanes: &mut [f32], delta: &[f32], trim: f32, connected: f32, row: &mut [u64]) {
+    for ((w, chunk), d) in row
+        .iter_mut()
+        .zip(lanes.chunks_exact_mut(64))
+        .zip(delta.chunks_exact(64))
+    {
+        let mut bits = 0u64;
+        for j in 0..64 {
+            let np = chunk[j] + d[j];
+            let np = if np > 1.0 { 1.0 } else { np };
+            let np = if np < trim { 0.0 } else { np };
+            chunk[j] = np;
+            bits |= u64::from(np >= connected) << j;
+        }
+        *w = bits;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn adapt_lanes_avx2(lanes: &mut [f32], delta: &[f32], trim: f32, connected: f32, row: &mut [u64]) {
+    adapt_lanes(lanes, delta, trim, connected, row);
+}
+
+/// [`adapt_lanes`] with the widest vectors the CPU has.
+#[inline(always)]
+fn adapt_lanes_best(
+    has_avx2: bool,
+    lanes: &mut [f32],
+    delta: &[f32],
+    trim: f32,
+    connected: f32,
+    row: &mut [u64],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2 {
+        // SAFETY: `has_avx2` comes from runtime CPU feature detection.
+        unsafe { adapt_lanes_avx2(lanes, delta, trim, connected, row) };
+        return;
+    }
+    let _ = has_avx2;
+    adapt_lanes(lanes, delta, trim, connected, row);
 }
 
 /// Connected-synapse overlap of every column with the input bitset. `nonzero` lists the
@@ -361,62 +688,44 @@ fn overlaps_kernel_popcnt(
 }
 
 impl SpatialPooler {
-    /// Builds a pooler: potential pools and initial permanences as NuPIC's constructor.
+    /// Builds a pooler: potential pools and initial permanences as NuPIC's constructor, each
+    /// column from its own random stream derived from `seed`.
     pub fn new(params: SpatialPoolerParams) -> Result<Self, ParamError> {
         params.validate()?;
         let n_in = params.input_size;
-        let n_col = params.column_count;
+        let n_col = params.column_count as usize;
         let potential_radius = params.potential_radius.unwrap_or(n_in).min(n_in);
-        let mut sp = SpatialPooler {
-            connections: Connections::new(n_col as usize, n_in as usize, false),
-            rng: Random::new(params.seed),
-            potential_radius,
-            inhibition_radius: 0,
-            iteration: 0,
-            overlap_duty_cycles: vec![0.0; n_col as usize],
-            active_duty_cycles: vec![0.0; n_col as usize],
-            min_overlap_duty_cycles: vec![0.0; n_col as usize],
-            boost_factors: vec![1.0; n_col as usize],
-            cache: Cache::default(),
-            params,
-        };
-        sp.cache.consts = sp.consts();
-        let k = sp.cache.consts.clone();
-        let syn_perm_connected = sp.params.syn_perm_connected;
-        let mut row = vec![0u64; n_in.div_ceil(64) as usize];
-        for col in 0..n_col {
-            let center = sp.map_column(col);
-            let inputs: Vec<u32> =
-                neighborhood(center, potential_radius, n_in, sp.params.wrap_around).collect();
-            let n_potential = (inputs.len() as f64 * sp.params.potential_pct + 0.5) as usize;
-            if n_potential < k.stimulus_threshold as usize {
+        for col in 0..params.column_count {
+            let candidates = neighborhood_len(
+                map_column(&params, col),
+                potential_radius,
+                n_in,
+                params.wrap_around,
+            );
+            let n_potential = pool_size(candidates, params.potential_pct);
+            if n_potential < params.stimulus_threshold as usize {
                 return Err(ParamError::new(
                     "stimulus_threshold",
                     format!(
                         "{} exceeds the {n_potential} inputs in column {col}'s potential pool",
-                        k.stimulus_threshold
+                        params.stimulus_threshold
                     ),
                 ));
             }
-            let mut pool = sp.rng.sample(&inputs, n_potential);
-            pool.sort_unstable();
-            let seg = sp.connections.create_segment(col);
-            debug_assert_eq!(seg, col);
-            for &input in &pool {
-                // `_initPermanence`: values rounded down to 5 decimals, then trimmed.
-                let p = if sp.rng.real() <= INIT_CONNECTED_PCT {
-                    syn_perm_connected + (1.0 - syn_perm_connected) * sp.rng.real()
-                } else {
-                    syn_perm_connected * sp.rng.real()
-                };
-                let p = ((p * 100_000.0) as i64) as f64 / 100_000.0;
-                let p = p as f32;
-                let p = if p < k.trim { 0.0 } else { p };
-                sp.connections.create_synapse(seg, input, p);
-            }
-            // `row` is scratch here: the real bitset is rebuilt from the permanences below.
-            update_column(&mut sp.connections, &mut row, col, &k, true, |_| 0.0);
         }
+        let stride = n_in.div_ceil(64) as usize * 64;
+        let mut sp = SpatialPooler {
+            columns: ColumnStore::new(n_col, stride),
+            potential_radius,
+            inhibition_radius: 0,
+            iteration: 0,
+            overlap_duty_cycles: vec![0.0; n_col],
+            active_duty_cycles: vec![0.0; n_col],
+            min_overlap_duty_cycles: vec![0.0; n_col],
+            boost_factors: vec![1.0; n_col],
+            cache: Cache::default(),
+            params,
+        };
         sp.rebuild_after_restore();
         sp.update_inhibition_radius();
         Ok(sp)
@@ -434,41 +743,66 @@ impl SpatialPooler {
         }
     }
 
-    /// Rebuilds the derived connected-synapse bitset and scratch buffers from the
-    /// permanences. Call after deserialising; idempotent ([`SpatialPooler::compute`] also
-    /// calls it if it was forgotten).
+    /// Rebuilds the derived connected-synapse bitset (from the stored columns, regenerating
+    /// the lazy ones) and the scratch buffers. Call after deserialising; idempotent
+    /// ([`SpatialPooler::compute`] also calls it if it was forgotten).
+    ///
+    /// # Panics
+    /// If the stored columns do not fit the parameters (a checkpoint of another layout).
     pub fn rebuild_after_restore(&mut self) {
-        self.connections.rebuild_index();
         let n_col = self.num_columns();
         let words = self.input_size().div_ceil(64);
+        let stride = words * 64;
+        assert!(
+            self.columns.stride as usize == stride && self.columns.num_columns as usize == n_col,
+            "spatial pooler state does not match its parameters"
+        );
         let consts = self.consts();
         let mut connected = vec![0u64; n_col * words];
+        let mut scratch = vec![NOT_IN_POOL; stride];
+        let mut streams = Vec::with_capacity(n_col);
+        let mut rng = Random::new(self.params.seed);
         for (col, row) in connected.chunks_exact_mut(words).enumerate() {
-            for &syn in self.connections.synapses_for_segment(col as u32) {
-                let s = self.connections.synapse(syn);
-                if s.permanence >= consts.connected {
-                    row[(s.presyn >> 6) as usize] |= 1 << (s.presyn & 63);
-                }
-            }
+            streams.push(rng.clone());
+            // Stored columns are generated too: that moves the stream to the next column.
+            generate_column(
+                &self.params,
+                self.potential_radius,
+                &consts,
+                col as u32,
+                &mut rng,
+                &mut scratch,
+            );
+            let lanes = match self.columns.slot(col as u32) {
+                Some(slot) => self.columns.lanes(slot),
+                None => &scratch,
+            };
+            connected_bits(lanes, consts.connected, row);
         }
         #[cfg(target_arch = "x86_64")]
-        let has_popcnt = std::arch::is_x86_feature_detected!("popcnt");
+        let (has_popcnt, has_avx2) = (
+            std::arch::is_x86_feature_detected!("popcnt"),
+            std::arch::is_x86_feature_detected!("avx2"),
+        );
         #[cfg(not(target_arch = "x86_64"))]
-        let has_popcnt = false;
+        let (has_popcnt, has_avx2) = (false, false);
         self.cache = Cache {
-            consts,
             words,
             connected,
             input_bits: vec![0; words],
             nonzero_words: Vec::with_capacity(words),
-            delta: vec![0.0; self.input_size()],
+            delta: vec![0.0; stride],
+            bump: vec![consts.below_stimulus_inc; stride],
             overlaps: vec![0; n_col],
             boosted: vec![0.0; n_col],
             keys: Vec::with_capacity(n_col),
             histogram: vec![0; 4 * (self.input_size() + 1)],
             winners: Vec::with_capacity(n_col),
             active_flags: vec![false; n_col],
+            streams,
             has_popcnt,
+            has_avx2,
+            consts,
         };
     }
 
@@ -485,11 +819,6 @@ impl SpatialPooler {
     /// The parameters the pooler was built with.
     pub fn params(&self) -> &SpatialPoolerParams {
         &self.params
-    }
-
-    /// The synapse store: segment `c` holds column `c`'s potential pool.
-    pub fn connections(&self) -> &Connections {
-        &self.connections
     }
 
     /// Current inhibition radius (in columns).
@@ -532,32 +861,93 @@ impl SpatialPooler {
             .sum()
     }
 
+    /// Whether learning has modified `column` (so its permanences are stored, not
+    /// regenerated).
+    pub fn is_materialised(&self, column: u32) -> bool {
+        self.columns.slot(column).is_some()
+    }
+
+    /// Number of columns whose permanences are stored.
+    pub fn num_materialised(&self) -> usize {
+        self.columns.columns.len()
+    }
+
+    /// `column`'s lanes: stored, or regenerated if the column is lazy.
+    fn column_lanes(&self, column: u32) -> std::borrow::Cow<'_, [f32]> {
+        match self.columns.slot(column) {
+            Some(slot) => std::borrow::Cow::Borrowed(self.columns.lanes(slot)),
+            None => {
+                let mut lanes = vec![NOT_IN_POOL; self.columns.stride as usize];
+                let k = self.consts();
+                let mut rng = match self.cache.streams.get(column as usize) {
+                    Some(stream) => stream.clone(),
+                    None => {
+                        // Not rebuilt yet (just deserialised): replay the earlier columns.
+                        let mut rng = Random::new(self.params.seed);
+                        for col in 0..column {
+                            generate_column(
+                                &self.params,
+                                self.potential_radius,
+                                &k,
+                                col,
+                                &mut rng,
+                                &mut lanes,
+                            );
+                        }
+                        rng
+                    }
+                };
+                generate_column(
+                    &self.params,
+                    self.potential_radius,
+                    &k,
+                    column,
+                    &mut rng,
+                    &mut lanes,
+                );
+                std::borrow::Cow::Owned(lanes)
+            }
+        }
+    }
+
+    /// The potential pool of `column`: input indices, ascending.
+    pub fn potential_pool(&self, column: u32) -> Vec<u32> {
+        let lanes = self.column_lanes(column);
+        (0..self.params.input_size)
+            .filter(|&i| !lanes[i as usize].is_nan())
+            .collect()
+    }
+
+    /// Permanences of `column`'s synapses, in [`SpatialPooler::potential_pool`] order.
+    pub fn permanences(&self, column: u32) -> Vec<f32> {
+        let lanes = self.column_lanes(column);
+        lanes[..self.input_size()]
+            .iter()
+            .copied()
+            .filter(|p| !p.is_nan())
+            .collect()
+    }
+
     /// Heap bytes held (capacity-based), including the derived caches.
     pub fn heap_bytes(&self) -> usize {
         use std::mem::size_of;
         let c = &self.cache;
-        self.connections.heap_bytes()
+        self.columns.heap_bytes()
             + 4 * (self.overlap_duty_cycles.capacity()
                 + self.active_duty_cycles.capacity()
                 + self.min_overlap_duty_cycles.capacity()
                 + self.boost_factors.capacity())
             + size_of::<u64>()
                 * (c.connected.capacity() + c.input_bits.capacity() + c.keys.capacity())
+            + size_of::<usize>() * c.nonzero_words.capacity()
             + 4 * (c.overlaps.capacity()
                 + c.delta.capacity()
+                + c.bump.capacity()
                 + c.boosted.capacity()
                 + c.histogram.capacity()
                 + c.winners.capacity())
             + c.active_flags.capacity()
-    }
-
-    /// NuPIC `_mapColumn` (1-D): the input index at the centre of `column`'s receptive field.
-    fn map_column(&self, column: u32) -> u32 {
-        let n_in = f64::from(self.params.input_size);
-        let n_col = f64::from(self.params.column_count);
-        let ratio = f64::from(column) / n_col;
-        let center = (n_in * ratio + 0.5 * n_in / n_col) as u32;
-        center.min(self.params.input_size - 1)
+            + size_of::<Random>() * c.streams.capacity()
     }
 
     /// NuPIC's inhibition density: `local_area_density`, or the configured number of winners
@@ -569,7 +959,6 @@ impl SpatialPooler {
         let area = (2 * u64::from(self.inhibition_radius) + 1).min(self.num_columns() as u64);
         (f64::from(self.params.num_active_columns_per_inh_area) / area as f64).min(0.5)
     }
-
     /// Runs one input through the pooler, writing the active columns (sorted) to `active`.
     ///
     /// With `learn`, permanences, duty cycles, boost factors and the inhibition radius are
@@ -776,7 +1165,8 @@ impl SpatialPooler {
         }
     }
 
-    /// NuPIC `_adaptSynapses`: winners' synapses on active inputs +inc, others -dec.
+    /// NuPIC `_adaptSynapses`: winners' synapses on active inputs +inc, others -dec. A
+    /// winner still lazy is materialised first.
     fn adapt_synapses(&mut self, input: &Sdr) {
         let c = &mut self.cache;
         let k = &c.consts;
@@ -785,12 +1175,23 @@ impl SpatialPooler {
             c.delta[i as usize] = k.active_inc;
         }
         let words = c.words;
-        let delta: &[f32] = &c.delta;
         for &col in &c.winners {
+            let slot = self.columns.materialise(
+                col,
+                &self.params,
+                self.potential_radius,
+                k,
+                &c.streams[col as usize],
+            );
+            let lanes = self.columns.lanes_mut(slot);
             let row = &mut c.connected[col as usize * words..(col as usize + 1) * words];
-            update_column(&mut self.connections, row, col, k, true, move |presyn| {
-                delta[presyn as usize]
-            });
+            if k.stimulus_threshold == 0 {
+                adapt_lanes_best(c.has_avx2, lanes, &c.delta, k.trim, k.connected, row);
+            } else {
+                let delta = &c.delta;
+                adapt_raising(lanes, k, |i| delta[i]);
+                connected_bits(lanes, k.connected, row);
+            }
         }
     }
 
@@ -811,16 +1212,24 @@ impl SpatialPooler {
     }
 
     /// NuPIC `_bumpUpWeakColumns`: columns whose overlap duty cycle fell below the minimum
-    /// get every potential synapse raised by `syn_perm_connected / 10`.
+    /// get every potential synapse raised by `syn_perm_connected / 10` (materialising them).
     fn bump_up_weak_columns(&mut self) {
         let c = &mut self.cache;
         let words = c.words;
         for col in 0..self.params.column_count {
             let i = col as usize;
             if self.overlap_duty_cycles[i] < self.min_overlap_duty_cycles[i] {
+                let k = &c.consts;
+                let slot = self.columns.materialise(
+                    col,
+                    &self.params,
+                    self.potential_radius,
+                    k,
+                    &c.streams[i],
+                );
+                let lanes = self.columns.lanes_mut(slot);
                 let row = &mut c.connected[i * words..(i + 1) * words];
-                let inc = c.consts.below_stimulus_inc;
-                update_column(&mut self.connections, row, col, &c.consts, false, |_| inc);
+                adapt_lanes_best(c.has_avx2, lanes, &c.bump, k.trim, k.connected, row);
             }
         }
     }
@@ -935,27 +1344,22 @@ mod tests {
     #[test]
     fn initial_pools_and_permanences_follow_nupic() {
         let sp = SpatialPooler::new(params(200, 64, 8)).unwrap();
-        let c = sp.connections();
         let thr = (0.2 - PERMANENCE_EPSILON) as f32;
         let (mut connected, mut total) = (0usize, 0usize);
         for col in 0..64 {
-            let syns = c.synapses_for_segment(col);
+            let pool = sp.potential_pool(col);
+            let perms = sp.permanences(col);
             // Whole input in range: round(200 * 0.8) potential inputs, each input once.
-            assert_eq!(syns.len(), 160);
-            let mut presyn: Vec<u32> = syns.iter().map(|&s| c.synapse(s).presyn).collect();
-            presyn.dedup();
-            assert_eq!(presyn.len(), 160);
-            for &s in syns {
-                let p = c.synapse(s).permanence;
+            assert_eq!((pool.len(), perms.len()), (160, 160));
+            assert!(pool.windows(2).all(|w| w[0] < w[1]) && pool[159] < 200);
+            for &p in &perms {
                 assert!(p == 0.0 || p >= 0.0015, "untrimmed permanence {p}");
                 connected += usize::from(p >= thr);
                 total += 1;
             }
             assert_eq!(
                 sp.connected_count(col),
-                syns.iter()
-                    .filter(|&&s| c.synapse(s).permanence >= thr)
-                    .count() as u32
+                perms.iter().filter(|&&p| p >= thr).count() as u32
             );
         }
         let frac = connected as f64 / total as f64;
@@ -971,17 +1375,12 @@ mod tests {
             ..params(100, 50, 5)
         };
         let sp = SpatialPooler::new(p).unwrap();
-        let c = sp.connections();
         for col in 0..50u32 {
             // 100 inputs over 50 columns: centres near 2 * col + 1 (NuPIC's float mapping
             // truncates, so some land one lower).
-            let centre = sp.map_column(col);
+            let centre = map_column(sp.params(), col);
             assert!(centre == 2 * col + 1 || centre == 2 * col, "column {col}");
-            let presyn: Vec<u32> = c
-                .synapses_for_segment(col)
-                .iter()
-                .map(|&s| c.synapse(s).presyn)
-                .collect();
+            let presyn = sp.potential_pool(col);
             let lo = centre.saturating_sub(5);
             let hi = (centre + 5).min(99);
             assert_eq!(presyn, (lo..=hi).collect::<Vec<_>>(), "column {col}");
@@ -1032,14 +1431,13 @@ mod tests {
                 // Learning first, so the check also covers the bitset's upkeep.
                 run(&mut sp, x, true);
                 run(&mut sp, x, false);
-                let c = sp.connections();
                 let thr = sp.cache.consts.connected;
                 for col in 0..300u32 {
-                    let direct = c
-                        .synapses_for_segment(col)
-                        .iter()
-                        .map(|&s| c.synapse(s))
-                        .filter(|s| s.permanence >= thr && x.contains(s.presyn))
+                    let direct = sp
+                        .potential_pool(col)
+                        .into_iter()
+                        .zip(sp.permanences(col))
+                        .filter(|&(i, p)| p >= thr && x.contains(i))
                         .count() as u32;
                     assert_eq!(
                         sp.overlaps()[col as usize],
@@ -1146,12 +1544,11 @@ mod tests {
         let before = sp.clone();
         let out_learn = run(&mut sp, &x, true);
         assert_eq!(out, out_learn);
-        let c0 = before.connections();
-        let c1 = sp.connections();
         for col in 0..300u32 {
-            for &syn in c0.synapses_for_segment(col) {
-                let (p0, p1) = (c0.synapse(syn).permanence, c1.synapse(syn).permanence);
-                let presyn = c0.synapse(syn).presyn;
+            let pool = before.potential_pool(col);
+            assert_eq!(pool, sp.potential_pool(col));
+            let (perms0, perms1) = (before.permanences(col), sp.permanences(col));
+            for ((&presyn, p0), p1) in pool.iter().zip(perms0).zip(perms1) {
                 if !out.contains(col) {
                     assert_eq!(p0, p1);
                 } else if x.contains(presyn) {
@@ -1199,16 +1596,15 @@ mod tests {
             ..params(100, 100, 4)
         };
         let mut sp = SpatialPooler::new(p).unwrap();
-        let before = sp.connections().clone();
+        let before = sp.clone();
         for i in 0..UPDATE_PERIOD as u32 + 1 {
             run(&mut sp, &block(100, i % 40, 8), true);
         }
         let col = 95u32; // centred on input 95, never overlapped
         assert_eq!(sp.overlap_duty_cycles()[col as usize], 0.0);
-        let (c0, c1) = (
-            before.connections_sum(col),
-            sp.connections().connections_sum(col),
-        );
+        assert!(sp.is_materialised(col), "a bumped column is stored");
+        let sum = |sp: &SpatialPooler| sp.permanences(col).iter().sum::<f32>();
+        let (c0, c1) = (sum(&before), sum(&sp));
         assert!(c1 > c0 + 0.01, "weak column not bumped: {c0} -> {c1}");
     }
 
@@ -1357,16 +1753,130 @@ mod tests {
         }
     }
 
-    trait PermSum {
-        fn connections_sum(&self, col: u32) -> f32;
+    #[test]
+    fn columns_are_stored_only_once_learning_modifies_them() {
+        let mut sp = SpatialPooler::new(params(454, 2048, 40)).unwrap();
+        assert_eq!(sp.num_materialised(), 0);
+        let mut rng = Random::new(4);
+        // Inference alone never stores a column.
+        for _ in 0..5 {
+            run(&mut sp, &random_sdr(&mut rng, 454, 40), false);
+        }
+        assert_eq!(sp.num_materialised(), 0);
+        // Fewer steps than the duty-cycle update period: no weak-column bumps yet, so the
+        // stored columns are exactly the winners.
+        let mut winners = std::collections::BTreeSet::new();
+        for _ in 0..UPDATE_PERIOD - 1 {
+            let out = run(&mut sp, &random_sdr(&mut rng, 454, 40), true);
+            winners.extend(out.sparse().iter().copied());
+        }
+        let stored: std::collections::BTreeSet<u32> =
+            (0..2048).filter(|&c| sp.is_materialised(c)).collect();
+        assert_eq!(stored, winners);
+        assert_eq!(sp.num_materialised(), winners.len());
     }
 
-    impl PermSum for Connections {
-        fn connections_sum(&self, col: u32) -> f32 {
-            self.synapses_for_segment(col)
-                .iter()
-                .map(|&s| self.synapse(s).permanence)
-                .sum()
+    #[test]
+    fn lazy_columns_are_a_pure_function_of_seed_and_column() {
+        let mut trained = SpatialPooler::new(params(454, 512, 20)).unwrap();
+        let mut rng = Random::new(6);
+        for _ in 0..10 {
+            run(&mut trained, &random_sdr(&mut rng, 454, 40), true);
+        }
+        let fresh = SpatialPooler::new(params(454, 512, 20)).unwrap();
+        let mut lazy = 0;
+        for col in 0..512u32 {
+            if !trained.is_materialised(col) {
+                lazy += 1;
+                assert_eq!(trained.potential_pool(col), fresh.potential_pool(col));
+                let bits = |sp: &SpatialPooler| -> Vec<u32> {
+                    sp.permanences(col).iter().map(|p| p.to_bits()).collect()
+                };
+                assert_eq!(bits(&trained), bits(&fresh), "column {col}");
+                assert_eq!(trained.connected_count(col), fresh.connected_count(col));
+            }
+        }
+        assert!((312..512).contains(&lazy), "{lazy} lazy columns");
+        // Columns differ, and the seed changes them all.
+        assert_ne!(fresh.potential_pool(0), fresh.potential_pool(1));
+        let other = SpatialPooler::new(SpatialPoolerParams {
+            seed: 7,
+            ..params(454, 512, 20)
+        })
+        .unwrap();
+        let same = (0..512u32)
+            .filter(|&c| other.potential_pool(c) == fresh.potential_pool(c))
+            .count();
+        assert_eq!(same, 0);
+    }
+
+    #[test]
+    fn checkpoints_carry_only_the_stored_columns() {
+        let cfg = bincode::config::standard();
+        let mut sp = SpatialPooler::new(params(454, 2048, 40)).unwrap();
+        let fresh = bincode::serde::encode_to_vec(&sp, cfg).unwrap().len();
+        assert!(fresh < 1024, "fresh pooler serialises to {fresh} bytes");
+        let x = block(454, 100, 40);
+        for _ in 0..20 {
+            run(&mut sp, &x, true);
+        }
+        let stored = sp.num_materialised();
+        assert!((40..=60).contains(&stored), "{stored} stored columns");
+        let trained = bincode::serde::encode_to_vec(&sp, cfg).unwrap().len();
+        // Per stored column: 2 bits per lane (512 lanes) plus at most 4 bytes per synapse.
+        let bound = fresh + 64 + stored * (128 + 4 * 364);
+        assert!(trained <= bound, "{trained} > {bound}");
+        let (back, _): (SpatialPooler, _) = bincode::serde::decode_from_slice(
+            &bincode::serde::encode_to_vec(&sp, cfg).unwrap(),
+            cfg,
+        )
+        .unwrap();
+        assert_eq!(back, sp);
+    }
+
+    #[test]
+    fn vector_learning_kernel_matches_the_per_synapse_rule() {
+        let sp = SpatialPooler::new(params(454, 16, 2)).unwrap();
+        let (k, has_avx2) = (sp.cache.consts.clone(), sp.cache.has_avx2);
+        let mut rng = Random::new(13);
+        let near = [0.0, k.trim, k.connected, 1.0, 0.2, 0.0015, 0.0005];
+        let draw = |rng: &mut Random| -> f32 {
+            match rng.below(4) {
+                0 => NOT_IN_POOL,
+                1 => near[rng.below(near.len() as u32) as usize] + (rng.real() as f32 - 0.5) * 0.01,
+                _ => rng.real() as f32,
+            }
+        };
+        for _ in 0..50 {
+            let lanes: Vec<f32> = (0..512).map(|_| draw(&mut rng).clamp(-1.0, 1.0)).collect();
+            let delta: Vec<f32> = (0..512)
+                .map(|_| {
+                    [k.active_inc, k.inactive_dec_neg, k.below_stimulus_inc][rng.below(3) as usize]
+                })
+                .collect();
+            let mut fast = lanes.clone();
+            let mut row = vec![0u64; 8];
+            adapt_lanes_best(has_avx2, &mut fast, &delta, k.trim, k.connected, &mut row);
+            let mut portable = lanes.clone();
+            let mut row2 = vec![0u64; 8];
+            adapt_lanes(&mut portable, &delta, k.trim, k.connected, &mut row2);
+            for i in 0..512 {
+                let want = if lanes[i].is_nan() {
+                    f32::NAN
+                } else {
+                    let np = (lanes[i] + delta[i]).min(1.0);
+                    if np >= k.trim {
+                        np
+                    } else {
+                        0.0
+                    }
+                };
+                assert_eq!(fast[i].to_bits(), want.to_bits(), "lane {i}: {}", lanes[i]);
+                assert_eq!(portable[i].to_bits(), want.to_bits());
+                let bit = (row[i / 64] >> (i % 64)) & 1 == 1;
+                assert_eq!(bit, want >= k.connected, "lane {i}");
+            }
+            assert_eq!(row, row2);
         }
     }
 }

@@ -1,0 +1,219 @@
+//! Size and per-stage cost of one network over one NAB file: heap bytes and checkpoint bytes
+//! of the whole network and of its spatial pooler and temporal memory, and the mean time per
+//! record of each stage (single thread).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use benches::nab::read_file;
+use clap::{Parser, ValueEnum};
+use htm::backtracking_tm::BacktrackingTm;
+use htm::encoders::RecordEncoder;
+use htm::network::{Network, NetworkParams, TmParams};
+use htm::spatial_pooler::SpatialPooler;
+use htm::temporal_memory::TemporalMemory;
+use htm::Sdr;
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TmKind {
+    Backtracking,
+    Current,
+}
+
+/// Network size and stage costs after one NAB file.
+#[derive(Parser)]
+#[command(about)]
+struct Args {
+    /// Corpus data directory (holding category folders).
+    #[arg(long)]
+    data: PathBuf,
+    /// File relative to the corpus root.
+    #[arg(long, default_value = "realKnownCause/nyc_taxi.csv")]
+    file: PathBuf,
+    /// Which temporal memory to use.
+    #[arg(long, value_enum, default_value_t = TmKind::Current)]
+    tm: TmKind,
+    /// Leave the next-value classifier out (as the NAB runner does).
+    #[arg(long)]
+    no_classifier: bool,
+    /// Runs of each stage alone; the fastest is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+}
+
+fn bincode_len<T: serde::Serialize>(x: &T) -> usize {
+    bincode::serde::encode_to_vec(x, bincode::config::standard())
+        .expect("in-memory encoding")
+        .len()
+}
+
+enum Tm {
+    Backtracking(Box<BacktrackingTm>),
+    Current(Box<TemporalMemory>),
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let file = read_file(&args.data, &args.file)?;
+    let (min, max) = file
+        .values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
+    let preset = match args.tm {
+        TmKind::Backtracking => "nab",
+        TmKind::Current => "nab-tm",
+    };
+    let mut params = NetworkParams::preset(preset, min, max, file.values.len())?;
+    if args.no_classifier {
+        params.classifier = None;
+    }
+    let n = file.values.len();
+
+    // Whole network.
+    let mut net = Network::new(params.clone())?;
+    let start = Instant::now();
+    for (&t, &v) in file.seconds.iter().zip(&file.values) {
+        net.compute(t, v)?;
+    }
+    let net_time = start.elapsed();
+    let checkpoint = net.to_bytes();
+
+    // The stages one by one, each run `repeat` times from scratch; the fastest run counts
+    // (the machine may be shared, and preemption only ever adds time).
+    let mut enc = RecordEncoder::new(&params.encoder)?;
+    let mut inputs = Vec::with_capacity(n);
+    let start = Instant::now();
+    for (&t, &v) in file.seconds.iter().zip(&file.values) {
+        let mut input = Sdr::new(enc.size());
+        enc.encode(t, v, &mut input)?;
+        inputs.push(input);
+    }
+    let t_enc = start.elapsed();
+    let mut sp_params = params.sp.clone();
+    sp_params.input_size = enc.size() as u32;
+    let mut t_sp = Duration::MAX;
+    let mut sp = SpatialPooler::new(sp_params.clone())?;
+    let mut cols: Vec<Vec<u32>> = Vec::with_capacity(n);
+    for _ in 0..args.repeat {
+        sp = SpatialPooler::new(sp_params.clone())?;
+        cols.clear();
+        let mut out = Sdr::new(sp.num_columns());
+        let start = Instant::now();
+        for input in &inputs {
+            sp.compute(input, true, &mut out);
+            cols.push(out.sparse().to_vec());
+        }
+        t_sp = t_sp.min(start.elapsed());
+    }
+    let new_tm = || -> Result<Tm> {
+        Ok(match &params.tm {
+            TmParams::Current(p) => {
+                let mut p = p.clone();
+                p.column_count = sp.num_columns() as u32;
+                Tm::Current(Box::new(TemporalMemory::new(p)?))
+            }
+            TmParams::Backtracking(p) => {
+                let mut p = p.clone();
+                p.column_count = sp.num_columns() as u32;
+                Tm::Backtracking(Box::new(BacktrackingTm::new(p)?))
+            }
+        })
+    };
+    let mut t_tm = Duration::MAX;
+    let mut tm = new_tm()?;
+    for _ in 0..args.repeat {
+        tm = new_tm()?;
+        let start = Instant::now();
+        for c in &cols {
+            match &mut tm {
+                Tm::Current(tm) => tm.compute(c, true),
+                Tm::Backtracking(tm) => tm.compute(c, true),
+            };
+        }
+        t_tm = t_tm.min(start.elapsed());
+    }
+    let mut wins = vec![0u32; sp.num_columns()];
+    for &c in cols.iter().flatten() {
+        wins[c as usize] += 1;
+    }
+    let us = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+    let (tm_heap, tm_ser, tm_segs, tm_syns) = match &tm {
+        Tm::Current(tm) => (
+            tm.heap_bytes(),
+            bincode_len(tm),
+            tm.connections().num_segments(),
+            tm.connections().num_synapses(),
+        ),
+        Tm::Backtracking(tm) => (
+            tm.heap_bytes(),
+            bincode_len(tm),
+            tm.connections().num_segments(),
+            tm.connections().num_synapses(),
+        ),
+    };
+    println!("file={} records={n} tm={preset}", args.file.display());
+    println!(
+        "network: records_per_s={:.0} heap_bytes={} checkpoint_bytes={}",
+        n as f64 / net_time.as_secs_f64(),
+        net.heap_bytes(),
+        checkpoint.len()
+    );
+    println!(
+        "stages_us: encode={:.2} sp={:.2} tm={:.2} (best of {})",
+        us(t_enc),
+        us(t_sp),
+        us(t_tm),
+        args.repeat
+    );
+    println!(
+        "sp: heap_bytes={} serialized_bytes={} stored_columns={}",
+        sp.heap_bytes(),
+        bincode_len(&sp),
+        sp.num_materialised()
+    );
+    if std::env::var_os("NET_STATS_PERMS").is_some() {
+        let (mut zero, mut one, mut other, mut total) = (0, 0, 0, 0);
+        for col in 0..sp.num_columns() as u32 {
+            if sp.is_materialised(col) {
+                for p in sp.permanences(col) {
+                    total += 1;
+                    if p == 0.0 {
+                        zero += 1;
+                    } else if p == 1.0 {
+                        one += 1;
+                    } else {
+                        other += 1;
+                    }
+                }
+            }
+        }
+        let mut w: Vec<u32> = wins.iter().copied().filter(|&x| x > 0).collect();
+        w.sort_unstable();
+        let q = |f: f64| w[((w.len() - 1) as f64 * f) as usize];
+        println!(
+            "wins per active column: n={} min={} p10={} p25={} p50={} p75={} p90={} max={}",
+            w.len(),
+            q(0.0),
+            q(0.1),
+            q(0.25),
+            q(0.5),
+            q(0.75),
+            q(0.9),
+            q(1.0)
+        );
+        for lim in [1, 2, 4, 8, 16, 32, 64] {
+            println!(
+                "  columns with <= {lim} wins: {}",
+                w.iter().filter(|&&x| x <= lim).count()
+            );
+        }
+        println!("sp perms: total={total} zero={zero} one={one} other={other}");
+    }
+    println!(
+        "tm: heap_bytes={tm_heap} serialized_bytes={tm_ser} segments={tm_segs} synapses={tm_syns}"
+    );
+    Ok(())
+}
