@@ -150,8 +150,8 @@ fn main() -> Result<()> {
         Tm::Backtracking(tm) => (
             tm.heap_bytes(),
             bincode_len(tm),
-            tm.connections().num_segments(),
-            tm.connections().num_synapses(),
+            tm.num_segments(),
+            tm.num_synapses(),
         ),
     };
     println!("file={} records={n} tm={preset}", args.file.display());
