@@ -1110,12 +1110,9 @@ impl BacktrackingTm {
                         && self.segments[seg as usize].sequence =>
                 {
                     self.lrn_active.set(cell);
-                    let update = self.build_update(Some(seg), true, Choices::Draw);
                     self.segments[seg as usize].total_activations += 1;
-                    if !update.is_empty() {
-                        self.adapt_segment(cell, Some(seg), &update, true);
-                    }
-                    self.scratch.update = update;
+                    // The match has synapses from the state, so the update is not empty.
+                    self.reinforce(cell, seg, true, Choices::Draw);
                 }
                 _ => {
                     let cell = self.cell_for_new_segment(col);
@@ -1195,15 +1192,8 @@ impl BacktrackingTm {
                     self.adapt_segment(u.cell, Some(u.segment), &pool[range], false);
                     continue;
                 }
-                let meta = &self.segments[u.segment as usize];
-                if !meta.alive || meta.cell != u.cell {
-                    continue; // released since (cannot happen without pooling)
-                }
                 // The state the update was queued from is the previous one now.
-                let update =
-                    self.build_update(Some(u.segment), true, Choices::Replay(&pool[range]));
-                self.adapt_segment(u.cell, Some(u.segment), &update, false);
-                self.scratch.update = update;
+                self.reinforce(u.cell, u.segment, true, Choices::Replay(&pool[range]));
             }
         }
         updates.clear();
@@ -1369,19 +1359,46 @@ impl BacktrackingTm {
                 .map(|s| s.presyn)
                 .filter(|&p| state.is_set(p)),
         );
-        let wanted = (self.params.new_synapse_count as usize).saturating_sub(out.len());
+        let mut active = std::mem::take(&mut self.scratch.new_cells);
+        active.clear();
+        active.extend_from_slice(&out);
+        let before = out.len();
+        self.choose_new_cells(from_prev, &active, choices, &mut out);
+        if out.len() > before {
+            out.sort_unstable();
+        }
+        self.scratch.new_cells = active;
+        out
+    }
+
+    /// `chooseCellsToLearnFrom`: appends to `out` new cells for an update that has the
+    /// (sorted) `active` cells of the learning state on its segment — up to
+    /// `new_synapse_count` in all, picked at random among the state's other cells.
+    fn choose_new_cells(
+        &mut self,
+        from_prev: bool,
+        active: &[u32],
+        choices: Choices,
+        out: &mut Vec<u32>,
+    ) {
+        let state = if from_prev {
+            &self.lrn_active_prev
+        } else {
+            &self.lrn_active
+        };
+        let wanted = (self.params.new_synapse_count as usize).saturating_sub(active.len());
         if wanted > 0 {
-            // chooseCellsToLearnFrom: cells of the state not yet on the segment, ascending.
+            // The state's cells not on the segment (those on it are the active ones), ascending.
             let learn_cells = state.cells();
             debug_assert!(learn_cells.windows(2).all(|w| w[0] < w[1]));
             let pruned = &mut self.scratch.pruned;
             pruned.clear();
             let mut k = 0;
             for &c in learn_cells {
-                while k < on_segment.len() && on_segment[k].presyn < c {
+                while k < active.len() && active[k] < c {
                     k += 1;
                 }
-                if k == on_segment.len() || on_segment[k].presyn != c {
+                if k == active.len() || active[k] != c {
                     pruned.push(c);
                 }
             }
@@ -1414,9 +1431,7 @@ impl BacktrackingTm {
                 }
                 out.extend_from_slice(&pruned[..wanted]);
             }
-            out.sort_unstable();
         }
-        out
     }
 
     /// `adaptSegment`: reinforce `seg` with the sorted presynaptic cells of an update (active
@@ -1427,19 +1442,9 @@ impl BacktrackingTm {
             self.create_segment(cell, update, sequence);
             return;
         };
-        let meta = &mut self.segments[seg as usize];
-        if !meta.alive || meta.cell != cell {
-            return; // released since the update was queued
+        if !self.start_reinforcement(cell, seg) {
+            return;
         }
-        let it = self.lrn_iteration;
-        meta.last_active_iteration = it;
-        meta.positive_activations += 1;
-        meta.duty_cycle(it, true, false, &mut self.scratch.pow);
-        if self.params.max_segments > 0 {
-            let live = self.num_segments();
-            self.scratch.recency.touch(it, seg, &self.segments, live);
-        }
-
         let p = &self.params;
         let (inc, dec, max) = (p.permanence_inc, p.permanence_dec, p.permanence_max);
         let s = seg as usize;
@@ -1473,7 +1478,103 @@ impl BacktrackingTm {
             }
         }
         new_cells.extend_from_slice(&update[j..]);
+        self.finish_adaptation(seg, alive, in_update, new_cells);
+    }
 
+    /// `adaptSegment` with the update NuPIC would build from the learning state (the previous
+    /// one with `from_prev`): synapses from active cells up, the others down, and new ones
+    /// from cells of the state chosen as [`BacktrackingTm::build_update`] chooses them — in
+    /// one walk over the segment. The update must not be empty: callers pass segments with
+    /// synapses from the state.
+    fn reinforce(&mut self, cell: u32, seg: SegmentId, from_prev: bool, choices: Choices) {
+        if !self.start_reinforcement(cell, seg) {
+            return;
+        }
+        let p = &self.params;
+        let (inc, dec, max, cp) = (
+            p.permanence_inc,
+            p.permanence_dec,
+            p.permanence_max,
+            p.connected_perm,
+        );
+        let mut in_update = std::mem::take(&mut self.scratch.in_update);
+        let mut active = std::mem::take(&mut self.scratch.new_cells);
+        in_update.clear();
+        active.clear();
+        let state = if from_prev {
+            &self.lrn_active_prev
+        } else {
+            &self.lrn_active
+        };
+        let out = &mut self.out_index;
+        let syns = &mut self.synapses[seg as usize];
+        let mut dropped = 0;
+        for syn in syns.iter_mut() {
+            let on = state.is_set(syn.presyn);
+            in_update.push(on);
+            let perm = if on {
+                active.push(syn.presyn);
+                (syn.permanence + inc).min(max)
+            } else {
+                (syn.permanence - dec).min(max)
+            };
+            let was = syn.permanence >= cp;
+            if perm <= 0.0 {
+                out.remove(syn, seg, was);
+                syn.permanence = DROPPED;
+                dropped += 1;
+            } else {
+                syn.permanence = perm.clamp(0.0, 1.0);
+                let is = syn.permanence >= cp;
+                if was != is {
+                    out.set_connected(syn, seg, is);
+                }
+            }
+        }
+        let alive = syns.len() - dropped;
+        self.num_synapses -= dropped;
+        debug_assert!(
+            !active.is_empty(),
+            "an update from the state is never empty"
+        );
+        // The update's new cells: chosen among the state's cells not on the segment.
+        let mut new_cells = std::mem::take(&mut self.scratch.update);
+        new_cells.clear();
+        self.choose_new_cells(from_prev, &active, choices, &mut new_cells);
+        new_cells.sort_unstable();
+        self.scratch.update = active;
+        self.finish_adaptation(seg, alive, in_update, new_cells);
+    }
+
+    /// Bookkeeping of a reinforcement; false if `seg` is no longer `cell`'s segment.
+    fn start_reinforcement(&mut self, cell: u32, seg: SegmentId) -> bool {
+        let meta = &mut self.segments[seg as usize];
+        if !meta.alive || meta.cell != cell {
+            return false; // released since the update was queued
+        }
+        let it = self.lrn_iteration;
+        meta.last_active_iteration = it;
+        meta.positive_activations += 1;
+        meta.duty_cycle(it, true, false, &mut self.scratch.pow);
+        if self.params.max_segments > 0 {
+            let live = self.num_segments();
+            self.scratch.recency.touch(it, seg, &self.segments, live);
+        }
+        true
+    }
+
+    /// The end of `adaptSegment`, once permanences have moved: `alive` synapses remain,
+    /// `in_update` flags the original synapses of the update and `new_cells` (sorted) are to
+    /// be grown. Frees synapses over the cap, grows the new ones, releases an empty segment.
+    fn finish_adaptation(
+        &mut self,
+        seg: SegmentId,
+        mut alive: usize,
+        in_update: Vec<bool>,
+        new_cells: Vec<u32>,
+    ) {
+        let s = seg as usize;
+        let max = self.params.permanence_max;
         let n_new = new_cells.len();
         let max_synapses = self.params.max_synapses_per_segment;
         if max_synapses > 0 && n_new + alive > max_synapses as usize {
