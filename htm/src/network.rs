@@ -337,11 +337,16 @@ impl Network {
 
     /// Segments and synapses in the temporal memory, for reporting.
     pub fn tm_size(&self) -> (usize, usize) {
-        let c = match &self.tm {
-            Tm::Backtracking(tm) => tm.connections(),
-            Tm::Current(tm) => tm.connections(),
-        };
-        (c.num_segments(), c.num_synapses())
+        match &self.tm {
+            Tm::Backtracking(tm) => {
+                let c = tm.connections();
+                (c.num_segments(), c.num_synapses())
+            }
+            Tm::Current(tm) => {
+                let c = tm.connections();
+                (c.num_segments(), c.num_synapses())
+            }
+        }
     }
 }
 
