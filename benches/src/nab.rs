@@ -92,6 +92,15 @@ pub struct FileScores {
 /// Runs a fresh network over a file the way NAB runs its detectors: the encoder range comes
 /// from the whole file's min and max, and the likelihood's probation from its length.
 pub fn run_file(file: &DataFile, preset: &str) -> Result<FileScores> {
+    run_file_with(file, preset, |_| {})
+}
+
+/// [`run_file`] with the preset's parameters adjusted by `tweak` first.
+pub fn run_file_with(
+    file: &DataFile,
+    preset: &str,
+    tweak: impl Fn(&mut NetworkParams),
+) -> Result<FileScores> {
     let (min, max) = file
         .values
         .iter()
@@ -101,6 +110,7 @@ pub fn run_file(file: &DataFile, preset: &str) -> Result<FileScores> {
     let mut params = NetworkParams::preset(preset, min, max, file.values.len())?;
     // NAB scores anomalies only; the next-value classifier does not influence them.
     params.classifier = None;
+    tweak(&mut params);
     let mut net = Network::new(params)?;
     let mut out = FileScores::default();
     for (&t, &v) in file.seconds.iter().zip(&file.values) {

@@ -44,6 +44,11 @@ pub struct TemporalMemoryParams {
     pub max_segments_per_cell: u32,
     /// Synapse cap per segment; the weakest synapses are evicted beyond it.
     pub max_synapses_per_segment: u32,
+    /// Cap on the total number of segments; 0 = unlimited (NuPIC). Beyond it the least
+    /// recently used segment (ties: the oldest) is evicted to make room for a new one.
+    /// Segments the current input reaches are spared, so in the rare step where every
+    /// segment is reached the cap is exceeded until a later creation.
+    pub max_segments: u32,
     /// Seed of the memory's random generator.
     pub seed: u64,
 }
@@ -63,6 +68,7 @@ impl Default for TemporalMemoryParams {
             predicted_segment_decrement: 0.001,
             max_segments_per_cell: 128,
             max_synapses_per_segment: 128,
+            max_segments: 0,
             seed: 42,
         }
     }
@@ -133,6 +139,25 @@ struct Scratch {
     weakest: Vec<(u32, f32)>,
     /// Positions of synapses to remove from a segment, ascending.
     doomed: Vec<u32>,
+    /// Sort keys of segment lists.
+    keys: Vec<u128>,
+    lru: Lru,
+}
+
+/// A segment's place in the global least-recently-used order: (last used, creation ordinal,
+/// id). Valid while the segment is alive and was last used then.
+type LruEntry = (u64, u64, SegmentId);
+
+/// The global least-recently-used order of segments, for `max_segments`. Uses only ever
+/// move a segment to the current iteration, so appending them keeps the queue sorted; stale
+/// entries (segments used again or destroyed since) are skipped when met and dropped in
+/// bulk when they pile up. Derived: rebuilt from `last_used` on restore.
+#[derive(Clone, Debug, Default)]
+struct Lru {
+    queue: std::collections::VecDeque<LruEntry>,
+    /// Uses of the current step, appended (sorted by ordinal) when the step ends.
+    pending: Vec<LruEntry>,
+    spared: Vec<LruEntry>,
 }
 
 /// Scratch compares equal: it is a function of the persistent state.
@@ -209,6 +234,15 @@ impl TemporalMemory {
             prev_active: vec![0; cells.div_ceil(64)],
             ..Scratch::default()
         };
+        if self.params.max_segments > 0 {
+            let conns = &self.connections;
+            let mut live: Vec<LruEntry> = (0..conns.segment_capacity() as SegmentId)
+                .filter(|&seg| conns.is_alive(seg))
+                .map(|seg| (self.last_used[seg as usize], conns.ordinal(seg), seg))
+                .collect();
+            live.sort_unstable();
+            self.scratch.lru.queue = live.into();
+        }
         // The counts the next step's learning reads are those of the current activity;
         // recomputing them also re-derives the segment lists and predictions.
         self.compute_segment_activity();
@@ -282,7 +316,9 @@ impl TemporalMemory {
                 + s.prev_winners.capacity()
                 + s.candidates.capacity()
                 + s.doomed.capacity()
-                + 2 * s.weakest.capacity())
+                + 2 * s.weakest.capacity()
+                + 4 * s.keys.capacity()
+                + 6 * (s.lru.queue.capacity() + s.lru.pending.capacity() + s.lru.spared.capacity()))
     }
 
     /// Forgets the current sequence context (active, winner and predictive state); learned
@@ -529,13 +565,67 @@ impl TemporalMemory {
             }
             self.connections.destroy_segment(lru);
         }
+        let cap = self.params.max_segments as usize;
+        if cap > 0 && self.connections.num_segments() >= cap {
+            self.evict_least_recently_used();
+        }
         let seg = self.connections.create_segment(cell);
         let i = seg as usize;
         if i >= self.last_used.len() {
             self.last_used.resize(i + 1, 0);
         }
         self.last_used[i] = self.iteration;
+        if cap > 0 {
+            let entry = (self.iteration, self.connections.ordinal(seg), seg);
+            self.scratch.lru.pending.push(entry);
+        }
         seg
+    }
+
+    /// Destroys the least recently used segment (ties: the oldest) that the current input
+    /// does not reach; segments it reaches may still be adapted later in this step.
+    fn evict_least_recently_used(&mut self) {
+        let conns = &self.connections;
+        let last_used = &self.last_used;
+        let activity = &self.scratch.activity;
+        let valid = |&(used, ordinal, seg): &LruEntry| {
+            conns.is_alive(seg) && conns.ordinal(seg) == ordinal && last_used[seg as usize] == used
+        };
+        let lru = &mut self.scratch.lru;
+        let mut victim = None;
+        while let Some(entry) = lru.queue.pop_front() {
+            if valid(&entry) {
+                if activity.potential(entry.2) > 0 {
+                    lru.spared.push(entry);
+                } else {
+                    victim = Some(entry.2);
+                    break;
+                }
+            }
+        }
+        for entry in lru.spared.drain(..).rev() {
+            lru.queue.push_front(entry);
+        }
+        if victim.is_none() {
+            // Everything older is spared: look among this step's uses (creations).
+            lru.pending.sort_unstable();
+            victim = lru
+                .pending
+                .iter()
+                .find(|e| valid(e) && activity.potential(e.2) == 0)
+                .map(|e| e.2);
+        }
+        #[cfg(test)]
+        {
+            // The queue must pick what a scan of every segment picks.
+            let brute = (0..conns.segment_capacity() as SegmentId)
+                .filter(|&seg| conns.is_alive(seg) && activity.potential(seg) == 0)
+                .min_by_key(|&seg| (last_used[seg as usize], conns.ordinal(seg)));
+            assert_eq!(victim, brute, "LRU queue disagrees with a full scan");
+        }
+        if let Some(seg) = victim {
+            self.connections.destroy_segment(seg);
+        }
     }
 
     /// Grows up to `n_desired` synapses from previous winner cells not yet on `seg`, picked
@@ -608,7 +698,32 @@ impl TemporalMemory {
             for &seg in &self.active_segments {
                 self.last_used[seg as usize] = self.iteration;
             }
+            if self.params.max_segments > 0 {
+                self.record_uses();
+            }
             self.iteration += 1;
+        }
+    }
+
+    /// Appends this step's uses (creations and active segments) to the LRU queue.
+    fn record_uses(&mut self) {
+        let conns = &self.connections;
+        let lru = &mut self.scratch.lru;
+        let now = self.iteration;
+        lru.pending.extend(
+            self.active_segments
+                .iter()
+                .map(|&seg| (now, conns.ordinal(seg), seg)),
+        );
+        lru.pending.sort_unstable();
+        lru.queue.extend(lru.pending.drain(..));
+        if lru.queue.len() > 2 * conns.num_segments() + 1024 {
+            let last_used = &self.last_used;
+            lru.queue.retain(|&(used, ordinal, seg)| {
+                conns.is_alive(seg)
+                    && conns.ordinal(seg) == ordinal
+                    && last_used[seg as usize] == used
+            });
         }
     }
 
@@ -629,9 +744,8 @@ impl TemporalMemory {
             }
         }
         let conns = &self.connections;
-        let key = |&seg: &SegmentId| (conns.cell(seg), conns.ordinal(seg));
-        self.active_segments.sort_unstable_by_key(key);
-        self.matching_segments.sort_unstable_by_key(key);
+        sort_by_cell_and_age(&mut self.active_segments, conns, &mut s.keys);
+        sort_by_cell_and_age(&mut self.matching_segments, conns, &mut s.keys);
         self.predictive_cells.clear();
         self.predicted_columns.clear();
         let cpc = self.params.cells_per_column;
@@ -644,6 +758,21 @@ impl TemporalMemory {
                 }
             }
         }
+    }
+}
+
+/// Sorts segments by (owner cell, creation order). The keys are packed once into integers
+/// (cell, ordinal, id) so comparisons do not go back to the store.
+fn sort_by_cell_and_age(segs: &mut [SegmentId], conns: &SegmentStore, keys: &mut Vec<u128>) {
+    keys.clear();
+    keys.extend(segs.iter().map(|&seg| {
+        (u128::from(conns.cell(seg)) << 96)
+            | (u128::from(conns.ordinal(seg)) << 32)
+            | u128::from(seg)
+    }));
+    keys.sort_unstable();
+    for (seg, &k) in segs.iter_mut().zip(keys.iter()) {
+        *seg = k as u32;
     }
 }
 
@@ -964,6 +1093,69 @@ mod tests {
             bincode::serde::encode_to_vec(&tm, cfg).unwrap(),
             bincode::serde::encode_to_vec(&back, cfg).unwrap()
         );
+    }
+
+    #[test]
+    fn global_segment_cap_holds_and_forgets_the_least_recently_used() {
+        let params = TemporalMemoryParams {
+            max_segments: 60,
+            ..small_params()
+        };
+        let mut tm = TemporalMemory::new(params).unwrap();
+        let pats = disjoint_patterns(21, 512, 24, 20);
+        // An old sequence, learned first …
+        for _ in 0..10 {
+            tm.reset();
+            tm.compute(&pats[0], true);
+            tm.compute(&pats[1], true);
+        }
+        tm.reset();
+        tm.compute(&pats[0], false);
+        assert_eq!(tm.predicted_columns(), pats[1].as_slice());
+        // … then many other transitions, enough to need more segments than the cap.
+        let mut rng = Random::new(2);
+        let mut peak = 0;
+        for _ in 0..600 {
+            let i = 2 + rng.below(22) as usize;
+            tm.compute(&pats[i], true);
+            peak = peak.max(tm.connections().num_segments());
+        }
+        assert_eq!(peak, 60, "cap reached and never exceeded");
+        // The old transition was evicted; a recent one survives.
+        tm.reset();
+        tm.compute(&pats[0], false);
+        assert!(
+            tm.predicted_columns().is_empty(),
+            "old sequence still predicted"
+        );
+        let recent = tm.active_cells().to_vec();
+        assert!(!recent.is_empty());
+    }
+
+    #[test]
+    fn capped_memory_round_trip_continues_bit_identically() {
+        let params = TemporalMemoryParams {
+            max_segments: 40,
+            ..small_params()
+        };
+        let mut tm = TemporalMemory::new(params).unwrap();
+        let pats = disjoint_patterns(3, 512, 16, 20);
+        let mut rng = Random::new(4);
+        let mut next = move || pats[rng.below(16) as usize].clone();
+        for _ in 0..200 {
+            tm.compute(&next(), true);
+        }
+        let cfg = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&tm, cfg).unwrap();
+        let (mut back, _): (TemporalMemory, _) =
+            bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+        back.rebuild_after_restore();
+        assert_eq!(back, tm);
+        for step in 0..300 {
+            step_all(&mut [&mut tm, &mut back], &next(), step % 9 != 8);
+            assert!(tm.connections().num_segments() <= 40);
+        }
+        assert_eq!(tm, back);
     }
 
     #[test]

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use benches::nab::{list_files, read_file, run_file, write_scores};
+use benches::nab::{list_files, read_file, run_file_with, write_scores};
 use clap::{Parser, ValueEnum};
+use htm::network::TmParams;
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -32,6 +33,9 @@ struct Args {
     /// Which temporal memory to use.
     #[arg(long, value_enum, default_value_t = TmKind::Backtracking)]
     tm: TmKind,
+    /// Overrides the current TM's global segment cap (`max_segments`, 0 = unlimited).
+    #[arg(long)]
+    tm_max_segments: Option<u32>,
 }
 
 fn main() -> Result<()> {
@@ -52,7 +56,13 @@ fn main() -> Result<()> {
     let start = Instant::now();
     let scores = pool.install(|| {
         data.par_iter()
-            .map(|f| run_file(f, preset))
+            .map(|f| {
+                run_file_with(f, preset, |p| {
+                    if let (Some(cap), TmParams::Current(tm)) = (args.tm_max_segments, &mut p.tm) {
+                        tm.max_segments = cap;
+                    }
+                })
+            })
             .collect::<Result<Vec<_>>>()
     })?;
     let seconds = start.elapsed().as_secs_f64();
