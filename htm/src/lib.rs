@@ -18,6 +18,7 @@ pub mod likelihood;
 pub mod network;
 pub mod random;
 pub mod sdr;
+pub mod segment_store;
 pub mod spatial_pooler;
 pub mod temporal_memory;
 

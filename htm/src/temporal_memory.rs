@@ -1,15 +1,15 @@
 //! Temporal memory: NuPIC / htm.core `TemporalMemory` semantics (the "numentaTM" of NAB).
 //!
-//! Cells are `column * cells_per_column + i`. Distal segments and synapses live in an
-//! indexed [`Connections`] (presynaptic space = the same cells), so "which segments does
-//! the current activity drive" is a pass over the synapses of the active cells only.
-//! Per-segment bookkeeping (creation ordinal, last-used iteration) lives in vectors
+//! Cells are `column * cells_per_column + i`. Distal segments and synapses live in a
+//! [`SegmentStore`] (presynaptic space = the same cells), whose presynaptic index makes
+//! "which segments does the current activity drive" a pass over one small entry per synapse
+//! of the active cells only. The last-used iteration of each segment lives in a vector
 //! indexed by segment id.
 
 use serde::{Deserialize, Serialize};
 
-use crate::connections::{Connections, SegmentId, SynapseId};
 use crate::random::Random;
+use crate::segment_store::{Activity, SegmentId, SegmentStore};
 pub use crate::spatial_pooler::ParamError;
 
 /// Permanence tolerance of NuPIC's C++ temporal memory: synapses below it are destroyed and
@@ -44,6 +44,11 @@ pub struct TemporalMemoryParams {
     pub max_segments_per_cell: u32,
     /// Synapse cap per segment; the weakest synapses are evicted beyond it.
     pub max_synapses_per_segment: u32,
+    /// Cap on the total number of segments; 0 = unlimited (NuPIC). Beyond it the least
+    /// recently used segment (ties: the oldest) is evicted to make room for a new one.
+    /// Segments the current input reaches are spared, so in the rare step where every
+    /// segment is reached the cap is exceeded until a later creation.
+    pub max_segments: u32,
     /// Seed of the memory's random generator.
     pub seed: u64,
 }
@@ -63,6 +68,7 @@ impl Default for TemporalMemoryParams {
             predicted_segment_decrement: 0.001,
             max_segments_per_cell: 128,
             max_synapses_per_segment: 128,
+            max_segments: 0,
             seed: 42,
         }
     }
@@ -123,29 +129,36 @@ impl TemporalMemoryParams {
 struct Scratch {
     valid: bool,
     /// Active connected / potential synapse counts per segment for the current activity.
-    connected: Vec<u32>,
-    potential: Vec<u32>,
-    /// Segments with a non-zero potential count (so only those need zeroing next time).
-    touched: Vec<SegmentId>,
+    activity: Activity,
     /// Bitset of the previous step's active cells, set only during `activate_cells`.
     prev_active: Vec<u64>,
     prev_active_list: Vec<u32>,
     prev_winners: Vec<u32>,
     candidates: Vec<u32>,
-    doomed: Vec<SynapseId>,
-    weakest: Vec<(SynapseId, f32)>,
-    /// Every (segment, synapse) counted by the last activity pass.
-    visits: Vec<(SegmentId, SynapseId)>,
-    /// Per segment id: start of its run in `active_synapses` (matching segments only).
-    slot: Vec<u32>,
-    fill: Vec<u32>,
-    slotted: Vec<SegmentId>,
-    /// The active synapses of each matching segment, grouped by segment: punishing a
-    /// segment only changes those, and only those can duplicate a growth candidate.
-    active_synapses: Vec<SynapseId>,
+    /// (position in segment, permanence) of eviction candidates.
+    weakest: Vec<(u32, f32)>,
+    /// Positions of synapses to remove from a segment, ascending.
+    doomed: Vec<u32>,
+    /// Sort keys of segment lists.
+    keys: Vec<u128>,
+    lru: Lru,
 }
 
-const NO_SLOT: u32 = u32::MAX;
+/// A segment's place in the global least-recently-used order: (last used, creation ordinal,
+/// id). Valid while the segment is alive and was last used then.
+type LruEntry = (u64, u64, SegmentId);
+
+/// The global least-recently-used order of segments, for `max_segments`. Uses only ever
+/// move a segment to the current iteration, so appending them keeps the queue sorted; stale
+/// entries (segments used again or destroyed since) are skipped when met and dropped in
+/// bulk when they pile up. Derived: rebuilt from `last_used` on restore.
+#[derive(Clone, Debug, Default)]
+struct Lru {
+    queue: std::collections::VecDeque<LruEntry>,
+    /// Uses of the current step, appended (sorted by ordinal) when the step ends.
+    pending: Vec<LruEntry>,
+    spared: Vec<LruEntry>,
+}
 
 /// Scratch compares equal: it is a function of the persistent state.
 impl PartialEq for Scratch {
@@ -158,22 +171,25 @@ impl PartialEq for Scratch {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TemporalMemory {
     params: TemporalMemoryParams,
-    connections: Connections,
+    connections: SegmentStore,
     rng: Random,
     /// Learning iterations (segments record it when they are used).
     iteration: u64,
     /// Per segment id: iteration at which it was last active while learning (or created).
     last_used: Vec<u64>,
-    /// Per segment id: creation ordinal, the tie-break within a cell (ids are reused).
-    ordinal: Vec<u64>,
-    next_ordinal: u64,
     active_cells: Vec<u32>,
     winner_cells: Vec<u32>,
-    /// Sorted by (cell, ordinal).
+    // The rest follows from the state above (`rebuild_after_restore` recomputes it), so
+    // checkpoints leave it out.
+    /// Sorted by (cell, creation order).
+    #[serde(skip)]
     active_segments: Vec<SegmentId>,
-    /// Sorted by (cell, ordinal).
+    /// Sorted by (cell, creation order).
+    #[serde(skip)]
     matching_segments: Vec<SegmentId>,
+    #[serde(skip)]
     predictive_cells: Vec<u32>,
+    #[serde(skip)]
     predicted_columns: Vec<u32>,
     #[serde(skip)]
     scratch: Scratch,
@@ -190,12 +206,10 @@ impl TemporalMemory {
         params.validate()?;
         let cells = (params.column_count * params.cells_per_column) as usize;
         let mut tm = TemporalMemory {
-            connections: Connections::new(cells, cells, true),
+            connections: SegmentStore::new(cells, cells, params.connected_permanence - EPSILON),
             rng: Random::new(params.seed),
             iteration: 0,
             last_used: Vec::new(),
-            ordinal: Vec::new(),
-            next_ordinal: 0,
             active_cells: Vec::new(),
             winner_cells: Vec::new(),
             active_segments: Vec::new(),
@@ -209,25 +223,29 @@ impl TemporalMemory {
         Ok(tm)
     }
 
-    /// Rebuilds the presynaptic index and the per-segment activity counts from the
-    /// persistent state. Call after deserialising; idempotent ([`TemporalMemory::compute`]
-    /// also calls it if it was forgotten).
+    /// Rebuilds the per-segment activity counts, segment lists and predictions from the
+    /// persistent state (the store rebuilds its own index when it is deserialised). Call
+    /// after deserialising; idempotent ([`TemporalMemory::compute`] also calls it if it was
+    /// forgotten).
     pub fn rebuild_after_restore(&mut self) {
-        self.connections.rebuild_index();
         let cells = self.num_cells();
         self.scratch = Scratch {
             valid: true,
             prev_active: vec![0; cells.div_ceil(64)],
             ..Scratch::default()
         };
+        if self.params.max_segments > 0 {
+            let conns = &self.connections;
+            let mut live: Vec<LruEntry> = (0..conns.segment_capacity() as SegmentId)
+                .filter(|&seg| conns.is_alive(seg))
+                .map(|seg| (self.last_used[seg as usize], conns.ordinal(seg), seg))
+                .collect();
+            live.sort_unstable();
+            self.scratch.lru.queue = live.into();
+        }
         // The counts the next step's learning reads are those of the current activity;
-        // recomputing also re-derives the (serialised) segment lists and predictions,
-        // which come out the same.
+        // recomputing them also re-derives the segment lists and predictions.
         self.compute_segment_activity();
-    }
-
-    fn connected_threshold(&self) -> f32 {
-        self.params.connected_permanence - EPSILON
     }
 
     /// The parameters the memory was built with.
@@ -246,7 +264,7 @@ impl TemporalMemory {
     }
 
     /// The distal synapse store.
-    pub fn connections(&self) -> &Connections {
+    pub fn connections(&self) -> &SegmentStore {
         &self.connections
     }
 
@@ -286,26 +304,21 @@ impl TemporalMemory {
     pub fn heap_bytes(&self) -> usize {
         let s = &self.scratch;
         self.connections.heap_bytes()
-            + 8 * (self.last_used.capacity() + self.ordinal.capacity() + s.prev_active.capacity())
+            + s.activity.heap_bytes()
+            + 8 * (self.last_used.capacity() + s.prev_active.capacity())
             + 4 * (self.active_cells.capacity()
                 + self.winner_cells.capacity()
                 + self.active_segments.capacity()
                 + self.matching_segments.capacity()
                 + self.predictive_cells.capacity()
                 + self.predicted_columns.capacity()
-                + s.connected.capacity()
-                + s.potential.capacity()
-                + s.touched.capacity()
                 + s.prev_active_list.capacity()
                 + s.prev_winners.capacity()
                 + s.candidates.capacity()
                 + s.doomed.capacity()
                 + 2 * s.weakest.capacity()
-                + 2 * s.visits.capacity()
-                + s.slot.capacity()
-                + s.fill.capacity()
-                + s.slotted.capacity()
-                + s.active_synapses.capacity())
+                + 4 * s.keys.capacity()
+                + 6 * (s.lru.queue.capacity() + s.lru.pending.capacity() + s.lru.spared.capacity()))
     }
 
     /// Forgets the current sequence context (active, winner and predictive state); learned
@@ -348,7 +361,7 @@ impl TemporalMemory {
     }
 
     fn column_of_segment(&self, seg: SegmentId) -> u32 {
-        self.connections.segment(seg).cell / self.params.cells_per_column
+        self.connections.cell(seg) / self.params.cells_per_column
     }
 
     /// NuPIC `activateCells`: walks active columns, active segments and matching segments
@@ -423,14 +436,14 @@ impl TemporalMemory {
     fn activate_predicted_column(&mut self, segments: &[SegmentId], learn: bool) {
         let mut last_cell = u32::MAX;
         for &seg in segments {
-            let cell = self.connections.segment(seg).cell;
+            let cell = self.connections.cell(seg);
             if cell != last_cell {
                 self.active_cells.push(cell);
                 self.winner_cells.push(cell);
                 last_cell = cell;
             }
             if learn {
-                let n_potential = self.scratch.potential[seg as usize];
+                let n_potential = self.scratch.activity.potential(seg);
                 let (inc, dec) = (
                     self.params.permanence_increment,
                     self.params.permanence_decrement,
@@ -453,13 +466,13 @@ impl TemporalMemory {
         // First segment with the most active potential synapses (std::max_element).
         let mut best: Option<(SegmentId, u32)> = None;
         for &seg in matching {
-            let n = self.scratch.potential[seg as usize];
+            let n = self.scratch.activity.potential(seg);
             if best.is_none_or(|(_, b)| n > b) {
                 best = Some((seg, n));
             }
         }
         let winner = match best {
-            Some((seg, _)) => self.connections.segment(seg).cell,
+            Some((seg, _)) => self.connections.cell(seg),
             None => self.least_used_cell(column),
         };
         self.winner_cells.push(winner);
@@ -498,48 +511,7 @@ impl TemporalMemory {
             return;
         }
         for &seg in matching {
-            if self.shortcuts_exact() {
-                self.punish_segment(seg, dec);
-            } else {
-                self.adapt_segment(seg, -dec, 0.0);
-            }
-        }
-    }
-
-    /// Whether every live synapse is guaranteed to have permanence >= EPSILON (synapses are
-    /// born at `initial_permanence` and destroyed as soon as they drop below). Then
-    /// inactive synapses survive a punishment untouched and active ones survive
-    /// reinforcement, which the active-synapse shortcuts rely on; with a smaller initial
-    /// permanence the full NuPIC walks are taken instead.
-    fn shortcuts_exact(&self) -> bool {
-        self.params.initial_permanence >= EPSILON && !tests_force_full_walks()
-    }
-
-    /// `adapt_segment(seg, -dec, 0.0)` restricted to the synapses that can change: with a
-    /// zero decrement, inactive synapses keep their permanence (all are >= EPSILON).
-    fn punish_segment(&mut self, seg: SegmentId, dec: f32) {
-        let s = &mut self.scratch;
-        let start = s.slot[seg as usize] as usize;
-        let len = s.potential[seg as usize] as usize;
-        s.doomed.clear();
-        for &syn in &s.active_synapses[start..start + len] {
-            let p = (self.connections.synapse(syn).permanence + -dec).clamp(0.0, 1.0);
-            self.connections.set_permanence(syn, p);
-            if p < EPSILON {
-                s.doomed.push(syn);
-            }
-        }
-        if s.doomed.is_empty() {
-            return;
-        }
-        // Bucket order follows the presynaptic index, whose order depends on history:
-        // destroy in id order so that id recycling is reproducible after a restore.
-        s.doomed.sort_unstable();
-        for &syn in &s.doomed {
-            self.connections.destroy_synapse(syn);
-        }
-        if self.connections.synapses_for_segment(seg).is_empty() {
-            self.connections.destroy_segment(seg);
+            self.adapt_segment(seg, -dec, 0.0);
         }
     }
 
@@ -560,8 +532,7 @@ impl TemporalMemory {
     /// Synapses from previously active cells `+inc`, others `-dec`, clamped to `[0, 1]`;
     /// synapses left at ~0 are destroyed, and the segment too if none remain.
     fn adapt_segment(&mut self, seg: SegmentId, inc: f32, dec: f32) {
-        let s = &mut self.scratch;
-        let prev_active: &[u64] = &s.prev_active;
+        let prev_active: &[u64] = &self.scratch.prev_active;
         // Branch-free: whether a presynaptic cell was active is unpredictable.
         let deltas = [-dec, inc];
         let mut any_dead = false;
@@ -573,16 +544,9 @@ impl TemporalMemory {
         if !any_dead {
             return;
         }
-        s.doomed.clear();
-        for &syn in self.connections.synapses_for_segment(seg) {
-            if self.connections.synapse(syn).permanence < EPSILON {
-                s.doomed.push(syn);
-            }
-        }
-        for &syn in &s.doomed {
-            self.connections.destroy_synapse(syn);
-        }
-        if self.connections.synapses_for_segment(seg).is_empty() {
+        self.connections
+            .remove_synapses(seg, |_, s| s.permanence < EPSILON);
+        if self.connections.synapses(seg).is_empty() {
             self.connections.destroy_segment(seg);
         }
     }
@@ -601,58 +565,96 @@ impl TemporalMemory {
             }
             self.connections.destroy_segment(lru);
         }
+        let cap = self.params.max_segments as usize;
+        if cap > 0 && self.connections.num_segments() >= cap {
+            self.evict_least_recently_used();
+        }
         let seg = self.connections.create_segment(cell);
         let i = seg as usize;
-        // A recycled id must not inherit the active-synapse run of its previous owner.
-        if let Some(slot) = self.scratch.slot.get_mut(i) {
-            *slot = NO_SLOT;
-        }
         if i >= self.last_used.len() {
             self.last_used.resize(i + 1, 0);
-            self.ordinal.resize(i + 1, 0);
         }
         self.last_used[i] = self.iteration;
-        self.ordinal[i] = self.next_ordinal;
-        self.next_ordinal += 1;
+        if cap > 0 {
+            let entry = (self.iteration, self.connections.ordinal(seg), seg);
+            self.scratch.lru.pending.push(entry);
+        }
         seg
+    }
+
+    /// Destroys the least recently used segment (ties: the oldest) that the current input
+    /// does not reach; segments it reaches may still be adapted later in this step.
+    fn evict_least_recently_used(&mut self) {
+        let conns = &self.connections;
+        let last_used = &self.last_used;
+        let activity = &self.scratch.activity;
+        let valid = |&(used, ordinal, seg): &LruEntry| {
+            conns.is_alive(seg) && conns.ordinal(seg) == ordinal && last_used[seg as usize] == used
+        };
+        let lru = &mut self.scratch.lru;
+        let mut victim = None;
+        while let Some(entry) = lru.queue.pop_front() {
+            if valid(&entry) {
+                if activity.potential(entry.2) > 0 {
+                    lru.spared.push(entry);
+                } else {
+                    victim = Some(entry.2);
+                    break;
+                }
+            }
+        }
+        for entry in lru.spared.drain(..).rev() {
+            lru.queue.push_front(entry);
+        }
+        if victim.is_none() {
+            // Everything older is spared: look among this step's uses (creations).
+            lru.pending.sort_unstable();
+            victim = lru
+                .pending
+                .iter()
+                .find(|e| valid(e) && activity.potential(e.2) == 0)
+                .map(|e| e.2);
+        }
+        #[cfg(test)]
+        {
+            // The queue must pick what a scan of every segment picks.
+            let brute = (0..conns.segment_capacity() as SegmentId)
+                .filter(|&seg| conns.is_alive(seg) && activity.potential(seg) == 0)
+                .min_by_key(|&seg| (last_used[seg as usize], conns.ordinal(seg)));
+            assert_eq!(victim, brute, "LRU queue disagrees with a full scan");
+        }
+        if let Some(seg) = victim {
+            self.connections.destroy_segment(seg);
+        }
     }
 
     /// Grows up to `n_desired` synapses from previous winner cells not yet on `seg`, picked
     /// at random, first evicting the weakest synapses if the segment would overflow.
     fn grow_synapses(&mut self, seg: SegmentId, n_desired: usize) {
-        let shortcut = self.shortcuts_exact();
         let s = &mut self.scratch;
         s.candidates.clear();
         s.candidates.extend_from_slice(&s.prev_winners);
-        // Previous winners are previously active cells, so only the segment's active
-        // synapses can come from one: a matching segment's recorded run of active synapses
-        // (still intact: learning so far only removed inactive ones) is all we must check.
-        let slot = s.slot.get(seg as usize).copied().unwrap_or(NO_SLOT);
-        let existing = if slot != NO_SLOT && shortcut {
-            let len = s.potential[seg as usize] as usize;
-            &s.active_synapses[slot as usize..slot as usize + len]
-        } else {
-            self.connections.synapses_for_segment(seg)
-        };
-        for &syn in existing {
-            let presyn = self.connections.synapse(syn).presyn;
-            if let Ok(i) = s.candidates.binary_search(&presyn) {
-                s.candidates.remove(i);
+        for syn in self.connections.synapses(seg) {
+            // Previous winners are previously active cells: the bit test skips most lookups.
+            if bit(&s.prev_active, syn.presyn) {
+                if let Ok(i) = s.candidates.binary_search(&syn.presyn) {
+                    s.candidates.remove(i);
+                }
             }
         }
         let n_actual = n_desired.min(s.candidates.len());
         let max = self.params.max_synapses_per_segment as usize;
-        let existing = self.connections.synapses_for_segment(seg).len();
+        let existing = self.connections.synapses(seg).len();
         if existing + n_actual > max {
             self.destroy_min_permanence_synapses(seg, existing + n_actual - max);
         }
         let s = &mut self.scratch;
-        let room = max.saturating_sub(self.connections.synapses_for_segment(seg).len());
+        let room = max.saturating_sub(self.connections.synapses(seg).len());
         for _ in 0..n_actual.min(room) {
             let i = self.rng.below(s.candidates.len() as u32) as usize;
             let presyn = s.candidates.remove(i);
             self.connections
-                .create_synapse(seg, presyn, self.params.initial_permanence);
+                .add_synapse(seg, presyn, self.params.initial_permanence);
         }
     }
 
@@ -662,12 +664,12 @@ impl TemporalMemory {
         let s = &mut self.scratch;
         // Permanences are read once: destroying synapses does not change the others.
         s.weakest.clear();
-        for &syn in self.connections.synapses_for_segment(seg) {
-            let data = self.connections.synapse(syn);
-            if s.prev_winners.binary_search(&data.presyn).is_err() {
-                s.weakest.push((syn, data.permanence));
+        for (i, syn) in self.connections.synapses(seg).iter().enumerate() {
+            if s.prev_winners.binary_search(&syn.presyn).is_err() {
+                s.weakest.push((i as u32, syn.permanence));
             }
         }
+        s.doomed.clear();
         for _ in 0..n {
             if s.weakest.is_empty() {
                 break;
@@ -680,9 +682,12 @@ impl TemporalMemory {
                     min_i = i;
                 }
             }
-            let (syn, _) = s.weakest.remove(min_i);
-            self.connections.destroy_synapse(syn);
+            s.doomed.push(s.weakest.remove(min_i).0);
         }
+        s.doomed.sort_unstable();
+        let doomed = &s.doomed;
+        self.connections
+            .remove_synapses(seg, |i, _| doomed.binary_search(&(i as u32)).is_ok());
     }
 
     /// NuPIC `activateDendrites`: segment activity for the new active cells, giving the
@@ -693,72 +698,59 @@ impl TemporalMemory {
             for &seg in &self.active_segments {
                 self.last_used[seg as usize] = self.iteration;
             }
+            if self.params.max_segments > 0 {
+                self.record_uses();
+            }
             self.iteration += 1;
         }
     }
 
-    /// The side-effect-free part of `activate_dendrites`: counts, segment lists,
-    /// predictions, and the per-segment active synapses used for punishment.
-    fn compute_segment_activity(&mut self) {
-        let threshold = self.connected_threshold();
-        let s = &mut self.scratch;
-        s.visits.clear();
-        let visits = &mut s.visits;
-        self.connections.compute_activity_sparse_with(
-            &self.active_cells,
-            threshold,
-            &mut s.connected,
-            &mut s.potential,
-            &mut s.touched,
-            |seg, syn| visits.push((seg, syn)),
+    /// Appends this step's uses (creations and active segments) to the LRU queue.
+    fn record_uses(&mut self) {
+        let conns = &self.connections;
+        let lru = &mut self.scratch.lru;
+        let now = self.iteration;
+        lru.pending.extend(
+            self.active_segments
+                .iter()
+                .map(|&seg| (now, conns.ordinal(seg), seg)),
         );
+        lru.pending.sort_unstable();
+        lru.queue.extend(lru.pending.drain(..));
+        if lru.queue.len() > 2 * conns.num_segments() + 1024 {
+            let last_used = &self.last_used;
+            lru.queue.retain(|&(used, ordinal, seg)| {
+                conns.is_alive(seg)
+                    && conns.ordinal(seg) == ordinal
+                    && last_used[seg as usize] == used
+            });
+        }
+    }
+
+    /// The side-effect-free part of `activate_dendrites`: counts, segment lists and
+    /// predictions.
+    fn compute_segment_activity(&mut self) {
+        let s = &mut self.scratch;
+        self.connections
+            .compute_activity(&self.active_cells, &mut s.activity);
         self.active_segments.clear();
         self.matching_segments.clear();
-        for &seg in &s.touched {
-            if s.connected[seg as usize] >= self.params.activation_threshold {
+        for &seg in s.activity.touched() {
+            if s.activity.connected(seg) >= self.params.activation_threshold {
                 self.active_segments.push(seg);
             }
-            if s.potential[seg as usize] >= self.params.min_threshold {
+            if s.activity.potential(seg) >= self.params.min_threshold {
                 self.matching_segments.push(seg);
             }
         }
         let conns = &self.connections;
-        let ordinal = &self.ordinal;
-        let key = |&seg: &SegmentId| (conns.segment(seg).cell, ordinal[seg as usize]);
-        self.active_segments.sort_unstable_by_key(key);
-        self.matching_segments.sort_unstable_by_key(key);
-        {
-            // Counting sort of the visits into one run per matching segment.
-            for &seg in &s.slotted {
-                s.slot[seg as usize] = NO_SLOT;
-            }
-            s.slotted.clear();
-            let capacity = conns.segment_capacity();
-            s.slot.resize(capacity, NO_SLOT);
-            s.fill.resize(capacity, 0);
-            let mut start = 0u32;
-            for &seg in &self.matching_segments {
-                s.slot[seg as usize] = start;
-                s.fill[seg as usize] = 0;
-                start += s.potential[seg as usize];
-                s.slotted.push(seg);
-            }
-            s.active_synapses.clear();
-            s.active_synapses.resize(start as usize, 0);
-            for &(seg, syn) in &s.visits {
-                let slot = s.slot[seg as usize];
-                if slot != NO_SLOT {
-                    let f = &mut s.fill[seg as usize];
-                    s.active_synapses[(slot + *f) as usize] = syn;
-                    *f += 1;
-                }
-            }
-        }
+        sort_by_cell_and_age(&mut self.active_segments, conns, &mut s.keys);
+        sort_by_cell_and_age(&mut self.matching_segments, conns, &mut s.keys);
         self.predictive_cells.clear();
         self.predicted_columns.clear();
         let cpc = self.params.cells_per_column;
         for &seg in &self.active_segments {
-            let cell = conns.segment(seg).cell;
+            let cell = conns.cell(seg);
             if self.predictive_cells.last() != Some(&cell) {
                 self.predictive_cells.push(cell);
                 if self.predicted_columns.last() != Some(&(cell / cpc)) {
@@ -769,21 +761,18 @@ impl TemporalMemory {
     }
 }
 
-#[cfg(test)]
-thread_local! {
-    /// Lets tests run the plain NuPIC walks instead of the active-synapse shortcuts.
-    static FULL_WALKS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-#[inline(always)]
-fn tests_force_full_walks() -> bool {
-    #[cfg(test)]
-    {
-        FULL_WALKS.get()
-    }
-    #[cfg(not(test))]
-    {
-        false
+/// Sorts segments by (owner cell, creation order). The keys are packed once into integers
+/// (cell, ordinal, id) so comparisons do not go back to the store.
+fn sort_by_cell_and_age(segs: &mut [SegmentId], conns: &SegmentStore, keys: &mut Vec<u128>) {
+    keys.clear();
+    keys.extend(segs.iter().map(|&seg| {
+        (u128::from(conns.cell(seg)) << 96)
+            | (u128::from(conns.ordinal(seg)) << 32)
+            | u128::from(seg)
+    }));
+    keys.sort_unstable();
+    for (seg, &k) in segs.iter_mut().zip(keys.iter()) {
+        *seg = k as u32;
     }
 }
 
@@ -943,7 +932,7 @@ mod tests {
                 );
                 seen_full_cell |= segs.len() == 2;
                 for &seg in segs {
-                    let n = c.synapses_for_segment(seg).len();
+                    let n = c.synapses(seg).len();
                     assert!(
                         (1..=8).contains(&n),
                         "step {step}: segment with {n} synapses"
@@ -993,17 +982,17 @@ mod tests {
         let predicting: Vec<SegmentId> = tm.active_segments().to_vec();
         let perm_before: f32 = predicting
             .iter()
-            .flat_map(|&s| tm.connections().synapses_for_segment(s).to_vec())
-            .map(|syn| tm.connections().synapse(syn).permanence)
+            .flat_map(|&s| tm.connections().synapses(s).to_vec())
+            .map(|syn| syn.permanence)
             .sum();
         // p[2] arrives instead of the predicted p[1]: the predicting segments are punished.
         tm.compute(&p[2], true);
         let c = tm.connections();
         let perm_after: f32 = predicting
             .iter()
-            .filter(|&&s| c.segment(s).alive)
-            .flat_map(|&s| c.synapses_for_segment(s).to_vec())
-            .map(|syn| c.synapse(syn).permanence)
+            .filter(|&&s| c.is_alive(s))
+            .flat_map(|&s| c.synapses(s).to_vec())
+            .map(|syn| syn.permanence)
             .sum();
         assert!(
             perm_after < perm_before - 1.0,
@@ -1029,9 +1018,9 @@ mod tests {
         }
         for cell in 0..c.num_cells() as u32 {
             for &seg in c.segments_for_cell(cell) {
-                assert!(!c.synapses_for_segment(seg).is_empty());
-                for &syn in c.synapses_for_segment(seg) {
-                    assert!(c.synapse(syn).permanence >= EPSILON);
+                assert!(!c.synapses(seg).is_empty());
+                for syn in c.synapses(seg) {
+                    assert!(syn.permanence >= EPSILON);
                 }
             }
         }
@@ -1106,58 +1095,67 @@ mod tests {
         );
     }
 
-    /// Everything learned, independent of synapse ids: per cell, per segment, the
-    /// (presynaptic cell, permanence bits) of each synapse in order.
-    fn content(tm: &TemporalMemory) -> Vec<Vec<Vec<(u32, u32)>>> {
-        let c = tm.connections();
-        (0..c.num_cells() as u32)
-            .map(|cell| {
-                c.segments_for_cell(cell)
-                    .iter()
-                    .map(|&seg| {
-                        c.synapses_for_segment(seg)
-                            .iter()
-                            .map(|&s| (c.synapse(s).presyn, c.synapse(s).permanence.to_bits()))
-                            .collect()
-                    })
-                    .collect()
-            })
-            .collect()
+    #[test]
+    fn global_segment_cap_holds_and_forgets_the_least_recently_used() {
+        let params = TemporalMemoryParams {
+            max_segments: 60,
+            ..small_params()
+        };
+        let mut tm = TemporalMemory::new(params).unwrap();
+        let pats = disjoint_patterns(21, 512, 24, 20);
+        // An old sequence, learned first …
+        for _ in 0..10 {
+            tm.reset();
+            tm.compute(&pats[0], true);
+            tm.compute(&pats[1], true);
+        }
+        tm.reset();
+        tm.compute(&pats[0], false);
+        assert_eq!(tm.predicted_columns(), pats[1].as_slice());
+        // … then many other transitions, enough to need more segments than the cap.
+        let mut rng = Random::new(2);
+        let mut peak = 0;
+        for _ in 0..600 {
+            let i = 2 + rng.below(22) as usize;
+            tm.compute(&pats[i], true);
+            peak = peak.max(tm.connections().num_segments());
+        }
+        assert_eq!(peak, 60, "cap reached and never exceeded");
+        // The old transition was evicted; a recent one survives.
+        tm.reset();
+        tm.compute(&pats[0], false);
+        assert!(
+            tm.predicted_columns().is_empty(),
+            "old sequence still predicted"
+        );
+        let recent = tm.active_cells().to_vec();
+        assert!(!recent.is_empty());
     }
 
     #[test]
-    fn shortcuts_match_the_full_nupic_walks() {
-        // Punishing only active synapses and filtering growth candidates through them
-        // must learn exactly what walking every synapse does.
+    fn capped_memory_round_trip_continues_bit_identically() {
         let params = TemporalMemoryParams {
-            predicted_segment_decrement: 0.05,
-            max_synapses_per_segment: 40,
-            max_segments_per_cell: 4,
+            max_segments: 40,
             ..small_params()
         };
-        let pats = disjoint_patterns(12, 512, 12, 20);
-        let run = |full: bool| {
-            FULL_WALKS.set(full);
-            let mut tm = TemporalMemory::new(params.clone()).unwrap();
-            let mut rng = Random::new(5);
-            let mut scores = Vec::new();
-            for step in 0..1500 {
-                // Mostly a fixed order with random detours, so segments match, get
-                // punished, fill up and get evicted.
-                let i = if rng.below(5) == 0 {
-                    rng.below(12)
-                } else {
-                    (step % 6) as u32
-                };
-                scores.push(tm.compute(&pats[i as usize], true).to_bits());
-            }
-            FULL_WALKS.set(false);
-            (scores, content(&tm), tm.active_cells().to_vec())
-        };
-        let fast = run(false);
-        let full = run(true);
-        assert!(fast.1.iter().flatten().count() > 100, "too little learned");
-        assert_eq!(fast, full);
+        let mut tm = TemporalMemory::new(params).unwrap();
+        let pats = disjoint_patterns(3, 512, 16, 20);
+        let mut rng = Random::new(4);
+        let mut next = move || pats[rng.below(16) as usize].clone();
+        for _ in 0..200 {
+            tm.compute(&next(), true);
+        }
+        let cfg = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&tm, cfg).unwrap();
+        let (mut back, _): (TemporalMemory, _) =
+            bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+        back.rebuild_after_restore();
+        assert_eq!(back, tm);
+        for step in 0..300 {
+            step_all(&mut [&mut tm, &mut back], &next(), step % 9 != 8);
+            assert!(tm.connections().num_segments() <= 40);
+        }
+        assert_eq!(tm, back);
     }
 
     #[test]

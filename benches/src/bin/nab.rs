@@ -36,9 +36,9 @@ struct Args {
     /// Override the backtracking TM's total segment budget (0 = unlimited).
     #[arg(long)]
     btm_max_segments: Option<u32>,
-    /// Run without the classifier (it does not affect anomaly scores).
+    /// Override the current TM's total segment budget (0 = unlimited).
     #[arg(long)]
-    no_classifier: bool,
+    tm_max_segments: Option<u32>,
 }
 
 fn main() -> Result<()> {
@@ -47,14 +47,10 @@ fn main() -> Result<()> {
         TmKind::Backtracking => "nab",
         TmKind::Current => "nab-tm",
     };
-    let (max_segments, no_classifier) = (args.btm_max_segments, args.no_classifier);
-    let tweak = move |p: &mut NetworkParams| {
-        if let (Some(m), TmParams::Backtracking(tm)) = (max_segments, &mut p.tm) {
-            tm.max_segments = m;
-        }
-        if no_classifier {
-            p.classifier = None;
-        }
+    let (btm_max, tm_max) = (args.btm_max_segments, args.tm_max_segments);
+    let tweak = move |p: &mut NetworkParams| match &mut p.tm {
+        TmParams::Backtracking(tm) => tm.max_segments = btm_max.unwrap_or(tm.max_segments),
+        TmParams::Current(tm) => tm.max_segments = tm_max.unwrap_or(tm.max_segments),
     };
     let files = list_files(&args.data)?;
     // Parse everything before the clock starts: the figure is HTM throughput, not CSV parsing.

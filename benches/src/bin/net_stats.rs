@@ -37,6 +37,9 @@ struct Args {
     /// Leave the next-value classifier out (as the NAB runner does).
     #[arg(long)]
     no_classifier: bool,
+    /// Overrides the current TM's global segment cap (`max_segments`, 0 = unlimited).
+    #[arg(long)]
+    tm_max_segments: Option<u32>,
     /// Runs of each stage alone; the fastest is reported.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -69,6 +72,9 @@ fn main() -> Result<()> {
     let mut params = NetworkParams::preset(preset, min, max, file.values.len())?;
     if args.no_classifier {
         params.classifier = None;
+    }
+    if let (Some(cap), TmParams::Current(tm)) = (args.tm_max_segments, &mut params.tm) {
+        tm.max_segments = cap;
     }
     let n = file.values.len();
 
