@@ -37,6 +37,9 @@ pub struct NetworkParams {
     pub spatial_tolerance: Option<f64>,
 }
 
+/// Segment budget of the `nab` preset's backtracking TM (0 would be NuPIC's unbounded growth).
+pub const NAB_MAX_SEGMENTS: u32 = 8192;
+
 /// Preset names accepted by [`NetworkParams::preset`].
 pub const PRESETS: &[&str] = &["nab", "nab-tm"];
 
@@ -50,7 +53,13 @@ impl NetworkParams {
                 date: Default::default(),
             },
             sp: SpatialPoolerParams::default(),
-            tm: TmParams::Backtracking(BacktrackingTmParams::default()),
+            // NuPIC's TM grows without bound on noisy streams; a budget of 8192 segments keeps
+            // NAB within 0.3 points of unbounded (70.37 vs 70.69) at a third of the CPU time
+            // and bounded memory (4096 drops it to 66.9).
+            tm: TmParams::Backtracking(BacktrackingTmParams {
+                max_segments: NAB_MAX_SEGMENTS,
+                ..BacktrackingTmParams::default()
+            }),
             likelihood: LikelihoodParams::for_nab(rows),
             classifier: Some(ClassifierParams::default()),
             spatial_tolerance: Some(0.05),
