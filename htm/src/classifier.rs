@@ -5,10 +5,21 @@
 //! The caller supplies the one-step delay: at record `t` it calls
 //! `learn(pattern_{t-1}, bucket_t, value_t)`, and `infer(pattern_t)` predicts record `t+1`.
 //! (NuPIC's `compute` infers *before* it learns within a record; either order works here.)
+//!
+//! Storage follows use. NuPIC's weight matrix is dense, `[input bits × buckets]`, but:
+//! * an input bit that was never part of a learnt pattern has an all-zero row, so rows are
+//!   allocated on first use (the spatial pooler activates only a few hundred of its 2048
+//!   columns on a typical stream);
+//! * buckets that were never a target and were created together (when a higher bucket first
+//!   appeared, every bucket below it came into existence at zero) keep bit-identical weights
+//!   forever: equal weights give equal activations, equal probabilities and so equal updates.
+//!   They share one weight *slot* until one of them becomes a target and is split off.
+//!
+//! The arithmetic is unchanged — per bucket, in bucket order, in `f64` — so results are
+//! bit-identical to the dense form (a test runs both side by side).
 
 use crate::encoders::Scratch;
-use ndarray::Array2;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// NAB's classifier learning rate (`clParams.alpha` of its NuPIC model parameters); NuPIC's
 /// `SDRClassifier` class default is 0.001.
@@ -69,20 +80,30 @@ impl ClassifierParams {
     }
 }
 
+/// Marks an input bit without a weight row (all its weights are zero).
+const NO_ROW: u32 = u32::MAX;
+
 /// One-step-ahead SDR classifier.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug)]
 pub struct SdrClassifier {
     params: ClassifierParams,
-    /// `[input_size, num_buckets]`, row-major so an active input bit's weights are one
-    /// contiguous row. Grows by whole columns (zeros) when a higher bucket appears.
-    weights: Array2<f32>,
+    input_size: u32,
+    /// Per bucket: its weight slot.
+    slot_of: Vec<u32>,
+    /// Per slot: how many buckets share it.
+    members: Vec<u32>,
+    /// Per input bit: its weight row, or [`NO_ROW`].
+    row_of: Vec<u32>,
+    /// Per row: its input bit (rows in allocation order).
+    row_bits: Vec<u32>,
+    /// Rows of `stride` weights, the first `members.len()` of which are in use.
+    stride: usize,
+    weights: Vec<f32>,
     /// Moving average of the values learnt for each bucket; `None` until the bucket is seen.
     actual_values: Vec<Option<f64>>,
-    /// Per-bucket probabilities, then errors, during `learn`.
-    #[serde(skip)]
-    probs: Scratch<Vec<f64>>,
-    /// Per-bucket weight deltas during `learn`.
-    #[serde(skip)]
+    /// Per-slot activations, then probabilities, then errors, during `learn`.
+    acts: Scratch<Vec<f64>>,
+    /// Per-slot weight deltas during `learn`.
     deltas: Scratch<Vec<f32>>,
 }
 
@@ -92,9 +113,15 @@ impl SdrClassifier {
         params.validate()?;
         Ok(SdrClassifier {
             params,
-            weights: Array2::zeros((input_size, 0)),
+            input_size: u32::try_from(input_size).expect("input size fits in u32"),
+            slot_of: Vec::new(),
+            members: Vec::new(),
+            row_of: vec![NO_ROW; input_size],
+            row_bits: Vec::new(),
+            stride: 0,
+            weights: Vec::new(),
             actual_values: Vec::new(),
-            probs: Scratch::default(),
+            acts: Scratch::default(),
             deltas: Scratch::default(),
         })
     }
@@ -106,12 +133,12 @@ impl SdrClassifier {
 
     /// Number of input bits.
     pub fn input_size(&self) -> usize {
-        self.weights.nrows()
+        self.input_size as usize
     }
 
     /// Number of buckets known (highest bucket learnt + 1).
     pub fn num_buckets(&self) -> usize {
-        self.weights.ncols()
+        self.slot_of.len()
     }
 
     /// Averaged actual value of `bucket`, if it has been learnt.
@@ -119,9 +146,35 @@ impl SdrClassifier {
         self.actual_values.get(bucket).copied().flatten()
     }
 
-    /// The weight matrix `[input_size, num_buckets]`.
-    pub fn weights(&self) -> &Array2<f32> {
-        &self.weights
+    /// The weight from input `bit` to `bucket` (zero for unknown buckets).
+    pub fn weight(&self, bit: usize, bucket: usize) -> f32 {
+        match (self.row_of.get(bit), self.slot_of.get(bucket)) {
+            (Some(&row), Some(&slot)) if row != NO_ROW => {
+                self.weights[row as usize * self.stride + slot as usize]
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// Input bits holding a weight row (those seen in a learnt pattern).
+    pub fn num_rows(&self) -> usize {
+        self.row_bits.len()
+    }
+
+    /// Heap bytes held (capacity-based).
+    pub fn heap_bytes(&self) -> usize {
+        4 * (self.slot_of.capacity()
+            + self.members.capacity()
+            + self.row_of.capacity()
+            + self.row_bits.capacity()
+            + self.weights.capacity()
+            + self.deltas.0.capacity())
+            + 16 * self.actual_values.capacity()
+            + 8 * self.acts.0.capacity()
+    }
+
+    fn num_slots(&self) -> usize {
+        self.members.len()
     }
 
     /// Teaches that `pattern` (sorted or not, unique input bit indices) is followed by
@@ -134,28 +187,30 @@ impl SdrClassifier {
         if bucket >= self.num_buckets() {
             self.grow(bucket + 1);
         }
+        self.make_own_slot(bucket);
         let a = self.params.act_value_alpha;
-        let slot = &mut self.actual_values[bucket];
-        *slot = Some(match *slot {
+        let value = &mut self.actual_values[bucket];
+        *value = Some(match *value {
             Some(old) => (1.0 - a) * old + a * actual,
             None => actual,
         });
 
-        let nb = self.num_buckets();
-        let mut probs = std::mem::take(&mut self.probs.0);
-        self.probabilities(pattern, &mut probs);
+        let mut probs = std::mem::take(&mut self.acts.0);
+        self.slot_probabilities(pattern, &mut probs);
+        let target = self.slot_of[bucket] as usize;
+        let alpha = self.params.alpha;
         let deltas = &mut self.deltas.0;
         deltas.clear();
-        let alpha = self.params.alpha;
-        deltas.extend(probs.iter().enumerate().map(|(b, &p)| {
-            let target = if b == bucket { 1.0 } else { 0.0 };
-            (alpha * (target - p)) as f32
+        deltas.extend(probs.iter().enumerate().map(|(s, &p)| {
+            let t = if s == target { 1.0 } else { 0.0 };
+            (alpha * (t - p)) as f32
         }));
-        self.probs.0 = probs;
-        let w = self.weights.as_slice_mut().expect("weights are row-major");
+        self.acts.0 = probs;
+        let n = self.num_slots();
         for &bit in pattern {
-            let row = &mut w[bit as usize * nb..(bit as usize + 1) * nb];
-            for (x, &d) in row.iter_mut().zip(deltas.iter()) {
+            let row = self.row(bit);
+            let w = &mut self.weights[row * self.stride..row * self.stride + n];
+            for (x, &d) in w.iter_mut().zip(&self.deltas.0) {
                 *x += d;
             }
         }
@@ -167,23 +222,31 @@ impl SdrClassifier {
     /// Buckets never learnt (below the highest one) are skipped: they have no value to report.
     pub fn infer(&self, pattern: &[u32]) -> Option<(usize, f64)> {
         self.check_pattern(pattern);
-        let nb = self.num_buckets();
-        let w = self.weights.as_slice().expect("weights are row-major");
+        let n = self.num_slots();
         let mut best: Option<(usize, f64, f64)> = None;
-        // The softmax is monotonic, so the arg-max of the summed activations is the answer.
-        for lo in (0..nb).step_by(CHUNK) {
-            let hi = (lo + CHUNK).min(nb);
+        // Learnt buckets have a slot of their own, so activations are summed per slot; the
+        // softmax is monotonic, so the arg-max of the activations is the answer.
+        for lo in (0..n).step_by(CHUNK) {
+            let hi = (lo + CHUNK).min(n);
             let mut act = [0f64; CHUNK];
             for &bit in pattern {
-                let row = &w[bit as usize * nb + lo..bit as usize * nb + hi];
-                for (a, &x) in act.iter_mut().zip(row) {
+                let row = self.row_of[bit as usize];
+                if row == NO_ROW {
+                    continue;
+                }
+                let start = row as usize * self.stride;
+                for (a, &x) in act.iter_mut().zip(&self.weights[start + lo..start + hi]) {
                     *a += f64::from(x);
                 }
             }
-            for (k, &a) in act[..hi - lo].iter().enumerate() {
-                if let Some(v) = self.actual_values[lo + k] {
-                    if best.is_none_or(|(_, top, _)| a > top) {
-                        best = Some((lo + k, a, v));
+            for (b, &slot) in self.slot_of.iter().enumerate() {
+                let s = slot as usize;
+                if (lo..hi).contains(&s) {
+                    if let Some(v) = self.actual_values[b] {
+                        let a = act[s - lo];
+                        if best.is_none_or(|(bb, top, _)| a > top || (a == top && b < bb)) {
+                            best = Some((b, a, v));
+                        }
                     }
                 }
             }
@@ -195,54 +258,208 @@ impl SdrClassifier {
     /// (softmax of the summed weights); empty before any learning.
     pub fn infer_probabilities(&self, pattern: &[u32], out: &mut Vec<f64>) {
         self.check_pattern(pattern);
-        self.probabilities(pattern, out);
+        let mut slots = Vec::new();
+        self.slot_probabilities(pattern, &mut slots);
+        out.clear();
+        out.extend(self.slot_of.iter().map(|&s| slots[s as usize]));
     }
 
     fn check_pattern(&self, pattern: &[u32]) {
-        let n = self.input_size();
+        let n = self.input_size;
         assert!(
-            pattern.iter().all(|&b| (b as usize) < n),
+            pattern.iter().all(|&b| b < n),
             "classifier pattern bit out of range for input size {n}"
         );
     }
 
-    fn probabilities(&self, pattern: &[u32], out: &mut Vec<f64>) {
-        let nb = self.num_buckets();
+    /// Per-slot probabilities: the softmax over buckets of the summed weights, evaluated once
+    /// per slot. The normalising sum still runs over every bucket in bucket order, as the
+    /// dense form does, so the result is bit-identical to it.
+    fn slot_probabilities(&self, pattern: &[u32], out: &mut Vec<f64>) {
+        let n = self.num_slots();
         out.clear();
-        out.resize(nb, 0.0);
-        if nb == 0 {
+        out.resize(n, 0.0);
+        if n == 0 {
             return;
         }
-        let w = self.weights.as_slice().expect("weights are row-major");
         for &bit in pattern {
-            let row = &w[bit as usize * nb..(bit as usize + 1) * nb];
-            for (a, &x) in out.iter_mut().zip(row) {
+            // A row never allocated is all zeros, and adding +0.0 changes no sum.
+            let row = self.row_of[bit as usize];
+            if row == NO_ROW {
+                continue;
+            }
+            let start = row as usize * self.stride;
+            for (a, &x) in out.iter_mut().zip(&self.weights[start..start + n]) {
                 *a += f64::from(x);
             }
         }
         // Subtracting the maximum keeps exp() from overflowing; the result is unchanged.
         let max = out.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let mut sum = 0.0;
         for a in out.iter_mut() {
             *a = (*a - max).exp();
-            sum += *a;
+        }
+        let mut sum = 0.0;
+        for &s in &self.slot_of {
+            sum += out[s as usize];
         }
         for a in out.iter_mut() {
             *a /= sum;
         }
     }
 
-    /// Widens the weights to `num_buckets` columns (new ones zero), keeping row-major layout.
-    fn grow(&mut self, num_buckets: usize) {
-        let (rows, old) = self.weights.dim();
-        let mut grown = Array2::<f32>::zeros((rows, num_buckets));
-        if old > 0 {
-            grown
-                .slice_mut(ndarray::s![.., ..old])
-                .assign(&self.weights);
+    /// The weight row of `bit`, allocated (zeros) on first use.
+    fn row(&mut self, bit: u32) -> usize {
+        let r = self.row_of[bit as usize];
+        if r != NO_ROW {
+            return r as usize;
         }
-        self.weights = grown;
+        let r = self.row_bits.len();
+        self.row_bits.push(bit);
+        self.row_of[bit as usize] = r as u32;
+        let need = (r + 1) * self.stride;
+        if need > self.weights.capacity() {
+            // Grow by a quarter, not by doubling: memory should follow use.
+            self.weights
+                .reserve_exact(need - self.weights.len() + self.weights.len() / 4);
+        }
+        self.weights.resize(need, 0.0);
+        r
+    }
+
+    /// Adds a weight slot initialised, in every row, from `from` (or zero) and returns it.
+    fn add_slot(&mut self, from: Option<usize>) -> usize {
+        let slot = self.num_slots();
+        if slot == self.stride {
+            // Re-lay the rows with room for more slots.
+            let stride = (self.stride + self.stride / 4).max(slot + 8);
+            let rows = self.row_bits.len();
+            let mut weights = Vec::with_capacity(rows * stride);
+            for r in 0..rows {
+                weights.extend_from_slice(&self.weights[r * self.stride..r * self.stride + slot]);
+                weights.resize((r + 1) * stride, 0.0);
+            }
+            self.weights = weights;
+            self.stride = stride;
+        }
+        for r in 0..self.row_bits.len() {
+            let base = r * self.stride;
+            self.weights[base + slot] = from.map_or(0.0, |f| self.weights[base + f]);
+        }
+        self.members.push(0);
+        slot
+    }
+
+    /// Widens the classifier to `num_buckets` buckets: the new ones below the last share one
+    /// zero slot, the last (about to be learnt) gets its own.
+    fn grow(&mut self, num_buckets: usize) {
+        let old = self.num_buckets();
+        if num_buckets - 1 > old {
+            let shared = self.add_slot(None) as u32;
+            self.slot_of.resize(num_buckets - 1, shared);
+            self.members[shared as usize] = (num_buckets - 1 - old) as u32;
+        }
+        let own = self.add_slot(None) as u32;
+        self.slot_of.push(own);
+        self.members[own as usize] = 1;
         self.actual_values.resize(num_buckets, None);
+    }
+
+    /// Gives `bucket` a slot of its own (it is about to be learnt, so its weights part from
+    /// those of the buckets it shared a slot with).
+    fn make_own_slot(&mut self, bucket: usize) {
+        let shared = self.slot_of[bucket] as usize;
+        if self.members[shared] > 1 {
+            let own = self.add_slot(Some(shared));
+            self.members[shared] -= 1;
+            self.members[own] = 1;
+            self.slot_of[bucket] = own as u32;
+        }
+    }
+
+    /// Weights packed row by row, without the unused tail of each row.
+    fn packed_weights(&self) -> Vec<f32> {
+        let n = self.num_slots();
+        let mut out = Vec::with_capacity(self.row_bits.len() * n);
+        for r in 0..self.row_bits.len() {
+            out.extend_from_slice(&self.weights[r * self.stride..r * self.stride + n]);
+        }
+        out
+    }
+}
+
+/// Content equality (weights bit for bit, whatever the row layout).
+impl PartialEq for SdrClassifier {
+    fn eq(&self, other: &Self) -> bool {
+        self.params == other.params
+            && self.input_size == other.input_size
+            && self.slot_of == other.slot_of
+            && self.row_bits == other.row_bits
+            && self.actual_values == other.actual_values
+            && self.members.len() == other.members.len()
+            && self
+                .packed_weights()
+                .iter()
+                .zip(other.packed_weights().iter())
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+    }
+}
+
+/// Checkpoint form: slots per bucket, then the allocated rows packed.
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    params: ClassifierParams,
+    input_size: u32,
+    slot_of: Vec<u32>,
+    actual_values: Vec<Option<f64>>,
+    row_bits: Vec<u32>,
+    weights: Vec<f32>,
+}
+
+impl Serialize for SdrClassifier {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        Wire {
+            params: self.params.clone(),
+            input_size: self.input_size,
+            slot_of: self.slot_of.clone(),
+            actual_values: self.actual_values.clone(),
+            row_bits: self.row_bits.clone(),
+            weights: self.packed_weights(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SdrClassifier {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let w = Wire::deserialize(d)?;
+        let mut c =
+            SdrClassifier::new(w.input_size as usize, w.params).map_err(D::Error::custom)?;
+        let n = w.slot_of.iter().map(|&s| s as usize + 1).max().unwrap_or(0);
+        let mut members = vec![0u32; n];
+        for &s in &w.slot_of {
+            members[s as usize] += 1;
+        }
+        let rows = w.row_bits.len();
+        if members.contains(&0)
+            || w.actual_values.len() != w.slot_of.len()
+            || w.weights.len() != rows * n
+        {
+            return Err(D::Error::custom("classifier: inconsistent weight layout"));
+        }
+        for (r, &bit) in w.row_bits.iter().enumerate() {
+            match c.row_of.get_mut(bit as usize) {
+                Some(slot) if *slot == NO_ROW => *slot = r as u32,
+                _ => return Err(D::Error::custom("classifier: bad row bit")),
+            }
+        }
+        c.slot_of = w.slot_of;
+        c.members = members;
+        c.row_bits = w.row_bits;
+        c.stride = n;
+        c.weights = w.weights;
+        c.actual_values = w.actual_values;
+        Ok(c)
     }
 }
 
@@ -256,6 +473,263 @@ mod tests {
         v.sort_unstable();
         v.dedup();
         v
+    }
+
+    /// The dense implementation this one replaced, kept as the oracle for bit-identity.
+    mod dense {
+        use super::super::{ClassifierParamError, ClassifierParams, CHUNK};
+        use crate::encoders::Scratch;
+        use ndarray::Array2;
+
+        /// One-step-ahead SDR classifier.
+        #[derive(Clone, Debug)]
+        pub struct Dense {
+            params: ClassifierParams,
+            /// `[input_size, num_buckets]`, row-major so an active input bit's weights are one
+            /// contiguous row. Grows by whole columns (zeros) when a higher bucket appears.
+            weights: Array2<f32>,
+            /// Moving average of the values learnt for each bucket; `None` until the bucket is seen.
+            actual_values: Vec<Option<f64>>,
+            /// Per-bucket probabilities, then errors, during `learn`.
+            probs: Scratch<Vec<f64>>,
+            /// Per-bucket weight deltas during `learn`.
+            deltas: Scratch<Vec<f32>>,
+        }
+
+        #[allow(dead_code)]
+        impl Dense {
+            /// A classifier for input SDRs of `input_size` bits, knowing no bucket yet.
+            pub fn new(
+                input_size: usize,
+                params: ClassifierParams,
+            ) -> Result<Self, ClassifierParamError> {
+                params.validate()?;
+                Ok(Dense {
+                    params,
+                    weights: Array2::zeros((input_size, 0)),
+                    actual_values: Vec::new(),
+                    probs: Scratch::default(),
+                    deltas: Scratch::default(),
+                })
+            }
+
+            /// The parameters it was built with.
+            pub fn params(&self) -> &ClassifierParams {
+                &self.params
+            }
+
+            /// Number of input bits.
+            pub fn input_size(&self) -> usize {
+                self.weights.nrows()
+            }
+
+            /// Number of buckets known (highest bucket learnt + 1).
+            pub fn num_buckets(&self) -> usize {
+                self.weights.ncols()
+            }
+
+            /// Averaged actual value of `bucket`, if it has been learnt.
+            pub fn actual_value(&self, bucket: usize) -> Option<f64> {
+                self.actual_values.get(bucket).copied().flatten()
+            }
+
+            /// The weight matrix `[input_size, num_buckets]`.
+            pub fn weights(&self) -> &Array2<f32> {
+                &self.weights
+            }
+
+            /// Teaches that `pattern` (sorted or not, unique input bit indices) is followed by
+            /// `bucket`, whose value was `actual`.
+            ///
+            /// # Panics
+            /// If a pattern bit is `>= input_size`.
+            pub fn learn(&mut self, pattern: &[u32], bucket: usize, actual: f64) {
+                self.check_pattern(pattern);
+                if bucket >= self.num_buckets() {
+                    self.grow(bucket + 1);
+                }
+                let a = self.params.act_value_alpha;
+                let slot = &mut self.actual_values[bucket];
+                *slot = Some(match *slot {
+                    Some(old) => (1.0 - a) * old + a * actual,
+                    None => actual,
+                });
+
+                let nb = self.num_buckets();
+                let mut probs = std::mem::take(&mut self.probs.0);
+                self.probabilities(pattern, &mut probs);
+                let deltas = &mut self.deltas.0;
+                deltas.clear();
+                let alpha = self.params.alpha;
+                deltas.extend(probs.iter().enumerate().map(|(b, &p)| {
+                    let target = if b == bucket { 1.0 } else { 0.0 };
+                    (alpha * (target - p)) as f32
+                }));
+                self.probs.0 = probs;
+                let w = self.weights.as_slice_mut().expect("weights are row-major");
+                for &bit in pattern {
+                    let row = &mut w[bit as usize * nb..(bit as usize + 1) * nb];
+                    for (x, &d) in row.iter_mut().zip(deltas.iter()) {
+                        *x += d;
+                    }
+                }
+            }
+
+            /// The most probable next bucket among those learnt so far, with its averaged value.
+            /// `None` before any learning. Ties go to the lowest bucket. Allocation-free.
+            ///
+            /// Buckets never learnt (below the highest one) are skipped: they have no value to report.
+            pub fn infer(&self, pattern: &[u32]) -> Option<(usize, f64)> {
+                self.check_pattern(pattern);
+                let nb = self.num_buckets();
+                let w = self.weights.as_slice().expect("weights are row-major");
+                let mut best: Option<(usize, f64, f64)> = None;
+                // The softmax is monotonic, so the arg-max of the summed activations is the answer.
+                for lo in (0..nb).step_by(CHUNK) {
+                    let hi = (lo + CHUNK).min(nb);
+                    let mut act = [0f64; CHUNK];
+                    for &bit in pattern {
+                        let row = &w[bit as usize * nb + lo..bit as usize * nb + hi];
+                        for (a, &x) in act.iter_mut().zip(row) {
+                            *a += f64::from(x);
+                        }
+                    }
+                    for (k, &a) in act[..hi - lo].iter().enumerate() {
+                        if let Some(v) = self.actual_values[lo + k] {
+                            if best.is_none_or(|(_, top, _)| a > top) {
+                                best = Some((lo + k, a, v));
+                            }
+                        }
+                    }
+                }
+                best.map(|(b, _, v)| (b, v))
+            }
+
+            /// Fills `out` with the probability of each bucket `0..num_buckets()` following `pattern`
+            /// (softmax of the summed weights); empty before any learning.
+            pub fn infer_probabilities(&self, pattern: &[u32], out: &mut Vec<f64>) {
+                self.check_pattern(pattern);
+                self.probabilities(pattern, out);
+            }
+
+            fn check_pattern(&self, pattern: &[u32]) {
+                let n = self.input_size();
+                assert!(
+                    pattern.iter().all(|&b| (b as usize) < n),
+                    "classifier pattern bit out of range for input size {n}"
+                );
+            }
+
+            fn probabilities(&self, pattern: &[u32], out: &mut Vec<f64>) {
+                let nb = self.num_buckets();
+                out.clear();
+                out.resize(nb, 0.0);
+                if nb == 0 {
+                    return;
+                }
+                let w = self.weights.as_slice().expect("weights are row-major");
+                for &bit in pattern {
+                    let row = &w[bit as usize * nb..(bit as usize + 1) * nb];
+                    for (a, &x) in out.iter_mut().zip(row) {
+                        *a += f64::from(x);
+                    }
+                }
+                // Subtracting the maximum keeps exp() from overflowing; the result is unchanged.
+                let max = out.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let mut sum = 0.0;
+                for a in out.iter_mut() {
+                    *a = (*a - max).exp();
+                    sum += *a;
+                }
+                for a in out.iter_mut() {
+                    *a /= sum;
+                }
+            }
+
+            /// Widens the weights to `num_buckets` columns (new ones zero), keeping row-major layout.
+            fn grow(&mut self, num_buckets: usize) {
+                let (rows, old) = self.weights.dim();
+                let mut grown = Array2::<f32>::zeros((rows, num_buckets));
+                if old > 0 {
+                    grown
+                        .slice_mut(ndarray::s![.., ..old])
+                        .assign(&self.weights);
+                }
+                self.weights = grown;
+                self.actual_values.resize(num_buckets, None);
+            }
+        }
+    }
+
+    #[test]
+    fn results_are_bit_identical_to_the_dense_form() {
+        let mut rng = crate::random::Random::new(12);
+        let mut sparse = SdrClassifier::new(256, ClassifierParams::default()).unwrap();
+        let mut dense = dense::Dense::new(256, ClassifierParams::default()).unwrap();
+        // Patterns over a few bits only (most rows stay unallocated); buckets wander up and
+        // down so slots are shared, split and added in every order.
+        let all: Vec<u32> = (0..120).collect();
+        let mut bucket = 60usize;
+        let (mut p1, mut p2) = (Vec::new(), Vec::new());
+        for t in 0..1500 {
+            let pattern = rng.sample(&all, 12);
+            bucket = match rng.below(10) {
+                0 => bucket + 1 + rng.below(12) as usize,
+                1 => bucket.saturating_sub(1 + rng.below(12) as usize),
+                _ => bucket,
+            }
+            .min(300);
+            let value = bucket as f64 + rng.real();
+            sparse.learn(&pattern, bucket, value);
+            dense.learn(&pattern, bucket, value);
+            let probe = rng.sample(&all, 12);
+            assert_eq!(sparse.infer(&probe), dense.infer(&probe), "step {t}");
+            if t % 50 == 0 {
+                sparse.infer_probabilities(&probe, &mut p1);
+                dense.infer_probabilities(&probe, &mut p2);
+                assert_eq!(p1.len(), p2.len());
+                assert!(p1.iter().zip(&p2).all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
+        }
+        assert_eq!(sparse.num_buckets(), dense.num_buckets());
+        for bit in 0..256 {
+            for b in 0..dense.num_buckets() {
+                let want = dense.weights()[[bit, b]];
+                assert_eq!(
+                    sparse.weight(bit, b).to_bits(),
+                    want.to_bits(),
+                    "bit {bit} bucket {b}"
+                );
+            }
+        }
+        assert_eq!(sparse.num_rows(), 120);
+    }
+
+    #[test]
+    fn memory_follows_the_bits_and_buckets_learnt() {
+        let mut c = SdrClassifier::new(2048, ClassifierParams::default()).unwrap();
+        let (a, b) = (pattern(1), pattern(2));
+        for t in 0..200 {
+            c.learn(
+                if t % 2 == 0 { &a } else { &b },
+                if t % 2 == 0 { 500 } else { 510 },
+                1.0,
+            );
+        }
+        assert_eq!(c.num_buckets(), 511);
+        // Only the bits of the two patterns have rows; the 509 buckets never learnt share
+        // two slots (those created with bucket 500 and those created with 510).
+        assert_eq!(c.num_rows(), 80);
+        assert_eq!(c.num_slots(), 4);
+        assert_eq!(c.weight(7, 3).to_bits(), c.weight(7, 499).to_bits());
+        let dense_bytes = 2048 * 511 * 4;
+        assert!(
+            c.heap_bytes() < 40_000,
+            "{} bytes (dense: {dense_bytes})",
+            c.heap_bytes()
+        );
+        let ckpt = bincode::serde::encode_to_vec(&c, bincode::config::standard()).unwrap();
+        assert!(ckpt.len() < 4_000, "checkpoint {} bytes", ckpt.len());
     }
 
     #[test]

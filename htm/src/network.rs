@@ -336,12 +336,7 @@ impl Network {
             Tm::Backtracking(tm) => tm.heap_bytes(),
             Tm::Current(tm) => tm.heap_bytes(),
         };
-        self.sp.heap_bytes()
-            + tm
-            + self
-                .classifier
-                .as_ref()
-                .map_or(0, |c| c.weights().len() * 4)
+        self.sp.heap_bytes() + tm + self.classifier.as_ref().map_or(0, |c| c.heap_bytes())
     }
 
     /// Segments and synapses in the temporal memory, for reporting.

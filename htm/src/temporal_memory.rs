@@ -46,8 +46,8 @@ pub struct TemporalMemoryParams {
     pub max_synapses_per_segment: u32,
     /// Cap on the total number of segments; 0 = unlimited (NuPIC). Beyond it the least
     /// recently used segment (ties: the oldest) is evicted to make room for a new one.
-    /// Segments the current input reaches are spared, so in the rare step where every
-    /// segment is reached the cap is exceeded until a later creation.
+    /// Segments active or matching in the current step are spared (they may still learn in
+    /// it), so a cap below what one input matches is exceeded until a later creation.
     pub max_segments: u32,
     /// Seed of the memory's random generator.
     pub seed: u64,
@@ -582,12 +582,17 @@ impl TemporalMemory {
         seg
     }
 
-    /// Destroys the least recently used segment (ties: the oldest) that the current input
-    /// does not reach; segments it reaches may still be adapted later in this step.
+    /// Destroys the least recently used segment (ties: the oldest) among those this step
+    /// does not learn on: active and matching segments may still be adapted later in it.
     fn evict_least_recently_used(&mut self) {
         let conns = &self.connections;
         let last_used = &self.last_used;
         let activity = &self.scratch.activity;
+        let (min_potential, min_connected) =
+            (self.params.min_threshold, self.params.activation_threshold);
+        let in_use = |seg: SegmentId| {
+            activity.potential(seg) >= min_potential || activity.connected(seg) >= min_connected
+        };
         let valid = |&(used, ordinal, seg): &LruEntry| {
             conns.is_alive(seg) && conns.ordinal(seg) == ordinal && last_used[seg as usize] == used
         };
@@ -595,7 +600,7 @@ impl TemporalMemory {
         let mut victim = None;
         while let Some(entry) = lru.queue.pop_front() {
             if valid(&entry) {
-                if activity.potential(entry.2) > 0 {
+                if in_use(entry.2) {
                     lru.spared.push(entry);
                 } else {
                     victim = Some(entry.2);
@@ -612,14 +617,14 @@ impl TemporalMemory {
             victim = lru
                 .pending
                 .iter()
-                .find(|e| valid(e) && activity.potential(e.2) == 0)
+                .find(|e| valid(e) && !in_use(e.2))
                 .map(|e| e.2);
         }
         #[cfg(test)]
         {
             // The queue must pick what a scan of every segment picks.
             let brute = (0..conns.segment_capacity() as SegmentId)
-                .filter(|&seg| conns.is_alive(seg) && activity.potential(seg) == 0)
+                .filter(|&seg| conns.is_alive(seg) && !in_use(seg))
                 .min_by_key(|&seg| (last_used[seg as usize], conns.ordinal(seg)));
             assert_eq!(victim, brute, "LRU queue disagrees with a full scan");
         }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use benches::nab::read_file;
+use benches::nab::{list_files, read_file, DataFile};
 use clap::{Parser, ValueEnum};
 use htm::backtracking_tm::BacktrackingTm;
 use htm::encoders::RecordEncoder;
@@ -43,6 +43,9 @@ struct Args {
     /// Runs of each stage alone; the fastest is reported.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Instead: one whole network per corpus file, reporting each one's final size.
+    #[arg(long)]
+    all: bool,
 }
 
 fn bincode_len<T: serde::Serialize>(x: &T) -> usize {
@@ -56,9 +59,7 @@ enum Tm {
     Current(Box<TemporalMemory>),
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
-    let file = read_file(&args.data, &args.file)?;
+fn params_for(args: &Args, file: &DataFile) -> Result<NetworkParams> {
     let (min, max) = file
         .values
         .iter()
@@ -76,6 +77,49 @@ fn main() -> Result<()> {
     if let (Some(cap), TmParams::Current(tm)) = (args.tm_max_segments, &mut params.tm) {
         tm.max_segments = cap;
     }
+    Ok(params)
+}
+
+/// Whole networks over every corpus file: final heap and checkpoint bytes of each.
+fn all_files(args: &Args) -> Result<()> {
+    let (mut max_heap, mut max_ckpt, mut records, mut seconds) = (0, 0, 0, 0.0);
+    for rel in list_files(&args.data)? {
+        let file = read_file(&args.data, &rel)?;
+        let mut net = Network::new(params_for(args, &file)?)?;
+        let start = Instant::now();
+        for (&t, &v) in file.seconds.iter().zip(&file.values) {
+            net.compute(t, v)?;
+        }
+        seconds += start.elapsed().as_secs_f64();
+        records += file.values.len();
+        let (segments, synapses) = net.tm_size();
+        let (heap, ckpt) = (net.heap_bytes(), net.to_bytes().len());
+        println!(
+            "{}: records={} heap_bytes={heap} checkpoint_bytes={ckpt} tm_segments={segments} tm_synapses={synapses}",
+            rel.display(),
+            file.values.len()
+        );
+        max_heap = max_heap.max(heap);
+        max_ckpt = max_ckpt.max(ckpt);
+    }
+    println!(
+        "all: records={records} records_per_s={:.0} max_heap_bytes={max_heap} max_checkpoint_bytes={max_ckpt}",
+        records as f64 / seconds
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.all {
+        return all_files(&args);
+    }
+    let file = read_file(&args.data, &args.file)?;
+    let params = params_for(&args, &file)?;
+    let preset = match args.tm {
+        TmKind::Backtracking => "nab",
+        TmKind::Current => "nab-tm",
+    };
     let n = file.values.len();
 
     // Whole network.
