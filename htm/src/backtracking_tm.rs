@@ -64,17 +64,39 @@
 //!   new segment that reused the slot).
 //! * NuPIC's statistics (`collectStats`, `burnIn`) are not computed.
 //!
+//! # Bounded growth: `max_segments`
+//!
+//! NuPIC bounds segments per cell and synapses per segment, but not the TM as a whole: on
+//! noisy data every unpredicted column grows a segment, and a NAB file can end with 100,000
+//! segments and 2 million synapses. [`BacktrackingTmParams::max_segments`] caps the total:
+//! creating a segment at the cap first frees the least recently active one (the lowest
+//! `last_active_iteration`, i.e. the longest since it was created or reinforced; ties go to the
+//! lowest id). With the cap at 0 the TM is NuPIC's, bit for bit.
+//!
 //! # Cost
 //!
 //! Almost all the time goes into forward passes (`computeForwardPropagation`): every active
 //! cell adds one to each segment it has a synapse on. The TP activates *every* predicted cell
-//! of an active column, and after a few thousand records a column typically has many cells
-//! predicted at once (one per learned context), so a pass walks tens of thousands of
-//! synapses. To keep that walk cheap, each cell keeps the list of segments it projects to with
-//! the synapse's connected bit (`Cells4`'s `OutSynapses`, plus the bit), and counters carry a
-//! pass number so that they never need clearing; the segments reaching the threshold are
-//! collected during the walk. Everything else (ranking, duty cycles, updates) works on those
-//! few hundred segments only.
+//! of an active column, bursts whole columns, and replays up to `max_inf_backtrack` past inputs
+//! when it loses the sequence, so a step walks thousands to tens of thousands of synapses, and
+//! the more segments the TM has, the more. To keep that walk cheap:
+//!
+//! * each cell lists the segments it projects to (`Cells4`'s `OutSynapses`) in two lists,
+//!   connected synapses and the others, so a pass adds a fixed increment per list; all lists
+//!   share one arena laid out by cell, so a column's lists are adjacent;
+//! * removed entries become tombstones pointing at a sink segment, so entries never move,
+//!   each synapse knows its entry's position, and the arena is rebuilt once tombstones make up
+//!   a quarter of it;
+//! * counters carry a pass number so that they never need clearing, and the segments reaching
+//!   the threshold are collected during the walk;
+//! * a segment's synapses are one vector sorted by presynaptic cell, so learning compares
+//!   short sorted lists instead of looking cells up;
+//! * a queued segment update keeps only its random choices (see `PendingUpdate`): most are
+//!   never applied, and an applied one is rebuilt from the state in the same walk that adapts
+//!   the segment.
+//!
+//! Everything else (ranking, duty cycles, updates) works on the few hundred segments a pass
+//! qualifies.
 
 mod cell_state;
 mod params;

@@ -160,6 +160,10 @@ fn defaults_are_nab_settings_and_valid() {
         (p.pam_length, p.seed, p.output_type),
         (3, 1960, OutputType::Normal)
     );
+    assert_eq!(
+        p.max_segments, 8192,
+        "bounded by default; 0 is NuPIC's unbounded TM"
+    );
 }
 
 #[test]
