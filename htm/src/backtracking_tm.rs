@@ -104,7 +104,7 @@ mod store;
 #[cfg(test)]
 mod tests;
 
-pub use params::{BacktrackingTmParams, OutputType, ParamError};
+pub use params::{BacktrackingTmParams, Eviction, OutputType, ParamError};
 pub use store::{SegmentId, Synapse};
 
 use std::cmp::Reverse;
@@ -396,14 +396,17 @@ impl Ranking {
     }
 }
 
-/// Live segments ordered by `(last_active_iteration, id)` for the `max_segments` budget: a
-/// min-heap of keys pushed whenever a segment is created or reinforced. A key whose segment
-/// has since been reinforced again or freed is stale and skipped when popped; the heap is
-/// rebuilt from the live segments when stale keys outnumber live ones, so every operation is
-/// O(log n) amortised. Derived from the segment metadata: not serialised.
+/// Live segments ordered by `(last_active_iteration, id)` for the `max_segments` budget:
+/// min-heaps of keys pushed whenever a segment is created or reinforced, one per eviction
+/// class — with [`Eviction::UnreinforcedFirst`], segments never reinforced since their
+/// creation form a class evicted before the others; with [`Eviction::LeastRecentlyActive`]
+/// every segment is in the second heap. A key whose segment has since been reinforced again
+/// or freed is stale and skipped when popped; the heaps are rebuilt from the live segments
+/// when stale keys outnumber live ones, so every operation is O(log n) amortised. Derived
+/// from the segment metadata: not serialised.
 #[derive(Clone, Debug, Default)]
 struct RecencyHeap {
-    heap: BinaryHeap<Reverse<u64>>,
+    heaps: [BinaryHeap<Reverse<u64>>; 2],
 }
 
 impl RecencyHeap {
@@ -412,30 +415,46 @@ impl RecencyHeap {
         (iteration as u64) << 32 | seg as u64
     }
 
-    fn touch(&mut self, iteration: u32, seg: SegmentId, segments: &[SegmentMeta], live: usize) {
-        if self.heap.len() > 2 * live + 64 {
-            self.rebuild(segments);
+    /// The heap of `m`: 0 evicts first.
+    #[inline]
+    fn class(m: &SegmentMeta, policy: Eviction) -> usize {
+        match policy {
+            Eviction::UnreinforcedFirst if m.positive_activations <= 1 => 0,
+            _ => 1,
         }
-        self.heap.push(Reverse(Self::key(iteration, seg)));
     }
 
-    fn rebuild(&mut self, segments: &[SegmentMeta]) {
-        let keys: Vec<Reverse<u64>> = segments
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| m.alive)
-            .map(|(id, m)| Reverse(Self::key(m.last_active_iteration, id as SegmentId)))
-            .collect();
-        self.heap = BinaryHeap::from(keys);
+    fn touch(&mut self, seg: SegmentId, segments: &[SegmentMeta], live: usize, policy: Eviction) {
+        if self.heaps[0].len() + self.heaps[1].len() > 2 * live + 64 {
+            self.rebuild(segments, policy);
+        }
+        let m = &segments[seg as usize];
+        self.heaps[Self::class(m, policy)].push(Reverse(Self::key(m.last_active_iteration, seg)));
     }
 
-    /// The live segment with the oldest `last_active_iteration` (lowest id on ties).
-    fn pop_oldest(&mut self, segments: &[SegmentMeta]) -> Option<SegmentId> {
-        while let Some(Reverse(key)) = self.heap.pop() {
-            let (iteration, seg) = ((key >> 32) as u32, key as u32);
-            let m = &segments[seg as usize];
-            if m.alive && m.last_active_iteration == iteration {
-                return Some(seg);
+    fn rebuild(&mut self, segments: &[SegmentMeta], policy: Eviction) {
+        let mut keys = [Vec::new(), Vec::new()];
+        for (id, m) in segments.iter().enumerate().filter(|(_, m)| m.alive) {
+            let key = Reverse(Self::key(m.last_active_iteration, id as SegmentId));
+            keys[Self::class(m, policy)].push(key);
+        }
+        let [first, rest] = keys;
+        self.heaps = [BinaryHeap::from(first), BinaryHeap::from(rest)];
+    }
+
+    /// The segment to evict: the live one with the oldest `last_active_iteration` (lowest id
+    /// on ties) of the first non-empty class.
+    fn pop_oldest(&mut self, segments: &[SegmentMeta], policy: Eviction) -> Option<SegmentId> {
+        for (class, heap) in self.heaps.iter_mut().enumerate() {
+            while let Some(Reverse(key)) = heap.pop() {
+                let (iteration, seg) = ((key >> 32) as u32, key as u32);
+                let m = &segments[seg as usize];
+                if m.alive
+                    && m.last_active_iteration == iteration
+                    && Self::class(m, policy) == class
+                {
+                    return Some(seg);
+                }
             }
         }
         None
@@ -793,7 +812,9 @@ impl BacktrackingTm {
             ..Scratch::default()
         };
         if self.params.max_segments > 0 {
-            self.scratch.recency.rebuild(&self.segments);
+            self.scratch
+                .recency
+                .rebuild(&self.segments, self.params.max_segments_eviction);
         }
     }
 
@@ -1580,7 +1601,10 @@ impl BacktrackingTm {
         meta.duty_cycle(it, true, false, &mut self.scratch.pow);
         if self.params.max_segments > 0 {
             let live = self.num_segments();
-            self.scratch.recency.touch(it, seg, &self.segments, live);
+            let policy = self.params.max_segments_eviction;
+            self.scratch
+                .recency
+                .touch(seg, &self.segments, live, policy);
         }
         true
     }
@@ -1645,7 +1669,7 @@ impl BacktrackingTm {
             let victim = self
                 .scratch
                 .recency
-                .pop_oldest(&self.segments)
+                .pop_oldest(&self.segments, self.params.max_segments_eviction)
                 .expect("a live segment at the budget");
             self.release_segment(victim);
             self.stats.evictions += 1;
@@ -1685,7 +1709,10 @@ impl BacktrackingTm {
         self.insert_synapses(seg, presyn);
         if budget > 0 {
             let live = self.num_segments();
-            self.scratch.recency.touch(it, seg, &self.segments, live);
+            let policy = self.params.max_segments_eviction;
+            self.scratch
+                .recency
+                .touch(seg, &self.segments, live, policy);
         }
         seg
     }

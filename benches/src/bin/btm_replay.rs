@@ -46,6 +46,9 @@ enum Cmd {
         /// Total segment budget (0 = unlimited); default: the parameter's default.
         #[arg(long)]
         max_segments: Option<u32>,
+        /// Evict unreinforced segments first at the budget.
+        #[arg(long)]
+        unreinforced_first: bool,
         #[arg(long, default_value_t = 1)]
         threads: usize,
         /// Print one line per file.
@@ -224,6 +227,7 @@ fn main() -> Result<()> {
             cols,
             filter,
             max_segments,
+            unreinforced_first,
             threads,
             verbose,
         } => {
@@ -237,6 +241,9 @@ fn main() -> Result<()> {
             let mut params = BacktrackingTmParams::default();
             if let Some(m) = max_segments {
                 params.max_segments = m;
+            }
+            if unreinforced_first {
+                params.max_segments_eviction = htm::backtracking_tm::Eviction::UnreinforcedFirst;
             }
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads.max(1))

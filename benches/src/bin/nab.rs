@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::Result;
 use benches::nab::{list_files, read_file, run_file_with, write_scores};
 use clap::{Parser, ValueEnum};
+use htm::backtracking_tm::Eviction;
 use htm::network::{NetworkParams, TmParams};
 use rayon::prelude::*;
 
@@ -36,6 +37,9 @@ struct Args {
     /// Override the backtracking TM's total segment budget (0 = unlimited).
     #[arg(long)]
     btm_max_segments: Option<u32>,
+    /// Evict unreinforced segments first at the budget (else the least recently active).
+    #[arg(long)]
+    btm_unreinforced_first: bool,
     /// Run without the classifier (it does not affect anomaly scores).
     #[arg(long)]
     no_classifier: bool,
@@ -48,9 +52,15 @@ fn main() -> Result<()> {
         TmKind::Current => "nab-tm",
     };
     let (max_segments, no_classifier) = (args.btm_max_segments, args.no_classifier);
+    let unreinforced_first = args.btm_unreinforced_first;
     let tweak = move |p: &mut NetworkParams| {
-        if let (Some(m), TmParams::Backtracking(tm)) = (max_segments, &mut p.tm) {
-            tm.max_segments = m;
+        if let TmParams::Backtracking(tm) = &mut p.tm {
+            if let Some(m) = max_segments {
+                tm.max_segments = m;
+            }
+            if unreinforced_first {
+                tm.max_segments_eviction = Eviction::UnreinforcedFirst;
+            }
         }
         if no_classifier {
             p.classifier = None;

@@ -29,6 +29,20 @@ pub enum OutputType {
     ActiveState1CellPerCol,
 }
 
+/// Which segment goes when [`BacktrackingTmParams::max_segments`] is reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Eviction {
+    /// The least recently active segment: created or reinforced longest ago (ties: lowest
+    /// id).
+    #[default]
+    LeastRecentlyActive,
+    /// The least recently active of the segments never reinforced since their creation (most
+    /// of those grown on noise), and only when there is none, the least recently active of
+    /// all.
+    UnreinforcedFirst,
+}
+
 /// Parameters of NuPIC's backtracking TM (`BacktrackingTM` / `Cells4`), with NuPIC's names.
 ///
 /// `Default` gives the settings of NAB's `numenta` detector (NuPIC's
@@ -93,6 +107,8 @@ pub struct BacktrackingTmParams {
     /// with the segment count (NAB's noisiest files reach 100,000 segments unbounded).
     /// Default 8192: on NAB (standard profile) 0 scores 70.69, 8192 70.37, 6144 67.93.
     pub max_segments: u32,
+    /// Which segment `max_segments` frees.
+    pub max_segments_eviction: Eviction,
     /// Seed of the TM's private random generator.
     pub seed: u64,
     /// What [`super::BacktrackingTm::output_cells`] reports.
@@ -123,6 +139,7 @@ impl Default for BacktrackingTmParams {
             max_segments_per_cell: 128,
             max_synapses_per_segment: 32,
             max_segments: 8192,
+            max_segments_eviction: Eviction::LeastRecentlyActive,
             seed: 1960,
             output_type: OutputType::Normal,
         }
