@@ -100,6 +100,7 @@
 
 mod cell_state;
 mod params;
+mod slots;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -114,10 +115,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::random::Random;
 use cell_state::CellState;
+use slots::{CellSlots, NO_SEGMENT};
 use store::{OutIndex, DROPPED, SINK};
-
-/// Marks an empty slot in a cell's slot list.
-const NO_SEGMENT: SegmentId = SegmentId::MAX;
 
 /// Learning-iteration boundaries at which the duty-cycle moving average changes its rate.
 const DUTY_CYCLE_TIERS: [u32; 9] = [0, 100, 320, 1000, 3200, 10000, 32000, 100000, 320000];
@@ -511,10 +510,7 @@ pub struct BacktrackingTm {
     #[serde(skip)]
     out_index: OutIndex,
     segments: Vec<SegmentMeta>,
-    /// Per cell, its segment slots in `Cells4` order; [`NO_SEGMENT`] marks a free slot.
-    cell_slots: Vec<Vec<SegmentId>>,
-    /// Per cell, its free slots, most recently freed last.
-    cell_free_slots: Vec<Vec<u32>>,
+    cell_slots: CellSlots,
     rng: Random,
     iteration: u32,
     lrn_iteration: u32,
@@ -560,8 +556,7 @@ impl BacktrackingTm {
             num_synapses: 0,
             out_index: OutIndex::new(n),
             segments: vec![SegmentMeta::default()],
-            cell_slots: vec![Vec::new(); n],
-            cell_free_slots: vec![Vec::new(); n],
+            cell_slots: CellSlots::new(n),
             rng: Random::new(params.seed),
             iteration: 0,
             lrn_iteration: 0,
@@ -759,7 +754,8 @@ impl BacktrackingTm {
 
     /// The live segments of `cell`, in slot order.
     pub fn segments_on_cell(&self, cell: u32) -> impl Iterator<Item = SegmentId> + '_ {
-        self.cell_slots[cell as usize]
+        self.cell_slots
+            .slots(cell)
             .iter()
             .copied()
             .filter(|&s| s != NO_SEGMENT)
@@ -772,7 +768,7 @@ impl BacktrackingTm {
 
     /// Segment slots of `cell`, empty ones included (what the segment cap counts).
     pub fn segment_slots_on_cell(&self, cell: u32) -> usize {
-        self.cell_slots[cell as usize].len()
+        self.cell_slots.len(cell)
     }
 
     /// Learning iterations so far.
@@ -796,6 +792,7 @@ impl BacktrackingTm {
         self.out_index = OutIndex::new(n);
         self.out_index
             .rebuild(&mut self.synapses, self.params.connected_perm);
+        self.cell_slots.rebuild(n);
         for s in [
             &mut self.inf_active,
             &mut self.inf_predicted,
@@ -837,8 +834,7 @@ impl BacktrackingTm {
             + self.free_segments.capacity() * 4
             + self.out_index.heap_bytes()
             + self.segments.capacity() * size_of::<SegmentMeta>()
-            + nested(&self.cell_slots)
-            + nested(&self.cell_free_slots)
+            + self.cell_slots.heap_bytes()
             + [
                 &self.inf_active,
                 &self.inf_predicted,
@@ -1323,7 +1319,7 @@ impl BacktrackingTm {
         candidates.clear();
         candidates.extend(
             (base + lo..=base + hi)
-                .filter(|&cell| self.cell_slots[cell as usize].len() < max_segments as usize),
+                .filter(|&cell| self.cell_slots.len(cell) < max_segments as usize),
         );
         if !candidates.is_empty() {
             return candidates[self.rng.below(candidates.len() as u32) as usize];
@@ -1333,7 +1329,7 @@ impl BacktrackingTm {
         let mut victim_dc = 1.0f32;
         let mut first_live = None;
         for cell in base + lo..=base + hi {
-            for &seg in &self.cell_slots[cell as usize] {
+            for &seg in self.cell_slots.slots(cell) {
                 if seg == NO_SEGMENT {
                     continue;
                 }
@@ -1674,14 +1670,6 @@ impl BacktrackingTm {
             self.release_segment(victim);
             self.stats.evictions += 1;
         }
-        let slots = &mut self.cell_slots[cell as usize];
-        let slot = match self.cell_free_slots[cell as usize].pop() {
-            Some(s) => s,
-            None => {
-                slots.push(NO_SEGMENT);
-                (slots.len() - 1) as u32
-            }
-        };
         let seg = match self.free_segments.pop() {
             Some(id) => id,
             None => {
@@ -1689,7 +1677,7 @@ impl BacktrackingTm {
                 (self.synapses.len() - 1) as SegmentId
             }
         };
-        slots[slot as usize] = seg;
+        let slot = self.cell_slots.assign(cell, seg);
         if self.segments.len() <= seg as usize {
             self.segments
                 .resize(seg as usize + 1, SegmentMeta::default());
@@ -1793,8 +1781,7 @@ impl BacktrackingTm {
         self.free_segments.push(seg);
         let meta = &mut self.segments[s];
         meta.alive = false;
-        self.cell_slots[meta.cell as usize][meta.slot as usize] = NO_SEGMENT;
-        self.cell_free_slots[meta.cell as usize].push(meta.slot);
+        self.cell_slots.release(meta.cell, meta.slot);
         self.updates.retain(|u| u.segment != seg);
     }
 
@@ -1802,7 +1789,7 @@ impl BacktrackingTm {
     /// date, so the moving average switches rate consistently.
     fn refresh_duty_cycles(&mut self) {
         let it = self.lrn_iteration;
-        for slots in &self.cell_slots {
+        for (_, slots) in self.cell_slots.iter() {
             for &seg in slots {
                 if seg != NO_SEGMENT {
                     self.segments[seg as usize].duty_cycle(it, false, false, &mut self.scratch.pow);
@@ -1849,26 +1836,28 @@ impl BacktrackingTm {
         }
         self.make_updates_explicit();
         let it = self.lrn_iteration;
-        for cell in 0..self.cell_slots.len() {
-            for slot in 0..self.cell_slots[cell].len() {
-                let seg = self.cell_slots[cell][slot];
-                if seg == NO_SEGMENT
-                    || it - self.segments[seg as usize].last_active_iteration <= max_age
-                {
-                    continue;
+        // In cell and slot order; releasing a segment changes only its own slot.
+        let stale: Vec<SegmentId> = self
+            .cell_slots
+            .iter()
+            .flat_map(|(_, slots)| slots.iter().copied())
+            .filter(|&seg| {
+                seg != NO_SEGMENT
+                    && it - self.segments[seg as usize].last_active_iteration > max_age
+            })
+            .collect();
+        for seg in stale {
+            for k in 0..self.synapses[seg as usize].len() {
+                let perm = self.synapses[seg as usize][k].permanence;
+                if perm <= decay {
+                    self.drop_synapse(seg, k);
+                } else {
+                    self.set_permanence(seg, k, perm - decay);
                 }
-                for k in 0..self.synapses[seg as usize].len() {
-                    let perm = self.synapses[seg as usize][k].permanence;
-                    if perm <= decay {
-                        self.drop_synapse(seg, k);
-                    } else {
-                        self.set_permanence(seg, k, perm - decay);
-                    }
-                }
-                store::compact(&mut self.synapses[seg as usize]);
-                if self.synapses[seg as usize].is_empty() {
-                    self.release_segment(seg);
-                }
+            }
+            store::compact(&mut self.synapses[seg as usize]);
+            if self.synapses[seg as usize].is_empty() {
+                self.release_segment(seg);
             }
         }
     }

@@ -54,11 +54,12 @@ fn check_invariants(tm: &BacktrackingTm) {
     let mut live = 0;
     let mut synapses = 0;
     for cell in 0..p.num_cells() as u32 {
-        let slots = &tm.cell_slots[cell as usize];
+        let slots = tm.cell_slots.slots(cell);
+        assert_eq!(slots.len(), tm.segment_slots_on_cell(cell));
         if p.max_segments_per_cell > 0 {
             assert!(slots.len() <= p.max_segments_per_cell as usize);
         }
-        let mut free = tm.cell_free_slots[cell as usize].clone();
+        let mut free = tm.cell_slots.free_slots(cell).to_vec();
         free.sort_unstable();
         let empty: Vec<u32> = (0..slots.len() as u32)
             .filter(|&i| slots[i as usize] == NO_SEGMENT)
@@ -604,7 +605,7 @@ fn full_column_releases_its_lowest_duty_cycle_segment() {
     let cell = tm.cell_for_new_segment(2);
     assert_eq!(cell, 10);
     assert!(!tm.segments[segs[3] as usize].alive);
-    assert_eq!(tm.cell_free_slots[10], vec![1]);
+    assert_eq!(tm.cell_slots.free_slots(10), &[1]);
     // A column with room picks a random non-start cell below the cap.
     for _ in 0..20 {
         let c = tm.cell_for_new_segment(3);
