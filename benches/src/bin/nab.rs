@@ -40,6 +40,12 @@ struct Args {
     /// Evict unreinforced segments first at the budget (else the least recently active).
     #[arg(long)]
     btm_unreinforced_first: bool,
+    /// Override the backtracking TM's inference backtracking depth (`max_inf_backtrack`).
+    #[arg(long)]
+    btm_max_inf_backtrack: Option<u32>,
+    /// Override the backtracking TM's learning backtracking depth (`max_lrn_backtrack`).
+    #[arg(long)]
+    btm_max_lrn_backtrack: Option<u32>,
     /// Run without the classifier (it does not affect anomaly scores).
     #[arg(long)]
     no_classifier: bool,
@@ -53,6 +59,7 @@ fn main() -> Result<()> {
     };
     let (max_segments, no_classifier) = (args.btm_max_segments, args.no_classifier);
     let unreinforced_first = args.btm_unreinforced_first;
+    let (inf_backtrack, lrn_backtrack) = (args.btm_max_inf_backtrack, args.btm_max_lrn_backtrack);
     let tweak = move |p: &mut NetworkParams| {
         if let TmParams::Backtracking(tm) = &mut p.tm {
             if let Some(m) = max_segments {
@@ -60,6 +67,12 @@ fn main() -> Result<()> {
             }
             if unreinforced_first {
                 tm.max_segments_eviction = Eviction::UnreinforcedFirst;
+            }
+            if let Some(n) = inf_backtrack {
+                tm.max_inf_backtrack = n;
+            }
+            if let Some(n) = lrn_backtrack {
+                tm.max_lrn_backtrack = n;
             }
         }
         if no_classifier {
