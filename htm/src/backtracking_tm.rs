@@ -64,25 +64,48 @@
 //!   new segment that reused the slot).
 //! * NuPIC's statistics (`collectStats`, `burnIn`) are not computed.
 //!
+//! # Bounded growth: `max_segments`
+//!
+//! NuPIC bounds segments per cell and synapses per segment, but not the TM as a whole: on
+//! noisy data every unpredicted column grows a segment, and a NAB file can end with 100,000
+//! segments and 2 million synapses. [`BacktrackingTmParams::max_segments`] caps the total:
+//! creating a segment at the cap first frees the least recently active one (the lowest
+//! `last_active_iteration`, i.e. the longest since it was created or reinforced; ties go to the
+//! lowest id). With the cap at 0 the TM is NuPIC's, bit for bit.
+//!
 //! # Cost
 //!
 //! Almost all the time goes into forward passes (`computeForwardPropagation`): every active
 //! cell adds one to each segment it has a synapse on. The TP activates *every* predicted cell
-//! of an active column, and after a few thousand records a column typically has many cells
-//! predicted at once (one per learned context), so a pass walks tens of thousands of
-//! synapses. To keep that walk cheap, each cell keeps the list of segments it projects to with
-//! the synapse's connected bit (`Cells4`'s `OutSynapses`, plus the bit), and counters carry a
-//! pass number so that they never need clearing; the segments reaching the threshold are
-//! collected during the walk. Everything else (ranking, duty cycles, updates) works on those
-//! few hundred segments only.
+//! of an active column, bursts whole columns, and replays up to `max_inf_backtrack` past inputs
+//! when it loses the sequence, so a step walks thousands to tens of thousands of synapses, and
+//! the more segments the TM has, the more. To keep that walk cheap:
+//!
+//! * each cell lists the segments it projects to (`Cells4`'s `OutSynapses`) in two lists,
+//!   connected synapses and the others, so a pass adds a fixed increment per list; all lists
+//!   share one arena laid out by cell, so a column's lists are adjacent;
+//! * removed entries become tombstones pointing at a sink segment, so entries never move,
+//!   each synapse knows its entry's position, and the arena is rebuilt once tombstones make up
+//!   a quarter of it;
+//! * counters carry a pass number so that they never need clearing, and the segments reaching
+//!   the threshold are collected during the walk;
+//! * a segment's synapses are one vector sorted by presynaptic cell, so learning compares
+//!   short sorted lists instead of looking cells up;
+//! * a queued segment update keeps only its random choices (see `PendingUpdate`): most are
+//!   never applied, and an applied one is rebuilt from the state in the same walk that adapts
+//!   the segment.
+//!
+//! Everything else (ranking, duty cycles, updates) works on the few hundred segments a pass
+//! qualifies.
 
 mod cell_state;
 mod params;
+mod slots;
 mod store;
 #[cfg(test)]
 mod tests;
 
-pub use params::{BacktrackingTmParams, OutputType, ParamError};
+pub use params::{BacktrackingTmParams, Eviction, OutputType, ParamError};
 pub use store::{SegmentId, Synapse};
 
 use std::cmp::Reverse;
@@ -92,10 +115,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::random::Random;
 use cell_state::CellState;
+use slots::{CellSlots, NO_SEGMENT};
 use store::{OutIndex, DROPPED, SINK};
-
-/// Marks an empty slot in a cell's slot list.
-const NO_SEGMENT: SegmentId = SegmentId::MAX;
 
 /// Learning-iteration boundaries at which the duty-cycle moving average changes its rate.
 const DUTY_CYCLE_TIERS: [u32; 9] = [0, 100, 320, 1000, 3200, 10000, 32000, 100000, 320000];
@@ -374,14 +395,17 @@ impl Ranking {
     }
 }
 
-/// Live segments ordered by `(last_active_iteration, id)` for the `max_segments` budget: a
-/// min-heap of keys pushed whenever a segment is created or reinforced. A key whose segment
-/// has since been reinforced again or freed is stale and skipped when popped; the heap is
-/// rebuilt from the live segments when stale keys outnumber live ones, so every operation is
-/// O(log n) amortised. Derived from the segment metadata: not serialised.
+/// Live segments ordered by `(last_active_iteration, id)` for the `max_segments` budget:
+/// min-heaps of keys pushed whenever a segment is created or reinforced, one per eviction
+/// class — with [`Eviction::UnreinforcedFirst`], segments never reinforced since their
+/// creation form a class evicted before the others; with [`Eviction::LeastRecentlyActive`]
+/// every segment is in the second heap. A key whose segment has since been reinforced again
+/// or freed is stale and skipped when popped; the heaps are rebuilt from the live segments
+/// when stale keys outnumber live ones, so every operation is O(log n) amortised. Derived
+/// from the segment metadata: not serialised.
 #[derive(Clone, Debug, Default)]
 struct RecencyHeap {
-    heap: BinaryHeap<Reverse<u64>>,
+    heaps: [BinaryHeap<Reverse<u64>>; 2],
 }
 
 impl RecencyHeap {
@@ -390,30 +414,46 @@ impl RecencyHeap {
         (iteration as u64) << 32 | seg as u64
     }
 
-    fn touch(&mut self, iteration: u32, seg: SegmentId, segments: &[SegmentMeta], live: usize) {
-        if self.heap.len() > 2 * live + 64 {
-            self.rebuild(segments);
+    /// The heap of `m`: 0 evicts first.
+    #[inline]
+    fn class(m: &SegmentMeta, policy: Eviction) -> usize {
+        match policy {
+            Eviction::UnreinforcedFirst if m.positive_activations <= 1 => 0,
+            _ => 1,
         }
-        self.heap.push(Reverse(Self::key(iteration, seg)));
     }
 
-    fn rebuild(&mut self, segments: &[SegmentMeta]) {
-        let keys: Vec<Reverse<u64>> = segments
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| m.alive)
-            .map(|(id, m)| Reverse(Self::key(m.last_active_iteration, id as SegmentId)))
-            .collect();
-        self.heap = BinaryHeap::from(keys);
+    fn touch(&mut self, seg: SegmentId, segments: &[SegmentMeta], live: usize, policy: Eviction) {
+        if self.heaps[0].len() + self.heaps[1].len() > 2 * live + 64 {
+            self.rebuild(segments, policy);
+        }
+        let m = &segments[seg as usize];
+        self.heaps[Self::class(m, policy)].push(Reverse(Self::key(m.last_active_iteration, seg)));
     }
 
-    /// The live segment with the oldest `last_active_iteration` (lowest id on ties).
-    fn pop_oldest(&mut self, segments: &[SegmentMeta]) -> Option<SegmentId> {
-        while let Some(Reverse(key)) = self.heap.pop() {
-            let (iteration, seg) = ((key >> 32) as u32, key as u32);
-            let m = &segments[seg as usize];
-            if m.alive && m.last_active_iteration == iteration {
-                return Some(seg);
+    fn rebuild(&mut self, segments: &[SegmentMeta], policy: Eviction) {
+        let mut keys = [Vec::new(), Vec::new()];
+        for (id, m) in segments.iter().enumerate().filter(|(_, m)| m.alive) {
+            let key = Reverse(Self::key(m.last_active_iteration, id as SegmentId));
+            keys[Self::class(m, policy)].push(key);
+        }
+        let [first, rest] = keys;
+        self.heaps = [BinaryHeap::from(first), BinaryHeap::from(rest)];
+    }
+
+    /// The segment to evict: the live one with the oldest `last_active_iteration` (lowest id
+    /// on ties) of the first non-empty class.
+    fn pop_oldest(&mut self, segments: &[SegmentMeta], policy: Eviction) -> Option<SegmentId> {
+        for (class, heap) in self.heaps.iter_mut().enumerate() {
+            while let Some(Reverse(key)) = heap.pop() {
+                let (iteration, seg) = ((key >> 32) as u32, key as u32);
+                let m = &segments[seg as usize];
+                if m.alive
+                    && m.last_active_iteration == iteration
+                    && Self::class(m, policy) == class
+                {
+                    return Some(seg);
+                }
             }
         }
         None
@@ -470,10 +510,7 @@ pub struct BacktrackingTm {
     #[serde(skip)]
     out_index: OutIndex,
     segments: Vec<SegmentMeta>,
-    /// Per cell, its segment slots in `Cells4` order; [`NO_SEGMENT`] marks a free slot.
-    cell_slots: Vec<Vec<SegmentId>>,
-    /// Per cell, its free slots, most recently freed last.
-    cell_free_slots: Vec<Vec<u32>>,
+    cell_slots: CellSlots,
     rng: Random,
     iteration: u32,
     lrn_iteration: u32,
@@ -519,8 +556,7 @@ impl BacktrackingTm {
             num_synapses: 0,
             out_index: OutIndex::new(n),
             segments: vec![SegmentMeta::default()],
-            cell_slots: vec![Vec::new(); n],
-            cell_free_slots: vec![Vec::new(); n],
+            cell_slots: CellSlots::new(n),
             rng: Random::new(params.seed),
             iteration: 0,
             lrn_iteration: 0,
@@ -718,7 +754,8 @@ impl BacktrackingTm {
 
     /// The live segments of `cell`, in slot order.
     pub fn segments_on_cell(&self, cell: u32) -> impl Iterator<Item = SegmentId> + '_ {
-        self.cell_slots[cell as usize]
+        self.cell_slots
+            .slots(cell)
             .iter()
             .copied()
             .filter(|&s| s != NO_SEGMENT)
@@ -731,7 +768,7 @@ impl BacktrackingTm {
 
     /// Segment slots of `cell`, empty ones included (what the segment cap counts).
     pub fn segment_slots_on_cell(&self, cell: u32) -> usize {
-        self.cell_slots[cell as usize].len()
+        self.cell_slots.len(cell)
     }
 
     /// Learning iterations so far.
@@ -755,6 +792,7 @@ impl BacktrackingTm {
         self.out_index = OutIndex::new(n);
         self.out_index
             .rebuild(&mut self.synapses, self.params.connected_perm);
+        self.cell_slots.rebuild(n);
         for s in [
             &mut self.inf_active,
             &mut self.inf_predicted,
@@ -771,7 +809,9 @@ impl BacktrackingTm {
             ..Scratch::default()
         };
         if self.params.max_segments > 0 {
-            self.scratch.recency.rebuild(&self.segments);
+            self.scratch
+                .recency
+                .rebuild(&self.segments, self.params.max_segments_eviction);
         }
     }
 
@@ -794,8 +834,7 @@ impl BacktrackingTm {
             + self.free_segments.capacity() * 4
             + self.out_index.heap_bytes()
             + self.segments.capacity() * size_of::<SegmentMeta>()
-            + nested(&self.cell_slots)
-            + nested(&self.cell_free_slots)
+            + self.cell_slots.heap_bytes()
             + [
                 &self.inf_active,
                 &self.inf_predicted,
@@ -1280,7 +1319,7 @@ impl BacktrackingTm {
         candidates.clear();
         candidates.extend(
             (base + lo..=base + hi)
-                .filter(|&cell| self.cell_slots[cell as usize].len() < max_segments as usize),
+                .filter(|&cell| self.cell_slots.len(cell) < max_segments as usize),
         );
         if !candidates.is_empty() {
             return candidates[self.rng.below(candidates.len() as u32) as usize];
@@ -1290,7 +1329,7 @@ impl BacktrackingTm {
         let mut victim_dc = 1.0f32;
         let mut first_live = None;
         for cell in base + lo..=base + hi {
-            for &seg in &self.cell_slots[cell as usize] {
+            for &seg in self.cell_slots.slots(cell) {
                 if seg == NO_SEGMENT {
                     continue;
                 }
@@ -1558,7 +1597,10 @@ impl BacktrackingTm {
         meta.duty_cycle(it, true, false, &mut self.scratch.pow);
         if self.params.max_segments > 0 {
             let live = self.num_segments();
-            self.scratch.recency.touch(it, seg, &self.segments, live);
+            let policy = self.params.max_segments_eviction;
+            self.scratch
+                .recency
+                .touch(seg, &self.segments, live, policy);
         }
         true
     }
@@ -1623,19 +1665,11 @@ impl BacktrackingTm {
             let victim = self
                 .scratch
                 .recency
-                .pop_oldest(&self.segments)
+                .pop_oldest(&self.segments, self.params.max_segments_eviction)
                 .expect("a live segment at the budget");
             self.release_segment(victim);
             self.stats.evictions += 1;
         }
-        let slots = &mut self.cell_slots[cell as usize];
-        let slot = match self.cell_free_slots[cell as usize].pop() {
-            Some(s) => s,
-            None => {
-                slots.push(NO_SEGMENT);
-                (slots.len() - 1) as u32
-            }
-        };
         let seg = match self.free_segments.pop() {
             Some(id) => id,
             None => {
@@ -1643,7 +1677,7 @@ impl BacktrackingTm {
                 (self.synapses.len() - 1) as SegmentId
             }
         };
-        slots[slot as usize] = seg;
+        let slot = self.cell_slots.assign(cell, seg);
         if self.segments.len() <= seg as usize {
             self.segments
                 .resize(seg as usize + 1, SegmentMeta::default());
@@ -1663,7 +1697,10 @@ impl BacktrackingTm {
         self.insert_synapses(seg, presyn);
         if budget > 0 {
             let live = self.num_segments();
-            self.scratch.recency.touch(it, seg, &self.segments, live);
+            let policy = self.params.max_segments_eviction;
+            self.scratch
+                .recency
+                .touch(seg, &self.segments, live, policy);
         }
         seg
     }
@@ -1744,8 +1781,7 @@ impl BacktrackingTm {
         self.free_segments.push(seg);
         let meta = &mut self.segments[s];
         meta.alive = false;
-        self.cell_slots[meta.cell as usize][meta.slot as usize] = NO_SEGMENT;
-        self.cell_free_slots[meta.cell as usize].push(meta.slot);
+        self.cell_slots.release(meta.cell, meta.slot);
         self.updates.retain(|u| u.segment != seg);
     }
 
@@ -1753,7 +1789,7 @@ impl BacktrackingTm {
     /// date, so the moving average switches rate consistently.
     fn refresh_duty_cycles(&mut self) {
         let it = self.lrn_iteration;
-        for slots in &self.cell_slots {
+        for (_, slots) in self.cell_slots.iter() {
             for &seg in slots {
                 if seg != NO_SEGMENT {
                     self.segments[seg as usize].duty_cycle(it, false, false, &mut self.scratch.pow);
@@ -1800,26 +1836,28 @@ impl BacktrackingTm {
         }
         self.make_updates_explicit();
         let it = self.lrn_iteration;
-        for cell in 0..self.cell_slots.len() {
-            for slot in 0..self.cell_slots[cell].len() {
-                let seg = self.cell_slots[cell][slot];
-                if seg == NO_SEGMENT
-                    || it - self.segments[seg as usize].last_active_iteration <= max_age
-                {
-                    continue;
+        // In cell and slot order; releasing a segment changes only its own slot.
+        let stale: Vec<SegmentId> = self
+            .cell_slots
+            .iter()
+            .flat_map(|(_, slots)| slots.iter().copied())
+            .filter(|&seg| {
+                seg != NO_SEGMENT
+                    && it - self.segments[seg as usize].last_active_iteration > max_age
+            })
+            .collect();
+        for seg in stale {
+            for k in 0..self.synapses[seg as usize].len() {
+                let perm = self.synapses[seg as usize][k].permanence;
+                if perm <= decay {
+                    self.drop_synapse(seg, k);
+                } else {
+                    self.set_permanence(seg, k, perm - decay);
                 }
-                for k in 0..self.synapses[seg as usize].len() {
-                    let perm = self.synapses[seg as usize][k].permanence;
-                    if perm <= decay {
-                        self.drop_synapse(seg, k);
-                    } else {
-                        self.set_permanence(seg, k, perm - decay);
-                    }
-                }
-                store::compact(&mut self.synapses[seg as usize]);
-                if self.synapses[seg as usize].is_empty() {
-                    self.release_segment(seg);
-                }
+            }
+            store::compact(&mut self.synapses[seg as usize]);
+            if self.synapses[seg as usize].is_empty() {
+                self.release_segment(seg);
             }
         }
     }

@@ -46,6 +46,15 @@ enum Cmd {
         /// Total segment budget (0 = unlimited); default: the parameter's default.
         #[arg(long)]
         max_segments: Option<u32>,
+        /// Evict unreinforced segments first at the budget.
+        #[arg(long)]
+        unreinforced_first: bool,
+        /// Inference backtracking depth (`max_inf_backtrack`).
+        #[arg(long)]
+        max_inf_backtrack: Option<u32>,
+        /// Learning backtracking depth (`max_lrn_backtrack`).
+        #[arg(long)]
+        max_lrn_backtrack: Option<u32>,
         #[arg(long, default_value_t = 1)]
         threads: usize,
         /// Print one line per file.
@@ -224,6 +233,9 @@ fn main() -> Result<()> {
             cols,
             filter,
             max_segments,
+            unreinforced_first,
+            max_inf_backtrack,
+            max_lrn_backtrack,
             threads,
             verbose,
         } => {
@@ -237,6 +249,15 @@ fn main() -> Result<()> {
             let mut params = BacktrackingTmParams::default();
             if let Some(m) = max_segments {
                 params.max_segments = m;
+            }
+            if let Some(n) = max_inf_backtrack {
+                params.max_inf_backtrack = n;
+            }
+            if let Some(n) = max_lrn_backtrack {
+                params.max_lrn_backtrack = n;
+            }
+            if unreinforced_first {
+                params.max_segments_eviction = htm::backtracking_tm::Eviction::UnreinforcedFirst;
             }
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads.max(1))

@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::Result;
 use benches::nab::{list_files, read_file, run_file_with, write_scores};
 use clap::{Parser, ValueEnum};
+use htm::backtracking_tm::Eviction;
 use htm::network::{NetworkParams, TmParams};
 use rayon::prelude::*;
 
@@ -39,6 +40,15 @@ struct Args {
     /// Override the current TM's total segment budget (0 = unlimited).
     #[arg(long)]
     tm_max_segments: Option<u32>,
+    /// Evict unreinforced segments first at the budget (else the least recently active).
+    #[arg(long)]
+    btm_unreinforced_first: bool,
+    /// Override the backtracking TM's inference backtracking depth (`max_inf_backtrack`).
+    #[arg(long)]
+    btm_max_inf_backtrack: Option<u32>,
+    /// Override the backtracking TM's learning backtracking depth (`max_lrn_backtrack`).
+    #[arg(long)]
+    btm_max_lrn_backtrack: Option<u32>,
 }
 
 fn main() -> Result<()> {
@@ -48,8 +58,17 @@ fn main() -> Result<()> {
         TmKind::Current => "nab-tm",
     };
     let (btm_max, tm_max) = (args.btm_max_segments, args.tm_max_segments);
+    let unreinforced_first = args.btm_unreinforced_first;
+    let (inf_backtrack, lrn_backtrack) = (args.btm_max_inf_backtrack, args.btm_max_lrn_backtrack);
     let tweak = move |p: &mut NetworkParams| match &mut p.tm {
-        TmParams::Backtracking(tm) => tm.max_segments = btm_max.unwrap_or(tm.max_segments),
+        TmParams::Backtracking(tm) => {
+            tm.max_segments = btm_max.unwrap_or(tm.max_segments);
+            if unreinforced_first {
+                tm.max_segments_eviction = Eviction::UnreinforcedFirst;
+            }
+            tm.max_inf_backtrack = inf_backtrack.unwrap_or(tm.max_inf_backtrack);
+            tm.max_lrn_backtrack = lrn_backtrack.unwrap_or(tm.max_lrn_backtrack);
+        }
         TmParams::Current(tm) => tm.max_segments = tm_max.unwrap_or(tm.max_segments),
     };
     let files = list_files(&args.data)?;

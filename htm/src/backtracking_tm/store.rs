@@ -152,11 +152,11 @@ impl OutIndex {
         self.tombstones += 1;
     }
 
-    /// Whether tombstones (a quarter of the entries) or abandoned spans (half the arena) make
-    /// a rebuild worth its cost.
+    /// Whether tombstones (a quarter of the entries) or abandoned spans (a third of the
+    /// arena) make a rebuild worth its cost.
     pub(super) fn needs_rebuild(&self) -> bool {
         (self.tombstones > 1024 && self.tombstones * 4 > self.entries)
-            || (self.abandoned > 4096 && self.abandoned * 2 > self.arena.len())
+            || (self.abandoned > 4096 && self.abandoned * 3 > self.arena.len())
     }
 
     /// Relists every synapse of `synapses` (by segment id), recording positions.
@@ -181,6 +181,10 @@ impl OutIndex {
             start += cap;
         }
         self.arena.clear();
+        if self.arena.capacity() > 2 * start as usize {
+            // Give back what growth since the last rebuild left unused.
+            self.arena.shrink_to(start as usize);
+        }
         self.arena.resize(start as usize, SINK);
         self.entries = 0;
         self.tombstones = 0;

@@ -54,11 +54,12 @@ fn check_invariants(tm: &BacktrackingTm) {
     let mut live = 0;
     let mut synapses = 0;
     for cell in 0..p.num_cells() as u32 {
-        let slots = &tm.cell_slots[cell as usize];
+        let slots = tm.cell_slots.slots(cell);
+        assert_eq!(slots.len(), tm.segment_slots_on_cell(cell));
         if p.max_segments_per_cell > 0 {
             assert!(slots.len() <= p.max_segments_per_cell as usize);
         }
-        let mut free = tm.cell_free_slots[cell as usize].clone();
+        let mut free = tm.cell_slots.free_slots(cell).to_vec();
         free.sort_unstable();
         let empty: Vec<u32> = (0..slots.len() as u32)
             .filter(|&i| slots[i as usize] == NO_SEGMENT)
@@ -159,6 +160,10 @@ fn defaults_are_nab_settings_and_valid() {
     assert_eq!(
         (p.pam_length, p.seed, p.output_type),
         (3, 1960, OutputType::Normal)
+    );
+    assert_eq!(
+        p.max_segments, 8192,
+        "bounded by default; 0 is NuPIC's unbounded TM"
     );
 }
 
@@ -600,7 +605,7 @@ fn full_column_releases_its_lowest_duty_cycle_segment() {
     let cell = tm.cell_for_new_segment(2);
     assert_eq!(cell, 10);
     assert!(!tm.segments[segs[3] as usize].alive);
-    assert_eq!(tm.cell_free_slots[10], vec![1]);
+    assert_eq!(tm.cell_slots.free_slots(10), &[1]);
     // A column with room picks a random non-start cell below the cap.
     for _ in 0..20 {
         let c = tm.cell_for_new_segment(3);
@@ -898,4 +903,53 @@ fn budgeted_runs_are_deterministic_and_survive_a_round_trip() {
     assert!(tm_a.backtrack_stats().evictions > evictions_before);
     assert_eq!(restored, tm_a);
     check_invariants(&restored);
+}
+
+#[test]
+fn unreinforced_first_eviction_spares_reinforced_segments() {
+    let mut tm = tm(BacktrackingTmParams {
+        max_segments_eviction: Eviction::UnreinforcedFirst,
+        ..budget_params(3)
+    });
+    let mut made = Vec::new();
+    for (it, cell) in [(10, 5), (20, 9), (30, 13)] {
+        tm.lrn_iteration = it;
+        made.push(tm.create_segment(cell, &[100 + cell, 200 + cell], true));
+    }
+    // The oldest is reinforced once (but long ago, at 11); the others never are.
+    tm.lrn_iteration = 11;
+    tm.adapt_segment(5, Some(made[0]), &[105, 205], false);
+    let live_on = |tm: &BacktrackingTm, cell: u32| tm.segments_on_cell(cell).count();
+    // Plain recency would free cell 5's segment (active at 11); this frees the oldest
+    // never-reinforced one, on cell 9 (created at 20), then the one on cell 13.
+    tm.lrn_iteration = 40;
+    tm.create_segment(17, &[117], true);
+    assert_eq!(
+        (live_on(&tm, 5), live_on(&tm, 9), live_on(&tm, 13)),
+        (1, 0, 1)
+    );
+    tm.lrn_iteration = 41;
+    tm.create_segment(21, &[121], true);
+    assert_eq!((live_on(&tm, 5), live_on(&tm, 13)), (1, 0));
+    // Cells 17 and 21 hold unreinforced segments too; they go before cell 5's, oldest first.
+    tm.lrn_iteration = 42;
+    tm.create_segment(25, &[125], true);
+    assert_eq!(
+        (live_on(&tm, 5), live_on(&tm, 17), live_on(&tm, 21)),
+        (1, 0, 1)
+    );
+    check_invariants(&tm);
+
+    // The same history under plain recency frees cell 5's segment first.
+    let mut lru = BacktrackingTm::new(budget_params(3)).unwrap();
+    let mut made = Vec::new();
+    for (it, cell) in [(10, 5), (20, 9), (30, 13)] {
+        lru.lrn_iteration = it;
+        made.push(lru.create_segment(cell, &[100 + cell, 200 + cell], true));
+    }
+    lru.lrn_iteration = 11;
+    lru.adapt_segment(5, Some(made[0]), &[105, 205], false);
+    lru.lrn_iteration = 40;
+    lru.create_segment(17, &[117], true);
+    assert_eq!((live_on(&lru, 5), live_on(&lru, 9)), (0, 1));
 }
