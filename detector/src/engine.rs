@@ -87,6 +87,10 @@ pub struct Engine {
     partitions: BTreeMap<i32, HashMap<String, Device>>,
     pool: rayon::ThreadPool,
     restored: u64,
+    /// Whether a device not in memory is looked up in the per-device checkpoint directory
+    /// (at least once). Exactly-once processing restores whole partitions from partition
+    /// snapshots instead (`restore_partition`), so there a device not in memory is new.
+    lazy_restore: bool,
 }
 
 impl Engine {
@@ -102,6 +106,7 @@ impl Engine {
             partitions: BTreeMap::new(),
             pool,
             restored: 0,
+            lazy_restore: true,
         })
     }
 
@@ -221,7 +226,12 @@ impl Engine {
             return Ok(());
         }
         let topic = &self.config.topics.input;
-        let state = match self.store.load(topic, partition, device)? {
+        let stored = if self.lazy_restore {
+            self.store.load(topic, partition, device)?
+        } else {
+            None
+        };
+        let state = match stored {
             Some(cp) => {
                 let network = Network::from_bytes(&cp.network).with_context(|| {
                     format!("restoring device {device:?} of partition {partition}")
@@ -302,6 +312,72 @@ impl Engine {
     /// Partitions with networks in memory.
     pub fn partitions(&self) -> Vec<i32> {
         self.partitions.keys().copied().collect()
+    }
+
+    /// Turns the per-device directory lookup of unknown devices on or off (see the field).
+    pub fn set_lazy_restore(&mut self, on: bool) {
+        self.lazy_restore = on;
+    }
+
+    /// The devices of a partition in memory, sorted, each with the offset of the last record
+    /// its network processed (-1 for none).
+    pub fn device_offsets(&self, partition: i32) -> Vec<(String, i64)> {
+        let mut out: Vec<(String, i64)> = self
+            .partitions
+            .get(&partition)
+            .map(|d| d.iter().map(|(k, s)| (k.clone(), s.offset)).collect())
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    /// Serialises the networks of the given devices of a partition, in parallel; `None` for
+    /// a device not in memory.
+    pub fn network_bytes(&self, partition: i32, devices: &[String]) -> Vec<Option<Vec<u8>>> {
+        let Some(map) = self.partitions.get(&partition) else {
+            return vec![None; devices.len()];
+        };
+        self.pool.install(|| {
+            devices
+                .par_iter()
+                .map(|d| map.get(d).map(|s| s.network.to_bytes()))
+                .collect()
+        })
+    }
+
+    /// Replaces the partition's networks by restored ones, given as (device, offset of the
+    /// last record processed, `Network::to_bytes`). All or nothing: an undecodable network is
+    /// an error naming it, and then the partition is left empty.
+    pub fn restore_partition(
+        &mut self,
+        partition: i32,
+        devices: Vec<(String, i64, Vec<u8>)>,
+    ) -> Result<()> {
+        self.partitions.remove(&partition);
+        let decoded: Vec<Result<(String, Device)>> = self.pool.install(|| {
+            devices
+                .into_par_iter()
+                .map(|(device, offset, bytes)| {
+                    let network = Network::from_bytes(&bytes).with_context(|| {
+                        format!("restoring device {device:?} of partition {partition}")
+                    })?;
+                    let state = Device {
+                        network,
+                        offset,
+                        dirty: false,
+                    };
+                    Ok((device, state))
+                })
+                .collect()
+        });
+        let mut map = HashMap::with_capacity(decoded.len());
+        for d in decoded {
+            let (device, state) = d?;
+            map.insert(device, state);
+        }
+        self.restored += map.len() as u64;
+        self.partitions.insert(partition, map);
+        Ok(())
     }
 }
 

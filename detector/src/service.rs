@@ -1,7 +1,9 @@
 //! The Kafka side of the detector: consume → compute → produce, checkpoints and offset
-//! commits, rebalances.
+//! commits, rebalances. `processing = "exactly_once"` runs the transactional protocol of
+//! [`crate::eos`] (documented there); this module holds the at-least-once protocol and what
+//! both share.
 //!
-//! Delivery protocol (at least once; nothing lost, scores never disturbed):
+//! At-least-once protocol (nothing lost, scores never disturbed, output may repeat):
 //! 1. a batch is polled and computed; enriched records and dead letters are produced with the
 //!    idempotent producer;
 //! 2. every `checkpoint.interval_secs`, on revocation and at shutdown, a *commit point*:
@@ -30,7 +32,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::config::{is_secret_property, Config, Processing};
 use crate::engine::{Engine, InMessage, Outcome};
 
 /// Counters a caller (the demo, tests, metrics) can watch while the service runs.
@@ -47,6 +49,16 @@ pub struct Progress {
     pub devices: AtomicU64,
     /// Networks restored from checkpoints so far.
     pub restored: AtomicU64,
+    /// Records fed to networks without output after a restore (exactly once).
+    pub replayed: AtomicU64,
+    /// Damaged checkpoints detected (and not used).
+    pub corrupt_checkpoints: AtomicU64,
+    /// Committed transactions (exactly once).
+    pub transactions: AtomicU64,
+    /// Aborted transactions (exactly once).
+    pub aborts: AtomicU64,
+    /// Partition snapshots written (exactly once).
+    pub snapshots: AtomicU64,
 }
 
 struct State {
@@ -61,9 +73,18 @@ struct Shared {
     producer: ThreadedProducer<DeliveryContext>,
 }
 
-struct DeliveryContext {
+/// Producer context counting failed deliveries.
+#[derive(Default)]
+pub struct DeliveryContext {
     failures: AtomicU64,
     first_failure: Mutex<Option<String>>,
+}
+
+impl DeliveryContext {
+    /// The first delivery failure, if any.
+    pub fn first_failure(&self) -> Option<String> {
+        self.first_failure.lock().unwrap().clone()
+    }
 }
 
 impl ClientContext for DeliveryContext {}
@@ -173,7 +194,8 @@ fn commit_point(
     Ok(())
 }
 
-fn client_config(config: &Config) -> ClientConfig {
+/// The shared librdkafka properties.
+pub(crate) fn client_config(config: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
     for (k, v) in &config.kafka {
         c.set(k, v);
@@ -181,7 +203,8 @@ fn client_config(config: &Config) -> ClientConfig {
     c
 }
 
-fn role_config(config: &Config, role: &std::collections::BTreeMap<String, String>) -> ClientConfig {
+/// The shared properties plus a role's own.
+pub(crate) fn role_config(config: &Config, role: &BTreeMap<String, String>) -> ClientConfig {
     let mut c = client_config(config);
     for (k, v) in role {
         c.set(k, v);
@@ -189,17 +212,43 @@ fn role_config(config: &Config, role: &std::collections::BTreeMap<String, String
     c
 }
 
-/// Creates the consumer and producer and runs until `stop` is set (then commits and returns).
+/// An error text with the values of secret properties replaced (librdkafka may quote them).
+pub(crate) fn redact(config: &Config, e: &dyn std::fmt::Display) -> String {
+    let mut text = e.to_string();
+    for map in [
+        &config.kafka,
+        &config.kafka_consumer,
+        &config.kafka_producer,
+    ] {
+        for (k, v) in map {
+            if is_secret_property(k) && !v.is_empty() {
+                text = text.replace(v.as_str(), "<redacted>");
+            }
+        }
+    }
+    text
+}
+
+/// Runs the service until `stop` is set (then checkpoints, commits and returns), with the
+/// configured delivery guarantee.
 pub fn run(config: Arc<Config>, stop: Arc<AtomicBool>, progress: Arc<Progress>) -> Result<()> {
+    match config.processing {
+        Processing::ExactlyOnce => crate::eos::run(config, stop, progress),
+        Processing::AtLeastOnce => run_at_least_once(config, stop, progress),
+    }
+}
+
+fn run_at_least_once(
+    config: Arc<Config>,
+    stop: Arc<AtomicBool>,
+    progress: Arc<Progress>,
+) -> Result<()> {
     let mut pc = role_config(&config, &config.kafka_producer);
     pc.set("enable.idempotence", "true");
     set_default(&mut pc, "linger.ms", "5");
     let producer: ThreadedProducer<DeliveryContext> = pc
-        .create_with_context(DeliveryContext {
-            failures: AtomicU64::new(0),
-            first_failure: Mutex::new(None),
-        })
-        .context("creating the Kafka producer")?;
+        .create_with_context(DeliveryContext::default())
+        .map_err(|e| anyhow!("creating the Kafka producer: {}", redact(&config, &e)))?;
     let shared = Arc::new(Shared {
         config: config.clone(),
         state: Mutex::new(State {
@@ -218,7 +267,7 @@ pub fn run(config: Arc<Config>, stop: Arc<AtomicBool>, progress: Arc<Progress>) 
         .create_with_context(GroupContext {
             shared: shared.clone(),
         })
-        .context("creating the Kafka consumer")?;
+        .map_err(|e| anyhow!("creating the Kafka consumer: {}", redact(&config, &e)))?;
     consumer
         .subscribe(&[&config.topics.input])
         .with_context(|| format!("subscribing to {}", config.topics.input))?;
@@ -280,7 +329,8 @@ pub fn run(config: Arc<Config>, stop: Arc<AtomicBool>, progress: Arc<Progress>) 
     Ok(())
 }
 
-fn set_default(c: &mut ClientConfig, key: &str, value: &str) {
+/// Sets a property unless the configuration set it.
+pub(crate) fn set_default(c: &mut ClientConfig, key: &str, value: &str) {
     if c.get(key).is_none() {
         c.set(key, value);
     }
@@ -294,60 +344,17 @@ fn process_batch(shared: &Shared, batch: &[InMessage], progress: &Progress) -> R
     let started = Instant::now();
     let mut state = shared.state.lock().unwrap();
     let outcomes = state.engine.process(batch)?;
-    let cfg = &shared.config;
     for o in &outcomes {
+        produce_outcome(&shared.producer, &shared.config, o, progress)?;
         match o {
-            Outcome::Enriched {
-                device,
-                payload,
-                is_anomaly,
-                ..
-            } => {
-                send(
-                    &shared.producer,
-                    BaseRecord::to(&cfg.topics.output)
-                        .key(device.as_bytes())
-                        .payload(payload),
-                )?;
+            Outcome::Enriched { is_anomaly, .. } => {
                 progress.enriched.fetch_add(1, Ordering::Relaxed);
                 if *is_anomaly {
                     progress.anomalies.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("detector_anomalies_total").increment(1);
                 }
             }
-            Outcome::DeadLetter {
-                partition,
-                offset,
-                key,
-                payload,
-                reason,
-            } => {
-                warn!(partition, offset, %reason, "dead letter");
-                let headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: "reason",
-                        value: Some(reason.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "source.topic",
-                        value: Some(cfg.topics.input.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "source.partition",
-                        value: Some(partition.to_string().as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "source.offset",
-                        value: Some(offset.to_string().as_bytes()),
-                    });
-                let empty: &[u8] = &[];
-                let mut rec = BaseRecord::to(&cfg.topics.dead_letter)
-                    .payload(payload.as_deref().unwrap_or(empty))
-                    .headers(headers);
-                if let Some(k) = key {
-                    rec = rec.key(k.as_slice());
-                }
-                send(&shared.producer, rec)?;
+            Outcome::DeadLetter { .. } => {
                 progress.dead_letters.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("detector_dead_letters_total").increment(1);
             }
@@ -374,9 +381,64 @@ fn process_batch(shared: &Shared, batch: &[InMessage], progress: &Progress) -> R
     Ok(())
 }
 
+/// Produces an outcome's record: enriched to the output topic keyed by device, dead letter
+/// to the dead-letter topic with its reason and source in headers.
+pub(crate) fn produce_outcome<C: ProducerContext<DeliveryOpaque = ()>>(
+    producer: &ThreadedProducer<C>,
+    cfg: &Config,
+    o: &Outcome,
+    _progress: &Progress,
+) -> Result<()> {
+    match o {
+        Outcome::Enriched {
+            device, payload, ..
+        } => send(
+            producer,
+            BaseRecord::to(&cfg.topics.output)
+                .key(device.as_bytes())
+                .payload(payload),
+        ),
+        Outcome::DeadLetter {
+            partition,
+            offset,
+            key,
+            payload,
+            reason,
+        } => {
+            warn!(partition, offset, %reason, "dead letter");
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "reason",
+                    value: Some(reason.as_bytes()),
+                })
+                .insert(Header {
+                    key: "source.topic",
+                    value: Some(cfg.topics.input.as_bytes()),
+                })
+                .insert(Header {
+                    key: "source.partition",
+                    value: Some(partition.to_string().as_bytes()),
+                })
+                .insert(Header {
+                    key: "source.offset",
+                    value: Some(offset.to_string().as_bytes()),
+                });
+            let empty: &[u8] = &[];
+            let mut rec = BaseRecord::to(&cfg.topics.dead_letter)
+                .payload(payload.as_deref().unwrap_or(empty))
+                .headers(headers);
+            if let Some(k) = key {
+                rec = rec.key(k.as_slice());
+            }
+            send(producer, rec)
+        }
+        Outcome::AlreadyProcessed { .. } => Ok(()),
+    }
+}
+
 /// Sends, waiting for queue space when the local queue is full (back-pressure, not loss).
-fn send<'a>(
-    producer: &ThreadedProducer<DeliveryContext>,
+pub(crate) fn send<'a, C: ProducerContext<DeliveryOpaque = ()>>(
+    producer: &ThreadedProducer<C>,
     mut rec: BaseRecord<'a, [u8], [u8]>,
 ) -> Result<()> {
     loop {
