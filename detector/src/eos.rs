@@ -70,7 +70,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Consecutive aborted transactions tolerated before giving up (and letting a restart retry).
 const MAX_ABORTS_IN_A_ROW: u32 = 5;
 
-type TxProducer = ThreadedProducer<DeliveryContext>;
+/// The transactional producer of the service (also writes the Kafka store's snapshots).
+pub type TxProducer = ThreadedProducer<DeliveryContext>;
 
 /// A partition this instance owns.
 #[derive(Debug)]
@@ -420,7 +421,7 @@ fn snapshot_partition(st: &mut State, shared: &Shared, p: i32) -> Result<()> {
 }
 
 /// The transactional producer, with `init_transactions` done (fencing older incarnations).
-fn transactional_producer(config: &Config) -> Result<TxProducer> {
+pub fn transactional_producer(config: &Config) -> Result<TxProducer> {
     let mut pc = role_config(config, &config.kafka_producer);
     pc.set("transactional.id", config.transactional_id());
     pc.set("enable.idempotence", "true");
