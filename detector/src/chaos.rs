@@ -47,25 +47,22 @@ pub fn create_topics(bootstrap: &str, topics: &[&str], partitions: i32) -> Resul
 /// The kinds of invalid messages [`load_with_garbage`] mixes in.
 pub const GARBAGE_KINDS: usize = 4;
 
-/// An invalid message of kind `i % GARBAGE_KINDS` for a device: non-JSON, a missing field, a
-/// key differing from the record's device, an empty value.
+/// An invalid message of kind `i % GARBAGE_KINDS` for a device: (key, value) = non-JSON, a
+/// record missing its value, a valid record under another device's key, an empty value.
 pub fn garbage(i: usize, rec: &InputRecord) -> (String, Vec<u8>) {
     let key = rec.device_id.clone();
-    let payload = match i % GARBAGE_KINDS {
-        0 => format!("not json #{i} {{{{").into_bytes(),
-        1 => format!(
-            "{{\"deviceId\": {:?}, \"timestamp\": \"2014-01-01T00:00:00Z\"}}",
-            rec.device_id
-        )
-        .into_bytes(),
-        2 => {
-            let mut other = rec.clone();
-            other.device_id = format!("{}-impostor", rec.device_id);
-            other.to_json().into_bytes()
+    match i % GARBAGE_KINDS {
+        0 => (key, format!("not json #{i} {{{{").into_bytes()),
+        1 => {
+            let payload = format!(
+                "{{\"deviceId\": {:?}, \"timestamp\": \"2014-01-01T00:00:00Z\"}}",
+                rec.device_id
+            );
+            (key, payload.into_bytes())
         }
-        _ => Vec::new(),
-    };
-    (key, payload)
+        2 => (format!("{key}-wrong-key"), rec.to_json().into_bytes()),
+        _ => (key, Vec::new()),
+    }
 }
 
 /// What [`load_with_garbage`] sent.
@@ -122,7 +119,7 @@ pub fn load_with_garbage(
 struct Quiet;
 impl ClientContext for Quiet {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
             tracing::warn!("{error}: {reason}");
         }
     }
@@ -439,7 +436,6 @@ mod tests {
         };
         for i in 0..GARBAGE_KINDS {
             let (key, payload) = garbage(i, &rec);
-            assert_eq!(key, "d");
             match InputRecord::from_json(&payload) {
                 Err(_) => {}
                 Ok(r) => assert_ne!(r.device_id, key, "kind {i} must not be a valid record"),
