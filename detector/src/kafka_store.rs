@@ -110,6 +110,8 @@ impl KafkaSnapshots {
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("isolation.level", "read_committed")
+            // Some brokers answer a fetch with a whole partition, far past fetch.max.bytes.
+            .set("receive.message.max.bytes", "2000000000")
             .create_with_context(ReaderContext)
             .map_err(|e| anyhow!("creating the checkpoint reader: {}", redact(config, &e)))?;
         let partitions = match topic_partitions(&reader, &topic)? {

@@ -168,6 +168,7 @@ fn main() -> Result<()> {
 }
 
 fn run(config: Config) -> Result<()> {
+    tracing::debug!("configuration:\n{}", config.redacted_toml());
     let config = Arc::new(config);
     if !config.metrics.addr.is_empty() {
         let addr: std::net::SocketAddr = config

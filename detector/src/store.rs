@@ -501,6 +501,98 @@ mod tests {
         assert!(err.contains("dev.ckpt") && err.contains("corrupt"), "{err}");
     }
 
+    fn manifest(generation: u64, offset: i64, devices: &[(&str, u64, &[u8])]) -> Manifest {
+        Manifest {
+            topic: "t".into(),
+            partition: 3,
+            generation,
+            snapshot_offset: offset,
+            devices: devices
+                .iter()
+                .map(|(d, g, b)| {
+                    let r = BlobRef {
+                        generation: *g,
+                        offset: offset - 1,
+                        len: b.len() as u64,
+                        crc32: crc32fast::hash(b),
+                    };
+                    (d.to_string(), r)
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn snapshots_keep_two_generations_and_restore_falls_back_on_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = DirSnapshots::open(dir.path(), "t").unwrap();
+        assert!(store.open(3).unwrap().is_empty());
+        let m1 = manifest(1, 10, &[("a", 1, b"a1"), ("b/x", 1, b"b1")]);
+        store
+            .write(
+                &m1,
+                &[("a".into(), b"a1".to_vec()), ("b/x".into(), b"b1".to_vec())],
+                None,
+            )
+            .unwrap();
+        let m2 = manifest(2, 20, &[("a", 2, b"a2"), ("b/x", 1, b"b1")]);
+        store
+            .write(&m2, &[("a".into(), b"a2".to_vec())], Some(&m1))
+            .unwrap();
+        let m3 = manifest(3, 30, &[("a", 3, b"a3"), ("b/x", 1, b"b1")]);
+        store
+            .write(&m3, &[("a".into(), b"a3".to_vec())], Some(&m2))
+            .unwrap();
+        let found = store.open(3).unwrap();
+        let gens: Vec<u64> = found.iter().map(|f| f.generation).collect();
+        assert_eq!(gens, [3, 2], "older generations are removed");
+        assert_eq!(
+            store.blob(3, "a", 1).unwrap(),
+            None,
+            "unreferenced blob removed"
+        );
+        assert_eq!(
+            store.blob(3, "b/x", 1).unwrap().unwrap(),
+            b"b1",
+            "still referenced"
+        );
+
+        let installed = std::cell::RefCell::new(Vec::new());
+        let install = |d: Vec<(String, i64, Vec<u8>)>| {
+            *installed.borrow_mut() = d;
+            Ok(())
+        };
+        let r = restore(&mut store, 3, 30, install).unwrap();
+        assert_eq!(r.manifest.unwrap().generation, 3);
+        assert!(r.problems.is_empty());
+        assert_eq!(installed.borrow()[0], ("a".to_string(), 29, b"a3".to_vec()));
+
+        // Not ahead of the committed offset: generation 3 is skipped silently.
+        let r = restore(&mut store, 3, 25, install).unwrap();
+        assert_eq!(r.manifest.unwrap().generation, 2);
+        assert!(r.problems.is_empty());
+
+        // A damaged blob of the newest generation: reported, the previous one used.
+        fs::write(store.blob_path(3, "a", 3), b"A3").unwrap();
+        let r = restore(&mut store, 3, 30, install).unwrap();
+        assert_eq!(r.manifest.unwrap().generation, 2);
+        assert_eq!(r.problems.len(), 1);
+        assert!(r.problems[0].contains("corrupt"), "{:?}", r.problems);
+        assert_eq!(installed.borrow()[0].2, b"a2");
+
+        // An installer refusing a network (undecodable) counts as damage too; with the other
+        // generation's manifest truncated nothing is usable.
+        let path = store.manifest_path(3, 2);
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        let r = restore(&mut store, 3, 30, |_| Ok(())).unwrap();
+        assert!(r.manifest.is_none());
+        assert_eq!(r.problems.len(), 2, "{:?}", r.problems);
+        assert_eq!(r.max_generation, 3);
+        let r = restore(&mut store, 3, 30, |_| anyhow::bail!("undecodable")).unwrap();
+        assert!(r.manifest.is_none());
+    }
+
     #[test]
     fn file_names_are_safe() {
         assert_eq!(file_name("10-001-0002-44201-1"), "10-001-0002-44201-1");

@@ -572,3 +572,34 @@ fn partitions_moving_between_two_instances_keep_scores_identical() {
         "no transaction was aborted, so the counters add up"
     );
 }
+
+#[test]
+fn a_fenced_incarnation_stops_at_once_and_its_successor_finishes_exactly_once() {
+    let Some(b) = Broker::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(&b, "fence", "i1", dir.path());
+    create_topics(&c);
+    let garbage = load(&c, records(4, 0, 500), 60);
+    let first = start(&c);
+    first.wait_until("a few transactions", |p| {
+        p.transactions.load(Ordering::SeqCst) >= 2
+    });
+    // Same instance id: its init_transactions fences the first incarnation.
+    let second = start(&c);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !first.handle.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the fenced incarnation kept running"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let err = first.handle.join().unwrap().unwrap_err();
+    assert!(
+        format!("{err:#}").to_lowercase().contains("fenc"),
+        "stopped because it was fenced: {err:#}"
+    );
+    let cmp = assert_exactly_once(&c, garbage);
+    assert_eq!(cmp.records, 2000 + garbage);
+    second.stop();
+}
