@@ -29,6 +29,7 @@ ROOT=$PWD
 DEVICES=24
 DAYS=90
 KILLS=5
+BROKER_RESTARTS_WANTED=${CHAOS_BROKER_RESTARTS:-1}
 STORE=dir
 SEED=${CHAOS_SEED:-$(date +%s)}
 PARTITIONS=6
@@ -203,7 +204,8 @@ start i2
 REBALANCES=$((REBALANCES + 1))
 events=()
 for _ in $(seq "$KILLS"); do events+=(kill); done
-events+=(broker cycle cycle)
+for _ in $(seq "$BROKER_RESTARTS_WANTED"); do events+=(broker); done
+events+=(cycle cycle)
 # Fisher-Yates shuffle with the seeded RANDOM.
 for ((i = ${#events[@]} - 1; i > 0; i--)); do
   j=$((RANDOM % (i + 1)))

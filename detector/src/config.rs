@@ -317,10 +317,11 @@ impl Config {
         }
     }
 
-    /// The producer's `transactional.id`: stable per instance (so a restart fences the previous
-    /// incarnation) and distinct per group (so two pipelines may reuse instance names).
-    pub fn transactional_id(&self) -> String {
-        format!("{}.{}", self.group_id, self.instance_id)
+    /// The `transactional.id` of the producer writing for an input partition: whoever takes
+    /// the partition over fences its previous owner (a zombie, or an instance the coordinator
+    /// wrongly left it to), independently of the group protocol's own fencing.
+    pub fn transactional_id(&self, partition: i32) -> String {
+        format!("{}.{}.{partition}", self.group_id, self.topics.input)
     }
 
     /// The configuration as TOML with the values of secret librdkafka properties (names
@@ -441,7 +442,7 @@ mod tests {
         assert!(err.contains("instance_id"), "{err}");
         let c = Config::parse("processing = \"exactly_once\"\ninstance_id = \"i1\"").unwrap();
         assert_eq!(c.processing, Processing::ExactlyOnce);
-        assert_eq!(c.transactional_id(), "htm-detector.i1");
+        assert_eq!(c.transactional_id(3), "htm-detector.telemetry.3");
         assert_eq!(c.checkpoint_topic(), "telemetry-checkpoints");
         let err = format!(
             "{:#}",

@@ -93,6 +93,8 @@ struct State {
     engine: Engine,
     store: Box<dyn SnapshotStore>,
     parts: BTreeMap<i32, Part>,
+    /// The transactional producer of each owned partition.
+    producers: BTreeMap<i32, Arc<TxProducer>>,
     /// Partitions revoked since the poll loop last looked: their polled records are dropped.
     revoked: Vec<i32>,
     /// In-memory networks may hold state that is not committed (an aborted transaction not
@@ -105,7 +107,6 @@ struct State {
 struct Shared {
     config: Arc<Config>,
     state: Mutex<State>,
-    producer: Arc<TxProducer>,
     progress: Arc<Progress>,
 }
 
@@ -173,9 +174,23 @@ fn on_assign(
 ) -> Result<()> {
     let topic = shared.config.topics.input.clone();
     let partitions = partitions_of(tpl);
-    info!(?partitions, "partitions assigned: restoring snapshots");
+    info!(
+        ?partitions,
+        "partitions assigned: fencing previous owners, restoring snapshots"
+    );
+    // First take over each partition's transactional id: this fences whoever still writes for
+    // it and aborts its open transaction, so the committed offsets read next are final.
+    let mut producers = Vec::with_capacity(partitions.len());
+    for &p in &partitions {
+        let id = shared.config.transactional_id(p);
+        producers.push((p, Arc::new(transactional_producer(&shared.config, &id)?)));
+    }
     let committed = committed_offsets(consumer, &topic, &partitions)?;
     let mut st = shared.state.lock().unwrap();
+    for (p, producer) in producers {
+        st.store.set_writer(p, producer.clone());
+        st.producers.insert(p, producer);
+    }
     for p in partitions {
         let start = restore_partition(&mut st, &shared.progress, p, committed[&p])?;
         tpl.set_partition_offset(&topic, p, start)?;
@@ -232,6 +247,9 @@ fn restore_partition(
 ) -> Result<Offset> {
     st.engine.drop_partitions(&[p]);
     st.store.close(p);
+    if let Some(producer) = st.producers.get(&p) {
+        st.store.set_writer(p, producer.clone());
+    }
     let Some(c) = committed else {
         // Nothing of this partition was ever committed: nothing to restore or replay.
         st.parts.insert(
@@ -339,6 +357,7 @@ fn on_revoke(shared: &Shared, consumer: &BaseConsumer<EosContext>, tpl: &TopicPa
     for &p in &partitions {
         st.parts.remove(&p);
         st.store.close(p);
+        st.producers.remove(&p);
         st.revoked.push(p);
     }
     shared
@@ -404,7 +423,8 @@ fn snapshot_partition(st: &mut State, shared: &Shared, p: i32) -> Result<()> {
     let prev = part.manifest.clone();
     let written = st.store.write(&manifest, &blobs, prev.as_ref());
     if written.is_err() {
-        if let Some((code, reason)) = shared.producer.client().fatal_error() {
+        let fatal = st.producers.get(&p).and_then(|x| x.client().fatal_error());
+        if let Some((code, reason)) = fatal {
             st.poisoned = true;
             bail!("fatal producer error while writing a snapshot: {code:?} {reason}");
         }
@@ -420,10 +440,11 @@ fn snapshot_partition(st: &mut State, shared: &Shared, p: i32) -> Result<()> {
     Ok(())
 }
 
-/// The transactional producer, with `init_transactions` done (fencing older incarnations).
-pub fn transactional_producer(config: &Config) -> Result<TxProducer> {
+/// A transactional producer with `init_transactions` done: any other producer with the same
+/// `transactional_id` is fenced and its open transaction aborted.
+pub fn transactional_producer(config: &Config, transactional_id: &str) -> Result<TxProducer> {
     let mut pc = role_config(config, &config.kafka_producer);
-    pc.set("transactional.id", config.transactional_id());
+    pc.set("transactional.id", transactional_id);
     pc.set("enable.idempotence", "true");
     set_default(&mut pc, "linger.ms", "5");
     set_default(
@@ -451,24 +472,23 @@ pub fn transactional_producer(config: &Config) -> Result<TxProducer> {
             Err(e) => bail!("init_transactions failed: {e}"),
         }
     }
-    info!(transactional_id = %config.transactional_id(), "transactional producer ready");
+    tracing::debug!(transactional_id, "transactional producer ready");
     Ok(producer)
 }
 
-fn snapshot_store(config: &Config, producer: &Arc<TxProducer>) -> Result<Box<dyn SnapshotStore>> {
+fn snapshot_store(config: &Config) -> Result<Box<dyn SnapshotStore>> {
     Ok(match config.checkpoint.store {
         StoreKind::Dir => Box::new(DirSnapshots::open(
             &config.checkpoint.dir,
             &config.topics.input,
         )?),
-        StoreKind::Kafka => Box::new(KafkaSnapshots::open(config, producer.clone())?),
+        StoreKind::Kafka => Box::new(KafkaSnapshots::open(config)?),
     })
 }
 
 /// Runs the exactly-once service until `stop` is set; then writes final snapshots.
 pub fn run(config: Arc<Config>, stop: Arc<AtomicBool>, progress: Arc<Progress>) -> Result<()> {
-    let producer = Arc::new(transactional_producer(&config)?);
-    let store = snapshot_store(&config, &producer)?;
+    let store = snapshot_store(&config)?;
     let mut engine = Engine::new(config.clone())?;
     engine.set_lazy_restore(false);
     let shared = Arc::new(Shared {
@@ -477,11 +497,11 @@ pub fn run(config: Arc<Config>, stop: Arc<AtomicBool>, progress: Arc<Progress>) 
             engine,
             store,
             parts: BTreeMap::new(),
+            producers: BTreeMap::new(),
             revoked: Vec::new(),
             poisoned: false,
             fatal: None,
         }),
-        producer,
         progress: progress.clone(),
     });
     let mut cc = role_config(&config, &config.kafka_consumer);
@@ -592,7 +612,7 @@ fn main_loop(
             }
             match process_batch(shared, consumer, &batch) {
                 Ok(()) => aborts_in_a_row = 0,
-                Err(TxError::Abortable(e)) => {
+                Err(TxError::Abortable(e, partitions)) => {
                     aborts_in_a_row += 1;
                     progress.aborts.fetch_add(1, Ordering::SeqCst);
                     metrics::counter!("detector_transactions_aborted_total").increment(1);
@@ -601,7 +621,7 @@ fn main_loop(
                         shared.state.lock().unwrap().poisoned = true;
                         bail!("{aborts_in_a_row} transactions aborted in a row; last: {e:#}");
                     }
-                    rewind(shared, consumer, &batch)?;
+                    rewind(shared, consumer, &partitions)?;
                 }
                 Err(TxError::Fatal(e)) => {
                     shared.state.lock().unwrap().poisoned = true;
@@ -628,8 +648,8 @@ fn main_loop(
 
 /// Why a transaction did not commit.
 enum TxError {
-    /// Aborted: rewind and go on.
-    Abortable(anyhow::Error),
+    /// Aborted: rewind these partitions and go on.
+    Abortable(anyhow::Error, Vec<i32>),
     /// Fenced or broken: stop at once.
     Fatal(anyhow::Error),
 }
@@ -650,7 +670,7 @@ fn classify(producer: &TxProducer, e: KafkaError, what: &str) -> TxError {
     match &e {
         KafkaError::Transaction(t) if t.is_fatal() => TxError::Fatal(anyhow!("{what}: {e}")),
         _ if fenced => TxError::Fatal(anyhow!("{what}: fenced: {e}")),
-        _ => TxError::Abortable(anyhow!("{what}: {e}")),
+        _ => TxError::Abortable(anyhow!("{what}: {e}"), Vec::new()),
     }
 }
 
@@ -663,7 +683,6 @@ fn process_batch(
     let started = Instant::now();
     let config = &shared.config;
     let progress = &shared.progress;
-    let producer = &shared.producer;
     let mut st = shared.state.lock().unwrap();
     // Only partitions still owned (the poll loop already dropped revoked ones).
     let owned: Vec<InMessage>;
@@ -684,7 +703,6 @@ fn process_batch(
     // Networks now hold this batch: uncommitted until the transaction commits.
     st.poisoned = true;
     let mut live: Vec<&Outcome> = Vec::with_capacity(outcomes.len());
-    let mut touched: BTreeSet<i32> = BTreeSet::new();
     let mut replayed = 0u64;
     for o in &outcomes {
         let (p, off) = o.partition_offset();
@@ -695,7 +713,6 @@ fn process_batch(
             part.origin = Some(off);
         }
         part.position = Some(off + 1);
-        touched.insert(p);
         if off >= part.replay_until {
             live.push(o);
         } else {
@@ -706,50 +723,39 @@ fn process_batch(
     progress
         .consumed
         .fetch_add(batch.len() as u64, Ordering::Relaxed);
-    if !live.is_empty() {
+    // One transaction per partition with output, by the partition's own producer.
+    let mut by_partition: BTreeMap<i32, Vec<&Outcome>> = BTreeMap::new();
+    for o in live {
+        by_partition
+            .entry(o.partition_offset().0)
+            .or_default()
+            .push(o);
+    }
+    let pending: Vec<i32> = by_partition.keys().copied().collect();
+    for (n, (&p, outs)) in by_partition.iter().enumerate() {
+        let part = &st.parts[&p];
+        let pos = part.position.expect("set above");
+        let producer = st
+            .producers
+            .get(&p)
+            .cloned()
+            .ok_or_else(|| TxError::Fatal(anyhow!("no producer for partition {p}")))?;
         let mut offsets = TopicPartitionList::new();
-        for &p in &touched {
-            let part = &st.parts[&p];
-            if let Some(pos) = part.position.filter(|&pos| pos > part.replay_until) {
-                offsets
-                    .add_partition_offset(&config.topics.input, p, Offset::Offset(pos))
-                    .map_err(|e| TxError::Fatal(e.into()))?;
-            }
-        }
-        producer
-            .begin_transaction()
-            .map_err(|e| classify(producer, e, "begin_transaction"))?;
-        let result = (|| {
-            for o in &live {
-                produce_outcome(producer, config, o, progress)
-                    .map_err(|e| TxError::Abortable(e.context("producing")))?;
-            }
-            let group = consumer
-                .group_metadata()
-                .ok_or_else(|| TxError::Abortable(anyhow!("no consumer group metadata")))?;
-            producer
-                .send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)
-                .map_err(|e| classify(producer, e, "send_offsets_to_transaction"))?;
-            commit(producer)
-        })();
-        if let Err(e) = result {
-            if let TxError::Abortable(_) = e {
-                if let Err(abort) = producer.abort_transaction(CALL_TIMEOUT) {
-                    return Err(TxError::Fatal(anyhow!(
-                        "abort_transaction failed ({abort}) after: {}",
-                        match e {
-                            TxError::Abortable(e) | TxError::Fatal(e) => e,
-                        }
-                    )));
-                }
-            }
-            // Counters of the aborted output are not taken back; they are indicative.
-            return Err(e);
+        offsets
+            .add_partition_offset(&config.topics.input, p, Offset::Offset(pos))
+            .map_err(|e| TxError::Fatal(e.into()))?;
+        if let Err(e) = transaction(&producer, consumer, config, outs, &offsets, progress) {
+            // This partition and those after it did not commit: their networks must go back.
+            let uncommitted = pending[n..].to_vec();
+            return Err(match e {
+                TxError::Abortable(e, _) => TxError::Abortable(e, uncommitted),
+                fatal => fatal,
+            });
         }
         progress.transactions.fetch_add(1, Ordering::SeqCst);
         let mut enriched = 0;
         let mut dead = 0;
-        for o in &live {
+        for o in outs {
             match o {
                 Outcome::Enriched { is_anomaly, .. } => {
                     enriched += 1;
@@ -765,7 +771,7 @@ fn process_batch(
         progress.enriched.fetch_add(enriched, Ordering::SeqCst);
         progress.dead_letters.fetch_add(dead, Ordering::SeqCst);
         metrics::counter!("detector_dead_letters_total").increment(dead);
-        metrics::counter!("detector_records_out_total").increment(live.len() as u64);
+        metrics::counter!("detector_records_out_total").increment(outs.len() as u64);
     }
     st.poisoned = false;
     metrics::counter!("detector_records_in_total").increment(batch.len() as u64);
@@ -776,6 +782,42 @@ fn process_batch(
         .store(st.engine.devices() as u64, Ordering::Relaxed);
     metrics::histogram!("detector_batch_seconds").record(started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// One partition's transaction: output, then the input offset, then commit (or abort).
+fn transaction(
+    producer: &TxProducer,
+    consumer: &BaseConsumer<EosContext>,
+    config: &Config,
+    outs: &[&Outcome],
+    offsets: &TopicPartitionList,
+    progress: &Progress,
+) -> std::result::Result<(), TxError> {
+    producer
+        .begin_transaction()
+        .map_err(|e| classify(producer, e, "begin_transaction"))?;
+    let result = (|| {
+        for o in outs {
+            produce_outcome(producer, config, o, progress)
+                .map_err(|e| TxError::Abortable(e.context("producing"), Vec::new()))?;
+        }
+        let group = consumer
+            .group_metadata()
+            .ok_or_else(|| TxError::Abortable(anyhow!("no consumer group metadata"), Vec::new()))?;
+        producer
+            .send_offsets_to_transaction(offsets, &group, CALL_TIMEOUT)
+            .map_err(|e| classify(producer, e, "send_offsets_to_transaction"))?;
+        commit(producer)
+    })();
+    match result {
+        Err(TxError::Abortable(e, _)) => match producer.abort_transaction(CALL_TIMEOUT) {
+            Ok(()) => Err(TxError::Abortable(e, Vec::new())),
+            Err(abort) => Err(TxError::Fatal(anyhow!(
+                "abort_transaction failed ({abort}) after: {e:#}"
+            ))),
+        },
+        other => other,
+    }
 }
 
 /// Commits, retrying what librdkafka calls retriable (e.g. a timeout during a broker restart).
@@ -793,17 +835,15 @@ fn commit(producer: &TxProducer) -> std::result::Result<(), TxError> {
     }
 }
 
-/// After an aborted transaction: the batch's partitions go back to their snapshots and the
-/// consumer to the matching offsets, as if they had been revoked and assigned again.
-fn rewind(shared: &Shared, consumer: &BaseConsumer<EosContext>, batch: &[InMessage]) -> Result<()> {
+/// After an aborted transaction: the partitions go back to their snapshots and the consumer
+/// to the matching offsets, as if they had been revoked and assigned again.
+fn rewind(shared: &Shared, consumer: &BaseConsumer<EosContext>, partitions: &[i32]) -> Result<()> {
     let topic = &shared.config.topics.input;
     let partitions: Vec<i32> = {
         let st = shared.state.lock().unwrap();
-        batch
+        partitions
             .iter()
-            .map(|m| m.partition)
-            .collect::<BTreeSet<i32>>()
-            .into_iter()
+            .copied()
             .filter(|p| st.parts.contains_key(p))
             .collect()
     };

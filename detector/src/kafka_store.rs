@@ -49,7 +49,8 @@ pub struct KafkaSnapshots {
     /// Partitions of the checkpoint topic.
     partitions: i32,
     chunk_bytes: usize,
-    producer: Arc<ThreadedProducer<DeliveryContext>>,
+    /// The transactional producer of each owned partition.
+    writers: BTreeMap<i32, Arc<ThreadedProducer<DeliveryContext>>>,
     reader: BaseConsumer<ReaderContext>,
     /// Live keys per input partition (what the topic holds after compaction).
     keys: BTreeMap<i32, BTreeSet<String>>,
@@ -103,7 +104,7 @@ fn parse_key(key: &str) -> Option<(i32, Key<'_>)> {
 impl KafkaSnapshots {
     /// Connects, creating the checkpoint topic (compacted, as many partitions as the input)
     /// when it does not exist.
-    pub fn open(config: &Config, producer: Arc<ThreadedProducer<DeliveryContext>>) -> Result<Self> {
+    pub fn open(config: &Config) -> Result<Self> {
         let topic = config.checkpoint_topic();
         let reader: BaseConsumer<ReaderContext> = reader_config(config)
             .set("group.id", format!("{}-checkpoint-reader", config.group_id))
@@ -137,7 +138,7 @@ impl KafkaSnapshots {
             input_topic: config.topics.input.clone(),
             partitions,
             chunk_bytes: config.checkpoint.chunk_bytes,
-            producer,
+            writers: BTreeMap::new(),
             reader,
             keys: BTreeMap::new(),
             values: BTreeMap::new(),
@@ -315,9 +316,14 @@ impl SnapshotStore for KafkaSnapshots {
         let p = manifest.partition;
         let cp = self.topic_partition(p);
         self.values.remove(&p);
+        let producer = self
+            .writers
+            .get(&p)
+            .cloned()
+            .ok_or_else(|| anyhow!("no transactional producer for partition {p}"))?;
         let mut written: Vec<String> = Vec::new();
         let mut bytes = 0;
-        self.producer
+        producer
             .begin_transaction()
             .context("beginning a checkpoint transaction")?;
         let result = (|| -> Result<Vec<String>> {
@@ -328,7 +334,7 @@ impl SnapshotStore for KafkaSnapshots {
                     let end = ((i + 1) * self.chunk_bytes).min(blob.len());
                     let chunk = &blob[i * self.chunk_bytes..end];
                     send(
-                        &self.producer,
+                        &producer,
                         BaseRecord::to(&self.topic)
                             .partition(cp)
                             .key(key.as_bytes())
@@ -341,7 +347,7 @@ impl SnapshotStore for KafkaSnapshots {
             let key = manifest_key(p, manifest.generation);
             let encoded = htm::checkpoint::encode(manifest);
             send(
-                &self.producer,
+                &producer,
                 BaseRecord::to(&self.topic)
                     .partition(cp)
                     .key(key.as_bytes())
@@ -370,7 +376,7 @@ impl SnapshotStore for KafkaSnapshots {
                 };
                 if garbage && !written.contains(key) {
                     send(
-                        &self.producer,
+                        &producer,
                         BaseRecord::<[u8], [u8]>::to(&self.topic)
                             .partition(cp)
                             .key(key.as_bytes()),
@@ -378,7 +384,7 @@ impl SnapshotStore for KafkaSnapshots {
                     dead.push(key.clone());
                 }
             }
-            self.producer
+            producer
                 .commit_transaction(TX_TIMEOUT)
                 .context("committing a checkpoint transaction")?;
             Ok(dead)
@@ -393,7 +399,7 @@ impl SnapshotStore for KafkaSnapshots {
                 Ok(bytes)
             }
             Err(e) => {
-                if let Err(abort) = self.producer.abort_transaction(TX_TIMEOUT) {
+                if let Err(abort) = producer.abort_transaction(TX_TIMEOUT) {
                     warn!("aborting the checkpoint transaction failed: {abort}");
                 }
                 Err(e)
@@ -404,6 +410,11 @@ impl SnapshotStore for KafkaSnapshots {
     fn close(&mut self, partition: i32) {
         self.keys.remove(&partition);
         self.values.remove(&partition);
+        self.writers.remove(&partition);
+    }
+
+    fn set_writer(&mut self, partition: i32, producer: Arc<ThreadedProducer<DeliveryContext>>) {
+        self.writers.insert(partition, producer);
     }
 }
 

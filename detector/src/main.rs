@@ -104,7 +104,8 @@ impl RunArgs {
         for kv in &self.kafka {
             let (k, v) = kv
                 .split_once('=')
-                .with_context(|| format!("-X {kv:?}: expected key=value"))?;
+                // Not quoted back: a malformed argument may hold a secret.
+                .context("-X: expected key=value")?;
             c.kafka.insert(k.trim().into(), v.trim().into());
         }
         macro_rules! set {

@@ -164,6 +164,9 @@ pub trait SnapshotStore: Send {
     ) -> Result<usize>;
     /// Forgets what was cached for a partition (after revocation).
     fn close(&mut self, partition: i32);
+    /// The transactional producer that owns the partition (stores writing to Kafka use it,
+    /// so a fenced owner cannot write snapshots either).
+    fn set_writer(&mut self, _partition: i32, _producer: std::sync::Arc<crate::eos::TxProducer>) {}
 }
 
 /// What [`restore`] chose for a partition.

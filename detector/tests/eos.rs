@@ -36,6 +36,11 @@ struct Broker {
 
 impl Broker {
     fn start() -> Option<Broker> {
+        // RUST_LOG=info shows the services' logs.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let Some(bin) = std::env::var_os("NOIDA_DB_BIN") else {
             eprintln!("note: NOIDA_DB_BIN is not set; skipping this broker test");
             return None;
@@ -268,6 +273,10 @@ fn transactional_path_enriches_each_record_exactly_once() {
     });
     let progress = running.stop();
     assert!(progress.transactions.load(Ordering::SeqCst) > 1);
+    assert!(
+        progress.snapshots.load(Ordering::SeqCst) > 0,
+        "snapshots reached the Kafka store"
+    );
     assert_eq!(progress.dead_letters.load(Ordering::SeqCst), garbage);
     let cmp = assert_exactly_once(&c, garbage);
     assert_eq!(cmp.records, 410);
@@ -416,8 +425,10 @@ fn kafka_store_round_trip_with_chunks_generations_and_tombstones() {
     c.checkpoint.store = StoreKind::Kafka;
     c.checkpoint.chunk_bytes = 4096;
     create_topics(&c);
-    let producer = Arc::new(detector::eos::transactional_producer(&c).unwrap());
-    let mut store = KafkaSnapshots::open(&c, producer.clone()).unwrap();
+    let producer =
+        Arc::new(detector::eos::transactional_producer(&c, &c.transactional_id(2)).unwrap());
+    let mut store = KafkaSnapshots::open(&c).unwrap();
+    store.set_writer(2, producer.clone());
     assert!(store.open(2).unwrap().is_empty());
 
     let blob = |seed: u8, len: usize| -> Vec<u8> {
@@ -473,7 +484,8 @@ fn kafka_store_round_trip_with_chunks_generations_and_tombstones() {
         .unwrap();
 
     // A fresh store (another instance) reads it back.
-    let mut other = KafkaSnapshots::open(&c, producer).unwrap();
+    let mut other = KafkaSnapshots::open(&c).unwrap();
+    other.set_writer(2, producer);
     let found = other.open(2).unwrap();
     let gens: Vec<u64> = found.iter().map(|f| f.generation).collect();
     assert_eq!(gens, [3, 2], "only the last two generations are live");
