@@ -23,8 +23,9 @@ pub struct Config {
     pub group_id: String,
     /// This instance's stable identity, unique within the group and kept across restarts
     /// (e.g. the pod name of a StatefulSet). Required for exactly-once processing: it becomes
-    /// the consumer's `group.instance.id` (static membership) and the base of the producer's
-    /// `transactional.id`, so a restarted instance fences its previous incarnation.
+    /// the consumer's `group.instance.id` (static membership), so a restarted instance gets its
+    /// partitions back without a rebalance. (Fencing of previous owners is per partition, see
+    /// [`Config::transactional_id`].)
     pub instance_id: String,
     /// Delivery guarantee: `exactly_once` (transactions; read the output with
     /// `isolation.level=read_committed`) or `at_least_once` (idempotent producer, offsets

@@ -7,18 +7,22 @@
 //! an instance killed at any moment, a broker restart, partitions moving between instances.
 //!
 //! # Protocol
-//! * **Identity.** `instance_id` is the consumer's `group.instance.id` (static membership: a
-//!   restarted instance takes its place back without a rebalance) and the base of the
-//!   producer's `transactional.id`: `init_transactions` at start fences the previous
-//!   incarnation and aborts its open transaction.
-//! * **One transaction per batch.** Poll a batch (read_committed), compute, then
-//!   `begin_transaction` → produce enriched records and dead letters →
-//!   `send_offsets_to_transaction(next offsets, group metadata)` → `commit_transaction`.
-//!   Output and input progress become visible together or not at all. An abortable error
-//!   aborts the transaction and *rewinds* the batch's partitions (networks restored from their
-//!   snapshot, consumer seeked back, see below); a fatal error (fenced by a newer incarnation,
-//!   or fenced through the group generation) stops the instance at once without writing
-//!   anything more.
+//! * **Identity and fencing.** `instance_id` is the consumer's `group.instance.id` (static
+//!   membership: a restarted instance takes its place back without a rebalance). Each owned
+//!   input partition has its own transactional producer, `transactional.id` =
+//!   `<group>.<input topic>.<partition>`: at assignment the new owner's `init_transactions`
+//!   fences whoever wrote for the partition before (a previous incarnation, a zombie evicted by
+//!   the coordinator) and aborts its open transaction, *before* the committed offset is read.
+//!   Fencing thus does not rely on the coordinator's generation checks alone (KIP-447): a
+//!   coordinator that hands one partition to two members at once (observed with a static
+//!   leader rejoining; KAFKA-13435 on Kafka before 3.2) still cannot make both commit.
+//! * **Transactions per batch.** Poll a batch (read_committed), compute, then for each
+//!   partition with output: `begin_transaction` → produce its enriched records and dead
+//!   letters → `send_offsets_to_transaction(next offset, group metadata)` →
+//!   `commit_transaction`. Output and input progress become visible together or not at all.
+//!   An abortable error aborts the transaction and *rewinds* the partitions not committed
+//!   (networks restored from their snapshot, consumer seeked back, see below); a fatal error
+//!   (fenced) stops the instance at once without writing anything more.
 //! * **Partition snapshots**, written only between transactions, so they never contain
 //!   uncommitted state: every `checkpoint.interval_secs`, at revocation and at shutdown, for
 //!   each owned partition, the networks that changed since the previous snapshot and then a

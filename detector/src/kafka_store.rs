@@ -9,12 +9,12 @@
 //!   `checkpoint.chunk_bytes` so no message nears the broker's size limit.
 //!
 //! A snapshot is written in its own transaction (chunks, then manifest, then tombstones for
-//! what neither it nor the previous generation needs) with the service's transactional
-//! producer, right after a data transaction committed. Own transaction rather than the data
+//! what neither it nor the previous generation needs) with the transactional producer of the
+//! input partition, right after a data transaction committed. Own transaction rather than the data
 //! one: a snapshot is only worth writing every few seconds while data commits every batch, and
 //! a failed snapshot must not cost the data (the previous snapshot stays valid; the next owner
 //! replays a little more). Readers use `read_committed`, so an aborted or unfinished snapshot
-//! is never seen; a fenced zombie cannot commit one. Reading a partition at assignment
+//! is never seen; a fenced previous owner cannot commit one. Reading a partition at assignment
 //! consumes it from the beginning to its end, keeping the newest value per key and honouring
 //! tombstones.
 
