@@ -13,21 +13,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-VENV=$ROOT/.venv-nb
-REQ=notebooks/requirements.txt
 OUT=${NB_TEST_OUT:-$ROOT/out/nb-test}
 
 # ---------------------------------------------------------------- venv
-if [ ! -x "$VENV/bin/python" ]; then
-  "${PYTHON:-python3}" -m venv "$VENV"
-fi
-PY=$VENV/bin/python
-want=$(sha256sum "$REQ" | cut -d' ' -f1)
-if [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null || true)" != "$want" ]; then
-  echo "== installing $REQ into $VENV"
-  "$PY" -m pip install -q --disable-pip-version-check -r "$REQ"
-  echo "$want" >"$VENV/.requirements.sha256"
-fi
+source scripts/venv.sh
+PY=$VENV_PY
 
 passed=0
 failed=0
@@ -152,8 +142,6 @@ EOF
 if run_notebook file -p source "$DATA"; then check_outputs file; fi
 
 # ---------------------------------------------------------------- (2) real broker
-NOIDA_BIN="$("$PY" -c 'import noida_db,os;print(os.path.dirname(noida_db.__file__))')/noida-db"
-chmod +x "$NOIDA_BIN"
 PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
 DATA_DIR=$(mktemp -d)
 NOIDA_PID=
@@ -166,7 +154,7 @@ cleanup() {
 }
 trap cleanup EXIT
 echo "== broker: noida-db kafka on 127.0.0.1:$PORT"
-"$NOIDA_BIN" start --only kafka --kafka-port "$PORT" --data-dir "$DATA_DIR" >"$OUT/noida.log" 2>&1 &
+"$NOIDA_DB_BIN" start --only kafka --kafka-port "$PORT" --data-dir "$DATA_DIR" >"$OUT/noida.log" 2>&1 &
 NOIDA_PID=$!
 if "$PY" - "$PORT" "$NOIDA_PID" <<'EOF'; then
 import os, socket, sys, time

@@ -21,6 +21,21 @@ pub struct Config {
     pub kafka_producer: BTreeMap<String, String>,
     /// Consumer group id shared by all detector instances.
     pub group_id: String,
+    /// This instance's stable identity, unique within the group and kept across restarts
+    /// (e.g. the pod name of a StatefulSet). Required for exactly-once processing: it becomes
+    /// the consumer's `group.instance.id` (static membership), so a restarted instance gets its
+    /// partitions back without a rebalance. (Fencing of previous owners is per partition, see
+    /// [`Config::transactional_id`].)
+    pub instance_id: String,
+    /// Delivery guarantee: `exactly_once` (transactions; read the output with
+    /// `isolation.level=read_committed`) or `at_least_once` (idempotent producer, offsets
+    /// committed after checkpoints; works on brokers without transactions).
+    pub processing: Processing,
+    /// Exactly once: join the group as a static member (`group.instance.id` = `instance_id`),
+    /// so a restarted instance gets its partitions back without a rebalance. A static member
+    /// does not leave the group when it stops; with `false` a stopping instance hands its
+    /// partitions over at once, and a crashed one is replaced after `session.timeout.ms`.
+    pub static_membership: bool,
     pub topics: Topics,
     pub htm: HtmConfig,
     /// `isAnomaly` is set when the anomaly likelihood is at least this (or on a spatial
@@ -37,7 +52,8 @@ pub struct Config {
 
 /// Bounds on the networks kept in memory. Past a bound, the least recently used networks are
 /// checkpointed and dropped, and restored from their checkpoint on their next record — scores
-/// are unchanged, only restores cost time.
+/// are unchanged, only restores cost time. Exactly once, they go to a spill area of this process
+/// (`<checkpoint.dir>/spill`) that partition snapshots read back (see `engine.rs`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MemoryConfig {
@@ -45,6 +61,28 @@ pub struct MemoryConfig {
     pub max_networks: usize,
     /// Most bytes of network state in memory, in MiB (0 = no bound).
     pub max_mb: u64,
+}
+
+/// Delivery guarantee of the service (see `service.rs` and `eos.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Processing {
+    /// Each input record yields exactly one committed output record.
+    ExactlyOnce,
+    /// Nothing is lost; a crash may repeat output records (never disturbing scores).
+    #[default]
+    AtLeastOnce,
+}
+
+/// Where checkpoints are kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// A directory (local disk or a shared volume).
+    #[default]
+    Dir,
+    /// A compacted Kafka topic (exactly-once only), usable from any machine.
+    Kafka,
 }
 
 /// Topic names.
@@ -91,9 +129,15 @@ pub struct Range {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CheckpointConfig {
-    /// Directory of the checkpoint store.
+    /// `dir` or `kafka` (exactly-once only).
+    pub store: StoreKind,
+    /// Directory of the `dir` store.
     pub dir: PathBuf,
-    /// Seconds between checkpoints (each also commits input offsets).
+    /// Compacted topic of the `kafka` store; empty means `<topics.input>-checkpoints`.
+    pub topic: String,
+    /// Largest message of the `kafka` store; bigger networks are split into chunks.
+    pub chunk_bytes: usize,
+    /// Seconds between checkpoints (at least once: each also commits input offsets).
     pub interval_secs: f64,
 }
 
@@ -125,6 +169,9 @@ impl Default for Config {
             kafka_consumer: BTreeMap::new(),
             kafka_producer: BTreeMap::new(),
             group_id: "htm-detector".into(),
+            instance_id: String::new(),
+            processing: Processing::default(),
+            static_membership: true,
             topics: Topics::default(),
             htm: HtmConfig::default(),
             likelihood_threshold: 0.9999,
@@ -163,7 +210,10 @@ impl Default for HtmConfig {
 impl Default for CheckpointConfig {
     fn default() -> Self {
         CheckpointConfig {
+            store: StoreKind::default(),
             dir: PathBuf::from("checkpoints"),
+            topic: String::new(),
+            chunk_bytes: 512 * 1024,
             interval_secs: 5.0,
         }
     }
@@ -228,6 +278,18 @@ impl Config {
         if self.checkpoint.interval_secs.is_nan() || self.checkpoint.interval_secs <= 0.0 {
             bail!("checkpoint.interval_secs must be positive");
         }
+        if self.processing == Processing::ExactlyOnce && self.instance_id.trim().is_empty() {
+            bail!(
+                "instance_id is required when processing = \"exactly_once\" \
+                 (a stable name per instance, e.g. the pod name)"
+            );
+        }
+        if self.checkpoint.store == StoreKind::Kafka && self.processing != Processing::ExactlyOnce {
+            bail!("checkpoint.store = \"kafka\" requires processing = \"exactly_once\"");
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.checkpoint.chunk_bytes) {
+            bail!("checkpoint.chunk_bytes must be between 1 KiB and 16 MiB");
+        }
         if self.batch.max_records == 0 {
             bail!("batch.max_records must be at least 1");
         }
@@ -262,6 +324,36 @@ impl Config {
         Ok(())
     }
 
+    /// The checkpoint topic of the `kafka` store.
+    pub fn checkpoint_topic(&self) -> String {
+        if self.checkpoint.topic.is_empty() {
+            format!("{}-checkpoints", self.topics.input)
+        } else {
+            self.checkpoint.topic.clone()
+        }
+    }
+
+    /// The `transactional.id` of the producer writing for an input partition: whoever takes
+    /// the partition over fences its previous owner (a zombie, or an instance the coordinator
+    /// wrongly left it to), independently of the group protocol's own fencing.
+    pub fn transactional_id(&self, partition: i32) -> String {
+        format!("{}.{}.{partition}", self.group_id, self.topics.input)
+    }
+
+    /// The configuration as TOML with the values of secret librdkafka properties (names
+    /// containing `password`, `secret` or `key`) replaced, safe to log.
+    pub fn redacted_toml(&self) -> String {
+        let mut c = self.clone();
+        for map in [&mut c.kafka, &mut c.kafka_consumer, &mut c.kafka_producer] {
+            for (k, v) in map.iter_mut() {
+                if is_secret_property(k) {
+                    *v = "<redacted>".into();
+                }
+            }
+        }
+        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("<config not printable: {e}>"))
+    }
+
     /// The value range for a device (see [`HtmConfig`]).
     pub fn range_for(&self, device: Option<&str>, parameter_code: Option<&str>) -> Range {
         device
@@ -293,6 +385,12 @@ impl Config {
             .try_into()
             .map_err(|e| anyhow::anyhow!("htm.params: {e}"))
     }
+}
+
+/// Whether a librdkafka property holds a secret (never logged).
+pub fn is_secret_property(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    ["password", "secret", "key"].iter().any(|w| n.contains(w))
 }
 
 fn merge(base: &mut toml::Table, overrides: &toml::Table) {
@@ -349,6 +447,40 @@ mod tests {
             Config::parse("[htm.ranges.44201]\nmin = 1.0\nmax = 0.5").unwrap_err()
         );
         assert!(err.contains("44201"), "{err}");
+    }
+
+    #[test]
+    fn exactly_once_needs_an_instance_id_and_kafka_store_needs_exactly_once() {
+        let err = format!(
+            "{:#}",
+            Config::parse("processing = \"exactly_once\"").unwrap_err()
+        );
+        assert!(err.contains("instance_id"), "{err}");
+        let c = Config::parse("processing = \"exactly_once\"\ninstance_id = \"i1\"").unwrap();
+        assert_eq!(c.processing, Processing::ExactlyOnce);
+        assert_eq!(c.transactional_id(3), "htm-detector.telemetry.3");
+        assert_eq!(c.checkpoint_topic(), "telemetry-checkpoints");
+        let err = format!(
+            "{:#}",
+            Config::parse("[checkpoint]\nstore = \"kafka\"").unwrap_err()
+        );
+        assert!(err.contains("requires processing"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_from_config_dumps() {
+        let c = Config::parse(
+            "[kafka]\n\"bootstrap.servers\" = \"b:9092\"\n\"sasl.password\" = \"hunter2\"\n\
+             \"ssl.key.password\" = \"k3y\"\n[kafka_producer]\n\"sasl.oauthbearer.client.secret\" = \"s3\"\n",
+        )
+        .unwrap();
+        let dump = c.redacted_toml();
+        for secret in ["hunter2", "k3y", "s3\""] {
+            assert!(!dump.contains(secret), "{dump}");
+        }
+        assert!(dump.contains("b:9092"), "{dump}");
+        assert!(is_secret_property("SASL.PASSWORD"));
+        assert!(!is_secret_property("bootstrap.servers"));
     }
 
     #[test]

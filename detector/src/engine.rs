@@ -12,7 +12,7 @@ use htm::network::{Inference, Network};
 use rayon::prelude::*;
 use serde_json::{Map, Value};
 
-use crate::config::Config;
+use crate::config::{Config, Processing};
 use crate::store::{DeviceCheckpoint, DirStore};
 
 /// One input message, as consumed.
@@ -94,11 +94,25 @@ pub struct Engine {
     evicted: u64,
     /// Batches processed: the clock of least-recently-used eviction.
     batches: u64,
+    /// Whether a device not in memory is looked up in the per-device checkpoint directory
+    /// (at least once). Exactly-once processing restores whole partitions from partition
+    /// snapshots instead (`restore_partition`): there the directory is only a spill area for
+    /// networks evicted by the memory bounds, trusted only through `spilled`.
+    lazy_restore: bool,
+    /// Exactly once: devices evicted to the spill area during this process's life, with the
+    /// offset their spilled network reflects. A spill file not listed here (left by an earlier
+    /// process, or of a partition rewound since) may hold uncommitted state and is never read.
+    spilled: HashMap<(i32, String), i64>,
 }
 
 impl Engine {
     pub fn new(config: Arc<Config>) -> Result<Self> {
-        let store = DirStore::open(&config.checkpoint.dir)?;
+        let lazy_restore = config.processing == Processing::AtLeastOnce;
+        let store = if lazy_restore {
+            DirStore::open(&config.checkpoint.dir)?
+        } else {
+            DirStore::open(&config.checkpoint.dir.join("spill"))?
+        };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.workers)
             .thread_name(|i| format!("htm-worker-{i}"))
@@ -111,6 +125,8 @@ impl Engine {
             restored: 0,
             evicted: 0,
             batches: 0,
+            lazy_restore,
+            spilled: HashMap::new(),
         })
     }
 
@@ -289,7 +305,20 @@ impl Engine {
             return Ok(());
         }
         let topic = &self.config.topics.input;
-        let state = match self.store.load(topic, partition, device)? {
+        let spilled = self.spilled.remove(&(partition, device.to_string()));
+        let stored = if self.lazy_restore || spilled.is_some() {
+            self.store.load(topic, partition, device)?
+        } else {
+            None
+        };
+        if let (Some(expected), Some(cp)) = (spilled, &stored) {
+            anyhow::ensure!(
+                cp.offset == expected,
+                "spilled network of device {device:?} reflects offset {}, expected {expected}",
+                cp.offset
+            );
+        }
+        let state = match stored {
             Some(cp) => {
                 let network = Network::from_bytes(&cp.network).with_context(|| {
                     format!("restoring device {device:?} of partition {partition}")
@@ -401,7 +430,12 @@ impl Engine {
                 .get_mut(&partition)
                 .expect("listed partition");
             let state = devices.remove(&device).expect("listed device");
-            if state.dirty {
+            if !self.lazy_restore {
+                self.spilled
+                    .insert((partition, device.clone()), state.offset);
+            }
+            // Exactly once, the spill area holds nothing of this device yet.
+            if state.dirty || !self.lazy_restore {
                 self.store.save(
                     &topic,
                     &DeviceCheckpoint {
@@ -424,11 +458,123 @@ impl Engine {
         for p in partitions {
             self.partitions.remove(p);
         }
+        self.spilled.retain(|(p, _), _| !partitions.contains(p));
     }
 
     /// Partitions with networks in memory.
     pub fn partitions(&self) -> Vec<i32> {
         self.partitions.keys().copied().collect()
+    }
+
+    /// The devices of a partition (in memory or spilled), sorted, each with the offset of the
+    /// last record its network processed (-1 for none).
+    pub fn device_offsets(&self, partition: i32) -> Vec<(String, i64)> {
+        let mut out: Vec<(String, i64)> = self
+            .partitions
+            .get(&partition)
+            .map(|d| d.iter().map(|(k, s)| (k.clone(), s.offset)).collect())
+            .unwrap_or_default();
+        out.extend(
+            self.spilled
+                .iter()
+                .filter(|((p, _), _)| *p == partition)
+                .map(|((_, d), off)| (d.clone(), *off)),
+        );
+        out.sort();
+        out
+    }
+
+    /// Serialises the networks of the given devices of a partition, in parallel (a spilled one
+    /// is read back); `None` for a device this engine does not hold.
+    pub fn network_bytes(
+        &self,
+        partition: i32,
+        devices: &[String],
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        let empty = HashMap::new();
+        let map = self.partitions.get(&partition).unwrap_or(&empty);
+        let topic = &self.config.topics.input;
+        self.pool.install(|| {
+            devices
+                .par_iter()
+                .map(|d| {
+                    if let Some(s) = map.get(d) {
+                        return Ok(Some(s.network.to_bytes()));
+                    }
+                    let Some(&offset) = self.spilled.get(&(partition, d.clone())) else {
+                        return Ok(None);
+                    };
+                    let cp = self
+                        .store
+                        .load(topic, partition, d)?
+                        .with_context(|| format!("spilled network of device {d:?} is missing"))?;
+                    anyhow::ensure!(
+                        cp.offset == offset,
+                        "spilled network of device {d:?} reflects offset {}, expected {offset}",
+                        cp.offset
+                    );
+                    Ok(Some(cp.network))
+                })
+                .collect()
+        })
+    }
+
+    /// Replaces the partition's networks by restored ones, given as (device, offset of the
+    /// last record processed, `Network::to_bytes`). All or nothing: an undecodable network is
+    /// an error naming it, and then the partition is left empty. Networks are decoded in waves
+    /// under the memory bounds; those past them go to the spill area.
+    pub fn restore_partition(
+        &mut self,
+        partition: i32,
+        devices: Vec<(String, i64, Vec<u8>)>,
+    ) -> Result<()> {
+        self.drop_partitions(&[partition]);
+        let result = self.restore_waves(partition, devices);
+        if result.is_err() {
+            self.drop_partitions(&[partition]);
+        }
+        result
+    }
+
+    fn restore_waves(
+        &mut self,
+        partition: i32,
+        mut devices: Vec<(String, i64, Vec<u8>)>,
+    ) -> Result<()> {
+        while !devices.is_empty() {
+            let wave: Vec<_> = devices
+                .drain(..self.wave_size().min(devices.len()))
+                .collect();
+            self.batches += 1;
+            let now = self.batches;
+            let decoded: Vec<Result<(String, Device)>> = self.pool.install(|| {
+                wave.into_par_iter()
+                    .map(|(device, offset, bytes)| {
+                        let network = Network::from_bytes(&bytes).with_context(|| {
+                            format!("restoring device {device:?} of partition {partition}")
+                        })?;
+                        let state = Device {
+                            bytes: network.heap_bytes(),
+                            network,
+                            offset,
+                            dirty: false,
+                            last_used: now,
+                        };
+                        Ok((device, state))
+                    })
+                    .collect()
+            });
+            let map = self.partitions.entry(partition).or_default();
+            for d in decoded {
+                let (device, state) = d?;
+                map.insert(device, state);
+                self.restored += 1;
+            }
+            // Bumping the clock makes this wave evictable by the next one.
+            self.batches += 1;
+            self.enforce_memory_bounds(self.batches)?;
+        }
+        Ok(())
     }
 }
 
@@ -623,13 +769,7 @@ mod tests {
     #[test]
     fn scores_do_not_depend_on_batching_or_on_a_restore_from_checkpoints() {
         let data = stream(60);
-        let dir = tempfile::tempdir().unwrap();
-        let reference = enriched(
-            &Engine::new(config(dir.path()))
-                .unwrap()
-                .process(&data)
-                .unwrap(),
-        );
+        let reference = uninterrupted(&data);
 
         // Same stream in small batches, with a checkpoint and a brand-new engine (a restart)
         // after 100 records.
@@ -658,13 +798,7 @@ mod tests {
     #[test]
     fn a_memory_bound_far_below_the_device_count_keeps_scores_bit_identical() {
         let data = stream(20);
-        let dir = tempfile::tempdir().unwrap();
-        let reference = enriched(
-            &Engine::new(config(dir.path()))
-                .unwrap()
-                .process(&data)
-                .unwrap(),
-        );
+        let reference = uninterrupted(&data);
 
         let dir = tempfile::tempdir().unwrap();
         let mut c = (*config(dir.path())).clone();
@@ -683,16 +817,73 @@ mod tests {
         assert_eq!(got, reference);
     }
 
+    /// The enriched records of one engine fed the whole stream in one batch.
+    fn uninterrupted(data: &[InMessage]) -> Vec<(i32, i64, String)> {
+        let dir = tempfile::tempdir().unwrap();
+        enriched(
+            &Engine::new(config(dir.path()))
+                .unwrap()
+                .process(data)
+                .unwrap(),
+        )
+    }
+
+    /// Exactly once: what a partition snapshot would hold, spilled networks included.
+    fn snapshot(engine: &Engine, partition: i32) -> Vec<(String, i64, Vec<u8>)> {
+        let devices = engine.device_offsets(partition);
+        let names: Vec<String> = devices.iter().map(|(d, _)| d.clone()).collect();
+        let bytes = engine.network_bytes(partition, &names).unwrap();
+        devices
+            .into_iter()
+            .zip(bytes)
+            .map(|((d, off), b)| (d, off, b.expect("every listed device has bytes")))
+            .collect()
+    }
+
+    #[test]
+    fn exactly_once_memory_bounds_spill_into_snapshots_and_never_reuse_stale_spills() {
+        let data = stream(40);
+        let reference = uninterrupted(&data);
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = (*config(dir.path())).clone();
+        c.processing = Processing::ExactlyOnce;
+        c.memory.max_networks = 1;
+        let c = Arc::new(c);
+        let mut engine = Engine::new(c.clone()).unwrap();
+        let mut got = Vec::new();
+        for chunk in data[..60].chunks(6) {
+            got.extend(enriched(&engine.process(chunk).unwrap()));
+            assert!(engine.devices() <= 1);
+        }
+        assert!(engine.evicted() > 10, "evictions: {}", engine.evicted());
+        // Partition 0 holds devices a and c, at most one of them in memory: the snapshot
+        // still lists both.
+        let snapshots = [snapshot(&engine, 0), snapshot(&engine, 1)];
+        assert_eq!(snapshots[0].len(), 2);
+        assert_eq!(snapshots[1].len(), 1);
+        // Work that never commits: it overwrites the spill files with newer state.
+        engine.process(&data[60..90]).unwrap();
+        drop(engine);
+
+        // A new process restores the snapshots (under the bound) and continues from them;
+        // the newer spill files on disk are not its own and must not be read.
+        let mut engine = Engine::new(c).unwrap();
+        for (p, devices) in snapshots.into_iter().enumerate() {
+            engine.restore_partition(p as i32, devices).unwrap();
+            assert!(engine.devices() <= 1);
+        }
+        assert_eq!(engine.device_offsets(0).len(), 2);
+        for chunk in data[60..].chunks(9) {
+            got.extend(enriched(&engine.process(chunk).unwrap()));
+        }
+        assert_eq!(got, reference);
+    }
+
     #[test]
     fn records_already_in_a_checkpoint_are_not_learned_twice() {
         let data = stream(30);
-        let dir = tempfile::tempdir().unwrap();
-        let reference = enriched(
-            &Engine::new(config(dir.path()))
-                .unwrap()
-                .process(&data)
-                .unwrap(),
-        );
+        let reference = uninterrupted(&data);
 
         let dir = tempfile::tempdir().unwrap();
         let mut engine = Engine::new(config(dir.path())).unwrap();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use detector::config::Config;
+use detector::config::{Config, Processing};
 use detector::service::{self, Progress};
 use tracing::{error, info, warn};
 
@@ -78,6 +78,15 @@ struct RunArgs {
     /// Compute threads (0 = one per core).
     #[arg(long, env = "DETECTOR_WORKERS")]
     workers: Option<usize>,
+    /// This instance's stable id (`instance_id`; required for exactly-once processing).
+    #[arg(long, env = "DETECTOR_INSTANCE_ID")]
+    instance_id: Option<String>,
+    /// Delivery guarantee (`processing`): exactly_once or at_least_once.
+    #[arg(long, env = "DETECTOR_PROCESSING", value_parser = parse_processing)]
+    processing: Option<Processing>,
+    /// Join as a static group member (`static_membership`, default true).
+    #[arg(long, env = "DETECTOR_STATIC_MEMBERSHIP")]
+    static_membership: Option<bool>,
     /// Extra librdkafka property, `-X key=value` (repeatable), e.g. `-X security.protocol=SASL_SSL`.
     #[arg(short = 'X', value_name = "KEY=VALUE")]
     kafka: Vec<String>,
@@ -95,7 +104,8 @@ impl RunArgs {
         for kv in &self.kafka {
             let (k, v) = kv
                 .split_once('=')
-                .with_context(|| format!("-X {kv:?}: expected key=value"))?;
+                // Not quoted back: a malformed argument may hold a secret.
+                .context("-X: expected key=value")?;
             c.kafka.insert(k.trim().into(), v.trim().into());
         }
         macro_rules! set {
@@ -112,9 +122,20 @@ impl RunArgs {
         set!(c.checkpoint.dir, &self.checkpoint_dir);
         set!(c.metrics.addr, &self.metrics_addr);
         set!(c.workers, &self.workers);
+        set!(c.instance_id, &self.instance_id);
+        set!(c.processing, &self.processing);
+        set!(c.static_membership, &self.static_membership);
         c.validate()
             .context("configuration after command-line overrides")?;
         Ok(c)
+    }
+}
+
+fn parse_processing(s: &str) -> std::result::Result<Processing, String> {
+    match s {
+        "exactly_once" => Ok(Processing::ExactlyOnce),
+        "at_least_once" => Ok(Processing::AtLeastOnce),
+        _ => Err(format!("expected exactly_once or at_least_once, got {s:?}")),
     }
 }
 
@@ -148,6 +169,7 @@ fn main() -> Result<()> {
 }
 
 fn run(config: Config) -> Result<()> {
+    tracing::debug!("configuration:\n{}", config.redacted_toml());
     let config = Arc::new(config);
     if !config.metrics.addr.is_empty() {
         let addr: std::net::SocketAddr = config

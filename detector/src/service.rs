@@ -1,7 +1,9 @@
 //! The Kafka side of the detector: consume → compute → produce, checkpoints and offset
-//! commits, rebalances.
+//! commits, rebalances. `processing = "exactly_once"` runs the transactional protocol of
+//! [`crate::eos`] (documented there); this module holds the at-least-once protocol and what
+//! both share.
 //!
-//! Delivery protocol (at least once; nothing lost, scores never disturbed):
+//! At-least-once protocol (nothing lost, scores never disturbed, output may repeat):
 //! 1. a batch is polled and computed; enriched records and dead letters are produced with the
 //!    idempotent producer;
 //! 2. every `checkpoint.interval_secs`, on revocation and at shutdown, a *commit point*:
@@ -30,7 +32,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::config::{is_secret_property, BatchConfig, Config, Processing};
 use crate::engine::{Engine, InMessage, Outcome};
 
 /// Counters a caller (the demo, tests, metrics) can watch while the service runs.
@@ -51,6 +53,16 @@ pub struct Progress {
     pub evicted: AtomicU64,
     /// Heap bytes of the networks in memory after the last batch.
     pub resident_bytes: AtomicU64,
+    /// Records fed to networks without output after a restore (exactly once).
+    pub replayed: AtomicU64,
+    /// Damaged checkpoints detected (and not used).
+    pub corrupt_checkpoints: AtomicU64,
+    /// Committed transactions (exactly once).
+    pub transactions: AtomicU64,
+    /// Aborted transactions (exactly once).
+    pub aborts: AtomicU64,
+    /// Partition snapshots written (exactly once).
+    pub snapshots: AtomicU64,
 }
 
 struct State {
@@ -65,9 +77,18 @@ struct Shared {
     producer: ThreadedProducer<DeliveryContext>,
 }
 
-struct DeliveryContext {
+/// Producer context counting failed deliveries.
+#[derive(Default)]
+pub struct DeliveryContext {
     failures: AtomicU64,
     first_failure: Mutex<Option<String>>,
+}
+
+impl DeliveryContext {
+    /// The first delivery failure, if any.
+    pub fn first_failure(&self) -> Option<String> {
+        self.first_failure.lock().unwrap().clone()
+    }
 }
 
 impl ClientContext for DeliveryContext {}
@@ -177,7 +198,8 @@ fn commit_point(
     Ok(())
 }
 
-fn client_config(config: &Config) -> ClientConfig {
+/// The shared librdkafka properties.
+pub(crate) fn client_config(config: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
     for (k, v) in &config.kafka {
         c.set(k, v);
@@ -185,7 +207,8 @@ fn client_config(config: &Config) -> ClientConfig {
     c
 }
 
-fn role_config(config: &Config, role: &std::collections::BTreeMap<String, String>) -> ClientConfig {
+/// The shared properties plus a role's own.
+pub(crate) fn role_config(config: &Config, role: &BTreeMap<String, String>) -> ClientConfig {
     let mut c = client_config(config);
     for (k, v) in role {
         c.set(k, v);
@@ -193,17 +216,43 @@ fn role_config(config: &Config, role: &std::collections::BTreeMap<String, String
     c
 }
 
-/// Creates the consumer and producer and runs until `stop` is set (then commits and returns).
+/// An error text with the values of secret properties replaced (librdkafka may quote them).
+pub(crate) fn redact(config: &Config, e: &dyn std::fmt::Display) -> String {
+    let mut text = e.to_string();
+    for map in [
+        &config.kafka,
+        &config.kafka_consumer,
+        &config.kafka_producer,
+    ] {
+        for (k, v) in map {
+            if is_secret_property(k) && !v.is_empty() {
+                text = text.replace(v.as_str(), "<redacted>");
+            }
+        }
+    }
+    text
+}
+
+/// Runs the service until `stop` is set (then checkpoints, commits and returns), with the
+/// configured delivery guarantee.
 pub fn run(config: Arc<Config>, stop: Arc<AtomicBool>, progress: Arc<Progress>) -> Result<()> {
+    match config.processing {
+        Processing::ExactlyOnce => crate::eos::run(config, stop, progress),
+        Processing::AtLeastOnce => run_at_least_once(config, stop, progress),
+    }
+}
+
+fn run_at_least_once(
+    config: Arc<Config>,
+    stop: Arc<AtomicBool>,
+    progress: Arc<Progress>,
+) -> Result<()> {
     let mut pc = role_config(&config, &config.kafka_producer);
     pc.set("enable.idempotence", "true");
     set_default(&mut pc, "linger.ms", "5");
     let producer: ThreadedProducer<DeliveryContext> = pc
-        .create_with_context(DeliveryContext {
-            failures: AtomicU64::new(0),
-            first_failure: Mutex::new(None),
-        })
-        .context("creating the Kafka producer")?;
+        .create_with_context(DeliveryContext::default())
+        .map_err(|e| anyhow!("creating the Kafka producer: {}", redact(&config, &e)))?;
     let shared = Arc::new(Shared {
         config: config.clone(),
         state: Mutex::new(State {
@@ -222,48 +271,18 @@ pub fn run(config: Arc<Config>, stop: Arc<AtomicBool>, progress: Arc<Progress>) 
         .create_with_context(GroupContext {
             shared: shared.clone(),
         })
-        .context("creating the Kafka consumer")?;
+        .map_err(|e| anyhow!("creating the Kafka consumer: {}", redact(&config, &e)))?;
     consumer
         .subscribe(&[&config.topics.input])
         .with_context(|| format!("subscribing to {}", config.topics.input))?;
     info!(topic = %config.topics.input, group = %config.group_id, "detector running");
 
     let interval = Duration::from_secs_f64(config.checkpoint.interval_secs);
-    let max_wait = Duration::from_millis(config.batch.max_wait_ms);
     let service_started = Instant::now();
     let mut last_commit = Instant::now();
     let mut batch: Vec<InMessage> = Vec::with_capacity(config.batch.max_records);
     while !stop.load(Ordering::SeqCst) {
-        batch.clear();
-        let deadline = Instant::now() + max_wait;
-        while batch.len() < config.batch.max_records {
-            let left = deadline.saturating_duration_since(Instant::now());
-            // After the first record, take what is already buffered without waiting long.
-            let wait = if batch.is_empty() {
-                left
-            } else {
-                left.min(Duration::from_millis(5))
-            };
-            match consumer.poll(wait) {
-                Some(Ok(m)) => batch.push(InMessage {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().map(<[u8]>::to_vec),
-                }),
-                Some(Err(e)) => {
-                    warn!("consumer error: {e}");
-                    if is_fatal(&e) {
-                        bail!("fatal consumer error: {e}");
-                    }
-                    break;
-                }
-                None => break,
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-        }
+        poll_batch(&consumer, &config.batch, &mut batch, |_| Ok(()))?;
         if !batch.is_empty() {
             if progress.first_record_ms.load(Ordering::Relaxed) == 0 {
                 let ms = service_started.elapsed().as_millis().max(1) as u64;
@@ -284,7 +303,8 @@ pub fn run(config: Arc<Config>, stop: Arc<AtomicBool>, progress: Arc<Progress>) 
     Ok(())
 }
 
-fn set_default(c: &mut ClientConfig, key: &str, value: &str) {
+/// Sets a property unless the configuration set it.
+pub(crate) fn set_default(c: &mut ClientConfig, key: &str, value: &str) {
     if c.get(key).is_none() {
         c.set(key, value);
     }
@@ -294,64 +314,65 @@ fn is_fatal(e: &KafkaError) -> bool {
     matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal))
 }
 
+/// Fills `batch` (cleared first) with up to `max_records` messages: waits up to `max_wait_ms`
+/// for the first, then takes what is already buffered. `after_poll` runs after every poll,
+/// where rebalance callbacks have just run. A fatal consumer error is an error; others are
+/// logged and end the batch.
+pub(crate) fn poll_batch<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    limits: &BatchConfig,
+    batch: &mut Vec<InMessage>,
+    mut after_poll: impl FnMut(&mut Vec<InMessage>) -> Result<()>,
+) -> Result<()> {
+    batch.clear();
+    let deadline = Instant::now() + Duration::from_millis(limits.max_wait_ms);
+    while batch.len() < limits.max_records {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let wait = if batch.is_empty() {
+            left
+        } else {
+            left.min(Duration::from_millis(5))
+        };
+        let polled = consumer.poll(wait);
+        after_poll(batch)?;
+        match polled {
+            Some(Ok(m)) => batch.push(InMessage {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec),
+            }),
+            Some(Err(e)) => {
+                if is_fatal(&e) {
+                    bail!("fatal consumer error: {e}");
+                }
+                warn!("consumer error: {e}");
+                break;
+            }
+            None => break,
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+    }
+    Ok(())
+}
+
 fn process_batch(shared: &Shared, batch: &[InMessage], progress: &Progress) -> Result<()> {
     let started = Instant::now();
     let mut state = shared.state.lock().unwrap();
     let outcomes = state.engine.process(batch)?;
-    let cfg = &shared.config;
     for o in &outcomes {
+        produce_outcome(&shared.producer, &shared.config, o, progress)?;
         match o {
-            Outcome::Enriched {
-                device,
-                payload,
-                is_anomaly,
-                ..
-            } => {
-                send(
-                    &shared.producer,
-                    BaseRecord::to(&cfg.topics.output)
-                        .key(device.as_bytes())
-                        .payload(payload),
-                )?;
+            Outcome::Enriched { is_anomaly, .. } => {
                 progress.enriched.fetch_add(1, Ordering::Relaxed);
                 if *is_anomaly {
                     progress.anomalies.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("detector_anomalies_total").increment(1);
                 }
             }
-            Outcome::DeadLetter {
-                partition,
-                offset,
-                key,
-                payload,
-                reason,
-            } => {
-                warn!(partition, offset, %reason, "dead letter");
-                let headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: "reason",
-                        value: Some(reason.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "source.topic",
-                        value: Some(cfg.topics.input.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "source.partition",
-                        value: Some(partition.to_string().as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "source.offset",
-                        value: Some(offset.to_string().as_bytes()),
-                    });
-                let empty: &[u8] = &[];
-                let mut rec = BaseRecord::to(&cfg.topics.dead_letter)
-                    .payload(payload.as_deref().unwrap_or(empty))
-                    .headers(headers);
-                if let Some(k) = key {
-                    rec = rec.key(k.as_slice());
-                }
-                send(&shared.producer, rec)?;
+            Outcome::DeadLetter { .. } => {
                 progress.dead_letters.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("detector_dead_letters_total").increment(1);
             }
@@ -386,9 +407,64 @@ fn process_batch(shared: &Shared, batch: &[InMessage], progress: &Progress) -> R
     Ok(())
 }
 
+/// Produces an outcome's record: enriched to the output topic keyed by device, dead letter
+/// to the dead-letter topic with its reason and source in headers.
+pub(crate) fn produce_outcome<C: ProducerContext<DeliveryOpaque = ()>>(
+    producer: &ThreadedProducer<C>,
+    cfg: &Config,
+    o: &Outcome,
+    _progress: &Progress,
+) -> Result<()> {
+    match o {
+        Outcome::Enriched {
+            device, payload, ..
+        } => send(
+            producer,
+            BaseRecord::to(&cfg.topics.output)
+                .key(device.as_bytes())
+                .payload(payload),
+        ),
+        Outcome::DeadLetter {
+            partition,
+            offset,
+            key,
+            payload,
+            reason,
+        } => {
+            warn!(partition, offset, %reason, "dead letter");
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "reason",
+                    value: Some(reason.as_bytes()),
+                })
+                .insert(Header {
+                    key: "source.topic",
+                    value: Some(cfg.topics.input.as_bytes()),
+                })
+                .insert(Header {
+                    key: "source.partition",
+                    value: Some(partition.to_string().as_bytes()),
+                })
+                .insert(Header {
+                    key: "source.offset",
+                    value: Some(offset.to_string().as_bytes()),
+                });
+            let empty: &[u8] = &[];
+            let mut rec = BaseRecord::to(&cfg.topics.dead_letter)
+                .payload(payload.as_deref().unwrap_or(empty))
+                .headers(headers);
+            if let Some(k) = key {
+                rec = rec.key(k.as_slice());
+            }
+            send(producer, rec)
+        }
+        Outcome::AlreadyProcessed { .. } => Ok(()),
+    }
+}
+
 /// Sends, waiting for queue space when the local queue is full (back-pressure, not loss).
-fn send<'a>(
-    producer: &ThreadedProducer<DeliveryContext>,
+pub(crate) fn send<'a, C: ProducerContext<DeliveryOpaque = ()>>(
+    producer: &ThreadedProducer<C>,
     mut rec: BaseRecord<'a, [u8], [u8]>,
 ) -> Result<()> {
     loop {

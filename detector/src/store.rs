@@ -1,11 +1,22 @@
-//! Directory checkpoint store: one file per device, written atomically.
+//! Checkpoint stores.
+//!
+//! * [`DirStore`]: one file per device, the newest state only (at-least-once processing).
+//! * Partition snapshots (exactly-once processing): a [`Manifest`] per partition and
+//!   generation lists every device network of the partition, all reflecting exactly the input
+//!   records below `snapshot_offset`. A snapshot writes only the networks that changed since
+//!   the previous generation; unchanged ones stay referenced from older generations. Stores
+//!   keep the last two generations (and everything they reference) so a damaged newest
+//!   snapshot falls back to the one before. [`DirSnapshots`] keeps them in a directory,
+//!   `kafka_store::KafkaSnapshots` in a compacted topic; [`restore`] picks the newest usable one.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use tracing::{error, warn};
 
 /// What a device checkpoint holds: the network's bytes and the input position they reflect.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -91,6 +102,352 @@ impl DirStore {
     }
 }
 
+/// The table of contents of one partition snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Input topic.
+    pub topic: String,
+    pub partition: i32,
+    /// Increases with every snapshot of the partition.
+    pub generation: u64,
+    /// Every listed network reflects exactly the partition's records below this offset: the
+    /// input position to resume from.
+    pub snapshot_offset: i64,
+    /// Every device of the partition and where its network is stored.
+    pub devices: BTreeMap<String, BlobRef>,
+}
+
+/// Where a device's network is stored and what it must look like.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRef {
+    /// Generation of the snapshot that wrote the blob (a later one may still refer to it).
+    pub generation: u64,
+    /// Offset of the last input record the network processed (-1: none).
+    pub offset: i64,
+    pub len: u64,
+    /// CRC-32 of the blob: a blob from another writer or generation, or a damaged one, is
+    /// refused rather than used.
+    pub crc32: u32,
+}
+
+impl Manifest {
+    /// The blobs this manifest needs: (device, generation).
+    pub fn blobs(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.devices.iter().map(|(d, r)| (d.as_str(), r.generation))
+    }
+}
+
+/// A manifest as found in a store: decoded, or why it could not be.
+#[derive(Clone, Debug)]
+pub struct FoundManifest {
+    pub generation: u64,
+    pub manifest: std::result::Result<Manifest, String>,
+    /// File or key, for messages.
+    pub location: String,
+}
+
+/// Storage of partition snapshots. Called from one thread at a time.
+pub trait SnapshotStore: Send {
+    /// Reads what the store holds for a partition (at assignment): its manifests, newest
+    /// first, each decoded or with the reason it could not be.
+    fn open(&mut self, partition: i32) -> Result<Vec<FoundManifest>>;
+    /// A device's blob of a generation; `None` when missing or incomplete.
+    fn blob(&mut self, partition: i32, device: &str, generation: u64) -> Result<Option<Vec<u8>>>;
+    /// Writes the new blobs, then the manifest (so a crash never leaves a manifest whose blobs
+    /// are missing), then removes manifests and blobs of the partition that neither `manifest`
+    /// nor `keep` needs. Returns the bytes written.
+    fn write(
+        &mut self,
+        manifest: &Manifest,
+        blobs: &[(String, Vec<u8>)],
+        keep: Option<&Manifest>,
+    ) -> Result<usize>;
+    /// Forgets what was cached for a partition (after revocation).
+    fn close(&mut self, partition: i32);
+    /// The transactional producer that owns the partition (stores writing to Kafka use it,
+    /// so a fenced owner cannot write snapshots either).
+    fn set_writer(&mut self, _partition: i32, _producer: std::sync::Arc<crate::eos::TxProducer>) {}
+}
+
+/// What [`restore`] chose for a partition.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// The snapshot installed; `None`: start from the partition's first retained record.
+    pub manifest: Option<Manifest>,
+    /// Highest generation present in the store (the next snapshot is numbered above it).
+    pub max_generation: u64,
+    /// Damaged or unusable snapshots met on the way, described (already logged).
+    pub problems: Vec<String>,
+}
+
+/// Picks the newest snapshot of `partition` that is intact, whose blobs are all present with
+/// the recorded length and CRC, which `install` accepts, and which is not ahead of the
+/// committed offset `committed`. Every damaged snapshot met is logged and listed in
+/// `problems`; none is ever used. `install` receives (device, offset, network bytes) and
+/// must make the networks live (or fail without effect).
+pub fn restore(
+    store: &mut dyn SnapshotStore,
+    partition: i32,
+    committed: i64,
+    mut install: impl FnMut(Vec<(String, i64, Vec<u8>)>) -> Result<()>,
+) -> Result<Restored> {
+    let found = store.open(partition)?;
+    let mut out = Restored {
+        max_generation: found.iter().map(|f| f.generation).max().unwrap_or(0),
+        ..Restored::default()
+    };
+    'candidates: for f in found {
+        let m = match f.manifest {
+            Ok(m) => m,
+            Err(reason) => {
+                out.problems
+                    .push(format!("manifest {}: {reason}", f.location));
+                continue;
+            }
+        };
+        if m.partition != partition {
+            out.problems.push(format!(
+                "manifest {} belongs to partition {}",
+                f.location, m.partition
+            ));
+            continue;
+        }
+        if m.snapshot_offset > committed {
+            // Only possible when the group's offsets were moved back by hand.
+            warn!(
+                partition,
+                generation = m.generation,
+                snapshot_offset = m.snapshot_offset,
+                committed,
+                "snapshot is ahead of the committed offset; using an older one"
+            );
+            continue;
+        }
+        let mut devices = Vec::with_capacity(m.devices.len());
+        for (device, r) in &m.devices {
+            let bytes = match store.blob(partition, device, r.generation)? {
+                Some(b) => b,
+                None => {
+                    out.problems.push(format!(
+                        "snapshot {} of partition {partition}: network of {device:?} (generation {}) is missing",
+                        m.generation, r.generation
+                    ));
+                    continue 'candidates;
+                }
+            };
+            if bytes.len() as u64 != r.len || crc32fast::hash(&bytes) != r.crc32 {
+                out.problems.push(format!(
+                    "snapshot {} of partition {partition}: network of {device:?} (generation {}) is corrupt \
+                     ({} bytes, CRC-32 {:#010x}; expected {} bytes, {:#010x})",
+                    m.generation,
+                    r.generation,
+                    bytes.len(),
+                    crc32fast::hash(&bytes),
+                    r.len,
+                    r.crc32
+                ));
+                continue 'candidates;
+            }
+            devices.push((device.clone(), r.offset, bytes));
+        }
+        if let Err(e) = install(devices) {
+            out.problems.push(format!(
+                "snapshot {} of partition {partition}: {e:#}",
+                m.generation
+            ));
+            continue;
+        }
+        out.manifest = Some(m);
+        break;
+    }
+    for p in &out.problems {
+        error!(partition, "corrupt checkpoint, not used: {p}");
+    }
+    Ok(out)
+}
+
+/// Partition snapshots in a directory: `root/<topic>-<partition>/snapshots/` holds
+/// `manifest-<generation>.ckpt` (framed and checksummed like every checkpoint) and
+/// `<device>@<generation>.net` (a network's bytes). Every file is written to a temporary name,
+/// synced and renamed into place; the directory is synced before the manifest is renamed.
+/// Several instances may share the directory (one owner per partition at a time).
+#[derive(Clone, Debug)]
+pub struct DirSnapshots {
+    root: PathBuf,
+    topic: String,
+}
+
+const MANIFEST_PREFIX: &str = "manifest-";
+const MANIFEST_SUFFIX: &str = ".ckpt";
+const BLOB_SUFFIX: &str = ".net";
+
+impl DirSnapshots {
+    /// Snapshots of `topic`'s partitions under `root` (created when missing).
+    pub fn open(root: &Path, topic: &str) -> Result<Self> {
+        fs::create_dir_all(root)
+            .with_context(|| format!("cannot create checkpoint directory {}", root.display()))?;
+        Ok(DirSnapshots {
+            root: root.to_path_buf(),
+            topic: topic.to_string(),
+        })
+    }
+
+    /// The directory of a partition's snapshots.
+    pub fn partition_dir(&self, partition: i32) -> PathBuf {
+        self.root
+            .join(format!("{}-{partition}", file_name(&self.topic)))
+            .join("snapshots")
+    }
+
+    fn manifest_path(&self, partition: i32, generation: u64) -> PathBuf {
+        self.partition_dir(partition).join(format!(
+            "{MANIFEST_PREFIX}{generation:020}{MANIFEST_SUFFIX}"
+        ))
+    }
+
+    /// Where a device's blob of a generation lives.
+    pub fn blob_path(&self, partition: i32, device: &str, generation: u64) -> PathBuf {
+        self.partition_dir(partition)
+            .join(format!("{}@{generation}{BLOB_SUFFIX}", file_name(device)))
+    }
+
+    fn entries(&self, partition: i32) -> Result<Vec<String>> {
+        let dir = self.partition_dir(partition);
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+        };
+        let mut names = Vec::new();
+        for e in rd {
+            let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
+            if let Some(n) = e.file_name().to_str() {
+                names.push(n.to_string());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}
+
+fn manifest_generation(name: &str) -> Option<u64> {
+    name.strip_prefix(MANIFEST_PREFIX)?
+        .strip_suffix(MANIFEST_SUFFIX)?
+        .parse()
+        .ok()
+}
+
+fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot rename {} into place", tmp.display()))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync directory {}", dir.display()))
+}
+
+impl SnapshotStore for DirSnapshots {
+    fn open(&mut self, partition: i32) -> Result<Vec<FoundManifest>> {
+        let mut gens: Vec<u64> = self
+            .entries(partition)?
+            .iter()
+            .filter_map(|n| manifest_generation(n))
+            .collect();
+        gens.sort_unstable_by_key(|&g| std::cmp::Reverse(g));
+        let mut out = Vec::with_capacity(gens.len());
+        for generation in gens {
+            let path = self.manifest_path(partition, generation);
+            let manifest = match fs::read(&path) {
+                Ok(bytes) => htm::checkpoint::decode::<Manifest>(&bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|m| {
+                        if m.generation == generation && m.topic == self.topic {
+                            Ok(m)
+                        } else {
+                            Err(format!(
+                                "holds generation {} of topic {:?}",
+                                m.generation, m.topic
+                            ))
+                        }
+                    }),
+                Err(e) => Err(format!("unreadable: {e}")),
+            };
+            out.push(FoundManifest {
+                generation,
+                manifest,
+                location: path.display().to_string(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn blob(&mut self, partition: i32, device: &str, generation: u64) -> Result<Option<Vec<u8>>> {
+        let path = self.blob_path(partition, device, generation);
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    fn write(
+        &mut self,
+        manifest: &Manifest,
+        blobs: &[(String, Vec<u8>)],
+        keep: Option<&Manifest>,
+    ) -> Result<usize> {
+        let p = manifest.partition;
+        let dir = self.partition_dir(p);
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut bytes = 0;
+        for (device, blob) in blobs {
+            write_file_synced(&self.blob_path(p, device, manifest.generation), blob)?;
+            bytes += blob.len();
+        }
+        // The blobs' names must be durable before a manifest can refer to them.
+        sync_dir(&dir)?;
+        let encoded = htm::checkpoint::encode(manifest);
+        write_file_synced(&self.manifest_path(p, manifest.generation), &encoded)?;
+        sync_dir(&dir)?;
+        bytes += encoded.len();
+
+        // Garbage: whatever neither the new nor the kept snapshot needs.
+        let mut needed: BTreeSet<String> = BTreeSet::new();
+        let mut gens = vec![manifest.generation];
+        for m in std::iter::once(manifest).chain(keep) {
+            for (d, g) in m.blobs() {
+                needed.insert(format!("{}@{g}{BLOB_SUFFIX}", file_name(d)));
+            }
+        }
+        gens.extend(keep.map(|k| k.generation));
+        for name in self.entries(p)? {
+            let garbage = match manifest_generation(&name) {
+                Some(g) => !gens.contains(&g),
+                // A temporary file is left over from a crash mid-write.
+                None => {
+                    (name.ends_with(BLOB_SUFFIX) && !needed.contains(&name))
+                        || name.ends_with(".tmp")
+                }
+            };
+            if garbage {
+                let path = dir.join(&name);
+                if let Err(e) = fs::remove_file(&path) {
+                    warn!("cannot remove old checkpoint {}: {e}", path.display());
+                }
+            }
+        }
+        Ok(bytes)
+    }
+
+    fn close(&mut self, _partition: i32) {}
+}
+
 /// A file-system-safe, collision-free rendering of a name: ASCII letters, digits, `.`, `-`
 /// and `_` stay, every other byte becomes `%XX`.
 fn file_name(name: &str) -> String {
@@ -145,6 +502,98 @@ mod tests {
         fs::write(&path, bytes).unwrap();
         let err = format!("{:#}", store.load("t", 3, "dev").unwrap_err());
         assert!(err.contains("dev.ckpt") && err.contains("corrupt"), "{err}");
+    }
+
+    fn manifest(generation: u64, offset: i64, devices: &[(&str, u64, &[u8])]) -> Manifest {
+        Manifest {
+            topic: "t".into(),
+            partition: 3,
+            generation,
+            snapshot_offset: offset,
+            devices: devices
+                .iter()
+                .map(|(d, g, b)| {
+                    let r = BlobRef {
+                        generation: *g,
+                        offset: offset - 1,
+                        len: b.len() as u64,
+                        crc32: crc32fast::hash(b),
+                    };
+                    (d.to_string(), r)
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn snapshots_keep_two_generations_and_restore_falls_back_on_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = DirSnapshots::open(dir.path(), "t").unwrap();
+        assert!(store.open(3).unwrap().is_empty());
+        let m1 = manifest(1, 10, &[("a", 1, b"a1"), ("b/x", 1, b"b1")]);
+        store
+            .write(
+                &m1,
+                &[("a".into(), b"a1".to_vec()), ("b/x".into(), b"b1".to_vec())],
+                None,
+            )
+            .unwrap();
+        let m2 = manifest(2, 20, &[("a", 2, b"a2"), ("b/x", 1, b"b1")]);
+        store
+            .write(&m2, &[("a".into(), b"a2".to_vec())], Some(&m1))
+            .unwrap();
+        let m3 = manifest(3, 30, &[("a", 3, b"a3"), ("b/x", 1, b"b1")]);
+        store
+            .write(&m3, &[("a".into(), b"a3".to_vec())], Some(&m2))
+            .unwrap();
+        let found = store.open(3).unwrap();
+        let gens: Vec<u64> = found.iter().map(|f| f.generation).collect();
+        assert_eq!(gens, [3, 2], "older generations are removed");
+        assert_eq!(
+            store.blob(3, "a", 1).unwrap(),
+            None,
+            "unreferenced blob removed"
+        );
+        assert_eq!(
+            store.blob(3, "b/x", 1).unwrap().unwrap(),
+            b"b1",
+            "still referenced"
+        );
+
+        let installed = std::cell::RefCell::new(Vec::new());
+        let install = |d: Vec<(String, i64, Vec<u8>)>| {
+            *installed.borrow_mut() = d;
+            Ok(())
+        };
+        let r = restore(&mut store, 3, 30, install).unwrap();
+        assert_eq!(r.manifest.unwrap().generation, 3);
+        assert!(r.problems.is_empty());
+        assert_eq!(installed.borrow()[0], ("a".to_string(), 29, b"a3".to_vec()));
+
+        // Not ahead of the committed offset: generation 3 is skipped silently.
+        let r = restore(&mut store, 3, 25, install).unwrap();
+        assert_eq!(r.manifest.unwrap().generation, 2);
+        assert!(r.problems.is_empty());
+
+        // A damaged blob of the newest generation: reported, the previous one used.
+        fs::write(store.blob_path(3, "a", 3), b"A3").unwrap();
+        let r = restore(&mut store, 3, 30, install).unwrap();
+        assert_eq!(r.manifest.unwrap().generation, 2);
+        assert_eq!(r.problems.len(), 1);
+        assert!(r.problems[0].contains("corrupt"), "{:?}", r.problems);
+        assert_eq!(installed.borrow()[0].2, b"a2");
+
+        // An installer refusing a network (undecodable) counts as damage too; with the other
+        // generation's manifest truncated nothing is usable.
+        let path = store.manifest_path(3, 2);
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        let r = restore(&mut store, 3, 30, |_| Ok(())).unwrap();
+        assert!(r.manifest.is_none());
+        assert_eq!(r.problems.len(), 2, "{:?}", r.problems);
+        assert_eq!(r.max_generation, 3);
+        let r = restore(&mut store, 3, 30, |_| anyhow::bail!("undecodable")).unwrap();
+        assert!(r.manifest.is_none());
     }
 
     #[test]
