@@ -3,7 +3,7 @@
 //! across devices while keeping each device's records in offset order, and renders enriched
 //! records.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -83,6 +83,17 @@ pub struct CheckpointStats {
     pub bytes: usize,
 }
 
+/// A checkpoint whose files a background thread is writing.
+struct Writing {
+    /// The devices it writes: one of them evicted meanwhile must wait for it, or its newer
+    /// file could be overwritten by this older state.
+    devices: HashSet<(i32, String)>,
+    handle: std::thread::JoinHandle<Result<CheckpointStats>>,
+}
+
+/// Files written at once by a background checkpoint (fsync-bound, not CPU-bound).
+const WRITER_THREADS: usize = 4;
+
 /// Per-device networks of the partitions this instance owns.
 pub struct Engine {
     config: Arc<Config>,
@@ -103,6 +114,9 @@ pub struct Engine {
     /// offset their spilled network reflects. A spill file not listed here (left by an earlier
     /// process, or of a partition rewound since) may hold uncommitted state and is never read.
     spilled: HashMap<(i32, String), i64>,
+    writing: Option<Writing>,
+    /// Result of a background checkpoint that an eviction had to wait for, not yet collected.
+    written: Option<Result<CheckpointStats>>,
 }
 
 impl Engine {
@@ -127,6 +141,8 @@ impl Engine {
             batches: 0,
             lazy_restore,
             spilled: HashMap::new(),
+            writing: None,
+            written: None,
         })
     }
 
@@ -353,10 +369,30 @@ impl Engine {
     }
 
     /// Checkpoints every device that changed since its last checkpoint, in the given
-    /// partitions (all when `None`). Cost follows the devices that changed, not all devices.
+    /// partitions (all when `None`), and returns once the files are durable (after any
+    /// background checkpoint). Cost follows the devices that changed, not all devices.
     pub fn checkpoint_dirty(&mut self, only: Option<&[i32]>) -> Result<CheckpointStats> {
-        let topic = self.config.topics.input.clone();
-        let store = &self.store;
+        let mut stats = self
+            .finish_checkpoint(true)
+            .transpose()?
+            .unwrap_or_default();
+        self.begin_checkpoint(only)?;
+        let now = self
+            .finish_checkpoint(true)
+            .transpose()?
+            .unwrap_or_default();
+        stats.devices += now.devices;
+        stats.bytes += now.bytes;
+        Ok(stats)
+    }
+
+    /// Starts a checkpoint of every changed device (in `only` partitions, or all): the networks
+    /// are serialised now, in parallel, and their files written by a background thread, so
+    /// the batch loop only waits for the serialisation. The state captured is that of this
+    /// moment; [`Engine::finish_checkpoint`] tells when it is durable. Waits for a previous
+    /// background checkpoint first.
+    pub fn begin_checkpoint(&mut self, only: Option<&[i32]>) -> Result<()> {
+        self.join_writing();
         let mut jobs: Vec<(i32, &String, &mut Device)> = Vec::new();
         for (&p, devices) in self.partitions.iter_mut() {
             if only.is_some_and(|o| !o.contains(&p)) {
@@ -369,29 +405,68 @@ impl Engine {
                     .map(|(k, d)| (p, k, d)),
             );
         }
-        let sizes: Vec<Result<usize>> = self.pool.install(|| {
+        let checkpoints: Vec<DeviceCheckpoint> = self.pool.install(|| {
             jobs.into_par_iter()
                 .map(|(partition, device, state)| {
-                    let bytes = store.save(
-                        &topic,
-                        &DeviceCheckpoint {
-                            device: device.clone(),
-                            partition,
-                            offset: state.offset,
-                            network: state.network.to_bytes(),
-                        },
-                    )?;
                     state.dirty = false;
-                    Ok(bytes)
+                    DeviceCheckpoint {
+                        device: device.clone(),
+                        partition,
+                        offset: state.offset,
+                        network: state.network.to_bytes(),
+                    }
                 })
                 .collect()
         });
-        let mut stats = CheckpointStats::default();
-        for s in sizes {
-            stats.bytes += s?;
-            stats.devices += 1;
+        let devices = checkpoints
+            .iter()
+            .map(|c| (c.partition, c.device.clone()))
+            .collect();
+        let store = self.store.clone();
+        let topic = self.config.topics.input.clone();
+        let handle = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || write_checkpoints(&store, &topic, &checkpoints))
+            .context("starting the checkpoint writer")?;
+        self.writing = Some(Writing { devices, handle });
+        Ok(())
+    }
+
+    /// The combined result of the background checkpoints not collected yet, once no file is
+    /// being written any more: `None` while one is still writing (unless `wait`), or when
+    /// there is nothing to collect.
+    pub fn finish_checkpoint(&mut self, wait: bool) -> Option<Result<CheckpointStats>> {
+        if wait
+            || self
+                .writing
+                .as_ref()
+                .is_some_and(|w| w.handle.is_finished())
+        {
+            self.join_writing();
         }
-        Ok(stats)
+        if self.writing.is_some() {
+            return None;
+        }
+        self.written.take()
+    }
+
+    /// Waits for the background checkpoint, keeping its result for `finish_checkpoint`.
+    fn join_writing(&mut self) {
+        let Some(writing) = self.writing.take() else {
+            return;
+        };
+        let result = writing
+            .handle
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the checkpoint writer panicked")));
+        self.written = Some(match (self.written.take(), result) {
+            (None, r) => r,
+            (Some(Err(e)), _) | (Some(Ok(_)), Err(e)) => Err(e),
+            (Some(Ok(a)), Ok(b)) => Ok(CheckpointStats {
+                devices: a.devices + b.devices,
+                bytes: a.bytes + b.bytes,
+            }),
+        });
     }
 
     /// Checkpoints and drops least-recently-used networks until the memory bounds hold. Networks
@@ -430,6 +505,14 @@ impl Engine {
                 .get_mut(&partition)
                 .expect("listed partition");
             let state = devices.remove(&device).expect("listed device");
+            let key = (partition, device.clone());
+            if self
+                .writing
+                .as_ref()
+                .is_some_and(|w| w.devices.contains(&key))
+            {
+                self.join_writing();
+            }
             if !self.lazy_restore {
                 self.spilled
                     .insert((partition, device.clone()), state.offset);
@@ -576,6 +659,38 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Writes device checkpoints, a few files at a time.
+fn write_checkpoints(
+    store: &DirStore,
+    topic: &str,
+    checkpoints: &[DeviceCheckpoint],
+) -> Result<CheckpointStats> {
+    let per_thread = checkpoints.len().div_ceil(WRITER_THREADS).max(1);
+    let sizes: Vec<Result<usize>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = checkpoints
+            .chunks(per_thread)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|cp| store.save(topic, cp))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("checkpoint file writer panicked"))
+            .collect()
+    });
+    let mut stats = CheckpointStats::default();
+    for s in sizes {
+        stats.bytes += s?;
+        stats.devices += 1;
+    }
+    Ok(stats)
 }
 
 /// Parses a message into a record; the error is the dead-letter reason.
@@ -814,6 +929,43 @@ mod tests {
         assert!(engine.evicted() > 15, "evictions: {}", engine.evicted());
         // Every evicted network that saw records again came back from its checkpoint.
         assert!(engine.restored() > 0 && engine.restored() + 3 >= engine.evicted());
+        assert_eq!(got, reference);
+    }
+
+    #[test]
+    fn background_checkpoints_and_evictions_leave_the_newest_state_on_disk() {
+        let data = stream(40);
+        let reference = uninterrupted(&data);
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = (*config(dir.path())).clone();
+        c.memory.max_networks = 1;
+        let c = Arc::new(c);
+        let mut engine = Engine::new(c.clone()).unwrap();
+        let mut got = Vec::new();
+        let mut written = 0;
+        for chunk in data[..90].chunks(5) {
+            got.extend(enriched(&engine.process(chunk).unwrap()));
+            // A checkpoint starts after every batch; the next batch evicts the device it is
+            // writing, which must not let the older state land after the newer one.
+            engine.begin_checkpoint(None).unwrap();
+            if let Some(done) = engine.finish_checkpoint(false) {
+                written += done.unwrap().devices;
+            }
+        }
+        written += engine
+            .finish_checkpoint(true)
+            .map_or(0, |d| d.unwrap().devices);
+        assert!(written > 0);
+        assert!(engine.finish_checkpoint(true).is_none(), "all collected");
+        drop(engine);
+        let mut engine = Engine::new(c).unwrap();
+        for chunk in data[90..].chunks(7) {
+            got.extend(enriched(&engine.process(chunk).unwrap()));
+        }
+        assert!(
+            engine.restored() >= 3,
+            "every device restarts from its file"
+        );
         assert_eq!(got, reference);
     }
 

@@ -7,9 +7,12 @@
 //! 1. a batch is polled and computed; enriched records and dead letters are produced with the
 //!    idempotent producer;
 //! 2. every `checkpoint.interval_secs`, on revocation and at shutdown, a *commit point*:
-//!    flush the producer and require every delivery acknowledged; write a checkpoint for every
-//!    device whose network changed, stamped with the offset of the last record it processed;
-//!    then commit the consumer positions.
+//!    (a) flush the producer and require every delivery acknowledged; (b) serialise every
+//!    device whose network changed, stamped with the offset of the last record it processed,
+//!    and write the files durably; (c) commit the consumer positions captured with (b).
+//!    The periodic commit point writes its files on a background thread while batches go on
+//!    (the batch loop only waits for the serialisation) and commits once they are durable;
+//!    at revocation and shutdown it completes before returning.
 //!
 //! After a crash the group resumes at the last committed position. Every network is restored
 //! from its checkpoint, which is never older than that position, so no record is skipped. A
@@ -33,7 +36,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{error, info, warn};
 
 use crate::config::{is_secret_property, BatchConfig, Config, Processing};
-use crate::engine::{Engine, InMessage, Outcome};
+use crate::engine::{CheckpointStats, Engine, InMessage, Outcome};
 
 /// Counters a caller (the demo, tests, metrics) can watch while the service runs.
 #[derive(Debug, Default)]
@@ -69,12 +72,16 @@ struct State {
     engine: Engine,
     /// Next offset to consume per partition (what gets committed).
     positions: BTreeMap<i32, i64>,
+    /// The positions a background checkpoint reflects, committed once its files are durable,
+    /// and when it started.
+    pending: Option<(BTreeMap<i32, i64>, Instant)>,
 }
 
 struct Shared {
     config: Arc<Config>,
     state: Mutex<State>,
     producer: ThreadedProducer<DeliveryContext>,
+    progress: Arc<Progress>,
 }
 
 /// Producer context counting failed deliveries.
@@ -157,13 +164,9 @@ impl ConsumerContext for GroupContext {
     }
 }
 
-/// Flush, checkpoint changed networks, commit positions (for `only` partitions, or all).
-fn commit_point(
-    shared: &Shared,
-    consumer: &BaseConsumer<GroupContext>,
-    only: Option<&[i32]>,
-) -> Result<()> {
-    let started = Instant::now();
+/// Flushes the producer and requires every record so far acknowledged: the precondition of
+/// committing any position.
+fn flush_acknowledged(shared: &Shared) -> Result<()> {
     shared
         .producer
         .flush(Duration::from_secs(60))
@@ -178,27 +181,95 @@ fn commit_point(
             .unwrap_or_default();
         bail!("records were not acknowledged by the broker (first error: {first}); not committing");
     }
-    let mut state = shared.state.lock().unwrap();
-    let stats = state.engine.checkpoint_dirty(only)?;
+    Ok(())
+}
+
+fn commit_positions(
+    shared: &Shared,
+    consumer: &BaseConsumer<GroupContext>,
+    positions: &BTreeMap<i32, i64>,
+) -> Result<()> {
     let mut tpl = TopicPartitionList::new();
-    for (&p, &next) in &state.positions {
-        if only.is_none_or(|o| o.contains(&p)) {
-            tpl.add_partition_offset(&shared.config.topics.input, p, Offset::Offset(next))?;
-        }
+    for (&p, &next) in positions {
+        tpl.add_partition_offset(&shared.config.topics.input, p, Offset::Offset(next))?;
     }
-    drop(state);
     if tpl.count() > 0 {
         consumer
             .commit(&tpl, CommitMode::Sync)
             .context("committing input offsets")?;
     }
-    metrics::histogram!("detector_checkpoint_seconds").record(started.elapsed().as_secs_f64());
-    metrics::counter!("detector_checkpoint_bytes_total").increment(stats.bytes as u64);
-    metrics::counter!("detector_checkpoint_devices_total").increment(stats.devices as u64);
     Ok(())
 }
 
-/// The shared librdkafka properties.
+fn record_checkpoint(started: Instant, stats: CheckpointStats, progress: &Progress) {
+    metrics::histogram!("detector_checkpoint_seconds").record(started.elapsed().as_secs_f64());
+    metrics::counter!("detector_checkpoint_bytes_total").increment(stats.bytes as u64);
+    metrics::counter!("detector_checkpoint_devices_total").increment(stats.devices as u64);
+    progress.commits.fetch_add(1, Ordering::SeqCst);
+}
+
+/// The periodic commit point, in the background: flush, then serialise the changed networks
+/// and capture the positions; a writer thread makes the files durable and
+/// [`complete_commit`] commits the positions after it. Skipped while the previous one writes.
+fn begin_commit(shared: &Shared) -> Result<()> {
+    if shared.state.lock().unwrap().pending.is_some() {
+        return Ok(());
+    }
+    flush_acknowledged(shared)?;
+    let started = Instant::now();
+    let mut state = shared.state.lock().unwrap();
+    state.engine.begin_checkpoint(None)?;
+    state.pending = Some((state.positions.clone(), started));
+    Ok(())
+}
+
+/// Commits the positions of the background checkpoint once its files are durable (at once
+/// with `wait`). A failed write is an error: nothing is committed and the service stops,
+/// so a restart replays from the previous commit.
+fn complete_commit(
+    shared: &Shared,
+    consumer: &BaseConsumer<GroupContext>,
+    progress: &Progress,
+    wait: bool,
+) -> Result<()> {
+    let mut state = shared.state.lock().unwrap();
+    let Some(done) = state.engine.finish_checkpoint(wait) else {
+        return Ok(());
+    };
+    let pending = state.pending.take();
+    drop(state);
+    let stats = done.context("writing checkpoints")?;
+    if let Some((positions, started)) = pending {
+        commit_positions(shared, consumer, &positions)?;
+        record_checkpoint(started, stats, progress);
+    }
+    Ok(())
+}
+
+/// Flush, checkpoint changed networks, commit positions (for `only` partitions, or all), all
+/// before returning: at revocation and at shutdown. A background commit point completes first.
+fn commit_point(
+    shared: &Shared,
+    consumer: &BaseConsumer<GroupContext>,
+    only: Option<&[i32]>,
+) -> Result<()> {
+    complete_commit(shared, consumer, &shared.progress, true)?;
+    flush_acknowledged(shared)?;
+    let started = Instant::now();
+    let mut state = shared.state.lock().unwrap();
+    let stats = state.engine.checkpoint_dirty(only)?;
+    let positions: BTreeMap<i32, i64> = state
+        .positions
+        .iter()
+        .filter(|(p, _)| only.is_none_or(|o| o.contains(p)))
+        .map(|(&p, &o)| (p, o))
+        .collect();
+    drop(state);
+    commit_positions(shared, consumer, &positions)?;
+    record_checkpoint(started, stats, &shared.progress);
+    Ok(())
+}
+
 pub(crate) fn client_config(config: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
     for (k, v) in &config.kafka {
@@ -258,8 +329,10 @@ fn run_at_least_once(
         state: Mutex::new(State {
             engine: Engine::new(config.clone())?,
             positions: BTreeMap::new(),
+            pending: None,
         }),
         producer,
+        progress: progress.clone(),
     });
     let mut cc = role_config(&config, &config.kafka_consumer);
     cc.set("group.id", &config.group_id)
@@ -291,14 +364,13 @@ fn run_at_least_once(
             process_batch(&shared, &batch, &progress)?;
         }
         if last_commit.elapsed() >= interval {
-            commit_point(&shared, &consumer, None)?;
-            progress.commits.fetch_add(1, Ordering::SeqCst);
+            begin_commit(&shared)?;
             last_commit = Instant::now();
         }
+        complete_commit(&shared, &consumer, &progress, false)?;
     }
     info!("stopping: final checkpoint and commit");
     commit_point(&shared, &consumer, None)?;
-    progress.commits.fetch_add(1, Ordering::SeqCst);
     consumer.unsubscribe();
     Ok(())
 }
