@@ -242,12 +242,8 @@ impl Engine {
         outcomes: &mut [Option<Outcome>],
     ) -> Result<()> {
         let now = self.batches;
-        // Make sure every device has its one network: in memory, restored, or new.
-        for (partition, device) in wave {
-            let first = &groups[&(*partition, device.clone())][0].1;
-            self.ensure_device(*partition, device, first)?;
-        }
-        let members: std::collections::HashSet<&(i32, String)> = wave.iter().collect();
+        self.ensure_devices(wave, groups)?;
+        let members: HashSet<&(i32, String)> = wave.iter().collect();
         // Compute: devices in parallel, each device's records in order.
         let mut work: Vec<(&mut Device, &DeviceRecords, i32)> = Vec::new();
         for (&partition, devices) in self.partitions.iter_mut() {
@@ -312,16 +308,48 @@ impl Engine {
         Ok(())
     }
 
-    fn ensure_device(&mut self, partition: i32, device: &str, first: &InputRecord) -> Result<()> {
-        if self
-            .partitions
-            .get(&partition)
-            .is_some_and(|d| d.contains_key(device))
-        {
-            return Ok(());
+    /// Makes sure every device of the wave has its one network: in memory, restored, or new.
+    /// Missing ones are opened in parallel (building or decoding a network takes milliseconds).
+    fn ensure_devices(
+        &mut self,
+        wave: &[(i32, String)],
+        groups: &HashMap<(i32, String), DeviceRecords>,
+    ) -> Result<()> {
+        let missing: Vec<&(i32, String)> = wave
+            .iter()
+            .filter(|(p, d)| !self.partitions.get(p).is_some_and(|m| m.contains_key(d)))
+            .collect();
+        let spilled: Vec<Option<i64>> = missing.iter().map(|k| self.spilled.remove(k)).collect();
+        let opened: Vec<Result<(Device, bool)>> = self.pool.install(|| {
+            missing
+                .par_iter()
+                .zip(spilled)
+                .map(|(key, spilled)| {
+                    let first = &groups[key][0].1;
+                    self.open_device(key.0, &key.1, first, spilled)
+                })
+                .collect()
+        });
+        for (key, opened) in missing.into_iter().zip(opened) {
+            let (state, restored) = opened?;
+            self.restored += u64::from(restored);
+            self.partitions
+                .entry(key.0)
+                .or_default()
+                .insert(key.1.clone(), state);
         }
+        Ok(())
+    }
+
+    /// A device's network from its checkpoint (true) or new from the configured preset.
+    fn open_device(
+        &self,
+        partition: i32,
+        device: &str,
+        first: &InputRecord,
+        spilled: Option<i64>,
+    ) -> Result<(Device, bool)> {
         let topic = &self.config.topics.input;
-        let spilled = self.spilled.remove(&(partition, device.to_string()));
         let stored = if self.lazy_restore || spilled.is_some() {
             self.store.load(topic, partition, device)?
         } else {
@@ -334,38 +362,28 @@ impl Engine {
                 cp.offset
             );
         }
-        let state = match stored {
+        let restored = stored.is_some();
+        let (network, offset) = match stored {
             Some(cp) => {
                 let network = Network::from_bytes(&cp.network).with_context(|| {
                     format!("restoring device {device:?} of partition {partition}")
                 })?;
-                self.restored += 1;
-                Device {
-                    bytes: network.heap_bytes(),
-                    network,
-                    offset: cp.offset,
-                    dirty: false,
-                    last_used: self.batches,
-                }
+                (network, cp.offset)
             }
             None => {
                 let code = first.fields.as_ref().map(|f| f.parameter_code.as_str());
                 let params = self.config.network_params(Some(device), code)?;
-                let network = Network::new(params)?;
-                Device {
-                    bytes: network.heap_bytes(),
-                    network,
-                    offset: -1,
-                    dirty: false,
-                    last_used: self.batches,
-                }
+                (Network::new(params)?, -1)
             }
         };
-        self.partitions
-            .entry(partition)
-            .or_default()
-            .insert(device.to_string(), state);
-        Ok(())
+        let state = Device {
+            bytes: network.heap_bytes(),
+            network,
+            offset,
+            dirty: false,
+            last_used: self.batches,
+        };
+        Ok((state, restored))
     }
 
     /// Checkpoints every device that changed since its last checkpoint, in the given

@@ -64,6 +64,9 @@ impl ProducerContext for Timing {
     }
 }
 
+/// See where it is set.
+const MOCK_FETCH_WAIT_MS: &str = "10";
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let mock = MockCluster::new(1)?;
@@ -74,7 +77,15 @@ fn main() -> Result<()> {
     config.htm.min = 0.0;
     config.htm.max = 100.0;
     config.batch.max_wait_ms = 50;
-    config.checkpoint.interval_secs = 5.0;
+    config.checkpoint.interval_secs = std::env::var("E2E_CKPT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5.0);
+    // The mock broker holds a fetch for its whole max wait even when data arrives (a real
+    // broker answers at fetch.min.bytes = 1): without this, latency measures the mock.
+    config
+        .kafka_consumer
+        .insert("fetch.wait.max.ms".into(), MOCK_FETCH_WAIT_MS.into());
     for t in [
         &config.topics.input,
         &config.topics.output,
@@ -94,13 +105,14 @@ fn main() -> Result<()> {
     let reader: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         .set("group.id", "e2e-reader")
+        .set("fetch.wait.max.ms", MOCK_FETCH_WAIT_MS)
         .create()?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..args.partitions {
         tpl.add_partition_offset(&config.topics.output, p, Offset::Beginning)?;
     }
     reader.assign(&tpl)?;
-    warm_up(&bootstrap, &config.topics.input, &progress)?;
+    warm_up(&bootstrap, &config.topics.input, args.partitions, &reader)?;
 
     let sent: SendTimes = Arc::new(Mutex::new(HashMap::with_capacity(args.records)));
     let producer: ThreadedProducer<Timing> = ClientConfig::new()
@@ -194,6 +206,10 @@ fn main() -> Result<()> {
     feeder.join().expect("producer thread")?;
     stop.store(true, Ordering::SeqCst);
     detector.join().expect("detector thread")?;
+    if let Ok(path) = std::env::var("E2E_DUMP") {
+        let text: String = latencies_ms.iter().map(|l| format!("{l:.1}\n")).collect();
+        std::fs::write(path, text)?;
+    }
     latencies_ms.sort_by(f64::total_cmp);
     let pct = |q: f64| latencies_ms[((latencies_ms.len() - 1) as f64 * q).round() as usize];
     println!(
@@ -207,7 +223,7 @@ fn main() -> Result<()> {
 
 /// The group join on the mock takes a few seconds: one warm-up record, enriched before the
 /// clock starts, makes latency measure the pipeline rather than the join.
-fn warm_up(bootstrap: &str, topic: &str, progress: &Progress) -> Result<()> {
+fn warm_up(bootstrap: &str, topic: &str, partitions: i32, reader: &BaseConsumer) -> Result<()> {
     let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()?;
@@ -218,16 +234,29 @@ fn warm_up(bootstrap: &str, topic: &str, progress: &Progress) -> Result<()> {
         fields: None,
     };
     let payload = rec.to_json();
-    producer
-        .send(BaseRecord::to(topic).key(WARM_UP).payload(&payload))
-        .map_err(|(e, _)| e)?;
+    for p in 0..partitions {
+        producer
+            .send(
+                BaseRecord::to(topic)
+                    .key(WARM_UP)
+                    .payload(&payload)
+                    .partition(p),
+            )
+            .map_err(|(e, _)| e)?;
+    }
     producer.flush(Duration::from_secs(10))?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while progress.enriched.load(Ordering::SeqCst) == 0 {
+    let mut seen = 0;
+    while seen < partitions {
         if Instant::now() > deadline {
-            bail!("the detector did not process the warm-up record within 60 s");
+            bail!("only {seen} of {partitions} warm-up records came back within 60 s");
         }
-        std::thread::sleep(Duration::from_millis(20));
+        if let Some(m) = reader.poll(Duration::from_millis(100)) {
+            let v: serde_json::Value = serde_json::from_slice(m?.payload().unwrap_or_default())?;
+            if v["deviceId"] == WARM_UP {
+                seen += 1;
+            }
+        }
     }
     Ok(())
 }
