@@ -40,6 +40,12 @@ struct Args {
     /// Detector compute threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// Seconds between the detector's checkpoints.
+    #[arg(long, default_value_t = 5.0)]
+    checkpoint_interval: f64,
+    /// Also write every record's latency (ms), in arrival order, to this file.
+    #[arg(long)]
+    latencies: Option<std::path::PathBuf>,
 }
 
 const WARM_UP: &str = "warm-up";
@@ -77,10 +83,7 @@ fn main() -> Result<()> {
     config.htm.min = 0.0;
     config.htm.max = 100.0;
     config.batch.max_wait_ms = 50;
-    config.checkpoint.interval_secs = std::env::var("E2E_CKPT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5.0);
+    config.checkpoint.interval_secs = args.checkpoint_interval;
     // The mock broker holds a fetch for its whole max wait even when data arrives (a real
     // broker answers at fetch.min.bytes = 1): without this, latency measures the mock.
     config
@@ -206,7 +209,7 @@ fn main() -> Result<()> {
     feeder.join().expect("producer thread")?;
     stop.store(true, Ordering::SeqCst);
     detector.join().expect("detector thread")?;
-    if let Ok(path) = std::env::var("E2E_DUMP") {
+    if let Some(path) = &args.latencies {
         let text: String = latencies_ms.iter().map(|l| format!("{l:.1}\n")).collect();
         std::fs::write(path, text)?;
     }
