@@ -1,6 +1,7 @@
 //! End-to-end benchmark on librdkafka's in-process mock cluster: a keyed producer, the detector
 //! service, and a consumer of the enriched topic measuring produce → enriched latency.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,10 +10,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use detector::config::Config;
 use detector::demo::demo_config;
 use detector::service::{self, Progress};
 use generator::partition_for_key;
 use generator::records::InputRecord;
+use htm::network::Network;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -75,6 +78,10 @@ const MOCK_FETCH_WAIT_MS: &str = "10";
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let mut rng = htm::random::Random::new(11);
+    let records: Vec<InputRecord> = (0..args.records)
+        .map(|i| benches::synthetic::record(i, args.devices, &mut rng))
+        .collect();
     let mock = MockCluster::new(1)?;
     let bootstrap = mock.bootstrap_servers();
     let dir = tempfile::tempdir()?;
@@ -126,19 +133,19 @@ fn main() -> Result<()> {
     let partitions =
         NonZeroU32::new(args.partitions as u32).context("partitions must be positive")?;
     let topic = config.topics.input.clone();
-    let (devices, total, rate) = (args.devices, args.records, args.rate);
+    let (total, rate) = (args.records, args.rate);
+    let records = Arc::new(records);
+    let to_send = records.clone();
     let started = Instant::now();
     let feeder = std::thread::spawn(move || -> Result<()> {
-        let mut rng = htm::random::Random::new(11);
         let mut buf = Vec::new();
-        for i in 0..total {
+        for (i, rec) in to_send.iter().enumerate() {
             if rate > 0.0 {
                 let due = started + Duration::from_secs_f64(i as f64 / rate);
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
             }
-            let rec = benches::synthetic::record(i, devices, &mut rng);
             buf.clear();
             rec.write_json(&mut buf);
             let partition = partition_for_key(rec.device_id.as_bytes(), partitions) as i32;
@@ -215,6 +222,18 @@ fn main() -> Result<()> {
     }
     latencies_ms.sort_by(f64::total_cmp);
     let pct = |q: f64| latencies_ms[((latencies_ms.len() - 1) as f64 * q).round() as usize];
+    let workers = if args.workers == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        args.workers
+    };
+    let single = htm_single_thread(&config, &records)?;
+    let throughput = total as f64 / seconds;
+    println!(
+        "single-thread HTM on the same records: {single:.0} records/s; the pipeline reached \
+         {:.0} % of that × {workers} workers",
+        100.0 * throughput / (single * workers as f64)
+    );
     println!(
         "e2e: records={total} seconds={seconds:.3} records_per_s={:.0} p50_ms={:.1} p99_ms={:.1}",
         total as f64 / seconds,
@@ -262,4 +281,21 @@ fn warm_up(bootstrap: &str, topic: &str, partitions: i32, reader: &BaseConsumer)
         }
     }
     Ok(())
+}
+
+/// Single-thread HTM over the same records, one network per device built as the detector
+/// builds them (creation included): the yardstick for the pipeline's throughput.
+fn htm_single_thread(config: &Config, records: &[InputRecord]) -> Result<f64> {
+    let mut networks: HashMap<&str, Network> = HashMap::new();
+    let start = Instant::now();
+    for r in records {
+        let network = match networks.entry(&r.device_id) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(Network::new(
+                config.network_params(Some(&r.device_id), None)?,
+            )?),
+        };
+        std::hint::black_box(network.compute(r.timestamp, r.value)?);
+    }
+    Ok(records.len() as f64 / start.elapsed().as_secs_f64())
 }
