@@ -513,7 +513,7 @@ impl Engine {
             .filter(|(used, _, _)| *used < now)
             .collect();
         lru.sort();
-        let topic = self.config.topics.input.clone();
+        let mut victims: Vec<(i32, String, Device)> = Vec::new();
         for (_, partition, device) in lru {
             if count <= max_networks && bytes <= max_bytes {
                 break;
@@ -523,7 +523,7 @@ impl Engine {
                 .get_mut(&partition)
                 .expect("listed partition");
             let state = devices.remove(&device).expect("listed device");
-            let key = (partition, device.clone());
+            let key = (partition, device);
             if self
                 .writing
                 .as_ref()
@@ -532,25 +532,29 @@ impl Engine {
                 self.join_writing();
             }
             if !self.lazy_restore {
-                self.spilled
-                    .insert((partition, device.clone()), state.offset);
-            }
-            // Exactly once, the spill area holds nothing of this device yet.
-            if state.dirty || !self.lazy_restore {
-                self.store.save(
-                    &topic,
-                    &DeviceCheckpoint {
-                        device: device.clone(),
-                        partition,
-                        offset: state.offset,
-                        network: state.network.to_bytes(),
-                    },
-                )?;
+                self.spilled.insert(key.clone(), state.offset);
             }
             count -= 1;
             bytes -= state.bytes;
             self.evicted += 1;
+            victims.push((key.0, key.1, state));
         }
+        // Serialised in parallel, then written a few files at a time. Exactly once, the spill
+        // area holds nothing of a device yet, clean or not.
+        let lazy_restore = self.lazy_restore;
+        let checkpoints: Vec<DeviceCheckpoint> = self.pool.install(|| {
+            victims
+                .into_par_iter()
+                .filter(|(_, _, state)| state.dirty || !lazy_restore)
+                .map(|(partition, device, state)| DeviceCheckpoint {
+                    device,
+                    partition,
+                    offset: state.offset,
+                    network: state.network.to_bytes(),
+                })
+                .collect()
+        });
+        write_checkpoints(&self.store, &self.config.topics.input, &checkpoints)?;
         Ok(())
     }
 

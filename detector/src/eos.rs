@@ -22,7 +22,9 @@
 //!   `commit_transaction`. Output and input progress become visible together or not at all.
 //!   An abortable error aborts the transaction and *rewinds* the partitions not committed
 //!   (networks restored from their snapshot, consumer seeked back, see below); a fatal error
-//!   (fenced) stops the instance at once without writing anything more.
+//!   (fenced) ends the session at once without writing anything more; after a producer
+//!   fencing (a newer owner took a partition over) the instance rejoins the group with fresh
+//!   state, like a restart.
 //! * **Partition snapshots**, written only between transactions, so they never contain
 //!   uncommitted state: every `checkpoint.interval_secs`, at revocation and at shutdown, for
 //!   each owned partition, the networks that changed since the previous snapshot and then a
@@ -629,22 +631,39 @@ enum TxError {
     Fatal(anyhow::Error),
 }
 
+/// A partition's transactional producer was fenced: another owner took the partition over
+/// (this instance missed a rebalance, e.g. after a long pause). The session ends without
+/// writing anything more and [`crate::service::run`] rejoins the group with a fresh one.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: fenced by a newer owner of the partition")]
+pub struct Fenced(String);
+
+fn is_producer_fencing(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::Fenced
+            | RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+    )
+}
+
 fn classify(producer: &TxProducer, e: KafkaError, what: &str) -> TxError {
     if let Some((code, reason)) = producer.client().fatal_error() {
+        if is_producer_fencing(code) {
+            return TxError::Fatal(Fenced(format!("{what}: {reason}")).into());
+        }
         return TxError::Fatal(anyhow!("{what}: fatal producer error {code:?}: {reason}"));
     }
-    let fenced = matches!(
-        e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::Fenced
-                | RDKafkaErrorCode::ProducerFenced
-                | RDKafkaErrorCode::InvalidProducerEpoch
-                | RDKafkaErrorCode::FencedInstanceId
-        )
-    );
+    let code = e.rdkafka_error_code();
+    if code.is_some_and(is_producer_fencing) {
+        return TxError::Fatal(Fenced(format!("{what}: {e}")).into());
+    }
     match &e {
         KafkaError::Transaction(t) if t.is_fatal() => TxError::Fatal(anyhow!("{what}: {e}")),
-        _ if fenced => TxError::Fatal(anyhow!("{what}: fenced: {e}")),
+        // Another live process has this instance id: this one must stop.
+        _ if code == Some(RDKafkaErrorCode::FencedInstanceId) => {
+            TxError::Fatal(anyhow!("{what}: fenced: {e}"))
+        }
         _ => TxError::Abortable(anyhow!("{what}: {e}"), Vec::new()),
     }
 }

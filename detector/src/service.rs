@@ -66,6 +66,8 @@ pub struct Progress {
     pub aborts: AtomicU64,
     /// Partition snapshots written (exactly once).
     pub snapshots: AtomicU64,
+    /// Sessions restarted after this instance was fenced (exactly once).
+    pub rejoins: AtomicU64,
 }
 
 struct State {
@@ -313,7 +315,20 @@ pub(crate) fn redact(config: &Config, e: &dyn std::fmt::Display) -> String {
 /// configured delivery guarantee.
 pub fn run(config: Arc<Config>, stop: Arc<AtomicBool>, progress: Arc<Progress>) -> Result<()> {
     match config.processing {
-        Processing::ExactlyOnce => crate::eos::run(config, stop, progress),
+        Processing::ExactlyOnce => loop {
+            match crate::eos::run(config.clone(), stop.clone(), progress.clone()) {
+                Err(e) if e.downcast_ref::<crate::eos::Fenced>().is_some() => {
+                    warn!("{e:#}; rejoining the group with fresh state");
+                    metrics::counter!("detector_fenced_rejoins_total").increment(1);
+                    progress.rejoins.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_secs(1));
+                    if stop.load(Ordering::SeqCst) {
+                        return Ok(());
+                    }
+                }
+                other => return other,
+            }
+        },
         Processing::AtLeastOnce => run_at_least_once(config, stop, progress),
     }
 }
