@@ -93,6 +93,8 @@ struct Writing {
 
 /// Files written at once by a background checkpoint (fsync-bound, not CPU-bound).
 const WRITER_THREADS: usize = 4;
+/// Evicted networks serialised and written together: bounds the transient buffers.
+const EVICTION_CHUNK: usize = 32;
 
 /// Per-device networks of the partitions this instance owns.
 pub struct Engine {
@@ -204,8 +206,21 @@ impl Engine {
         let wave = self.wave_size();
         for devices in group_order.chunks(wave) {
             self.batches += 1;
+            let now = self.batches;
+            // Make room before the wave, so the bounds hold while it computes too; the wave's
+            // devices in memory are marked used so they stay.
+            let mut incoming = 0;
+            for (p, d) in devices {
+                match self.partitions.get_mut(p).and_then(|m| m.get_mut(d)) {
+                    Some(state) => state.last_used = now,
+                    None => incoming += 1,
+                }
+            }
+            let average = self.resident_bytes().checked_div(self.devices());
+            self.enforce_memory_bounds(now, incoming, incoming * average.unwrap_or(0))?;
             self.compute_wave(batch, devices, &groups, threshold, &mut outcomes)?;
-            self.enforce_memory_bounds(self.batches)?;
+            // Networks grow as they learn.
+            self.enforce_memory_bounds(now, 0, 0)?;
         }
         Ok(outcomes
             .into_iter()
@@ -411,6 +426,9 @@ impl Engine {
     /// background checkpoint first.
     pub fn begin_checkpoint(&mut self, only: Option<&[i32]>) -> Result<()> {
         self.join_writing();
+        // The serialised networks wait in memory for the writer: past the room the memory
+        // bound leaves, they are written at once instead.
+        let room = self.max_bytes().saturating_sub(self.resident_bytes());
         let mut jobs: Vec<(i32, &String, &mut Device)> = Vec::new();
         for (&p, devices) in self.partitions.iter_mut() {
             if only.is_some_and(|o| !o.contains(&p)) {
@@ -423,19 +441,43 @@ impl Engine {
                     .map(|(k, d)| (p, k, d)),
             );
         }
-        let checkpoints: Vec<DeviceCheckpoint> = self.pool.install(|| {
-            jobs.into_par_iter()
-                .map(|(partition, device, state)| {
-                    state.dirty = false;
-                    DeviceCheckpoint {
-                        device: device.clone(),
-                        partition,
-                        offset: state.offset,
-                        network: state.network.to_bytes(),
-                    }
-                })
-                .collect()
-        });
+        let (store, topic) = (&self.store, &self.config.topics.input);
+        let mut checkpoints: Vec<DeviceCheckpoint> = Vec::new();
+        let mut held = 0;
+        let mut written = CheckpointStats::default();
+        let mut jobs = jobs.into_iter();
+        loop {
+            let chunk: Vec<_> = jobs.by_ref().take(EVICTION_CHUNK).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            let serialised: Vec<DeviceCheckpoint> = self.pool.install(|| {
+                chunk
+                    .into_par_iter()
+                    .map(|(partition, device, state)| {
+                        state.dirty = false;
+                        DeviceCheckpoint {
+                            device: device.clone(),
+                            partition,
+                            offset: state.offset,
+                            network: state.network.to_bytes(),
+                        }
+                    })
+                    .collect()
+            });
+            held += serialised.iter().map(|c| c.network.len()).sum::<usize>();
+            checkpoints.extend(serialised);
+            if held > room {
+                let now = write_checkpoints(store, topic, &checkpoints)?;
+                written.devices += now.devices;
+                written.bytes += now.bytes;
+                checkpoints.clear();
+                held = 0;
+            }
+        }
+        if written.devices > 0 {
+            self.written = Some(Ok(written));
+        }
         let devices = checkpoints
             .iter()
             .map(|c| (c.partition, c.device.clone()))
@@ -487,23 +529,36 @@ impl Engine {
         });
     }
 
-    /// Checkpoints and drops least-recently-used networks until the memory bounds hold. Networks
-    /// used in the current batch (`now`) stay, so a bound below one batch's devices is exceeded
-    /// for that batch rather than thrashing.
-    fn enforce_memory_bounds(&mut self, now: u64) -> Result<()> {
+    /// The memory bound in bytes (`usize::MAX` for none).
+    fn max_bytes(&self) -> usize {
+        match self.config.memory.max_mb {
+            0 => usize::MAX,
+            mb => (mb as usize) << 20,
+        }
+    }
+
+    /// Checkpoints and drops least-recently-used networks until the memory bounds hold with
+    /// room for `reserve_count` more networks of `reserve_bytes`. Networks used in the current
+    /// wave (`now`) stay, so a bound below one wave's devices is exceeded for that wave rather
+    /// than thrashing.
+    fn enforce_memory_bounds(
+        &mut self,
+        now: u64,
+        reserve_count: usize,
+        reserve_bytes: usize,
+    ) -> Result<()> {
         let bounds = &self.config.memory;
         let max_networks = if bounds.max_networks == 0 {
             usize::MAX
         } else {
             bounds.max_networks
         };
-        let max_bytes = if bounds.max_mb == 0 {
-            usize::MAX
-        } else {
-            (bounds.max_mb as usize) << 20
+        let max_bytes = self.max_bytes();
+        let fits = |count: usize, bytes: usize| {
+            count + reserve_count <= max_networks && bytes + reserve_bytes <= max_bytes
         };
         let (mut count, mut bytes) = (self.devices(), self.resident_bytes());
-        if count <= max_networks && bytes <= max_bytes {
+        if fits(count, bytes) {
             return Ok(());
         }
         let mut lru: Vec<(u64, i32, String)> = self
@@ -515,7 +570,7 @@ impl Engine {
         lru.sort();
         let mut victims: Vec<(i32, String, Device)> = Vec::new();
         for (_, partition, device) in lru {
-            if count <= max_networks && bytes <= max_bytes {
+            if fits(count, bytes) {
                 break;
             }
             let devices = self
@@ -538,9 +593,16 @@ impl Engine {
             bytes -= state.bytes;
             self.evicted += 1;
             victims.push((key.0, key.1, state));
+            if victims.len() == EVICTION_CHUNK {
+                self.write_evicted(std::mem::take(&mut victims))?;
+            }
         }
-        // Serialised in parallel, then written a few files at a time. Exactly once, the spill
-        // area holds nothing of a device yet, clean or not.
+        self.write_evicted(victims)
+    }
+
+    /// Writes evicted networks (serialised in parallel, then a few files at a time). Exactly
+    /// once, the spill area holds nothing of a device yet, clean or not.
+    fn write_evicted(&self, victims: Vec<(i32, String, Device)>) -> Result<()> {
         let lazy_restore = self.lazy_restore;
         let checkpoints: Vec<DeviceCheckpoint> = self.pool.install(|| {
             victims
@@ -677,7 +739,7 @@ impl Engine {
             }
             // Bumping the clock makes this wave evictable by the next one.
             self.batches += 1;
-            self.enforce_memory_bounds(self.batches)?;
+            self.enforce_memory_bounds(self.batches, 0, 0)?;
         }
         Ok(())
     }

@@ -11,6 +11,11 @@ use detector::config::{Config, Processing};
 use detector::service::{self, Progress};
 use tracing::{error, info, warn};
 
+// Networks are large and short-lived under memory bounds (evicted, restored): mimalloc gives
+// freed memory back to the system more readily than glibc's per-thread arenas.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Online HTM anomaly detector for device telemetry on Kafka.
 #[derive(Parser)]
 #[command(version, about)]

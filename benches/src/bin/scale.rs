@@ -14,6 +14,10 @@ use detector::service::{self, Progress};
 use generator::LoadOptions;
 use rdkafka::mocking::MockCluster;
 
+// The detector's allocator (see detector/src/main.rs): freed networks go back to the system.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Thousands of device networks in one detector under a memory budget.
 #[derive(Parser)]
 #[command(about)]
