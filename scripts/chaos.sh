@@ -96,7 +96,9 @@ start_broker() {
   return 1
 }
 stop_broker() {
-  kill -TERM "$BROKER_PID"
+  if ! kill -TERM "$BROKER_PID" 2>/dev/null; then
+    log "the broker had exited on its own; see $OUT/broker.log"
+  fi
   wait "$BROKER_PID" || true
   BROKER_PID=
 }

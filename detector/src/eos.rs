@@ -22,9 +22,9 @@
 //!   `commit_transaction`. Output and input progress become visible together or not at all.
 //!   An abortable error aborts the transaction and *rewinds* the partitions not committed
 //!   (networks restored from their snapshot, consumer seeked back, see below); a fatal error
-//!   (fenced) ends the session at once without writing anything more; after a producer
-//!   fencing (a newer owner took a partition over) the instance rejoins the group with fresh
-//!   state, like a restart.
+//!   (fenced) ends the session at once without writing anything more; when a producer is
+//!   fenced (a newer owner took a partition over) or failed fatally, the instance starts a
+//!   fresh session — rejoins the group, restores snapshots — as a restart would.
 //! * **Partition snapshots**, written only between transactions, so they never contain
 //!   uncommitted state: every `checkpoint.interval_secs`, at revocation and at shutdown, for
 //!   each owned partition, the networks that changed since the previous snapshot and then a
@@ -631,12 +631,21 @@ enum TxError {
     Fatal(anyhow::Error),
 }
 
-/// A partition's transactional producer was fenced: another owner took the partition over
-/// (this instance missed a rebalance, e.g. after a long pause). The session ends without
-/// writing anything more and [`crate::service::run`] rejoins the group with a fresh one.
+/// A partition's transactional producer is unusable: fenced (another owner took the
+/// partition over, e.g. after this instance missed a rebalance) or hit by a fatal error (e.g.
+/// a sequence desynchronisation after a broker restart). The session ends without writing
+/// anything more and [`crate::service::run`] starts a fresh one, as a restart would.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}: fenced by a newer owner of the partition")]
-pub struct Fenced(String);
+#[error("{0}: the session's producer is fenced or failed")]
+pub struct SessionLost(String);
+
+/// `SessionLost` when the producer has a fatal error, else `other`.
+fn fatal_or(producer: &TxProducer, what: &str, other: anyhow::Error) -> anyhow::Error {
+    match producer.client().fatal_error() {
+        Some((code, reason)) => SessionLost(format!("{what}: {code:?}: {reason}")).into(),
+        None => other,
+    }
+}
 
 fn is_producer_fencing(code: RDKafkaErrorCode) -> bool {
     matches!(
@@ -649,14 +658,11 @@ fn is_producer_fencing(code: RDKafkaErrorCode) -> bool {
 
 fn classify(producer: &TxProducer, e: KafkaError, what: &str) -> TxError {
     if let Some((code, reason)) = producer.client().fatal_error() {
-        if is_producer_fencing(code) {
-            return TxError::Fatal(Fenced(format!("{what}: {reason}")).into());
-        }
-        return TxError::Fatal(anyhow!("{what}: fatal producer error {code:?}: {reason}"));
+        return TxError::Fatal(SessionLost(format!("{what}: {code:?}: {reason}")).into());
     }
     let code = e.rdkafka_error_code();
     if code.is_some_and(is_producer_fencing) {
-        return TxError::Fatal(Fenced(format!("{what}: {e}")).into());
+        return TxError::Fatal(SessionLost(format!("{what}: {e}")).into());
     }
     match &e {
         KafkaError::Transaction(t) if t.is_fatal() => TxError::Fatal(anyhow!("{what}: {e}")),
@@ -806,8 +812,10 @@ fn transaction(
     match result {
         Err(TxError::Abortable(e, _)) => match producer.abort_transaction(CALL_TIMEOUT) {
             Ok(()) => Err(TxError::Abortable(e, Vec::new())),
-            Err(abort) => Err(TxError::Fatal(anyhow!(
-                "abort_transaction failed ({abort}) after: {e:#}"
+            Err(abort) => Err(TxError::Fatal(fatal_or(
+                producer,
+                "abort_transaction",
+                anyhow!("abort_transaction failed ({abort}) after: {e:#}"),
             ))),
         },
         other => other,

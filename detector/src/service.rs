@@ -66,7 +66,7 @@ pub struct Progress {
     pub aborts: AtomicU64,
     /// Partition snapshots written (exactly once).
     pub snapshots: AtomicU64,
-    /// Sessions restarted after this instance was fenced (exactly once).
+    /// Fresh sessions started after a fenced or failed producer (exactly once).
     pub rejoins: AtomicU64,
 }
 
@@ -311,24 +311,42 @@ pub(crate) fn redact(config: &Config, e: &dyn std::fmt::Display) -> String {
     text
 }
 
+/// Exactly once: fresh sessions started after a lost one (see `eos::SessionLost`) tolerated
+/// within the window before the service gives up.
+const MAX_SESSION_RESTARTS: usize = 5;
+const SESSION_RESTART_WINDOW: Duration = Duration::from_secs(300);
+
 /// Runs the service until `stop` is set (then checkpoints, commits and returns), with the
 /// configured delivery guarantee.
 pub fn run(config: Arc<Config>, stop: Arc<AtomicBool>, progress: Arc<Progress>) -> Result<()> {
     match config.processing {
-        Processing::ExactlyOnce => loop {
-            match crate::eos::run(config.clone(), stop.clone(), progress.clone()) {
-                Err(e) if e.downcast_ref::<crate::eos::Fenced>().is_some() => {
-                    warn!("{e:#}; rejoining the group with fresh state");
-                    metrics::counter!("detector_fenced_rejoins_total").increment(1);
-                    progress.rejoins.fetch_add(1, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_secs(1));
-                    if stop.load(Ordering::SeqCst) {
-                        return Ok(());
+        Processing::ExactlyOnce => {
+            let mut restarts: Vec<Instant> = Vec::new();
+            loop {
+                match crate::eos::run(config.clone(), stop.clone(), progress.clone()) {
+                    Err(e) if e.downcast_ref::<crate::eos::SessionLost>().is_some() => {
+                        // A fresh session recovers like a restart; one failing again and
+                        // again is a problem for the operator.
+                        restarts.retain(|t| t.elapsed() < SESSION_RESTART_WINDOW);
+                        if restarts.len() >= MAX_SESSION_RESTARTS {
+                            return Err(e.context(format!(
+                                "{MAX_SESSION_RESTARTS} sessions lost within {} s",
+                                SESSION_RESTART_WINDOW.as_secs()
+                            )));
+                        }
+                        restarts.push(Instant::now());
+                        warn!("{e:#}; starting a fresh session");
+                        metrics::counter!("detector_sessions_restarted_total").increment(1);
+                        progress.rejoins.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_secs(1));
+                        if stop.load(Ordering::SeqCst) {
+                            return Ok(());
+                        }
                     }
+                    other => return other,
                 }
-                other => return other,
             }
-        },
+        }
         Processing::AtLeastOnce => run_at_least_once(config, stop, progress),
     }
 }
