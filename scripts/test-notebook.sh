@@ -45,7 +45,8 @@ else
   mkdir -p "$OUT/demo"
   DATA=$OUT/demo/enriched.jsonl
   LABELS=$ROOT/data/sample-labels.json
-  if "$TARGET/detector" demo --out "$DATA" --labels none >"$OUT/demo/demo.log" 2>&1; then
+  # Exactly README's first command (plus output options), so it stays true.
+  if cargo run --release -q -p detector -- demo --out "$DATA" --labels none >"$OUT/demo/demo.log" 2>&1; then
     pass "demo ($(tail -1 "$OUT/demo/demo.log"))"
   else
     tail -20 "$OUT/demo/demo.log" >&2
