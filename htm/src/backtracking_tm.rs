@@ -87,8 +87,10 @@
 //! * removed entries become tombstones pointing at a sink segment, so entries never move,
 //!   each synapse knows its entry's position, and the arena is rebuilt once tombstones make up
 //!   a quarter of it;
-//! * counters carry a pass number so that they never need clearing, and the segments reaching
-//!   the threshold are collected during the walk;
+//! * a segment's two counts share one 32-bit word, so a synapse costs one read-modify-write
+//!   and an 8192-segment table fits in L1; the table is cleared whole before a pass (cheaper
+//!   than testing a pass number per synapse), and the segments reaching the threshold are
+//!   collected during the walk;
 //! * a segment's synapses are one vector sorted by presynaptic cell, so learning compares
 //!   short sorted lists instead of looking cells up;
 //! * a queued segment update keeps only its random choices (see `PendingUpdate`): most are
@@ -251,26 +253,74 @@ pub struct BacktrackStats {
     pub evictions: u64,
 }
 
-/// Per-segment counts of one forward pass, packed as `epoch | connected | potential`
-/// (16 | 24 | 24 bits): active synapses whatever their permanence, and active connected ones.
-/// A counter whose epoch is not the current pass's reads as zero, so passes never clear the
-/// table; the segments reaching the pass's threshold are collected as the counts rise.
+/// Per-segment counts of one forward pass: active synapses whatever their permanence
+/// (`potential`) and active connected ones, packed in one word per segment so that a synapse
+/// costs one read-modify-write. The segments reaching the pass's threshold are collected as
+/// the counts rise.
+///
+/// The words are `u32` (two 16-bit halves) whenever no segment can hold 65,536 synapses, which
+/// keeps the table of an 8192-segment TM within 32 KiB (L1); otherwise `u64` halves.
 #[derive(Clone, Debug, Default)]
 struct Activity {
-    counts: Vec<u64>,
-    epoch: u64,
+    narrow: Vec<u32>,
+    wide: Vec<u64>,
+    use_wide: bool,
+    /// Non-zero counters when `tracked` (the table is otherwise cleared whole).
+    touched: Vec<SegmentId>,
+    tracked: bool,
     /// Segments whose potential count reached the threshold, in no particular order.
     qualified: Vec<SegmentId>,
 }
 
-const COUNT_BITS: u32 = 24;
-const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
-const EPOCH_SHIFT: u32 = 2 * COUNT_BITS;
-/// Largest cell count for which no segment can overflow a 24-bit counter (a segment has at
-/// most one synapse per cell).
-pub(crate) const MAX_CELLS: u64 = (1 << COUNT_BITS) - 1;
+/// A packed counter word: `connected << HALF | potential`.
+trait Counter: Copy + Default + Eq + std::ops::Add<Output = Self> {
+    const HALF: u32;
+    const ONE: Self;
+    const ONE_CONNECTED: Self;
+    fn potential(self) -> u32;
+    fn connected(self) -> u32;
+}
+
+impl Counter for u32 {
+    const HALF: u32 = 16;
+    const ONE: Self = 1;
+    const ONE_CONNECTED: Self = 1 | 1 << 16;
+    #[inline]
+    fn potential(self) -> u32 {
+        self & 0xffff
+    }
+    #[inline]
+    fn connected(self) -> u32 {
+        self >> 16
+    }
+}
+
+impl Counter for u64 {
+    const HALF: u32 = 32;
+    const ONE: Self = 1;
+    const ONE_CONNECTED: Self = 1 | 1 << 32;
+    #[inline]
+    fn potential(self) -> u32 {
+        self as u32
+    }
+    #[inline]
+    fn connected(self) -> u32 {
+        (self >> 32) as u32
+    }
+}
+
+/// Largest cell count the TM accepts (cell ids and counts stay well within `u32`).
+pub(crate) const MAX_CELLS: u64 = (1 << 24) - 1;
 
 impl Activity {
+    /// Sizes the counters for segments of at most `max_synapses` synapses.
+    fn new(max_synapses: u64) -> Self {
+        Activity {
+            use_wide: max_synapses >= 1 << <u32 as Counter>::HALF,
+            ..Activity::default()
+        }
+    }
+
     /// NuPIC's `computeForwardPropagation`, counting connected synapses in the same pass and
     /// collecting the segments with at least `threshold` (> 0) active synapses.
     fn propagate(
@@ -281,60 +331,126 @@ impl Activity {
         threshold: u32,
     ) {
         debug_assert!(threshold > 0);
-        self.epoch += 1;
-        if self.epoch >= 1 << (64 - EPOCH_SHIFT) {
-            self.counts.iter_mut().for_each(|c| *c = 0);
-            self.epoch = 1;
-        }
-        if self.counts.len() < segment_capacity {
-            self.counts.resize(segment_capacity, 0);
-        }
-        let tag = self.epoch << EPOCH_SHIFT;
-        let threshold = threshold as u64;
         self.qualified.clear();
-        // Local borrows, so that the table's address stays in a register across the stores.
-        let counts = self.counts.as_mut_slice();
-        let qualified = &mut self.qualified;
-        let mut count = |list: &[SegmentId], increment: u64| {
-            for &seg in list {
-                let c = &mut counts[seg as usize];
-                let current = if *c >> EPOCH_SHIFT << EPOCH_SHIFT == tag {
-                    *c
-                } else {
-                    tag
-                };
-                let next = current + increment;
-                *c = next;
-                if next & COUNT_MASK == threshold {
-                    qualified.push(seg);
-                }
-            }
-        };
-        for &cell in active_cells {
-            let [connected, other] = index.lists(cell);
-            count(connected, 1 + (1 << COUNT_BITS));
-            count(other, 1);
+        if self.use_wide {
+            Self::walk(
+                &mut self.wide,
+                &mut self.touched,
+                &mut self.tracked,
+                &mut self.qualified,
+                index,
+                segment_capacity,
+                active_cells,
+                threshold,
+            );
+        } else {
+            Self::walk(
+                &mut self.narrow,
+                &mut self.touched,
+                &mut self.tracked,
+                &mut self.qualified,
+                index,
+                segment_capacity,
+                active_cells,
+                threshold,
+            );
         }
     }
 
-    #[inline]
-    fn current(&self, seg: SegmentId) -> u64 {
-        let c = self.counts[seg as usize];
-        if c >> EPOCH_SHIFT == self.epoch {
-            c
+    /// Clears the previous pass's counts and counts this one's into `counts`.
+    ///
+    /// Clearing the whole table costs less than finding the non-zero counters when the pass
+    /// walks a fair share of the table's size; for a pass much smaller than the table (a large
+    /// unbounded TM), the counters a pass raises from zero are listed instead.
+    #[allow(clippy::too_many_arguments)]
+    fn walk<C: Counter>(
+        counts: &mut Vec<C>,
+        touched: &mut Vec<SegmentId>,
+        tracked: &mut bool,
+        qualified: &mut Vec<SegmentId>,
+        index: &OutIndex,
+        segment_capacity: usize,
+        active_cells: &[u32],
+        threshold: u32,
+    ) {
+        if *tracked {
+            for &seg in touched.iter() {
+                counts[seg as usize] = C::default();
+            }
         } else {
-            0
+            counts.fill(C::default());
+        }
+        touched.clear();
+        // A power-of-two table lets the index be masked instead of bounds-checked.
+        let len = segment_capacity.next_power_of_two();
+        if counts.len() < len {
+            counts.resize(len, C::default());
+        }
+        let mask = counts.len() - 1;
+        let counts = counts.as_mut_slice();
+        let entries: usize = active_cells
+            .iter()
+            .map(|&cell| index.lists(cell).iter().map(|l| l.len()).sum::<usize>())
+            .sum();
+        *tracked = entries * 16 < counts.len();
+        if *tracked {
+            let mut count = |list: &[SegmentId], increment: C| {
+                for &seg in list {
+                    let c = &mut counts[seg as usize & mask];
+                    if *c == C::default() {
+                        touched.push(seg);
+                    }
+                    *c = *c + increment;
+                    if c.potential() == threshold {
+                        qualified.push(seg);
+                    }
+                }
+            };
+            for &cell in active_cells {
+                let [connected, other] = index.lists(cell);
+                count(connected, C::ONE_CONNECTED);
+                count(other, C::ONE);
+            }
+        } else {
+            let mut count = |list: &[SegmentId], increment: C| {
+                for &seg in list {
+                    let c = &mut counts[seg as usize & mask];
+                    *c = *c + increment;
+                    if c.potential() == threshold {
+                        qualified.push(seg);
+                    }
+                }
+            };
+            for &cell in active_cells {
+                let [connected, other] = index.lists(cell);
+                count(connected, C::ONE_CONNECTED);
+                count(other, C::ONE);
+            }
         }
     }
 
     #[inline]
     fn potential(&self, seg: SegmentId) -> u32 {
-        (self.current(seg) & COUNT_MASK) as u32
+        if self.use_wide {
+            self.wide[seg as usize].potential()
+        } else {
+            self.narrow[seg as usize].potential()
+        }
     }
 
     #[inline]
     fn connected(&self, seg: SegmentId) -> u32 {
-        (self.current(seg) >> COUNT_BITS & COUNT_MASK) as u32
+        if self.use_wide {
+            self.wide[seg as usize].connected()
+        } else {
+            self.narrow[seg as usize].connected()
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.narrow.capacity() * 4
+            + self.wide.capacity() * 8
+            + (self.touched.capacity() + self.qualified.capacity()) * 4
     }
 }
 
@@ -584,6 +700,7 @@ impl BacktrackingTm {
             params,
         };
         tm.scratch.ready = true;
+        tm.scratch.activity = Activity::new(tm.params.max_segment_size());
         Ok(tm)
     }
 
@@ -806,6 +923,7 @@ impl BacktrackingTm {
         }
         self.scratch = Scratch {
             ready: true,
+            activity: Activity::new(self.params.max_segment_size()),
             ..Scratch::default()
         };
         if self.params.max_segments > 0 {
@@ -853,8 +971,7 @@ impl BacktrackingTm {
             + patterns(&self.prev_lrn_patterns)
             + self.updates.capacity() * size_of::<PendingUpdate>()
             + self.update_pool.capacity() * 4
-            + s.activity.counts.capacity() * 8
-            + s.activity.qualified.capacity() * 4
+            + s.activity.heap_bytes()
             + s.ranking.ranked.capacity() * size_of::<Ranked>()
             + s.best.capacity() * 12
             + (s.cells.capacity()
