@@ -10,8 +10,8 @@
 //! straight-line vector code over contiguous memory. With NAB-like inputs only a few hundred
 //! of the 2048 columns ever win, which is what keeps a pooler small in memory and on disk.
 //!
-//! Overlaps come from a derived bitset of connected synapses (one row of `u64` words per
-//! column, AND + popcount). The bitset is a cache: it is rebuilt on restore from the stored
+//! Overlaps come from a derived bitset of connected synapses (AND + popcount), stored
+//! word-major so that each input word meets one contiguous plane of all columns. The bitset is a cache: it is rebuilt on restore from the stored
 //! rows and the regenerated ones, so checkpoints carry only what learning changed.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -433,8 +433,12 @@ struct Cache {
     consts: Consts,
     /// `u64` words per column row and per input bitset.
     words: usize,
-    /// Column-major rows of connected-synapse bits over the input.
+    /// Connected-synapse bits over the input, word-major: word `w` of column `c` is at
+    /// `w * column_count + c`, so an input word is ANDed with one contiguous plane of all
+    /// columns (vector code) instead of one word gathered from every row.
     connected: Vec<u64>,
+    /// One column's row of connected bits, gathered or to be scattered.
+    row: Vec<u64>,
     input_bits: Vec<u64>,
     /// Indices of the non-zero words of `input_bits`, ascending.
     nonzero_words: Vec<usize>,
@@ -452,6 +456,7 @@ struct Cache {
     streams: Vec<Random>,
     has_popcnt: bool,
     has_avx2: bool,
+    has_avx512_popcnt: bool,
 }
 
 /// Caches compare equal: they are a function of the persistent state.
@@ -639,52 +644,54 @@ fn adapt_lanes_best(
     adapt_lanes(lanes, delta, trim, connected, row);
 }
 
-/// Connected-synapse overlap of every column with the input bitset. `nonzero` lists the
-/// input words with an active bit: encoders produce a few contiguous runs, so most words
-/// are empty and need not be read.
+/// Connected-synapse overlap of every column with the input bitset, from the word-major
+/// `connected` planes of `out.len()` columns. `nonzero` lists the input words with an active
+/// bit: encoders leave some words empty, and those planes need not be read. Columns go in
+/// blocks whose counts stay in registers while every plane is ANDed in.
 #[inline(always)]
-fn overlaps_kernel(
-    connected: &[u64],
-    words: usize,
-    input: &[u64],
-    nonzero: &[usize],
-    out: &mut [u32],
-) {
-    match nonzero {
-        [] => out.fill(0),
-        [a] => {
-            let (a, ia) = (*a, input[*a]);
-            for (row, o) in connected.chunks_exact(words).zip(out.iter_mut()) {
-                *o = (row[a] & ia).count_ones();
+fn overlaps_kernel(connected: &[u64], input: &[u64], nonzero: &[usize], out: &mut [u32]) {
+    const BLOCK: usize = 64;
+    let n = out.len();
+    let mut base = 0;
+    while base < n {
+        let len = BLOCK.min(n - base);
+        let mut acc = [0u32; BLOCK];
+        for &w in nonzero {
+            let bits = input[w];
+            let plane = &connected[w * n + base..w * n + base + len];
+            for (a, &c) in acc.iter_mut().zip(plane) {
+                *a += (c & bits).count_ones();
             }
         }
-        [a, b] => {
-            let (a, ia, b, ib) = (*a, input[*a], *b, input[*b]);
-            for (row, o) in connected.chunks_exact(words).zip(out.iter_mut()) {
-                *o = (row[a] & ia).count_ones() + (row[b] & ib).count_ones();
-            }
-        }
-        _ => {
-            for (row, o) in connected.chunks_exact(words).zip(out.iter_mut()) {
-                *o = nonzero
-                    .iter()
-                    .map(|&w| (row[w] & input[w]).count_ones())
-                    .sum();
-            }
-        }
+        out[base..base + len].copy_from_slice(&acc[..len]);
+        base += len;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "popcnt")]
-fn overlaps_kernel_popcnt(
-    connected: &[u64],
-    words: usize,
-    input: &[u64],
-    nonzero: &[usize],
-    out: &mut [u32],
-) {
-    overlaps_kernel(connected, words, input, nonzero, out);
+fn overlaps_kernel_popcnt(connected: &[u64], input: &[u64], nonzero: &[usize], out: &mut [u32]) {
+    overlaps_kernel(connected, input, nonzero, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vpopcntdq")]
+fn overlaps_kernel_avx512(connected: &[u64], input: &[u64], nonzero: &[usize], out: &mut [u32]) {
+    overlaps_kernel(connected, input, nonzero, out);
+}
+
+/// Copies column `col`'s row out of the word-major planes of `n` columns.
+fn gather_row(connected: &[u64], n: usize, col: usize, row: &mut [u64]) {
+    for (w, r) in row.iter_mut().enumerate() {
+        *r = connected[w * n + col];
+    }
+}
+
+/// Writes column `col`'s row into the word-major planes of `n` columns.
+fn scatter_row(connected: &mut [u64], n: usize, col: usize, row: &[u64]) {
+    for (w, &r) in row.iter().enumerate() {
+        connected[w * n + col] = r;
+    }
 }
 
 impl SpatialPooler {
@@ -759,10 +766,11 @@ impl SpatialPooler {
         );
         let consts = self.consts();
         let mut connected = vec![0u64; n_col * words];
+        let mut row = vec![0u64; words];
         let mut scratch = vec![NOT_IN_POOL; stride];
         let mut streams = Vec::with_capacity(n_col);
         let mut rng = Random::new(self.params.seed);
-        for (col, row) in connected.chunks_exact_mut(words).enumerate() {
+        for col in 0..n_col {
             streams.push(rng.clone());
             // Stored columns are generated too: that moves the stream to the next column.
             generate_column(
@@ -777,18 +785,22 @@ impl SpatialPooler {
                 Some(slot) => self.columns.lanes(slot),
                 None => &scratch,
             };
-            connected_bits(lanes, consts.connected, row);
+            connected_bits(lanes, consts.connected, &mut row);
+            scatter_row(&mut connected, n_col, col, &row);
         }
         #[cfg(target_arch = "x86_64")]
-        let (has_popcnt, has_avx2) = (
+        let (has_popcnt, has_avx2, has_avx512_popcnt) = (
             std::arch::is_x86_feature_detected!("popcnt"),
             std::arch::is_x86_feature_detected!("avx2"),
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vpopcntdq"),
         );
         #[cfg(not(target_arch = "x86_64"))]
-        let (has_popcnt, has_avx2) = (false, false);
+        let (has_popcnt, has_avx2, has_avx512_popcnt) = (false, false, false);
         self.cache = Cache {
             words,
             connected,
+            row,
             input_bits: vec![0; words],
             nonzero_words: Vec::with_capacity(words),
             delta: vec![0.0; stride],
@@ -802,6 +814,7 @@ impl SpatialPooler {
             streams,
             has_popcnt,
             has_avx2,
+            has_avx512_popcnt,
             consts,
         };
     }
@@ -853,11 +866,9 @@ impl SpatialPooler {
 
     /// Number of connected synapses of `column`.
     pub fn connected_count(&self, column: u32) -> u32 {
-        let w = self.cache.words;
-        let start = column as usize * w;
-        self.cache.connected[start..start + w]
-            .iter()
-            .map(|x| x.count_ones())
+        let n = self.num_columns();
+        (0..self.cache.words)
+            .map(|w| self.cache.connected[w * n + column as usize].count_ones())
             .sum()
     }
 
@@ -938,7 +949,10 @@ impl SpatialPooler {
                 + self.min_overlap_duty_cycles.capacity()
                 + self.boost_factors.capacity())
             + size_of::<u64>()
-                * (c.connected.capacity() + c.input_bits.capacity() + c.keys.capacity())
+                * (c.connected.capacity()
+                    + c.row.capacity()
+                    + c.input_bits.capacity()
+                    + c.keys.capacity())
             + size_of::<usize>() * c.nonzero_words.capacity()
             + 4 * (c.overlaps.capacity()
                 + c.delta.capacity()
@@ -1021,14 +1035,20 @@ impl SpatialPooler {
             }
             c.input_bits[w] |= 1 << (i & 63);
         }
-        let (conn, words, bits, nz) = (&c.connected, c.words, &c.input_bits, &c.nonzero_words);
+        let (conn, bits, nz) = (&c.connected, &c.input_bits, &c.nonzero_words);
+        #[cfg(target_arch = "x86_64")]
+        if c.has_avx512_popcnt {
+            // SAFETY: `has_avx512_popcnt` was set from runtime CPU feature detection.
+            unsafe { overlaps_kernel_avx512(conn, bits, nz, &mut c.overlaps) };
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if c.has_popcnt {
             // SAFETY: `has_popcnt` was set from runtime CPU feature detection.
-            unsafe { overlaps_kernel_popcnt(conn, words, bits, nz, &mut c.overlaps) };
+            unsafe { overlaps_kernel_popcnt(conn, bits, nz, &mut c.overlaps) };
             return;
         }
-        overlaps_kernel(conn, words, bits, nz, &mut c.overlaps);
+        overlaps_kernel(conn, bits, nz, &mut c.overlaps);
     }
 
     /// Fills `cache.winners` (sorted) from the raw or boosted overlaps.
@@ -1174,7 +1194,7 @@ impl SpatialPooler {
         for &i in input.sparse() {
             c.delta[i as usize] = k.active_inc;
         }
-        let words = c.words;
+        let n = self.params.column_count as usize;
         for &col in &c.winners {
             let slot = self.columns.materialise(
                 col,
@@ -1184,7 +1204,7 @@ impl SpatialPooler {
                 &c.streams[col as usize],
             );
             let lanes = self.columns.lanes_mut(slot);
-            let row = &mut c.connected[col as usize * words..(col as usize + 1) * words];
+            let row = &mut c.row;
             if k.stimulus_threshold == 0 {
                 adapt_lanes_best(c.has_avx2, lanes, &c.delta, k.trim, k.connected, row);
             } else {
@@ -1192,6 +1212,7 @@ impl SpatialPooler {
                 adapt_raising(lanes, k, |i| delta[i]);
                 connected_bits(lanes, k.connected, row);
             }
+            scatter_row(&mut c.connected, n, col as usize, row);
         }
     }
 
@@ -1215,7 +1236,7 @@ impl SpatialPooler {
     /// get every potential synapse raised by `syn_perm_connected / 10` (materialising them).
     fn bump_up_weak_columns(&mut self) {
         let c = &mut self.cache;
-        let words = c.words;
+        let n = self.params.column_count as usize;
         for col in 0..self.params.column_count {
             let i = col as usize;
             if self.overlap_duty_cycles[i] < self.min_overlap_duty_cycles[i] {
@@ -1228,8 +1249,8 @@ impl SpatialPooler {
                     &c.streams[i],
                 );
                 let lanes = self.columns.lanes_mut(slot);
-                let row = &mut c.connected[i * words..(i + 1) * words];
-                adapt_lanes_best(c.has_avx2, lanes, &c.bump, k.trim, k.connected, row);
+                adapt_lanes_best(c.has_avx2, lanes, &c.bump, k.trim, k.connected, &mut c.row);
+                scatter_row(&mut c.connected, n, i, &c.row);
             }
         }
     }
@@ -1268,9 +1289,11 @@ impl SpatialPooler {
             self.inhibition_radius = self.params.column_count;
             return;
         }
-        let words = self.cache.words;
+        let n = self.num_columns();
         let mut span_sum = 0u64;
-        for row in self.cache.connected.chunks_exact(words) {
+        let mut row = std::mem::take(&mut self.cache.row);
+        for col in 0..n {
+            gather_row(&self.cache.connected, n, col, &mut row);
             let first = row.iter().position(|&w| w != 0);
             let last = row.iter().rposition(|&w| w != 0);
             if let (Some(f), Some(l)) = (first, last) {
@@ -1279,6 +1302,7 @@ impl SpatialPooler {
                 span_sum += (hi - lo + 1) as u64;
             }
         }
+        self.cache.row = row;
         let avg_span = span_sum as f64 / self.num_columns() as f64;
         let columns_per_input =
             f64::from(self.params.column_count) / f64::from(self.params.input_size);
@@ -1431,6 +1455,11 @@ mod tests {
                 // Learning first, so the check also covers the bitset's upkeep.
                 run(&mut sp, x, true);
                 run(&mut sp, x, false);
+                // The portable kernel agrees with the one the CPU selected.
+                let c = &sp.cache;
+                let mut portable = vec![0; 300];
+                overlaps_kernel(&c.connected, &c.input_bits, &c.nonzero_words, &mut portable);
+                assert_eq!(portable, c.overlaps, "input {i}");
                 let thr = sp.cache.consts.connected;
                 for col in 0..300u32 {
                     let direct = sp
