@@ -87,10 +87,10 @@
 //! * removed entries become tombstones pointing at a sink segment, so entries never move,
 //!   each synapse knows its entry's position, and the arena is rebuilt once tombstones make up
 //!   a quarter of it;
-//! * a segment's two counts share one 32-bit word, so a synapse costs one read-modify-write
-//!   and an 8192-segment table fits in L1; the table is cleared whole before a pass (cheaper
-//!   than testing a pass number per synapse), and the segments reaching the threshold are
-//!   collected during the walk;
+//! * a segment's two counts share one word (16 bits with NAB's segment size), so a synapse
+//!   costs one read-modify-write and an 8192-segment table fits in L1; the table is cleared
+//!   before a pass (cheaper than testing a pass number per synapse), and the segments
+//!   reaching the threshold are collected during the walk;
 //! * a segment's synapses are one vector sorted by presynaptic cell, so learning compares
 //!   short sorted lists instead of looking cells up;
 //! * a queued segment update keeps only its random choices (see `PendingUpdate`): most are
@@ -258,56 +258,71 @@ pub struct BacktrackStats {
 /// costs one read-modify-write. The segments reaching the pass's threshold are collected as
 /// the counts rise.
 ///
-/// The words are `u32` (two 16-bit halves) whenever no segment can hold 65,536 synapses, which
-/// keeps the table of an 8192-segment TM within 32 KiB (L1); otherwise `u64` halves.
+/// The words are as narrow as the largest possible segment allows: with NAB's 32 synapses
+/// per segment, `u16` (two 8-bit halves) keeps the table of an 8192-segment TM at 16 KiB,
+/// well within L1.
 #[derive(Clone, Debug, Default)]
 struct Activity {
-    narrow: Vec<u32>,
-    wide: Vec<u64>,
-    use_wide: bool,
-    /// Non-zero counters when `tracked` (the table is otherwise cleared whole).
-    touched: Vec<SegmentId>,
-    tracked: bool,
+    width: Width,
+    counts16: Vec<u16>,
+    counts32: Vec<u32>,
+    counts64: Vec<u64>,
+    clearing: Clearing,
     /// Segments whose potential count reached the threshold, in no particular order.
     qualified: Vec<SegmentId>,
 }
 
-/// A packed counter word: `connected << HALF | potential`.
-trait Counter: Copy + Default + Eq + std::ops::Add<Output = Self> {
-    const HALF: u32;
+/// The counters a pass may have left non-zero: those listed in `touched` when `tracked`,
+/// else the first `dirty` ones.
+#[derive(Clone, Debug, Default)]
+struct Clearing {
+    touched: Vec<SegmentId>,
+    tracked: bool,
+    dirty: usize,
+}
+
+/// Which counter word [`Activity`] uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Width {
+    #[default]
+    W16,
+    W32,
+    W64,
+}
+
+/// A packed counter word: `connected << HALF | potential`. Sums wrap: only the sink
+/// segment, which nothing reads, can count past a half.
+trait Counter: Copy + Default + Eq {
     const ONE: Self;
     const ONE_CONNECTED: Self;
+    fn plus(self, other: Self) -> Self;
     fn potential(self) -> u32;
     fn connected(self) -> u32;
 }
 
-impl Counter for u32 {
-    const HALF: u32 = 16;
-    const ONE: Self = 1;
-    const ONE_CONNECTED: Self = 1 | 1 << 16;
-    #[inline]
-    fn potential(self) -> u32 {
-        self & 0xffff
-    }
-    #[inline]
-    fn connected(self) -> u32 {
-        self >> 16
-    }
+macro_rules! counter {
+    ($t:ty, $half:expr) => {
+        impl Counter for $t {
+            const ONE: Self = 1;
+            const ONE_CONNECTED: Self = 1 | 1 << $half;
+            #[inline]
+            fn plus(self, other: Self) -> Self {
+                self.wrapping_add(other)
+            }
+            #[inline]
+            fn potential(self) -> u32 {
+                (self & ((1 << $half) - 1)) as u32
+            }
+            #[inline]
+            fn connected(self) -> u32 {
+                (self >> $half) as u32
+            }
+        }
+    };
 }
-
-impl Counter for u64 {
-    const HALF: u32 = 32;
-    const ONE: Self = 1;
-    const ONE_CONNECTED: Self = 1 | 1 << 32;
-    #[inline]
-    fn potential(self) -> u32 {
-        self as u32
-    }
-    #[inline]
-    fn connected(self) -> u32 {
-        (self >> 32) as u32
-    }
-}
+counter!(u16, 8);
+counter!(u32, 16);
+counter!(u64, 32);
 
 /// Largest cell count the TM accepts (cell ids and counts stay well within `u32`).
 pub(crate) const MAX_CELLS: u64 = (1 << 24) - 1;
@@ -315,8 +330,15 @@ pub(crate) const MAX_CELLS: u64 = (1 << 24) - 1;
 impl Activity {
     /// Sizes the counters for segments of at most `max_synapses` synapses.
     fn new(max_synapses: u64) -> Self {
+        let width = if max_synapses < 1 << 8 {
+            Width::W16
+        } else if max_synapses < 1 << 16 {
+            Width::W32
+        } else {
+            Width::W64
+        };
         Activity {
-            use_wide: max_synapses >= 1 << <u32 as Counter>::HALF,
+            width,
             ..Activity::default()
         }
     }
@@ -332,56 +354,36 @@ impl Activity {
     ) {
         debug_assert!(threshold > 0);
         self.qualified.clear();
-        if self.use_wide {
-            Self::walk(
-                &mut self.wide,
-                &mut self.touched,
-                &mut self.tracked,
-                &mut self.qualified,
-                index,
-                segment_capacity,
-                active_cells,
-                threshold,
-            );
-        } else {
-            Self::walk(
-                &mut self.narrow,
-                &mut self.touched,
-                &mut self.tracked,
-                &mut self.qualified,
-                index,
-                segment_capacity,
-                active_cells,
-                threshold,
-            );
+        let (clearing, qualified) = (&mut self.clearing, &mut self.qualified);
+        let pass = (index, segment_capacity, active_cells, threshold);
+        match self.width {
+            Width::W16 => Self::walk(&mut self.counts16, clearing, qualified, pass),
+            Width::W32 => Self::walk(&mut self.counts32, clearing, qualified, pass),
+            Width::W64 => Self::walk(&mut self.counts64, clearing, qualified, pass),
         }
     }
 
     /// Clears the previous pass's counts and counts this one's into `counts`.
     ///
-    /// Clearing the whole table costs less than finding the non-zero counters when the pass
-    /// walks a fair share of the table's size; for a pass much smaller than the table (a large
-    /// unbounded TM), the counters a pass raises from zero are listed instead.
-    #[allow(clippy::too_many_arguments)]
+    /// Clearing the used part of the table costs less than finding the non-zero counters
+    /// when the pass walks a fair share of the table's size; for a pass much smaller than the
+    /// table (a large unbounded TM), the counters a pass raises from zero are listed instead.
     fn walk<C: Counter>(
         counts: &mut Vec<C>,
-        touched: &mut Vec<SegmentId>,
-        tracked: &mut bool,
+        clearing: &mut Clearing,
         qualified: &mut Vec<SegmentId>,
-        index: &OutIndex,
-        segment_capacity: usize,
-        active_cells: &[u32],
-        threshold: u32,
+        (index, segment_capacity, active_cells, threshold): (&OutIndex, usize, &[u32], u32),
     ) {
-        if *tracked {
-            for &seg in touched.iter() {
+        if clearing.tracked {
+            for &seg in &clearing.touched {
                 counts[seg as usize] = C::default();
             }
         } else {
-            counts.fill(C::default());
+            counts[..clearing.dirty].fill(C::default());
         }
-        touched.clear();
-        // A power-of-two table lets the index be masked instead of bounds-checked.
+        clearing.touched.clear();
+        // A power-of-two table lets the index be masked instead of bounds-checked; segment
+        // ids stay below `segment_capacity`, so only that prefix is ever written.
         let len = segment_capacity.next_power_of_two();
         if counts.len() < len {
             counts.resize(len, C::default());
@@ -392,15 +394,17 @@ impl Activity {
             .iter()
             .map(|&cell| index.lists(cell).iter().map(|l| l.len()).sum::<usize>())
             .sum();
-        *tracked = entries * 16 < counts.len();
-        if *tracked {
+        clearing.tracked = entries * 16 < segment_capacity;
+        clearing.dirty = segment_capacity;
+        if clearing.tracked {
+            let touched = &mut clearing.touched;
             let mut count = |list: &[SegmentId], increment: C| {
                 for &seg in list {
                     let c = &mut counts[seg as usize & mask];
                     if *c == C::default() {
                         touched.push(seg);
                     }
-                    *c = *c + increment;
+                    *c = c.plus(increment);
                     if c.potential() == threshold {
                         qualified.push(seg);
                     }
@@ -415,7 +419,7 @@ impl Activity {
             let mut count = |list: &[SegmentId], increment: C| {
                 for &seg in list {
                     let c = &mut counts[seg as usize & mask];
-                    *c = *c + increment;
+                    *c = c.plus(increment);
                     if c.potential() == threshold {
                         qualified.push(seg);
                     }
@@ -431,26 +435,27 @@ impl Activity {
 
     #[inline]
     fn potential(&self, seg: SegmentId) -> u32 {
-        if self.use_wide {
-            self.wide[seg as usize].potential()
-        } else {
-            self.narrow[seg as usize].potential()
+        match self.width {
+            Width::W16 => self.counts16[seg as usize].potential(),
+            Width::W32 => self.counts32[seg as usize].potential(),
+            Width::W64 => self.counts64[seg as usize].potential(),
         }
     }
 
     #[inline]
     fn connected(&self, seg: SegmentId) -> u32 {
-        if self.use_wide {
-            self.wide[seg as usize].connected()
-        } else {
-            self.narrow[seg as usize].connected()
+        match self.width {
+            Width::W16 => self.counts16[seg as usize].connected(),
+            Width::W32 => self.counts32[seg as usize].connected(),
+            Width::W64 => self.counts64[seg as usize].connected(),
         }
     }
 
     fn heap_bytes(&self) -> usize {
-        self.narrow.capacity() * 4
-            + self.wide.capacity() * 8
-            + (self.touched.capacity() + self.qualified.capacity()) * 4
+        self.counts16.capacity() * 2
+            + self.counts32.capacity() * 4
+            + self.counts64.capacity() * 8
+            + (self.clearing.touched.capacity() + self.qualified.capacity()) * 4
     }
 }
 

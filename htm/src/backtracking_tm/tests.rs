@@ -966,9 +966,13 @@ fn forward_pass_counts_match_a_direct_count_in_every_counter_mode() {
             index.add(rng.below(cells), seg, rng.below(2) == 0);
         }
     }
-    let mut narrow = Activity::new(1000);
-    let mut wide = Activity::new(1 << 20);
-    assert!(!narrow.use_wide && wide.use_wide);
+    let mut activities = [
+        Activity::new(200),
+        Activity::new(1000),
+        Activity::new(1 << 20),
+    ];
+    let widths: Vec<Width> = activities.iter().map(|a| a.width).collect();
+    assert_eq!(widths, [Width::W16, Width::W32, Width::W64]);
     let mut modes = [false; 2];
     for pass in 0..40 {
         // Few active cells make passes small next to the table, so the touched list is used.
@@ -991,9 +995,9 @@ fn forward_pass_counts_match_a_direct_count_in_every_counter_mode() {
         let mut qualified: Vec<SegmentId> = (0..segments as SegmentId)
             .filter(|&s| expected[s as usize].0 >= threshold)
             .collect();
-        for a in [&mut narrow, &mut wide] {
+        for a in &mut activities {
             a.propagate(&index, segments, &active, threshold);
-            modes[a.tracked as usize] = true;
+            modes[a.clearing.tracked as usize] = true;
             for seg in 0..segments as SegmentId {
                 let counts = (a.potential(seg), a.connected(seg));
                 assert_eq!(counts, expected[seg as usize], "pass {pass} segment {seg}");
