@@ -1343,11 +1343,16 @@ impl BacktrackingTm {
         let mut pool = std::mem::take(&mut self.update_pool);
         let cpc = self.params.cells_per_column;
         let valid = self.params.segment_update_valid_duration;
+        let it = self.lrn_iteration;
+        let applies = |u: &PendingUpdate| {
+            it.saturating_sub(u.timestamp) <= valid && cols.binary_search(&(u.cell / cpc)).is_ok()
+        };
+        // Segments are scattered over the heap: ask for all of them before walking any.
+        for u in updates.iter().filter(|u| applies(u)) {
+            prefetch_slice(&self.synapses[u.segment as usize]);
+        }
         for u in &updates {
-            if self.lrn_iteration.saturating_sub(u.timestamp) > valid {
-                continue;
-            }
-            if cols.binary_search(&(u.cell / cpc)).is_ok() {
+            if applies(u) {
                 let range = u.start as usize..(u.start + u.len) as usize;
                 if u.explicit {
                     self.adapt_segment(u.cell, Some(u.segment), &pool[range], false);
@@ -1983,6 +1988,27 @@ impl BacktrackingTm {
             }
         }
     }
+}
+
+/// Asks the CPU to start loading `items` into cache (a hint: no effect on results).
+#[inline]
+fn prefetch_slice<T>(items: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bytes = std::mem::size_of_val(items);
+        let base = items.as_ptr().cast::<i8>();
+        for offset in (0..bytes).step_by(64) {
+            // SAFETY: SSE is part of the x86_64 baseline, and a prefetch never faults; the
+            // address stays within the slice.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    base.add(offset),
+                )
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = items;
 }
 
 /// Fraction of `active` columns absent from `predicted` (both sorted); 0 for no input.
