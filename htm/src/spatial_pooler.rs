@@ -455,7 +455,7 @@ struct Cache {
     /// The constructor's random stream at the start of each column.
     streams: Vec<Random>,
     has_popcnt: bool,
-    has_avx2: bool,
+    vectors: Vectors,
     has_avx512_popcnt: bool,
 }
 
@@ -624,10 +624,48 @@ fn adapt_lanes_avx2(lanes: &mut [f32], delta: &[f32], trim: f32, connected: f32,
     adapt_lanes(lanes, delta, trim, connected, row);
 }
 
+/// With AVX-512 a comparison yields its lane bits directly in a mask register.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+fn adapt_lanes_avx512(
+    lanes: &mut [f32],
+    delta: &[f32],
+    trim: f32,
+    connected: f32,
+    row: &mut [u64],
+) {
+    adapt_lanes(lanes, delta, trim, connected, row);
+}
+
+/// The widest vector instructions the CPU offers for [`adapt_lanes`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+enum Vectors {
+    #[default]
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+impl Vectors {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") {
+                return Vectors::Avx512;
+            }
+            if has!("avx2") {
+                return Vectors::Avx2;
+            }
+        }
+        Vectors::Portable
+    }
+}
+
 /// [`adapt_lanes`] with the widest vectors the CPU has.
 #[inline(always)]
 fn adapt_lanes_best(
-    has_avx2: bool,
+    vectors: Vectors,
     lanes: &mut [f32],
     delta: &[f32],
     trim: f32,
@@ -635,12 +673,15 @@ fn adapt_lanes_best(
     row: &mut [u64],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2 {
-        // SAFETY: `has_avx2` comes from runtime CPU feature detection.
-        unsafe { adapt_lanes_avx2(lanes, delta, trim, connected, row) };
-        return;
+    match vectors {
+        // SAFETY (both): `vectors` comes from runtime CPU feature detection.
+        Vectors::Avx512 => {
+            return unsafe { adapt_lanes_avx512(lanes, delta, trim, connected, row) }
+        }
+        Vectors::Avx2 => return unsafe { adapt_lanes_avx2(lanes, delta, trim, connected, row) },
+        Vectors::Portable => {}
     }
-    let _ = has_avx2;
+    let _ = vectors;
     adapt_lanes(lanes, delta, trim, connected, row);
 }
 
@@ -789,14 +830,13 @@ impl SpatialPooler {
             scatter_row(&mut connected, n_col, col, &row);
         }
         #[cfg(target_arch = "x86_64")]
-        let (has_popcnt, has_avx2, has_avx512_popcnt) = (
+        let (has_popcnt, has_avx512_popcnt) = (
             std::arch::is_x86_feature_detected!("popcnt"),
-            std::arch::is_x86_feature_detected!("avx2"),
             std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512vpopcntdq"),
         );
         #[cfg(not(target_arch = "x86_64"))]
-        let (has_popcnt, has_avx2, has_avx512_popcnt) = (false, false, false);
+        let (has_popcnt, has_avx512_popcnt) = (false, false);
         self.cache = Cache {
             words,
             connected,
@@ -813,7 +853,7 @@ impl SpatialPooler {
             active_flags: vec![false; n_col],
             streams,
             has_popcnt,
-            has_avx2,
+            vectors: Vectors::detect(),
             has_avx512_popcnt,
             consts,
         };
@@ -1206,7 +1246,7 @@ impl SpatialPooler {
             let lanes = self.columns.lanes_mut(slot);
             let row = &mut c.row;
             if k.stimulus_threshold == 0 {
-                adapt_lanes_best(c.has_avx2, lanes, &c.delta, k.trim, k.connected, row);
+                adapt_lanes_best(c.vectors, lanes, &c.delta, k.trim, k.connected, row);
             } else {
                 let delta = &c.delta;
                 adapt_raising(lanes, k, |i| delta[i]);
@@ -1249,7 +1289,7 @@ impl SpatialPooler {
                     &c.streams[i],
                 );
                 let lanes = self.columns.lanes_mut(slot);
-                adapt_lanes_best(c.has_avx2, lanes, &c.bump, k.trim, k.connected, &mut c.row);
+                adapt_lanes_best(c.vectors, lanes, &c.bump, k.trim, k.connected, &mut c.row);
                 scatter_row(&mut c.connected, n, i, &c.row);
             }
         }
@@ -1866,7 +1906,7 @@ mod tests {
     #[test]
     fn vector_learning_kernel_matches_the_per_synapse_rule() {
         let sp = SpatialPooler::new(params(454, 16, 2)).unwrap();
-        let (k, has_avx2) = (sp.cache.consts.clone(), sp.cache.has_avx2);
+        let k = sp.cache.consts.clone();
         let mut rng = Random::new(13);
         let near = [0.0, k.trim, k.connected, 1.0, 0.2, 0.0015, 0.0005];
         let draw = |rng: &mut Random| -> f32 {
@@ -1876,7 +1916,10 @@ mod tests {
                 _ => rng.real() as f32,
             }
         };
-        for _ in 0..50 {
+        // Every kernel this CPU can run, in turn.
+        let best = Vectors::detect();
+        let kernels = [Vectors::Portable, Vectors::Avx2, Vectors::Avx512];
+        for vectors in kernels.into_iter().filter(|&v| v <= best).cycle().take(150) {
             let lanes: Vec<f32> = (0..512).map(|_| draw(&mut rng).clamp(-1.0, 1.0)).collect();
             let delta: Vec<f32> = (0..512)
                 .map(|_| {
@@ -1885,7 +1928,7 @@ mod tests {
                 .collect();
             let mut fast = lanes.clone();
             let mut row = vec![0u64; 8];
-            adapt_lanes_best(has_avx2, &mut fast, &delta, k.trim, k.connected, &mut row);
+            adapt_lanes_best(vectors, &mut fast, &delta, k.trim, k.connected, &mut row);
             let mut portable = lanes.clone();
             let mut row2 = vec![0u64; 8];
             adapt_lanes(&mut portable, &delta, k.trim, k.connected, &mut row2);
