@@ -87,8 +87,10 @@
 //! * removed entries become tombstones pointing at a sink segment, so entries never move,
 //!   each synapse knows its entry's position, and the arena is rebuilt once tombstones make up
 //!   a quarter of it;
-//! * counters carry a pass number so that they never need clearing, and the segments reaching
-//!   the threshold are collected during the walk;
+//! * a segment's two counts share one word (16 bits with NAB's segment size), so a synapse
+//!   costs one read-modify-write and an 8192-segment table fits in L1; the table is cleared
+//!   before a pass (cheaper than testing a pass number per synapse), and the segments
+//!   reaching the threshold are collected during the walk;
 //! * a segment's synapses are one vector sorted by presynaptic cell, so learning compares
 //!   short sorted lists instead of looking cells up;
 //! * a queued segment update keeps only its random choices (see `PendingUpdate`): most are
@@ -251,26 +253,96 @@ pub struct BacktrackStats {
     pub evictions: u64,
 }
 
-/// Per-segment counts of one forward pass, packed as `epoch | connected | potential`
-/// (16 | 24 | 24 bits): active synapses whatever their permanence, and active connected ones.
-/// A counter whose epoch is not the current pass's reads as zero, so passes never clear the
-/// table; the segments reaching the pass's threshold are collected as the counts rise.
+/// Per-segment counts of one forward pass: active synapses whatever their permanence
+/// (`potential`) and active connected ones, packed in one word per segment so that a synapse
+/// costs one read-modify-write. The segments reaching the pass's threshold are collected as
+/// the counts rise.
+///
+/// The words are as narrow as the largest possible segment allows: with NAB's 32 synapses
+/// per segment, `u16` (two 8-bit halves) keeps the table of an 8192-segment TM at 16 KiB,
+/// well within L1.
 #[derive(Clone, Debug, Default)]
 struct Activity {
-    counts: Vec<u64>,
-    epoch: u64,
+    width: Width,
+    counts16: Vec<u16>,
+    counts32: Vec<u32>,
+    counts64: Vec<u64>,
+    clearing: Clearing,
     /// Segments whose potential count reached the threshold, in no particular order.
     qualified: Vec<SegmentId>,
 }
 
-const COUNT_BITS: u32 = 24;
-const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
-const EPOCH_SHIFT: u32 = 2 * COUNT_BITS;
-/// Largest cell count for which no segment can overflow a 24-bit counter (a segment has at
-/// most one synapse per cell).
-pub(crate) const MAX_CELLS: u64 = (1 << COUNT_BITS) - 1;
+/// The counters a pass may have left non-zero: those listed in `touched` when `tracked`,
+/// else the first `dirty` ones.
+#[derive(Clone, Debug, Default)]
+struct Clearing {
+    touched: Vec<SegmentId>,
+    tracked: bool,
+    dirty: usize,
+}
+
+/// Which counter word [`Activity`] uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Width {
+    #[default]
+    W16,
+    W32,
+    W64,
+}
+
+/// A packed counter word: `connected << HALF | potential`. Sums wrap: only the sink
+/// segment, which nothing reads, can count past a half.
+trait Counter: Copy + Default + Eq {
+    const ONE: Self;
+    const ONE_CONNECTED: Self;
+    fn plus(self, other: Self) -> Self;
+    fn potential(self) -> u32;
+    fn connected(self) -> u32;
+}
+
+macro_rules! counter {
+    ($t:ty, $half:expr) => {
+        impl Counter for $t {
+            const ONE: Self = 1;
+            const ONE_CONNECTED: Self = 1 | 1 << $half;
+            #[inline]
+            fn plus(self, other: Self) -> Self {
+                self.wrapping_add(other)
+            }
+            #[inline]
+            fn potential(self) -> u32 {
+                (self & ((1 << $half) - 1)) as u32
+            }
+            #[inline]
+            fn connected(self) -> u32 {
+                (self >> $half) as u32
+            }
+        }
+    };
+}
+counter!(u16, 8);
+counter!(u32, 16);
+counter!(u64, 32);
+
+/// Largest cell count the TM accepts (cell ids and counts stay well within `u32`).
+pub(crate) const MAX_CELLS: u64 = (1 << 24) - 1;
 
 impl Activity {
+    /// Sizes the counters for segments of at most `max_synapses` synapses.
+    fn new(max_synapses: u64) -> Self {
+        let width = if max_synapses < 1 << 8 {
+            Width::W16
+        } else if max_synapses < 1 << 16 {
+            Width::W32
+        } else {
+            Width::W64
+        };
+        Activity {
+            width,
+            ..Activity::default()
+        }
+    }
+
     /// NuPIC's `computeForwardPropagation`, counting connected synapses in the same pass and
     /// collecting the segments with at least `threshold` (> 0) active synapses.
     fn propagate(
@@ -281,60 +353,109 @@ impl Activity {
         threshold: u32,
     ) {
         debug_assert!(threshold > 0);
-        self.epoch += 1;
-        if self.epoch >= 1 << (64 - EPOCH_SHIFT) {
-            self.counts.iter_mut().for_each(|c| *c = 0);
-            self.epoch = 1;
-        }
-        if self.counts.len() < segment_capacity {
-            self.counts.resize(segment_capacity, 0);
-        }
-        let tag = self.epoch << EPOCH_SHIFT;
-        let threshold = threshold as u64;
         self.qualified.clear();
-        // Local borrows, so that the table's address stays in a register across the stores.
-        let counts = self.counts.as_mut_slice();
-        let qualified = &mut self.qualified;
-        let mut count = |list: &[SegmentId], increment: u64| {
-            for &seg in list {
-                let c = &mut counts[seg as usize];
-                let current = if *c >> EPOCH_SHIFT << EPOCH_SHIFT == tag {
-                    *c
-                } else {
-                    tag
-                };
-                let next = current + increment;
-                *c = next;
-                if next & COUNT_MASK == threshold {
-                    qualified.push(seg);
-                }
-            }
-        };
-        for &cell in active_cells {
-            let [connected, other] = index.lists(cell);
-            count(connected, 1 + (1 << COUNT_BITS));
-            count(other, 1);
+        let (clearing, qualified) = (&mut self.clearing, &mut self.qualified);
+        let pass = (index, segment_capacity, active_cells, threshold);
+        match self.width {
+            Width::W16 => Self::walk(&mut self.counts16, clearing, qualified, pass),
+            Width::W32 => Self::walk(&mut self.counts32, clearing, qualified, pass),
+            Width::W64 => Self::walk(&mut self.counts64, clearing, qualified, pass),
         }
     }
 
-    #[inline]
-    fn current(&self, seg: SegmentId) -> u64 {
-        let c = self.counts[seg as usize];
-        if c >> EPOCH_SHIFT == self.epoch {
-            c
+    /// Clears the previous pass's counts and counts this one's into `counts`.
+    ///
+    /// Clearing the used part of the table costs less than finding the non-zero counters
+    /// when the pass walks a fair share of the table's size; for a pass much smaller than the
+    /// table (a large unbounded TM), the counters a pass raises from zero are listed instead.
+    fn walk<C: Counter>(
+        counts: &mut Vec<C>,
+        clearing: &mut Clearing,
+        qualified: &mut Vec<SegmentId>,
+        (index, segment_capacity, active_cells, threshold): (&OutIndex, usize, &[u32], u32),
+    ) {
+        if clearing.tracked {
+            for &seg in &clearing.touched {
+                counts[seg as usize] = C::default();
+            }
         } else {
-            0
+            counts[..clearing.dirty].fill(C::default());
+        }
+        clearing.touched.clear();
+        // A power-of-two table lets the index be masked instead of bounds-checked; segment
+        // ids stay below `segment_capacity`, so only that prefix is ever written.
+        let len = segment_capacity.next_power_of_two();
+        if counts.len() < len {
+            counts.resize(len, C::default());
+        }
+        let mask = counts.len() - 1;
+        let counts = counts.as_mut_slice();
+        let entries: usize = active_cells
+            .iter()
+            .map(|&cell| index.lists(cell).iter().map(|l| l.len()).sum::<usize>())
+            .sum();
+        clearing.tracked = entries * 16 < segment_capacity;
+        clearing.dirty = segment_capacity;
+        if clearing.tracked {
+            let touched = &mut clearing.touched;
+            let mut count = |list: &[SegmentId], increment: C| {
+                for &seg in list {
+                    let c = &mut counts[seg as usize & mask];
+                    if *c == C::default() {
+                        touched.push(seg);
+                    }
+                    *c = c.plus(increment);
+                    if c.potential() == threshold {
+                        qualified.push(seg);
+                    }
+                }
+            };
+            for &cell in active_cells {
+                let [connected, other] = index.lists(cell);
+                count(connected, C::ONE_CONNECTED);
+                count(other, C::ONE);
+            }
+        } else {
+            let mut count = |list: &[SegmentId], increment: C| {
+                for &seg in list {
+                    let c = &mut counts[seg as usize & mask];
+                    *c = c.plus(increment);
+                    if c.potential() == threshold {
+                        qualified.push(seg);
+                    }
+                }
+            };
+            for &cell in active_cells {
+                let [connected, other] = index.lists(cell);
+                count(connected, C::ONE_CONNECTED);
+                count(other, C::ONE);
+            }
         }
     }
 
     #[inline]
     fn potential(&self, seg: SegmentId) -> u32 {
-        (self.current(seg) & COUNT_MASK) as u32
+        match self.width {
+            Width::W16 => self.counts16[seg as usize].potential(),
+            Width::W32 => self.counts32[seg as usize].potential(),
+            Width::W64 => self.counts64[seg as usize].potential(),
+        }
     }
 
     #[inline]
     fn connected(&self, seg: SegmentId) -> u32 {
-        (self.current(seg) >> COUNT_BITS & COUNT_MASK) as u32
+        match self.width {
+            Width::W16 => self.counts16[seg as usize].connected(),
+            Width::W32 => self.counts32[seg as usize].connected(),
+            Width::W64 => self.counts64[seg as usize].connected(),
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.counts16.capacity() * 2
+            + self.counts32.capacity() * 4
+            + self.counts64.capacity() * 8
+            + (self.clearing.touched.capacity() + self.qualified.capacity()) * 4
     }
 }
 
@@ -584,6 +705,7 @@ impl BacktrackingTm {
             params,
         };
         tm.scratch.ready = true;
+        tm.scratch.activity = Activity::new(tm.params.max_segment_size());
         Ok(tm)
     }
 
@@ -806,6 +928,7 @@ impl BacktrackingTm {
         }
         self.scratch = Scratch {
             ready: true,
+            activity: Activity::new(self.params.max_segment_size()),
             ..Scratch::default()
         };
         if self.params.max_segments > 0 {
@@ -853,8 +976,7 @@ impl BacktrackingTm {
             + patterns(&self.prev_lrn_patterns)
             + self.updates.capacity() * size_of::<PendingUpdate>()
             + self.update_pool.capacity() * 4
-            + s.activity.counts.capacity() * 8
-            + s.activity.qualified.capacity() * 4
+            + s.activity.heap_bytes()
             + s.ranking.ranked.capacity() * size_of::<Ranked>()
             + s.best.capacity() * 12
             + (s.cells.capacity()
@@ -1221,11 +1343,16 @@ impl BacktrackingTm {
         let mut pool = std::mem::take(&mut self.update_pool);
         let cpc = self.params.cells_per_column;
         let valid = self.params.segment_update_valid_duration;
+        let it = self.lrn_iteration;
+        let applies = |u: &PendingUpdate| {
+            it.saturating_sub(u.timestamp) <= valid && cols.binary_search(&(u.cell / cpc)).is_ok()
+        };
+        // Segments are scattered over the heap: ask for all of them before walking any.
+        for u in updates.iter().filter(|u| applies(u)) {
+            prefetch_slice(&self.synapses[u.segment as usize]);
+        }
         for u in &updates {
-            if self.lrn_iteration.saturating_sub(u.timestamp) > valid {
-                continue;
-            }
-            if cols.binary_search(&(u.cell / cpc)).is_ok() {
+            if applies(u) {
                 let range = u.start as usize..(u.start + u.len) as usize;
                 if u.explicit {
                     self.adapt_segment(u.cell, Some(u.segment), &pool[range], false);
@@ -1861,6 +1988,27 @@ impl BacktrackingTm {
             }
         }
     }
+}
+
+/// Asks the CPU to start loading `items` into cache (a hint: no effect on results).
+#[inline]
+fn prefetch_slice<T>(items: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bytes = std::mem::size_of_val(items);
+        let base = items.as_ptr().cast::<i8>();
+        for offset in (0..bytes).step_by(64) {
+            // SAFETY: SSE is part of the x86_64 baseline, and a prefetch never faults; the
+            // address stays within the slice.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    base.add(offset),
+                )
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = items;
 }
 
 /// Fraction of `active` columns absent from `predicted` (both sorted); 0 for no input.

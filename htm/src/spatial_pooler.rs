@@ -10,8 +10,8 @@
 //! straight-line vector code over contiguous memory. With NAB-like inputs only a few hundred
 //! of the 2048 columns ever win, which is what keeps a pooler small in memory and on disk.
 //!
-//! Overlaps come from a derived bitset of connected synapses (one row of `u64` words per
-//! column, AND + popcount). The bitset is a cache: it is rebuilt on restore from the stored
+//! Overlaps come from a derived bitset of connected synapses (AND + popcount), stored
+//! word-major so that each input word meets one contiguous plane of all columns. The bitset is a cache: it is rebuilt on restore from the stored
 //! rows and the regenerated ones, so checkpoints carry only what learning changed.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -436,7 +436,7 @@ pub(crate) mod rle_f32 {
 #[derive(Debug, Default)]
 struct InitialLayout {
     streams: Vec<Random>,
-    /// Column-major rows, as [`Cache::connected`].
+    /// Connected bits laid out as [`Cache::connected`].
     connected: Vec<u64>,
 }
 
@@ -464,7 +464,8 @@ fn initial_layout(
     let mut scratch = vec![NOT_IN_POOL; words * 64];
     let mut streams = Vec::with_capacity(n_col);
     let mut rng = Random::new(params.seed);
-    for (col, row) in connected.chunks_exact_mut(words).enumerate() {
+    let mut row = vec![0u64; words];
+    for col in 0..n_col {
         streams.push(rng.clone());
         generate_column(
             params,
@@ -474,7 +475,8 @@ fn initial_layout(
             &mut rng,
             &mut scratch,
         );
-        connected_bits(&scratch, k.connected, row);
+        connected_bits(&scratch, k.connected, &mut row);
+        scatter_row(&mut connected, n_col, col, &row);
     }
     let layout = Arc::new(InitialLayout { streams, connected });
     let mut list = LAYOUTS.lock().unwrap_or_else(|e| e.into_inner());
@@ -494,8 +496,12 @@ struct Cache {
     consts: Consts,
     /// `u64` words per column row and per input bitset.
     words: usize,
-    /// Column-major rows of connected-synapse bits over the input.
+    /// Connected-synapse bits over the input, word-major: word `w` of column `c` is at
+    /// `w * column_count + c`, so an input word is ANDed with one contiguous plane of all
+    /// columns (vector code) instead of one word gathered from every row.
     connected: Vec<u64>,
+    /// One column's row of connected bits, gathered or to be scattered.
+    row: Vec<u64>,
     input_bits: Vec<u64>,
     /// Indices of the non-zero words of `input_bits`, ascending.
     nonzero_words: Vec<usize>,
@@ -512,7 +518,8 @@ struct Cache {
     /// The constructor's random stream at the start of each column, and more.
     layout: Arc<InitialLayout>,
     has_popcnt: bool,
-    has_avx2: bool,
+    vectors: Vectors,
+    has_avx512_popcnt: bool,
 }
 
 /// Caches compare equal: they are a function of the persistent state.
@@ -680,10 +687,48 @@ fn adapt_lanes_avx2(lanes: &mut [f32], delta: &[f32], trim: f32, connected: f32,
     adapt_lanes(lanes, delta, trim, connected, row);
 }
 
+/// With AVX-512 a comparison yields its lane bits directly in a mask register.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+fn adapt_lanes_avx512(
+    lanes: &mut [f32],
+    delta: &[f32],
+    trim: f32,
+    connected: f32,
+    row: &mut [u64],
+) {
+    adapt_lanes(lanes, delta, trim, connected, row);
+}
+
+/// The widest vector instructions the CPU offers for [`adapt_lanes`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+enum Vectors {
+    #[default]
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+impl Vectors {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") {
+                return Vectors::Avx512;
+            }
+            if has!("avx2") {
+                return Vectors::Avx2;
+            }
+        }
+        Vectors::Portable
+    }
+}
+
 /// [`adapt_lanes`] with the widest vectors the CPU has.
 #[inline(always)]
 fn adapt_lanes_best(
-    has_avx2: bool,
+    vectors: Vectors,
     lanes: &mut [f32],
     delta: &[f32],
     trim: f32,
@@ -691,61 +736,66 @@ fn adapt_lanes_best(
     row: &mut [u64],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2 {
-        // SAFETY: `has_avx2` comes from runtime CPU feature detection.
-        unsafe { adapt_lanes_avx2(lanes, delta, trim, connected, row) };
-        return;
+    match vectors {
+        // SAFETY (both): `vectors` comes from runtime CPU feature detection.
+        Vectors::Avx512 => {
+            return unsafe { adapt_lanes_avx512(lanes, delta, trim, connected, row) }
+        }
+        Vectors::Avx2 => return unsafe { adapt_lanes_avx2(lanes, delta, trim, connected, row) },
+        Vectors::Portable => {}
     }
-    let _ = has_avx2;
+    let _ = vectors;
     adapt_lanes(lanes, delta, trim, connected, row);
 }
 
-/// Connected-synapse overlap of every column with the input bitset. `nonzero` lists the
-/// input words with an active bit: encoders produce a few contiguous runs, so most words
-/// are empty and need not be read.
+/// Connected-synapse overlap of every column with the input bitset, from the word-major
+/// `connected` planes of `out.len()` columns. `nonzero` lists the input words with an active
+/// bit: encoders leave some words empty, and those planes need not be read. Columns go in
+/// blocks whose counts stay in registers while every plane is ANDed in.
 #[inline(always)]
-fn overlaps_kernel(
-    connected: &[u64],
-    words: usize,
-    input: &[u64],
-    nonzero: &[usize],
-    out: &mut [u32],
-) {
-    match nonzero {
-        [] => out.fill(0),
-        [a] => {
-            let (a, ia) = (*a, input[*a]);
-            for (row, o) in connected.chunks_exact(words).zip(out.iter_mut()) {
-                *o = (row[a] & ia).count_ones();
+fn overlaps_kernel(connected: &[u64], input: &[u64], nonzero: &[usize], out: &mut [u32]) {
+    const BLOCK: usize = 64;
+    let n = out.len();
+    let mut base = 0;
+    while base < n {
+        let len = BLOCK.min(n - base);
+        let mut acc = [0u32; BLOCK];
+        for &w in nonzero {
+            let bits = input[w];
+            let plane = &connected[w * n + base..w * n + base + len];
+            for (a, &c) in acc.iter_mut().zip(plane) {
+                *a += (c & bits).count_ones();
             }
         }
-        [a, b] => {
-            let (a, ia, b, ib) = (*a, input[*a], *b, input[*b]);
-            for (row, o) in connected.chunks_exact(words).zip(out.iter_mut()) {
-                *o = (row[a] & ia).count_ones() + (row[b] & ib).count_ones();
-            }
-        }
-        _ => {
-            for (row, o) in connected.chunks_exact(words).zip(out.iter_mut()) {
-                *o = nonzero
-                    .iter()
-                    .map(|&w| (row[w] & input[w]).count_ones())
-                    .sum();
-            }
-        }
+        out[base..base + len].copy_from_slice(&acc[..len]);
+        base += len;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "popcnt")]
-fn overlaps_kernel_popcnt(
-    connected: &[u64],
-    words: usize,
-    input: &[u64],
-    nonzero: &[usize],
-    out: &mut [u32],
-) {
-    overlaps_kernel(connected, words, input, nonzero, out);
+fn overlaps_kernel_popcnt(connected: &[u64], input: &[u64], nonzero: &[usize], out: &mut [u32]) {
+    overlaps_kernel(connected, input, nonzero, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vpopcntdq")]
+fn overlaps_kernel_avx512(connected: &[u64], input: &[u64], nonzero: &[usize], out: &mut [u32]) {
+    overlaps_kernel(connected, input, nonzero, out);
+}
+
+/// Copies column `col`'s row out of the word-major planes of `n` columns.
+fn gather_row(connected: &[u64], n: usize, col: usize, row: &mut [u64]) {
+    for (w, r) in row.iter_mut().enumerate() {
+        *r = connected[w * n + col];
+    }
+}
+
+/// Writes column `col`'s row into the word-major planes of `n` columns.
+fn scatter_row(connected: &mut [u64], n: usize, col: usize, row: &[u64]) {
+    for (w, &r) in row.iter().enumerate() {
+        connected[w * n + col] = r;
+    }
 }
 
 impl SpatialPooler {
@@ -822,20 +872,23 @@ impl SpatialPooler {
         let layout = initial_layout(&self.params, self.potential_radius, &consts, words);
         // Lazy columns are as generated; stored ones have learnt since.
         let mut connected = layout.connected.clone();
+        let mut row = vec![0u64; words];
         for (slot, &col) in self.columns.columns.iter().enumerate() {
-            let row = &mut connected[col as usize * words..(col as usize + 1) * words];
-            connected_bits(self.columns.lanes(slot), consts.connected, row);
+            connected_bits(self.columns.lanes(slot), consts.connected, &mut row);
+            scatter_row(&mut connected, n_col, col as usize, &row);
         }
         #[cfg(target_arch = "x86_64")]
-        let (has_popcnt, has_avx2) = (
+        let (has_popcnt, has_avx512_popcnt) = (
             std::arch::is_x86_feature_detected!("popcnt"),
-            std::arch::is_x86_feature_detected!("avx2"),
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vpopcntdq"),
         );
         #[cfg(not(target_arch = "x86_64"))]
-        let (has_popcnt, has_avx2) = (false, false);
+        let (has_popcnt, has_avx512_popcnt) = (false, false);
         self.cache = Cache {
             words,
             connected,
+            row,
             input_bits: vec![0; words],
             nonzero_words: Vec::with_capacity(words),
             delta: vec![0.0; stride],
@@ -848,7 +901,8 @@ impl SpatialPooler {
             active_flags: vec![false; n_col],
             layout,
             has_popcnt,
-            has_avx2,
+            vectors: Vectors::detect(),
+            has_avx512_popcnt,
             consts,
         };
     }
@@ -900,11 +954,9 @@ impl SpatialPooler {
 
     /// Number of connected synapses of `column`.
     pub fn connected_count(&self, column: u32) -> u32 {
-        let w = self.cache.words;
-        let start = column as usize * w;
-        self.cache.connected[start..start + w]
-            .iter()
-            .map(|x| x.count_ones())
+        let n = self.num_columns();
+        (0..self.cache.words)
+            .map(|w| self.cache.connected[w * n + column as usize].count_ones())
             .sum()
     }
 
@@ -985,7 +1037,10 @@ impl SpatialPooler {
                 + self.min_overlap_duty_cycles.capacity()
                 + self.boost_factors.capacity())
             + size_of::<u64>()
-                * (c.connected.capacity() + c.input_bits.capacity() + c.keys.capacity())
+                * (c.connected.capacity()
+                    + c.row.capacity()
+                    + c.input_bits.capacity()
+                    + c.keys.capacity())
             + size_of::<usize>() * c.nonzero_words.capacity()
             + 4 * (c.overlaps.capacity()
                 + c.delta.capacity()
@@ -1068,14 +1123,20 @@ impl SpatialPooler {
             }
             c.input_bits[w] |= 1 << (i & 63);
         }
-        let (conn, words, bits, nz) = (&c.connected, c.words, &c.input_bits, &c.nonzero_words);
+        let (conn, bits, nz) = (&c.connected, &c.input_bits, &c.nonzero_words);
+        #[cfg(target_arch = "x86_64")]
+        if c.has_avx512_popcnt {
+            // SAFETY: `has_avx512_popcnt` was set from runtime CPU feature detection.
+            unsafe { overlaps_kernel_avx512(conn, bits, nz, &mut c.overlaps) };
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if c.has_popcnt {
             // SAFETY: `has_popcnt` was set from runtime CPU feature detection.
-            unsafe { overlaps_kernel_popcnt(conn, words, bits, nz, &mut c.overlaps) };
+            unsafe { overlaps_kernel_popcnt(conn, bits, nz, &mut c.overlaps) };
             return;
         }
-        overlaps_kernel(conn, words, bits, nz, &mut c.overlaps);
+        overlaps_kernel(conn, bits, nz, &mut c.overlaps);
     }
 
     /// Fills `cache.winners` (sorted) from the raw or boosted overlaps.
@@ -1221,7 +1282,7 @@ impl SpatialPooler {
         for &i in input.sparse() {
             c.delta[i as usize] = k.active_inc;
         }
-        let words = c.words;
+        let n = self.params.column_count as usize;
         for &col in &c.winners {
             let slot = self.columns.materialise(
                 col,
@@ -1231,14 +1292,15 @@ impl SpatialPooler {
                 &c.layout.streams[col as usize],
             );
             let lanes = self.columns.lanes_mut(slot);
-            let row = &mut c.connected[col as usize * words..(col as usize + 1) * words];
+            let row = &mut c.row;
             if k.stimulus_threshold == 0 {
-                adapt_lanes_best(c.has_avx2, lanes, &c.delta, k.trim, k.connected, row);
+                adapt_lanes_best(c.vectors, lanes, &c.delta, k.trim, k.connected, row);
             } else {
                 let delta = &c.delta;
                 adapt_raising(lanes, k, |i| delta[i]);
                 connected_bits(lanes, k.connected, row);
             }
+            scatter_row(&mut c.connected, n, col as usize, row);
         }
     }
 
@@ -1262,7 +1324,7 @@ impl SpatialPooler {
     /// get every potential synapse raised by `syn_perm_connected / 10` (materialising them).
     fn bump_up_weak_columns(&mut self) {
         let c = &mut self.cache;
-        let words = c.words;
+        let n = self.params.column_count as usize;
         for col in 0..self.params.column_count {
             let i = col as usize;
             if self.overlap_duty_cycles[i] < self.min_overlap_duty_cycles[i] {
@@ -1275,8 +1337,8 @@ impl SpatialPooler {
                     &c.layout.streams[i],
                 );
                 let lanes = self.columns.lanes_mut(slot);
-                let row = &mut c.connected[i * words..(i + 1) * words];
-                adapt_lanes_best(c.has_avx2, lanes, &c.bump, k.trim, k.connected, row);
+                adapt_lanes_best(c.vectors, lanes, &c.bump, k.trim, k.connected, &mut c.row);
+                scatter_row(&mut c.connected, n, i, &c.row);
             }
         }
     }
@@ -1315,9 +1377,11 @@ impl SpatialPooler {
             self.inhibition_radius = self.params.column_count;
             return;
         }
-        let words = self.cache.words;
+        let n = self.num_columns();
         let mut span_sum = 0u64;
-        for row in self.cache.connected.chunks_exact(words) {
+        let mut row = std::mem::take(&mut self.cache.row);
+        for col in 0..n {
+            gather_row(&self.cache.connected, n, col, &mut row);
             let first = row.iter().position(|&w| w != 0);
             let last = row.iter().rposition(|&w| w != 0);
             if let (Some(f), Some(l)) = (first, last) {
@@ -1326,6 +1390,7 @@ impl SpatialPooler {
                 span_sum += (hi - lo + 1) as u64;
             }
         }
+        self.cache.row = row;
         let avg_span = span_sum as f64 / self.num_columns() as f64;
         let columns_per_input =
             f64::from(self.params.column_count) / f64::from(self.params.input_size);
@@ -1478,6 +1543,11 @@ mod tests {
                 // Learning first, so the check also covers the bitset's upkeep.
                 run(&mut sp, x, true);
                 run(&mut sp, x, false);
+                // The portable kernel agrees with the one the CPU selected.
+                let c = &sp.cache;
+                let mut portable = vec![0; 300];
+                overlaps_kernel(&c.connected, &c.input_bits, &c.nonzero_words, &mut portable);
+                assert_eq!(portable, c.overlaps, "input {i}");
                 let thr = sp.cache.consts.connected;
                 for col in 0..300u32 {
                     let direct = sp
@@ -1884,7 +1954,7 @@ mod tests {
     #[test]
     fn vector_learning_kernel_matches_the_per_synapse_rule() {
         let sp = SpatialPooler::new(params(454, 16, 2)).unwrap();
-        let (k, has_avx2) = (sp.cache.consts.clone(), sp.cache.has_avx2);
+        let k = sp.cache.consts.clone();
         let mut rng = Random::new(13);
         let near = [0.0, k.trim, k.connected, 1.0, 0.2, 0.0015, 0.0005];
         let draw = |rng: &mut Random| -> f32 {
@@ -1894,7 +1964,10 @@ mod tests {
                 _ => rng.real() as f32,
             }
         };
-        for _ in 0..50 {
+        // Every kernel this CPU can run, in turn.
+        let best = Vectors::detect();
+        let kernels = [Vectors::Portable, Vectors::Avx2, Vectors::Avx512];
+        for vectors in kernels.into_iter().filter(|&v| v <= best).cycle().take(150) {
             let lanes: Vec<f32> = (0..512).map(|_| draw(&mut rng).clamp(-1.0, 1.0)).collect();
             let delta: Vec<f32> = (0..512)
                 .map(|_| {
@@ -1903,7 +1976,7 @@ mod tests {
                 .collect();
             let mut fast = lanes.clone();
             let mut row = vec![0u64; 8];
-            adapt_lanes_best(has_avx2, &mut fast, &delta, k.trim, k.connected, &mut row);
+            adapt_lanes_best(vectors, &mut fast, &delta, k.trim, k.connected, &mut row);
             let mut portable = lanes.clone();
             let mut row2 = vec![0u64; 8];
             adapt_lanes(&mut portable, &delta, k.trim, k.connected, &mut row2);

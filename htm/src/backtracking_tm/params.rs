@@ -268,4 +268,15 @@ impl BacktrackingTmParams {
     pub fn num_cells(&self) -> usize {
         self.column_count as usize * self.cells_per_column as usize
     }
+
+    /// Most synapses a segment can hold: the cap in fixed-size mode (updates free synapses
+    /// before growing past it), else one per cell.
+    pub(crate) fn max_segment_size(&self) -> u64 {
+        let cells = self.num_cells() as u64;
+        if self.max_synapses_per_segment > 0 {
+            cells.min(self.max_synapses_per_segment as u64)
+        } else {
+            cells
+        }
+    }
 }

@@ -953,3 +953,60 @@ fn unreinforced_first_eviction_spares_reinforced_segments() {
     lru.create_segment(17, &[117], true);
     assert_eq!((live_on(&lru, 5), live_on(&lru, 9)), (0, 1));
 }
+
+/// Narrow and wide counters, with the table cleared whole or through the touched list, count
+/// every pass exactly as a direct count over the out lists does.
+#[test]
+fn forward_pass_counts_match_a_direct_count_in_every_counter_mode() {
+    let mut rng = Random::new(7);
+    let (cells, segments) = (64u32, 4000usize);
+    let mut index = OutIndex::new(cells as usize);
+    for seg in 1..segments as SegmentId {
+        for _ in 0..rng.below(3) {
+            index.add(rng.below(cells), seg, rng.below(2) == 0);
+        }
+    }
+    let mut activities = [
+        Activity::new(200),
+        Activity::new(1000),
+        Activity::new(1 << 20),
+    ];
+    let widths: Vec<Width> = activities.iter().map(|a| a.width).collect();
+    assert_eq!(widths, [Width::W16, Width::W32, Width::W64]);
+    let mut modes = [false; 2];
+    for pass in 0..40 {
+        // Few active cells make passes small next to the table, so the touched list is used.
+        let n = if pass % 2 == 0 { 1 } else { 40 };
+        let mut active: Vec<u32> = (0..n).map(|_| rng.below(cells)).collect();
+        active.sort_unstable();
+        active.dedup();
+        let threshold = 1 + rng.below(4);
+        let mut expected = vec![(0u32, 0u32); segments];
+        for &cell in &active {
+            let [connected, other] = index.lists(cell);
+            for &seg in connected {
+                expected[seg as usize].0 += 1;
+                expected[seg as usize].1 += 1;
+            }
+            for &seg in other {
+                expected[seg as usize].0 += 1;
+            }
+        }
+        let mut qualified: Vec<SegmentId> = (0..segments as SegmentId)
+            .filter(|&s| expected[s as usize].0 >= threshold)
+            .collect();
+        for a in &mut activities {
+            a.propagate(&index, segments, &active, threshold);
+            modes[a.clearing.tracked as usize] = true;
+            for seg in 0..segments as SegmentId {
+                let counts = (a.potential(seg), a.connected(seg));
+                assert_eq!(counts, expected[seg as usize], "pass {pass} segment {seg}");
+            }
+            let mut got = a.qualified.clone();
+            got.sort_unstable();
+            assert_eq!(got, qualified);
+        }
+        qualified.clear();
+    }
+    assert_eq!(modes, [true, true], "both clearing modes ran");
+}
