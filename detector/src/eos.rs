@@ -22,9 +22,11 @@
 //!   `commit_transaction`. Output and input progress become visible together or not at all.
 //!   An abortable error aborts the transaction and *rewinds* the partitions not committed
 //!   (networks restored from their snapshot, consumer seeked back, see below); a fatal error
-//!   (fenced) ends the session at once without writing anything more; when a producer is
-//!   fenced (a newer owner took a partition over) or failed fatally, the instance starts a
-//!   fresh session — rejoins the group, restores snapshots — as a restart would.
+//!   (fenced) ends the session at once without writing anything more. When a producer failed
+//!   fatally, or was fenced while the instance is a dynamic group member (a newer owner took
+//!   a partition over), the instance starts a fresh session — rejoins the group, restores
+//!   snapshots — as a restart would. A static member that is fenced stops: the fencer may be
+//!   a newer incarnation of itself, which a fresh session would fence in turn.
 //! * **Partition snapshots**, written only between transactions, so they never contain
 //!   uncommitted state: every `checkpoint.interval_secs`, at revocation and at shutdown, for
 //!   each owned partition, the networks that changed since the previous snapshot and then a
@@ -636,13 +638,30 @@ enum TxError {
 /// a sequence desynchronisation after a broker restart). The session ends without writing
 /// anything more and [`crate::service::run`] starts a fresh one, as a restart would.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}: the session's producer is fenced or failed")]
-pub struct SessionLost(String);
+#[error("{what}: the session's producer is {}", if *.fenced { "fenced" } else { "failed" })]
+pub struct SessionLost {
+    what: String,
+    /// Fenced by whoever uses the partition's transactional id now. With static membership
+    /// that may be a newer incarnation of this very instance, which a fresh session would
+    /// fence in turn: then the instance stops instead.
+    pub fenced: bool,
+}
+
+impl SessionLost {
+    fn new(what: String, code: Option<RDKafkaErrorCode>) -> Self {
+        SessionLost {
+            what,
+            fenced: code.is_some_and(is_producer_fencing),
+        }
+    }
+}
 
 /// `SessionLost` when the producer has a fatal error, else `other`.
 fn fatal_or(producer: &TxProducer, what: &str, other: anyhow::Error) -> anyhow::Error {
     match producer.client().fatal_error() {
-        Some((code, reason)) => SessionLost(format!("{what}: {code:?}: {reason}")).into(),
+        Some((code, reason)) => {
+            SessionLost::new(format!("{what}: {code:?}: {reason}"), Some(code)).into()
+        }
         None => other,
     }
 }
@@ -658,11 +677,12 @@ fn is_producer_fencing(code: RDKafkaErrorCode) -> bool {
 
 fn classify(producer: &TxProducer, e: KafkaError, what: &str) -> TxError {
     if let Some((code, reason)) = producer.client().fatal_error() {
-        return TxError::Fatal(SessionLost(format!("{what}: {code:?}: {reason}")).into());
+        let lost = SessionLost::new(format!("{what}: {code:?}: {reason}"), Some(code));
+        return TxError::Fatal(lost.into());
     }
     let code = e.rdkafka_error_code();
     if code.is_some_and(is_producer_fencing) {
-        return TxError::Fatal(SessionLost(format!("{what}: {e}")).into());
+        return TxError::Fatal(SessionLost::new(format!("{what}: {e}"), code).into());
     }
     match &e {
         KafkaError::Transaction(t) if t.is_fatal() => TxError::Fatal(anyhow!("{what}: {e}")),

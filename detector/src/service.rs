@@ -324,7 +324,10 @@ pub fn run(config: Arc<Config>, stop: Arc<AtomicBool>, progress: Arc<Progress>) 
             let mut restarts: Vec<Instant> = Vec::new();
             loop {
                 match crate::eos::run(config.clone(), stop.clone(), progress.clone()) {
-                    Err(e) if e.downcast_ref::<crate::eos::SessionLost>().is_some() => {
+                    Err(e)
+                        if e.downcast_ref::<crate::eos::SessionLost>()
+                            .is_some_and(|lost| !lost.fenced || !config.static_membership) =>
+                    {
                         // A fresh session recovers like a restart; one failing again and
                         // again is a problem for the operator.
                         restarts.retain(|t| t.elapsed() < SESSION_RESTART_WINDOW);

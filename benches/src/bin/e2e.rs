@@ -1,5 +1,9 @@
 //! End-to-end benchmark on librdkafka's in-process mock cluster: a keyed producer, the detector
 //! service, and a consumer of the enriched topic measuring produce → enriched latency.
+//!
+//! Without `--rate`, a throughput phase (everything sent at once; `records_per_s`) is followed
+//! by a latency phase on the same devices offered at half that throughput (`p50_ms`,
+//! `p99_ms`): the latency of a run with a backlog would only measure the backlog.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -37,10 +41,13 @@ struct Args {
     /// Records in all.
     #[arg(long, default_value_t = 200_000)]
     records: usize,
-    /// Records per second offered by the producer (0 = as fast as it can: a throughput run,
-    /// where latency includes the backlog).
+    /// Records per second offered by the producer. 0: a throughput run (as fast as it can),
+    /// then `--latency-records` more at half the throughput reached, for the latency figures.
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
+    /// Records of the latency phase after a throughput run (default: a tenth of `--records`).
+    #[arg(long)]
+    latency_records: Option<usize>,
     /// Input topic partitions.
     #[arg(long, default_value_t = 10)]
     partitions: i32,
@@ -83,7 +90,13 @@ const MOCK_FETCH_WAIT_MS: &str = "10";
 fn main() -> Result<()> {
     let args = Args::parse();
     let mut rng = htm::random::Random::new(11);
-    let records: Vec<InputRecord> = (0..args.records)
+    // A throughput run is followed by a paced latency phase on the same devices.
+    let latency_records = if args.rate > 0.0 {
+        0
+    } else {
+        args.latency_records.unwrap_or(args.records / 10).max(1)
+    };
+    let records: Vec<InputRecord> = (0..args.records + latency_records)
         .map(|i| benches::synthetic::record(i, args.devices, &mut rng))
         .collect();
     let mock = MockCluster::new(1)?;
@@ -140,12 +153,19 @@ fn main() -> Result<()> {
     let (total, rate) = (args.records, args.rate);
     let records = Arc::new(records);
     let to_send = records.clone();
+    let (phase2_tx, phase2_rx) = std::sync::mpsc::channel::<f64>();
     let started = Instant::now();
     let feeder = std::thread::spawn(move || -> Result<()> {
         let mut buf = Vec::new();
+        let (mut rate, mut phase_start, mut phase_first) = (rate, started, 0);
         for (i, rec) in to_send.iter().enumerate() {
+            if i == total {
+                // The latency phase starts once the throughput phase is read back.
+                rate = phase2_rx.recv()?;
+                (phase_start, phase_first) = (Instant::now(), i);
+            }
             if rate > 0.0 {
-                let due = started + Duration::from_secs_f64(i as f64 / rate);
+                let due = phase_start + Duration::from_secs_f64((i - phase_first) as f64 / rate);
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
@@ -171,11 +191,21 @@ fn main() -> Result<()> {
         Ok(())
     });
 
-    let mut latencies_ms = Vec::with_capacity(total);
+    let all = total + latency_records;
+    let mut latencies_ms = Vec::with_capacity(all);
+    let mut seconds = f64::NAN;
     let deadline = Instant::now() + Duration::from_secs(3600);
     let mut pending: Vec<((i32, i64), Instant)> = Vec::new();
     let mut last_report = Instant::now();
-    while latencies_ms.len() < total {
+    while latencies_ms.len() < all {
+        if seconds.is_nan() && latencies_ms.len() >= total {
+            seconds = started.elapsed().as_secs_f64();
+            if latency_records > 0 {
+                let rate = total as f64 / seconds / 2.0;
+                eprintln!("throughput phase done; latency phase: {latency_records} records at {rate:.0}/s");
+                phase2_tx.send(rate)?;
+            }
+        }
         if last_report.elapsed() > Duration::from_secs(5) {
             last_report = Instant::now();
             eprintln!(
@@ -189,7 +219,7 @@ fn main() -> Result<()> {
             );
         }
         if Instant::now() > deadline || detector.is_finished() {
-            bail!("only {} of {total} records enriched", latencies_ms.len());
+            bail!("only {} of {all} records enriched", latencies_ms.len());
         }
         if let Some(m) = reader.poll(Duration::from_millis(100)) {
             let m = m?;
@@ -216,7 +246,9 @@ fn main() -> Result<()> {
             });
         }
     }
-    let seconds = started.elapsed().as_secs_f64();
+    if seconds.is_nan() {
+        seconds = started.elapsed().as_secs_f64();
+    }
     feeder.join().expect("producer thread")?;
     stop.store(true, Ordering::SeqCst);
     detector.join().expect("detector thread")?;
@@ -224,6 +256,8 @@ fn main() -> Result<()> {
         let text: String = latencies_ms.iter().map(|l| format!("{l:.1}\n")).collect();
         std::fs::write(path, text)?;
     }
+    // Latency of the paced records: the latency phase, or the whole paced run.
+    let mut latencies_ms = latencies_ms.split_off(if latency_records > 0 { total } else { 0 });
     latencies_ms.sort_by(f64::total_cmp);
     let pct = |q: f64| latencies_ms[((latencies_ms.len() - 1) as f64 * q).round() as usize];
     let workers = if args.workers == 0 {
@@ -231,7 +265,7 @@ fn main() -> Result<()> {
     } else {
         args.workers
     };
-    let single = htm_single_thread(&config, &records)?;
+    let single = htm_single_thread(&config, &records[..total])?;
     let throughput = total as f64 / seconds;
     println!(
         "single-thread HTM on the same records: {single:.0} records/s; the pipeline reached \
