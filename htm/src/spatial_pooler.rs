@@ -1277,9 +1277,23 @@ impl SpatialPooler {
     fn bump_up_weak_columns(&mut self) {
         let c = &mut self.cache;
         let n = self.params.column_count as usize;
-        for col in 0..self.params.column_count {
-            let i = col as usize;
-            if self.overlap_duty_cycles[i] < self.min_overlap_duty_cycles[i] {
+        // Weak columns are rare: test blocks of columns branch-free (vector code) and look
+        // closer only at blocks holding one.
+        const BLOCK: usize = 32;
+        for start in (0..n).step_by(BLOCK) {
+            let end = (start + BLOCK).min(n);
+            let (odc, min) = (
+                &self.overlap_duty_cycles[start..end],
+                &self.min_overlap_duty_cycles[start..end],
+            );
+            let any_weak = odc.iter().zip(min).fold(false, |w, (d, m)| w | (d < m));
+            if !any_weak {
+                continue;
+            }
+            for i in (start..end)
+                .filter(|&i| self.overlap_duty_cycles[i] < self.min_overlap_duty_cycles[i])
+            {
+                let col = i as u32;
                 let k = &c.consts;
                 let slot = self.columns.materialise(
                     col,
