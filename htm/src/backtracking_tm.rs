@@ -492,13 +492,6 @@ fn scan<C: Counter>(counts: &[C], threshold: u32, out: &mut Vec<SegmentId>) {
     }
 }
 
-/// With AVX-512 a comparison yields its lane bits directly in a mask register.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-fn scan_avx512<C: Counter>(counts: &[C], threshold: u32, out: &mut Vec<SegmentId>) {
-    scan(counts, threshold, out);
-}
-
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn scan_avx2<C: Counter>(counts: &[C], threshold: u32, out: &mut Vec<SegmentId>) {
@@ -509,12 +502,7 @@ fn scan_avx2<C: Counter>(counts: &[C], threshold: u32, out: &mut Vec<SegmentId>)
 fn scan_best<C: Counter>(counts: &[C], threshold: u32, out: &mut Vec<SegmentId>) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") {
-            // SAFETY: the features were detected at run time.
-            return unsafe { scan_avx512(counts, threshold, out) };
-        }
-        if has!("avx2") {
+        if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the feature was detected at run time.
             return unsafe { scan_avx2(counts, threshold, out) };
         }
