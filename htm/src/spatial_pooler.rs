@@ -519,7 +519,7 @@ struct Cache {
     layout: Arc<InitialLayout>,
     has_popcnt: bool,
     vectors: Vectors,
-    has_avx512_popcnt: bool,
+    has_avx2_popcnt: bool,
 }
 
 /// Caches compare equal: they are a function of the persistent state.
@@ -681,23 +681,36 @@ fn adapt_lanes(lanes: &mut [f32], delta: &[f32], trim: f32, connected: f32, row:
     }
 }
 
+/// [`adapt_lanes`] in AVX2 by hand: eight lanes per vector, and each comparison's lane bits
+/// come straight out of `movemask` (compilers assemble them bit by bit). Every step keeps
+/// the portable version's NaN behaviour: ordered comparisons are false for NaN lanes, so
+/// the blends leave them NaN and they never connect.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn adapt_lanes_avx2(lanes: &mut [f32], delta: &[f32], trim: f32, connected: f32, row: &mut [u64]) {
-    adapt_lanes(lanes, delta, trim, connected, row);
-}
-
-/// With AVX-512 a comparison yields its lane bits directly in a mask register.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-fn adapt_lanes_avx512(
-    lanes: &mut [f32],
-    delta: &[f32],
-    trim: f32,
-    connected: f32,
-    row: &mut [u64],
-) {
-    adapt_lanes(lanes, delta, trim, connected, row);
+    use std::arch::x86_64::*;
+    let (one, zero) = (_mm256_set1_ps(1.0), _mm256_setzero_ps());
+    let (trim, connected) = (_mm256_set1_ps(trim), _mm256_set1_ps(connected));
+    for ((w, chunk), d) in row
+        .iter_mut()
+        .zip(lanes.chunks_exact_mut(64))
+        .zip(delta.chunks_exact(64))
+    {
+        let mut bits = 0u64;
+        for (k, (p, d)) in chunk.chunks_exact_mut(8).zip(d.chunks_exact(8)).enumerate() {
+            // SAFETY: `p` and `d` hold exactly 8 `f32`, what the unaligned loads and the
+            // store access.
+            unsafe {
+                let np = _mm256_add_ps(_mm256_loadu_ps(p.as_ptr()), _mm256_loadu_ps(d.as_ptr()));
+                let np = _mm256_blendv_ps(np, one, _mm256_cmp_ps::<_CMP_GT_OQ>(np, one));
+                let np = _mm256_blendv_ps(np, zero, _mm256_cmp_ps::<_CMP_LT_OQ>(np, trim));
+                _mm256_storeu_ps(p.as_mut_ptr(), np);
+                let on = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(np, connected));
+                bits |= u64::from(on as u8) << (8 * k);
+            }
+        }
+        *w = bits;
+    }
 }
 
 /// The widest vector instructions the CPU offers for [`adapt_lanes`].
@@ -706,18 +719,13 @@ enum Vectors {
     #[default]
     Portable,
     Avx2,
-    Avx512,
 }
 
 impl Vectors {
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") {
-                return Vectors::Avx512;
-            }
-            if has!("avx2") {
+            if std::arch::is_x86_feature_detected!("avx2") {
                 return Vectors::Avx2;
             }
         }
@@ -737,10 +745,7 @@ fn adapt_lanes_best(
 ) {
     #[cfg(target_arch = "x86_64")]
     match vectors {
-        // SAFETY (both): `vectors` comes from runtime CPU feature detection.
-        Vectors::Avx512 => {
-            return unsafe { adapt_lanes_avx512(lanes, delta, trim, connected, row) }
-        }
+        // SAFETY: `vectors` comes from runtime CPU feature detection.
         Vectors::Avx2 => return unsafe { adapt_lanes_avx2(lanes, delta, trim, connected, row) },
         Vectors::Portable => {}
     }
@@ -779,8 +784,8 @@ fn overlaps_kernel_popcnt(connected: &[u64], input: &[u64], nonzero: &[usize], o
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vpopcntdq")]
-fn overlaps_kernel_avx512(connected: &[u64], input: &[u64], nonzero: &[usize], out: &mut [u32]) {
+#[target_feature(enable = "avx2,popcnt")]
+fn overlaps_kernel_avx2(connected: &[u64], input: &[u64], nonzero: &[usize], out: &mut [u32]) {
     overlaps_kernel(connected, input, nonzero, out);
 }
 
@@ -878,13 +883,13 @@ impl SpatialPooler {
             scatter_row(&mut connected, n_col, col as usize, &row);
         }
         #[cfg(target_arch = "x86_64")]
-        let (has_popcnt, has_avx512_popcnt) = (
+        let (has_popcnt, has_avx2_popcnt) = (
             std::arch::is_x86_feature_detected!("popcnt"),
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512vpopcntdq"),
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("popcnt"),
         );
         #[cfg(not(target_arch = "x86_64"))]
-        let (has_popcnt, has_avx512_popcnt) = (false, false);
+        let (has_popcnt, has_avx2_popcnt) = (false, false);
         self.cache = Cache {
             words,
             connected,
@@ -902,7 +907,7 @@ impl SpatialPooler {
             layout,
             has_popcnt,
             vectors: Vectors::detect(),
-            has_avx512_popcnt,
+            has_avx2_popcnt,
             consts,
         };
     }
@@ -1125,9 +1130,9 @@ impl SpatialPooler {
         }
         let (conn, bits, nz) = (&c.connected, &c.input_bits, &c.nonzero_words);
         #[cfg(target_arch = "x86_64")]
-        if c.has_avx512_popcnt {
-            // SAFETY: `has_avx512_popcnt` was set from runtime CPU feature detection.
-            unsafe { overlaps_kernel_avx512(conn, bits, nz, &mut c.overlaps) };
+        if c.has_avx2_popcnt {
+            // SAFETY: `has_avx2_popcnt` was set from runtime CPU feature detection.
+            unsafe { overlaps_kernel_avx2(conn, bits, nz, &mut c.overlaps) };
             return;
         }
         #[cfg(target_arch = "x86_64")]
@@ -1325,9 +1330,23 @@ impl SpatialPooler {
     fn bump_up_weak_columns(&mut self) {
         let c = &mut self.cache;
         let n = self.params.column_count as usize;
-        for col in 0..self.params.column_count {
-            let i = col as usize;
-            if self.overlap_duty_cycles[i] < self.min_overlap_duty_cycles[i] {
+        // Weak columns are rare: test blocks of columns branch-free (vector code) and look
+        // closer only at blocks holding one.
+        const BLOCK: usize = 32;
+        for start in (0..n).step_by(BLOCK) {
+            let end = (start + BLOCK).min(n);
+            let (odc, min) = (
+                &self.overlap_duty_cycles[start..end],
+                &self.min_overlap_duty_cycles[start..end],
+            );
+            let any_weak = odc.iter().zip(min).fold(false, |w, (d, m)| w | (d < m));
+            if !any_weak {
+                continue;
+            }
+            for i in (start..end)
+                .filter(|&i| self.overlap_duty_cycles[i] < self.min_overlap_duty_cycles[i])
+            {
+                let col = i as u32;
                 let k = &c.consts;
                 let slot = self.columns.materialise(
                     col,
@@ -1966,8 +1985,8 @@ mod tests {
         };
         // Every kernel this CPU can run, in turn.
         let best = Vectors::detect();
-        let kernels = [Vectors::Portable, Vectors::Avx2, Vectors::Avx512];
-        for vectors in kernels.into_iter().filter(|&v| v <= best).cycle().take(150) {
+        let kernels = [Vectors::Portable, Vectors::Avx2];
+        for vectors in kernels.into_iter().filter(|&v| v <= best).cycle().take(100) {
             let lanes: Vec<f32> = (0..512).map(|_| draw(&mut rng).clamp(-1.0, 1.0)).collect();
             let delta: Vec<f32> = (0..512)
                 .map(|_| {
