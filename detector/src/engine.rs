@@ -2,6 +2,13 @@
 //! network per device, restores networks from checkpoints on first sight, computes in parallel
 //! across devices while keeping each device's records in offset order, and renders enriched
 //! records.
+//!
+//! Memory bounds (`[memory]`): a batch's devices are computed in waves; room is made before each
+//! wave by writing out and dropping the least recently used networks (at least once to their
+//! checkpoint files, exactly once to a spill area only this process trusts). Checkpoints are
+//! serialised here and written by a background thread ([`Engine::begin_checkpoint`],
+//! [`Engine::finish_checkpoint`]); an eviction of a device being written waits for that write, so
+//! files never go back in time.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
