@@ -1,7 +1,45 @@
-//! Synthetic device streams for the Kafka benches.
+//! Synthetic device streams and the embedded broker for the Kafka benches.
 
+use anyhow::Result;
+use detector::config::Config;
+use detector::demo::demo_config;
 use generator::records::InputRecord;
 use htm::random::Random;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+
+/// An embedded broker with the detector's topics, and a detector config for it whose
+/// checkpoints live in a temporary directory and whose value range fits [`record`].
+pub struct MockSetup {
+    pub mock: MockCluster<'static, DefaultProducerContext>,
+    pub bootstrap: String,
+    pub config: Config,
+    /// Holds the checkpoint directory for as long as the bench runs.
+    pub checkpoints: tempfile::TempDir,
+}
+
+/// Starts the broker and creates the input, output and dead-letter topics.
+pub fn mock_setup(partitions: i32, workers: usize) -> Result<MockSetup> {
+    let mock = MockCluster::new(1)?;
+    let bootstrap = mock.bootstrap_servers();
+    let checkpoints = tempfile::tempdir()?;
+    let mut config = demo_config(&bootstrap, checkpoints.path(), workers);
+    config.htm.min = 0.0;
+    config.htm.max = 100.0;
+    for t in [
+        &config.topics.input,
+        &config.topics.output,
+        &config.topics.dead_letter,
+    ] {
+        mock.create_topic(t, partitions, 1)?;
+    }
+    Ok(MockSetup {
+        mock,
+        bootstrap,
+        config,
+        checkpoints,
+    })
+}
 
 /// Record `i` of an interleaved stream over `devices` devices (device `i % devices`, hourly
 /// steps): a daily cycle, a per-device offset and noise, like device telemetry.

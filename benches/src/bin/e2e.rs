@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use benches::synthetic::mock_setup;
 use clap::Parser;
 use detector::config::Config;
-use detector::demo::demo_config;
 use detector::service::{self, Progress};
 use generator::partition_for_key;
 use generator::records::InputRecord;
@@ -23,7 +23,6 @@ use htm::network::Network;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::mocking::MockCluster;
 
 // The detector's allocator (see detector/src/main.rs).
 #[global_allocator]
@@ -99,13 +98,9 @@ fn main() -> Result<()> {
     let records: Vec<InputRecord> = (0..args.records + latency_records)
         .map(|i| benches::synthetic::record(i, args.devices, &mut rng))
         .collect();
-    let mock = MockCluster::new(1)?;
-    let bootstrap = mock.bootstrap_servers();
-    let dir = tempfile::tempdir()?;
-    let mut config = demo_config(&bootstrap, dir.path(), args.workers);
+    let setup = mock_setup(args.partitions, args.workers)?;
+    let (bootstrap, mut config) = (setup.bootstrap.clone(), setup.config.clone());
     config.htm.probation = 200;
-    config.htm.min = 0.0;
-    config.htm.max = 100.0;
     config.batch.max_wait_ms = 50;
     config.checkpoint.interval_secs = args.checkpoint_interval;
     // The mock broker holds a fetch for its whole max wait even when data arrives (a real
@@ -113,13 +108,6 @@ fn main() -> Result<()> {
     config
         .kafka_consumer
         .insert("fetch.wait.max.ms".into(), MOCK_FETCH_WAIT_MS.into());
-    for t in [
-        &config.topics.input,
-        &config.topics.output,
-        &config.topics.dead_letter,
-    ] {
-        mock.create_topic(t, args.partitions, 1)?;
-    }
     let config = Arc::new(config);
 
     // Start the detector first so latency is not dominated by the group join.

@@ -7,12 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use benches::synthetic::{peak_rss_mb, record};
+use benches::synthetic::{mock_setup, peak_rss_mb, record};
 use clap::Parser;
-use detector::demo::demo_config;
 use detector::service::{self, Progress};
 use generator::LoadOptions;
-use rdkafka::mocking::MockCluster;
 
 // The detector's allocator (see detector/src/main.rs): freed networks go back to the system.
 #[global_allocator]
@@ -38,22 +36,11 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let mock = MockCluster::new(1)?;
-    let bootstrap = mock.bootstrap_servers();
-    let dir = tempfile::tempdir()?;
-    let mut config = demo_config(&bootstrap, dir.path(), args.workers);
+    let setup = mock_setup(args.partitions, args.workers)?;
+    let (bootstrap, mut config) = (setup.bootstrap.clone(), setup.config.clone());
     config.htm.probation = 100;
-    config.htm.min = 0.0;
-    config.htm.max = 100.0;
     config.checkpoint.interval_secs = 10.0;
     config.memory.max_mb = args.budget_mb;
-    for t in [
-        &config.topics.input,
-        &config.topics.output,
-        &config.topics.dead_letter,
-    ] {
-        mock.create_topic(t, args.partitions, 1)?;
-    }
     let total = args.devices * args.records_per_device;
     let mut rng = htm::random::Random::new(3);
     let mut load = LoadOptions::new(bootstrap.clone(), config.topics.input.clone());
