@@ -976,11 +976,7 @@ mod tests {
         };
         let mut tm = TemporalMemory::new(params).unwrap();
         let p = disjoint_patterns(9, 512, 3, 20);
-        for _ in 0..12 {
-            tm.reset();
-            tm.compute(&p[0], true);
-            tm.compute(&p[1], true);
-        }
+        learn_pair(&mut tm, &p[0], &p[1], 12);
         tm.reset();
         tm.compute(&p[0], true);
         assert_eq!(tm.predicted_columns(), p[1].as_slice());
@@ -1004,11 +1000,7 @@ mod tests {
             "{perm_before} -> {perm_after}"
         );
         // Repeated punishment drives synapses to 0: they and their segments disappear.
-        for _ in 0..4 {
-            tm.reset();
-            tm.compute(&p[0], true);
-            tm.compute(&p[2], true);
-        }
+        learn_pair(&mut tm, &p[0], &p[2], 4);
         tm.reset();
         tm.compute(&p[0], false);
         assert!(tm.predicted_columns().is_empty(), "p[1] still predicted");
@@ -1037,11 +1029,7 @@ mod tests {
         assert_eq!(tm.compute(&[], true), 0.0);
         assert_eq!(tm.compute(&[1, 2, 3], true), 1.0);
         let p = disjoint_patterns(4, 512, 2, 20);
-        for _ in 0..15 {
-            tm.reset();
-            tm.compute(&p[0], true);
-            tm.compute(&p[1], true);
-        }
+        learn_pair(&mut tm, &p[0], &p[1], 15);
         tm.reset();
         tm.compute(&p[0], true);
         // Half of the input predicted.
@@ -1051,6 +1039,25 @@ mod tests {
         tm.reset();
         assert!(tm.predicted_columns().is_empty());
         assert_eq!(tm.compute(&p[1], false), 1.0);
+    }
+
+    /// Learns the transition `a` → `b`, `times` times, each after a reset.
+    fn learn_pair(tm: &mut TemporalMemory, a: &[u32], b: &[u32], times: usize) {
+        for _ in 0..times {
+            tm.reset();
+            tm.compute(a, true);
+            tm.compute(b, true);
+        }
+    }
+
+    /// Serialises and restores (rebuilding derived state); returns the bytes and the copy.
+    fn round_trip(tm: &TemporalMemory) -> (Vec<u8>, TemporalMemory) {
+        let cfg = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(tm, cfg).unwrap();
+        let (mut back, _): (TemporalMemory, _) =
+            bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+        back.rebuild_after_restore();
+        (bytes, back)
     }
 
     fn step_all(tms: &mut [&mut TemporalMemory], cols: &[u32], learn: bool) {
@@ -1082,12 +1089,9 @@ mod tests {
         for _ in 0..300 {
             tm.compute(&next(), true);
         }
-        let cfg = bincode::config::standard();
-        let bytes = bincode::serde::encode_to_vec(&tm, cfg).unwrap();
-        let (mut back, _): (TemporalMemory, _) =
-            bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
-        back.rebuild_after_restore();
+        let (bytes, mut back) = round_trip(&tm);
         assert_eq!(back, tm);
+        let cfg = bincode::config::standard();
         let (mut lazy, _): (TemporalMemory, _) =
             bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
         for step in 0..300 {
@@ -1109,11 +1113,7 @@ mod tests {
         let mut tm = TemporalMemory::new(params).unwrap();
         let pats = disjoint_patterns(21, 512, 24, 20);
         // An old sequence, learned first …
-        for _ in 0..10 {
-            tm.reset();
-            tm.compute(&pats[0], true);
-            tm.compute(&pats[1], true);
-        }
+        learn_pair(&mut tm, &pats[0], &pats[1], 10);
         tm.reset();
         tm.compute(&pats[0], false);
         assert_eq!(tm.predicted_columns(), pats[1].as_slice());
@@ -1150,11 +1150,7 @@ mod tests {
         for _ in 0..200 {
             tm.compute(&next(), true);
         }
-        let cfg = bincode::config::standard();
-        let bytes = bincode::serde::encode_to_vec(&tm, cfg).unwrap();
-        let (mut back, _): (TemporalMemory, _) =
-            bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
-        back.rebuild_after_restore();
+        let (_, mut back) = round_trip(&tm);
         assert_eq!(back, tm);
         for step in 0..300 {
             step_all(&mut [&mut tm, &mut back], &next(), step % 9 != 8);
