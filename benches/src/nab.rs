@@ -4,7 +4,27 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
 use htm::network::{Network, NetworkParams};
+
+/// Which temporal memory a runner uses, as a command-line choice.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum TmKind {
+    /// NuPIC's backtracking TM (preset `nab`).
+    Backtracking,
+    /// The newer TM (preset `nab-tm`).
+    Current,
+}
+
+impl TmKind {
+    /// The network preset with this TM and NAB's settings.
+    pub fn preset(self) -> &'static str {
+        match self {
+            TmKind::Backtracking => "nab",
+            TmKind::Current => "nab-tm",
+        }
+    }
+}
 
 /// One data file of a NAB-style corpus.
 #[derive(Clone, Debug)]

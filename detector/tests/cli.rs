@@ -99,7 +99,16 @@ fn service_exposes_metrics_and_stops_cleanly_on_sigterm() {
     ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
-    sigterm(&child);
+    let (status, err) = stop(&mut child);
+    assert!(status.success(), "exit {status:?}\n{err}");
+    assert!(err.contains("final checkpoint and commit"), "{err}");
+    let checkpoints = walk(dir.path());
+    assert_eq!(checkpoints, 2, "one checkpoint per device");
+}
+
+/// SIGTERM, then the exit status and everything the child wrote to stderr.
+fn stop(child: &mut std::process::Child) -> (std::process::ExitStatus, String) {
+    sigterm(child);
     let status = child.wait().unwrap();
     let mut err = String::new();
     child
@@ -108,10 +117,7 @@ fn service_exposes_metrics_and_stops_cleanly_on_sigterm() {
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
-    assert!(status.success(), "exit {status:?}\n{err}");
-    assert!(err.contains("final checkpoint and commit"), "{err}");
-    let checkpoints = walk(dir.path());
-    assert_eq!(checkpoints, 2, "one checkpoint per device");
+    (status, err)
 }
 
 fn walk(dir: &std::path::Path) -> usize {
@@ -147,15 +153,7 @@ fn unreachable_broker_is_reported_and_retried_without_crashing() {
         child.try_wait().unwrap().is_none(),
         "the service must keep retrying, not exit"
     );
-    sigterm(&child);
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, err) = stop(&mut child);
     assert!(
         err.contains("unreachable at 127.0.0.1:1") && err.contains("retrying in"),
         "{err}"

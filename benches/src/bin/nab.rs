@@ -4,19 +4,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use benches::nab::{list_files, read_file, run_file_with, write_scores};
-use clap::{Parser, ValueEnum};
+use benches::nab::{list_files, read_file, run_file_with, write_scores, TmKind};
+use clap::Parser;
 use htm::backtracking_tm::Eviction;
 use htm::network::{NetworkParams, TmParams};
 use rayon::prelude::*;
-
-#[derive(Clone, Copy, ValueEnum)]
-enum TmKind {
-    /// NuPIC's backtracking TM (preset `nab`).
-    Backtracking,
-    /// The newer TM (preset `nab-tm`).
-    Current,
-}
 
 /// Runs HTM over a NAB corpus: `DATA/<category>/<name>.csv` → `OUT/<category>/<name>.csv`.
 #[derive(Parser)]
@@ -53,10 +45,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let preset = match args.tm {
-        TmKind::Backtracking => "nab",
-        TmKind::Current => "nab-tm",
-    };
+    let preset = args.tm.preset();
     let (btm_max, tm_max) = (args.btm_max_segments, args.tm_max_segments);
     let unreinforced_first = args.btm_unreinforced_first;
     let (inf_backtrack, lrn_backtrack) = (args.btm_max_inf_backtrack, args.btm_max_lrn_backtrack);

@@ -6,20 +6,14 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use benches::nab::{list_files, read_file, DataFile};
-use clap::{Parser, ValueEnum};
+use benches::nab::{list_files, read_file, DataFile, TmKind};
+use clap::Parser;
 use htm::backtracking_tm::BacktrackingTm;
 use htm::encoders::RecordEncoder;
 use htm::network::{Network, NetworkParams, TmParams};
 use htm::spatial_pooler::SpatialPooler;
 use htm::temporal_memory::TemporalMemory;
 use htm::Sdr;
-
-#[derive(Clone, Copy, ValueEnum)]
-enum TmKind {
-    Backtracking,
-    Current,
-}
 
 /// Network size and stage costs after one NAB file.
 #[derive(Parser)]
@@ -66,10 +60,7 @@ fn params_for(args: &Args, file: &DataFile) -> Result<NetworkParams> {
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
             (lo.min(v), hi.max(v))
         });
-    let preset = match args.tm {
-        TmKind::Backtracking => "nab",
-        TmKind::Current => "nab-tm",
-    };
+    let preset = args.tm.preset();
     let mut params = NetworkParams::preset(preset, min, max, file.values.len())?;
     if args.no_classifier {
         params.classifier = None;
@@ -116,10 +107,7 @@ fn main() -> Result<()> {
     }
     let file = read_file(&args.data, &args.file)?;
     let params = params_for(&args, &file)?;
-    let preset = match args.tm {
-        TmKind::Backtracking => "nab",
-        TmKind::Current => "nab-tm",
-    };
+    let preset = args.tm.preset();
     let n = file.values.len();
 
     // Whole network.
