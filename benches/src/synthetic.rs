@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use detector::config::Config;
-use detector::demo::demo_config;
+use detector::demo::{create_topics, demo_config};
 use generator::records::InputRecord;
 use htm::random::Random;
 use rdkafka::mocking::MockCluster;
@@ -26,13 +26,7 @@ pub fn mock_setup(partitions: i32, workers: usize) -> Result<MockSetup> {
     let mut config = demo_config(&bootstrap, checkpoints.path(), workers);
     config.htm.min = 0.0;
     config.htm.max = 100.0;
-    for t in [
-        &config.topics.input,
-        &config.topics.output,
-        &config.topics.dead_letter,
-    ] {
-        mock.create_topic(t, partitions, 1)?;
-    }
+    create_topics(&mock, &config, partitions)?;
     Ok(MockSetup {
         mock,
         bootstrap,

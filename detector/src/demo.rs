@@ -17,6 +17,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 
@@ -68,6 +69,24 @@ pub fn demo_config(bootstrap: &str, checkpoints: &Path, workers: usize) -> Confi
     c
 }
 
+/// Creates the input, output and dead-letter topics of `config` on the mock cluster (it has
+/// no admin API).
+pub fn create_topics(
+    mock: &MockCluster<'static, DefaultProducerContext>,
+    config: &Config,
+    partitions: i32,
+) -> Result<()> {
+    for topic in [
+        &config.topics.input,
+        &config.topics.output,
+        &config.topics.dead_letter,
+    ] {
+        mock.create_topic(topic, partitions, 1)
+            .with_context(|| format!("creating topic {topic}"))?;
+    }
+    Ok(())
+}
+
 /// Runs the demo and prints its report; the last line is the summary line.
 pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
     let mock =
@@ -78,14 +97,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary> {
     let checkpoints = out_dir.join("demo-checkpoints");
     let _ = fs::remove_dir_all(&checkpoints); // a demo starts from scratch
     let config = Arc::new(demo_config(&bootstrap, &checkpoints, opts.workers));
-    for topic in [
-        &config.topics.input,
-        &config.topics.output,
-        &config.topics.dead_letter,
-    ] {
-        mock.create_topic(topic, opts.partitions, 1)
-            .with_context(|| format!("creating topic {topic}"))?;
-    }
+    create_topics(&mock, &config, opts.partitions)?;
     eprintln!("embedded Kafka at {bootstrap}");
 
     // Load the data with the generator.

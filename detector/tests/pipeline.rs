@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use detector::config::Config;
-use detector::demo::demo_config;
+use detector::demo::{create_topics, demo_config};
 use detector::service::{self, Progress};
 use generator::records::InputRecord;
 use generator::{partition_for_key, LoadOptions};
@@ -39,13 +39,7 @@ fn cluster() -> Cluster {
     config.htm.min = 0.0;
     config.htm.max = 100.0;
     config.checkpoint.interval_secs = 0.5;
-    for t in [
-        &config.topics.input,
-        &config.topics.output,
-        &config.topics.dead_letter,
-    ] {
-        mock.create_topic(t, PARTITIONS, 1).unwrap();
-    }
+    create_topics(&mock, &config, PARTITIONS).unwrap();
     Cluster {
         mock,
         config,
