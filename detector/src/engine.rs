@@ -483,7 +483,8 @@ impl Engine {
             }
         }
         if written.devices > 0 {
-            self.written = Some(Ok(written));
+            // Kept with, not instead of, what an earlier write left uncollected (maybe an error).
+            self.add_written(Ok(written));
         }
         let devices = checkpoints
             .iter()
@@ -526,6 +527,11 @@ impl Engine {
             .handle
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the checkpoint writer panicked")));
+        self.add_written(result);
+    }
+
+    /// Adds a write's result to those not collected yet: stats add up, the first error stays.
+    fn add_written(&mut self, result: Result<CheckpointStats>) {
         self.written = Some(match (self.written.take(), result) {
             (None, r) => r,
             (Some(Err(e)), _) | (Some(Ok(_)), Err(e)) => Err(e),
