@@ -991,6 +991,11 @@ impl BacktrackingTm {
 
     /// Heap bytes held (capacity-based), for memory reporting.
     pub fn heap_bytes(&self) -> usize {
+        self.heap_breakdown().iter().map(|(_, b)| b).sum()
+    }
+
+    /// [`Self::heap_bytes`] by part, to see where memory goes.
+    pub fn heap_breakdown(&self) -> [(&'static str, usize); 6] {
         use std::mem::size_of;
         let nested = |v: &Vec<Vec<u32>>| {
             v.capacity() * size_of::<Vec<u32>>() + v.iter().map(|x| x.capacity() * 4).sum::<usize>()
@@ -999,35 +1004,34 @@ impl BacktrackingTm {
             q.capacity() * size_of::<Vec<u32>>() + q.iter().map(|x| x.capacity() * 4).sum::<usize>()
         };
         let s = &self.scratch;
-        self.synapses.capacity() * size_of::<Vec<Synapse>>()
+        let synapses = self.synapses.capacity() * size_of::<Vec<Synapse>>()
             + self
                 .synapses
                 .iter()
                 .map(|v| v.capacity() * size_of::<Synapse>())
-                .sum::<usize>()
-            + self.free_segments.capacity() * 4
-            + self.out_index.heap_bytes()
+                .sum::<usize>();
+        let segments = self.free_segments.capacity() * 4
             + self.segments.capacity() * size_of::<SegmentMeta>()
-            + self.cell_slots.heap_bytes()
-            + [
-                &self.inf_active,
-                &self.inf_predicted,
-                &self.inf_predicted_prev,
-                &self.lrn_active,
-                &self.lrn_active_prev,
-                &self.lrn_predicted,
-                &self.lrn_predicted_prev,
-            ]
-            .iter()
-            .map(|c| c.heap_bytes())
-            .sum::<usize>()
+            + self.cell_slots.heap_bytes();
+        let cells = [
+            &self.inf_active,
+            &self.inf_predicted,
+            &self.inf_predicted_prev,
+            &self.lrn_active,
+            &self.lrn_active_prev,
+            &self.lrn_predicted,
+            &self.lrn_predicted_prev,
+        ]
+        .iter()
+        .map(|c| c.heap_bytes())
+        .sum::<usize>()
             + (self.cell_confidence.capacity() + self.col_confidence.capacity()) * 8
             + self.predicted_columns.capacity() * 4
             + patterns(&self.prev_inf_patterns)
-            + patterns(&self.prev_lrn_patterns)
-            + self.updates.capacity() * size_of::<PendingUpdate>()
-            + self.update_pool.capacity() * 4
-            + s.activity.heap_bytes()
+            + patterns(&self.prev_lrn_patterns);
+        let updates =
+            self.updates.capacity() * size_of::<PendingUpdate>() + self.update_pool.capacity() * 4;
+        let scratch = s.activity.heap_bytes()
             + s.ranking.ranked.capacity() * size_of::<Ranked>()
             + s.best.capacity() * 12
             + (s.cells.capacity()
@@ -1039,7 +1043,15 @@ impl BacktrackingTm {
             + s.in_update.capacity()
             + s.new_cells.capacity() * 4
             + s.free_candidates.capacity() * 12
-            + nested(&s.spare_patterns)
+            + nested(&s.spare_patterns);
+        [
+            ("synapses", synapses),
+            ("out_index", self.out_index.heap_bytes()),
+            ("segments", segments),
+            ("cell_state", cells),
+            ("updates", updates),
+            ("scratch", scratch),
+        ]
     }
 
     fn ensure_ready(&mut self) {

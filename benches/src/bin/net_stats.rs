@@ -253,5 +253,13 @@ fn main() -> Result<()> {
     println!(
         "tm: heap_bytes={tm_heap} serialized_bytes={tm_ser} segments={tm_segs} synapses={tm_syns}"
     );
+    if let Tm::Backtracking(tm) = &tm {
+        let parts: Vec<String> = tm
+            .heap_breakdown()
+            .iter()
+            .map(|(name, bytes)| format!("{name}={bytes}"))
+            .collect();
+        println!("tm heap: {}", parts.join(" "));
+    }
     Ok(())
 }
