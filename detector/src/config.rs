@@ -139,6 +139,10 @@ pub struct CheckpointConfig {
     pub chunk_bytes: usize,
     /// Seconds between checkpoints (at least once: each also commits input offsets).
     pub interval_secs: f64,
+    /// At least once: the most milliseconds a batch spends serialising networks for a
+    /// checkpoint; a checkpoint of many changed networks is spread over batches, so it delays
+    /// records by about this much instead of by the time to serialise them all.
+    pub max_pause_ms: u64,
 }
 
 /// Batching of the consume → compute → produce loop.
@@ -215,6 +219,7 @@ impl Default for CheckpointConfig {
             topic: String::new(),
             chunk_bytes: 512 * 1024,
             interval_secs: 5.0,
+            max_pause_ms: 50,
         }
     }
 }

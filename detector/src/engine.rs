@@ -5,13 +5,19 @@
 //!
 //! Memory bounds (`[memory]`): a batch's devices are computed in waves; room is made before each
 //! wave by writing out and dropping the least recently used networks (at least once to their
-//! checkpoint files, exactly once to a spill area only this process trusts). Checkpoints are
-//! serialised here and written by a background thread ([`Engine::begin_checkpoint`],
-//! [`Engine::finish_checkpoint`]); an eviction of a device being written waits for that write, so
-//! files never go back in time.
+//! checkpoint files, exactly once to a spill area only this process trusts).
+//!
+//! Periodic checkpoints are spread over batches so that none pauses long: a checkpoint
+//! ([`Engine::begin_checkpoint`]) lists the devices changed so far; each batch then serialises
+//! some of them within a time slice ([`Engine::advance_checkpoint`]) and hands the bytes to a
+//! background writer; [`Engine::finish_checkpoint`] tells when all of them are durable. A
+//! device serialised late reflects more records than the checkpoint's start, which is harmless:
+//! what matters is that every record before the start is in a durable file. An eviction of a
+//! device being written waits for that write, so files never go back in time.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use generator::records::{rfc3339, InputRecord};
@@ -95,6 +101,8 @@ struct Writing {
     /// The devices it writes: one of them evicted meanwhile must wait for it, or its newer
     /// file could be overwritten by this older state.
     devices: HashSet<(i32, String)>,
+    /// Serialised bytes it holds until written.
+    bytes: usize,
     handle: std::thread::JoinHandle<Result<CheckpointStats>>,
 }
 
@@ -123,8 +131,11 @@ pub struct Engine {
     /// offset their spilled network reflects. A spill file not listed here (left by an earlier
     /// process, or of a partition rewound since) may hold uncommitted state and is never read.
     spilled: HashMap<(i32, String), i64>,
-    writing: Option<Writing>,
-    /// Result of a background checkpoint that an eviction had to wait for, not yet collected.
+    /// Devices of the checkpoint in progress not serialised yet (`None`: none in progress).
+    round: Option<VecDeque<(i32, String)>>,
+    /// Background writes of the checkpoint's serialised devices.
+    writing: Vec<Writing>,
+    /// Combined result of the writes joined so far, not yet collected.
     written: Option<Result<CheckpointStats>>,
 }
 
@@ -150,7 +161,8 @@ impl Engine {
             batches: 0,
             lazy_restore,
             spilled: HashMap::new(),
-            writing: None,
+            round: None,
+            writing: Vec::new(),
             written: None,
         })
     }
@@ -410,13 +422,13 @@ impl Engine {
 
     /// Checkpoints every device that changed since its last checkpoint, in the given
     /// partitions (all when `None`), and returns once the files are durable (after any
-    /// background checkpoint). Cost follows the devices that changed, not all devices.
+    /// checkpoint in progress). Cost follows the devices that changed, not all devices.
     pub fn checkpoint_dirty(&mut self, only: Option<&[i32]>) -> Result<CheckpointStats> {
         let mut stats = self
             .finish_checkpoint(true)
             .transpose()?
             .unwrap_or_default();
-        self.begin_checkpoint(only)?;
+        self.begin_checkpoint(only);
         let now = self
             .finish_checkpoint(true)
             .transpose()?
@@ -426,103 +438,162 @@ impl Engine {
         Ok(stats)
     }
 
-    /// Starts a checkpoint of every changed device (in `only` partitions, or all): the networks
-    /// are serialised now, in parallel, and their files written by a background thread, so
-    /// the batch loop only waits for the serialisation. The state captured is that of this
-    /// moment; [`Engine::finish_checkpoint`] tells when it is durable. Waits for a previous
-    /// background checkpoint first.
-    pub fn begin_checkpoint(&mut self, only: Option<&[i32]>) -> Result<()> {
-        self.join_writing();
-        // The serialised networks wait in memory for the writer: past the room the memory
-        // bound leaves, they are written at once instead.
-        let room = self.max_bytes().saturating_sub(self.resident_bytes());
-        let mut jobs: Vec<(i32, &String, &mut Device)> = Vec::new();
-        for (&p, devices) in self.partitions.iter_mut() {
-            if only.is_some_and(|o| !o.contains(&p)) {
-                continue;
-            }
-            jobs.extend(
-                devices
-                    .iter_mut()
-                    .filter(|(_, d)| d.dirty)
-                    .map(|(k, d)| (p, k, d)),
-            );
+    /// Starts a checkpoint of every device changed so far (in `only` partitions, or all):
+    /// nothing is serialised yet, see [`Engine::advance_checkpoint`]. Completes a checkpoint
+    /// still in progress first, so a device's files are written in order.
+    pub fn begin_checkpoint(&mut self, only: Option<&[i32]>) {
+        if let Err(e) = self.advance_checkpoint(None) {
+            self.add_written(Err(e));
         }
+        self.join_writing();
+        let queue = self
+            .partitions
+            .iter()
+            .filter(|(p, _)| only.is_none_or(|o| o.contains(p)))
+            .flat_map(|(&p, devices)| {
+                devices
+                    .iter()
+                    .filter(|(_, d)| d.dirty)
+                    .map(move |(k, _)| (p, k.clone()))
+            })
+            .collect();
+        self.round = Some(queue);
+    }
+
+    /// Serialises devices of the checkpoint in progress, in parallel, for about `slice` (all
+    /// that are left when `None`), and starts a background write of them. The serialised
+    /// networks wait in memory for the writer: past the room the memory bound leaves, they
+    /// are written at once instead.
+    pub fn advance_checkpoint(&mut self, slice: Option<Duration>) -> Result<()> {
+        let in_flight: usize = self.writing.iter().map(|w| w.bytes).sum();
+        let room = self
+            .max_bytes()
+            .saturating_sub(self.resident_bytes() + in_flight);
+        let Some(queue) = self.round.as_mut() else {
+            return Ok(());
+        };
+        let started = Instant::now();
         let (store, topic) = (&self.store, &self.config.topics.input);
+        // Enough devices per step to keep every worker busy, few enough to stop near `slice`.
+        let step = self.pool.current_num_threads();
         let mut checkpoints: Vec<DeviceCheckpoint> = Vec::new();
         let mut held = 0;
         let mut written = CheckpointStats::default();
-        let mut jobs = jobs.into_iter();
-        loop {
-            let chunk: Vec<_> = jobs.by_ref().take(EVICTION_CHUNK).collect();
-            if chunk.is_empty() {
-                break;
+        let mut result = Ok(());
+        // At least one step per call, so a checkpoint always progresses.
+        let mut first = true;
+        while !queue.is_empty() && (first || slice.is_none_or(|s| started.elapsed() < s)) {
+            first = false;
+            // Taken out of their maps to be serialised in parallel, then put back. A device
+            // evicted since the start was written then; one of a revoked partition is no
+            // longer ours.
+            let mut jobs: Vec<(i32, String, Device)> = Vec::new();
+            while jobs.len() < step {
+                let Some((p, k)) = queue.pop_front() else {
+                    break;
+                };
+                let Some(devices) = self.partitions.get_mut(&p) else {
+                    continue;
+                };
+                if devices.get(&k).is_some_and(|d| d.dirty) {
+                    let state = devices.remove(&k).expect("present");
+                    jobs.push((p, k, state));
+                }
             }
             let serialised: Vec<DeviceCheckpoint> = self.pool.install(|| {
-                chunk
-                    .into_par_iter()
+                jobs.par_iter_mut()
                     .map(|(partition, device, state)| {
                         state.dirty = false;
                         DeviceCheckpoint {
                             device: device.clone(),
-                            partition,
+                            partition: *partition,
                             offset: state.offset,
                             network: state.network.to_bytes(),
                         }
                     })
                     .collect()
             });
+            for (p, k, state) in jobs {
+                self.partitions.entry(p).or_default().insert(k, state);
+            }
             held += serialised.iter().map(|c| c.network.len()).sum::<usize>();
             checkpoints.extend(serialised);
             if held > room {
-                let now = write_checkpoints(store, topic, &checkpoints)?;
-                written.devices += now.devices;
-                written.bytes += now.bytes;
+                match write_checkpoints(store, topic, &checkpoints) {
+                    Ok(now) => {
+                        written.devices += now.devices;
+                        written.bytes += now.bytes;
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
                 checkpoints.clear();
                 held = 0;
             }
         }
+        if queue.is_empty() {
+            self.round = None;
+            // A checkpoint with nothing to write still completes.
+            self.add_written(Ok(CheckpointStats::default()));
+        }
         if written.devices > 0 {
-            // Kept with, not instead of, what an earlier write left uncollected (maybe an error).
             self.add_written(Ok(written));
         }
-        let devices = checkpoints
-            .iter()
-            .map(|c| (c.partition, c.device.clone()))
-            .collect();
-        let store = self.store.clone();
-        let topic = self.config.topics.input.clone();
-        let handle = std::thread::Builder::new()
-            .name("checkpoint-writer".into())
-            .spawn(move || write_checkpoints(&store, &topic, &checkpoints))
-            .context("starting the checkpoint writer")?;
-        self.writing = Some(Writing { devices, handle });
+        result?;
+        if !checkpoints.is_empty() {
+            let devices = checkpoints
+                .iter()
+                .map(|c| (c.partition, c.device.clone()))
+                .collect();
+            let store = self.store.clone();
+            let topic = self.config.topics.input.clone();
+            let handle = std::thread::Builder::new()
+                .name("checkpoint-writer".into())
+                .spawn(move || write_checkpoints(&store, &topic, &checkpoints))
+                .context("starting the checkpoint writer")?;
+            self.writing.push(Writing {
+                devices,
+                bytes: held,
+                handle,
+            });
+        }
         Ok(())
     }
 
-    /// The combined result of the background checkpoints not collected yet, once no file is
-    /// being written any more: `None` while one is still writing (unless `wait`), or when
-    /// there is nothing to collect.
+    /// The combined result of the checkpoint in progress once all its devices are durable:
+    /// `None` while some are still to serialise or being written (unless `wait`, which
+    /// completes it now), or when there is nothing to collect.
     pub fn finish_checkpoint(&mut self, wait: bool) -> Option<Result<CheckpointStats>> {
-        if wait
-            || self
-                .writing
-                .as_ref()
-                .is_some_and(|w| w.handle.is_finished())
-        {
+        if wait {
+            if let Err(e) = self.advance_checkpoint(None) {
+                self.add_written(Err(e));
+            }
             self.join_writing();
+        } else {
+            let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.writing)
+                .into_iter()
+                .partition(|w| w.handle.is_finished());
+            self.writing = running;
+            for w in done {
+                self.join(w);
+            }
         }
-        if self.writing.is_some() {
+        if self.round.is_some() || !self.writing.is_empty() {
             return None;
         }
         self.written.take()
     }
 
-    /// Waits for the background checkpoint, keeping its result for `finish_checkpoint`.
+    /// Waits for every background write, keeping the results for `finish_checkpoint`.
     fn join_writing(&mut self) {
-        let Some(writing) = self.writing.take() else {
-            return;
-        };
+        for w in std::mem::take(&mut self.writing) {
+            self.join(w);
+        }
+    }
+
+    fn join(&mut self, writing: Writing) {
         let result = writing
             .handle
             .join()
@@ -592,11 +663,7 @@ impl Engine {
                 .expect("listed partition");
             let state = devices.remove(&device).expect("listed device");
             let key = (partition, device);
-            if self
-                .writing
-                .as_ref()
-                .is_some_and(|w| w.devices.contains(&key))
-            {
+            if self.writing.iter().any(|w| w.devices.contains(&key)) {
                 self.join_writing();
             }
             if !self.lazy_restore {
@@ -1044,7 +1111,8 @@ mod tests {
             got.extend(enriched(&engine.process(chunk).unwrap()));
             // A checkpoint starts after every batch; the next batch evicts the device it is
             // writing, which must not let the older state land after the newer one.
-            engine.begin_checkpoint(None).unwrap();
+            engine.begin_checkpoint(None);
+            engine.advance_checkpoint(Some(Duration::ZERO)).unwrap();
             if let Some(done) = engine.finish_checkpoint(false) {
                 written += done.unwrap().devices;
             }
@@ -1064,6 +1132,58 @@ mod tests {
             "every device restarts from its file"
         );
         assert_eq!(got, reference);
+    }
+
+    #[test]
+    fn a_checkpoint_spread_over_batches_covers_every_record_before_its_start() {
+        let data = stream(40);
+        let reference: HashMap<(i32, i64), String> = uninterrupted(&data)
+            .into_iter()
+            .map(|(p, o, e)| ((p, o), e))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(dir.path());
+        let mut engine = Engine::new(c.clone()).unwrap();
+        let mut got = enriched(&engine.process(&data[..45]).unwrap());
+        let mut start: BTreeMap<i32, i64> = BTreeMap::new();
+        for m in &data[..45] {
+            start.insert(m.partition, m.offset + 1);
+        }
+        engine.begin_checkpoint(None);
+        // One step (two devices, one per worker) per slice: the third device is serialised
+        // after the next batch, so its file reflects records past the start.
+        engine.advance_checkpoint(Some(Duration::ZERO)).unwrap();
+        assert!(
+            engine.finish_checkpoint(false).is_none(),
+            "a device is left"
+        );
+        got.extend(enriched(&engine.process(&data[45..60]).unwrap()));
+        engine.advance_checkpoint(Some(Duration::ZERO)).unwrap();
+        let done = engine.finish_checkpoint(true).expect("complete").unwrap();
+        assert_eq!(done.devices, 3);
+        assert!(engine.finish_checkpoint(true).is_none(), "all collected");
+
+        // Crash after committing the positions of the start: replay from them.
+        drop(engine);
+        let mut engine = Engine::new(c).unwrap();
+        let replay: Vec<InMessage> = data
+            .iter()
+            .filter(|m| m.offset >= start[&m.partition])
+            .cloned()
+            .collect();
+        let outcomes = engine.process(&replay).unwrap();
+        let skipped = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::AlreadyProcessed { .. }))
+            .count();
+        assert_eq!(skipped, 5, "the late device's records of the second batch");
+        got.extend(enriched(&outcomes));
+        let mut covered = HashSet::new();
+        for (p, o, e) in got {
+            assert_eq!(reference[&(p, o)], e, "partition {p} offset {o}");
+            covered.insert((p, o));
+        }
+        assert_eq!(covered.len(), reference.len(), "every record enriched");
     }
 
     /// The enriched records of one engine fed the whole stream in one batch.

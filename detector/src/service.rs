@@ -7,12 +7,13 @@
 //! 1. a batch is polled and computed; enriched records and dead letters are produced with the
 //!    idempotent producer;
 //! 2. every `checkpoint.interval_secs`, on revocation and at shutdown, a *commit point*:
-//!    (a) flush the producer and require every delivery acknowledged; (b) serialise every
-//!    device whose network changed, stamped with the offset of the last record it processed,
-//!    and write the files durably; (c) commit the consumer positions captured with (b).
-//!    The periodic commit point writes its files on a background thread while batches go on
-//!    (the batch loop only waits for the serialisation) and commits once they are durable;
-//!    at revocation and shutdown it completes before returning.
+//!    (a) flush the producer and require every delivery acknowledged, and capture the
+//!    consumer positions; (b) serialise every device whose network changed before (a),
+//!    stamped with the offset of the last record it processed, and write the files durably;
+//!    (c) commit the positions captured in (a).
+//!    The periodic commit point spreads (b) over the following batches, each serialising
+//!    for at most `checkpoint.max_pause_ms` while a background thread writes the files, and
+//!    commits once all are durable; at revocation and shutdown it completes before returning.
 //!
 //! After a crash the group resumes at the last committed position. Every network is restored
 //! from its checkpoint, which is never older than that position, so no record is skipped. A
@@ -215,9 +216,9 @@ fn record_checkpoint(started: Instant, stats: CheckpointStats, progress: &Progre
     progress.commits.fetch_add(1, Ordering::SeqCst);
 }
 
-/// The periodic commit point, in the background: flush, then serialise the changed networks
-/// and capture the positions; a writer thread makes the files durable and
-/// [`complete_commit`] commits the positions after it. Skipped while the previous one writes.
+/// Starts the periodic commit point: flush, capture the positions and list the changed
+/// networks; [`complete_commit`] serialises them over the next batches and commits the
+/// positions once their files are durable. Skipped while the previous one is in progress.
 fn begin_commit(shared: &Shared) -> Result<()> {
     if shared.state.lock().unwrap().pending.is_some() {
         return Ok(());
@@ -225,14 +226,14 @@ fn begin_commit(shared: &Shared) -> Result<()> {
     flush_acknowledged(shared)?;
     let started = Instant::now();
     let mut state = shared.state.lock().unwrap();
-    state.engine.begin_checkpoint(None)?;
+    state.engine.begin_checkpoint(None);
     state.pending = Some((state.positions.clone(), started));
     Ok(())
 }
 
-/// Commits the positions of the background checkpoint once its files are durable (at once
-/// with `wait`). A failed write is an error: nothing is committed and the service stops,
-/// so a restart replays from the previous commit.
+/// Advances the commit point in progress by one slice, and commits its positions once its
+/// files are durable (completes it at once with `wait`). A failed write is an error: nothing
+/// is committed and the service stops, so a restart replays from the previous commit.
 fn complete_commit(
     shared: &Shared,
     consumer: &BaseConsumer<GroupContext>,
@@ -240,6 +241,10 @@ fn complete_commit(
     wait: bool,
 ) -> Result<()> {
     let mut state = shared.state.lock().unwrap();
+    if !wait && state.pending.is_some() {
+        let slice = Duration::from_millis(shared.config.checkpoint.max_pause_ms);
+        state.engine.advance_checkpoint(Some(slice))?;
+    }
     let Some(done) = state.engine.finish_checkpoint(wait) else {
         return Ok(());
     };
