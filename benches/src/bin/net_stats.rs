@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use benches::counting::{live_bytes, Counting};
 use benches::nab::{list_files, read_file, DataFile, TmKind};
 use clap::Parser;
 use htm::backtracking_tm::BacktrackingTm;
@@ -14,6 +15,9 @@ use htm::network::{Network, NetworkParams, TmParams};
 use htm::spatial_pooler::SpatialPooler;
 use htm::temporal_memory::TemporalMemory;
 use htm::Sdr;
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
 
 /// Network size and stage costs after one NAB file.
 #[derive(Parser)]
@@ -37,6 +41,9 @@ struct Args {
     /// Runs of each stage alone; the fastest is reported.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Only the first N records of the file (a young network).
+    #[arg(long)]
+    records: Option<usize>,
     /// Instead: one whole network per corpus file, reporting each one's final size.
     #[arg(long)]
     all: bool,
@@ -105,18 +112,27 @@ fn main() -> Result<()> {
     if args.all {
         return all_files(&args);
     }
-    let file = read_file(&args.data, &args.file)?;
+    let mut file = read_file(&args.data, &args.file)?;
+    if let Some(n) = args.records {
+        file.values.truncate(n);
+        file.seconds.truncate(n);
+        file.timestamps.truncate(n);
+    }
     let params = params_for(&args, &file)?;
     let preset = args.tm.preset();
     let n = file.values.len();
 
-    // Whole network.
+    // Whole network. A first one fills the process-wide memo of initial pooler layouts, which
+    // networks share, so the bytes counted for the second are its own.
+    drop(Network::new(params.clone())?);
+    let live_before = live_bytes();
     let mut net = Network::new(params.clone())?;
     let start = Instant::now();
     for (&t, &v) in file.seconds.iter().zip(&file.values) {
         net.compute(t, v)?;
     }
     let net_time = start.elapsed();
+    let allocated = live_bytes().saturating_sub(live_before);
     let checkpoint = net.to_bytes();
 
     // The stages one by one, each run `repeat` times from scratch; the fastest run counts
@@ -194,7 +210,7 @@ fn main() -> Result<()> {
     };
     println!("file={} records={n} tm={preset}", args.file.display());
     println!(
-        "network: records_per_s={:.0} heap_bytes={} checkpoint_bytes={}",
+        "network: records_per_s={:.0} heap_bytes={} allocated_bytes={allocated} checkpoint_bytes={}",
         n as f64 / net_time.as_secs_f64(),
         net.heap_bytes(),
         checkpoint.len()
