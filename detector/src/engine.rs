@@ -16,7 +16,8 @@
 //! device being written waits for that write, so files never go back in time.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -103,10 +104,12 @@ struct Writing {
     devices: HashSet<(i32, String)>,
     /// Serialised bytes it holds until written.
     bytes: usize,
-    handle: std::thread::JoinHandle<Result<CheckpointStats>>,
+    /// Its result (in a mutex only so that the engine stays `Sync`).
+    done: Mutex<Receiver<Result<CheckpointStats>>>,
 }
 
-/// Files written at once by a background checkpoint (fsync-bound, not CPU-bound).
+/// Checkpoint files written at once (fsync-bound, not CPU-bound). The writers are long-lived:
+/// a thread per write would leave the allocator a heap per short-lived thread to reclaim.
 const WRITER_THREADS: usize = 4;
 /// Evicted networks serialised and written together: bounds the transient buffers.
 const EVICTION_CHUNK: usize = 32;
@@ -118,6 +121,8 @@ pub struct Engine {
     /// partition → device → state. A device lives in exactly one partition (its key's).
     partitions: BTreeMap<i32, HashMap<String, Device>>,
     pool: rayon::ThreadPool,
+    /// Checkpoint file writers.
+    io: Arc<rayon::ThreadPool>,
     restored: u64,
     evicted: u64,
     /// Batches processed: the clock of least-recently-used eviction.
@@ -151,11 +156,16 @@ impl Engine {
             .num_threads(config.workers)
             .thread_name(|i| format!("htm-worker-{i}"))
             .build()?;
+        let io = rayon::ThreadPoolBuilder::new()
+            .num_threads(WRITER_THREADS)
+            .thread_name(|i| format!("checkpoint-writer-{i}"))
+            .build()?;
         Ok(Engine {
             config,
             store,
             partitions: BTreeMap::new(),
             pool,
+            io: Arc::new(io),
             restored: 0,
             evicted: 0,
             batches: 0,
@@ -473,7 +483,7 @@ impl Engine {
             return Ok(());
         };
         let started = Instant::now();
-        let (store, topic) = (&self.store, &self.config.topics.input);
+        let (store, topic, io) = (&self.store, &self.config.topics.input, &self.io);
         // Enough devices per step to keep every worker busy, few enough to stop near `slice`.
         let step = self.pool.current_num_threads();
         let mut checkpoints: Vec<DeviceCheckpoint> = Vec::new();
@@ -519,7 +529,7 @@ impl Engine {
             held += serialised.iter().map(|c| c.network.len()).sum::<usize>();
             checkpoints.extend(serialised);
             if held > room {
-                match write_checkpoints(store, topic, &checkpoints) {
+                match write_checkpoints(io, store, topic, &checkpoints) {
                     Ok(now) => {
                         written.devices += now.devices;
                         written.bytes += now.bytes;
@@ -549,14 +559,16 @@ impl Engine {
                 .collect();
             let store = self.store.clone();
             let topic = self.config.topics.input.clone();
-            let handle = std::thread::Builder::new()
-                .name("checkpoint-writer".into())
-                .spawn(move || write_checkpoints(&store, &topic, &checkpoints))
-                .context("starting the checkpoint writer")?;
+            let io = self.io.clone();
+            let (tx, done) = std::sync::mpsc::channel();
+            self.io.spawn(move || {
+                // The receiver may be gone only when the engine is: nothing left to tell.
+                let _ = tx.send(write_checkpoints(&io, &store, &topic, &checkpoints));
+            });
             self.writing.push(Writing {
                 devices,
                 bytes: held,
-                handle,
+                done: Mutex::new(done),
             });
         }
         Ok(())
@@ -572,13 +584,16 @@ impl Engine {
             }
             self.join_writing();
         } else {
-            let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.writing)
-                .into_iter()
-                .partition(|w| w.handle.is_finished());
-            self.writing = running;
-            for w in done {
-                self.join(w);
+            let mut running = Vec::new();
+            for mut w in std::mem::take(&mut self.writing) {
+                let done = w.done.get_mut().unwrap_or_else(|e| e.into_inner());
+                match done.try_recv() {
+                    Ok(result) => self.add_written(result),
+                    Err(TryRecvError::Empty) => running.push(w),
+                    Err(TryRecvError::Disconnected) => self.add_written(Err(writer_panicked())),
+                }
             }
+            self.writing = running;
         }
         if self.round.is_some() || !self.writing.is_empty() {
             return None;
@@ -594,10 +609,8 @@ impl Engine {
     }
 
     fn join(&mut self, writing: Writing) {
-        let result = writing
-            .handle
-            .join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the checkpoint writer panicked")));
+        let done = writing.done.into_inner().unwrap_or_else(|e| e.into_inner());
+        let result = done.recv().unwrap_or_else(|_| Err(writer_panicked()));
         self.add_written(result);
     }
 
@@ -696,7 +709,12 @@ impl Engine {
                 })
                 .collect()
         });
-        write_checkpoints(&self.store, &self.config.topics.input, &checkpoints)?;
+        write_checkpoints(
+            &self.io,
+            &self.store,
+            &self.config.topics.input,
+            &checkpoints,
+        )?;
         Ok(())
     }
 
@@ -825,28 +843,22 @@ impl Engine {
     }
 }
 
+fn writer_panicked() -> anyhow::Error {
+    anyhow::anyhow!("a checkpoint writer panicked")
+}
+
 /// Writes device checkpoints, a few files at a time.
 fn write_checkpoints(
+    io: &rayon::ThreadPool,
     store: &DirStore,
     topic: &str,
     checkpoints: &[DeviceCheckpoint],
 ) -> Result<CheckpointStats> {
-    let per_thread = checkpoints.len().div_ceil(WRITER_THREADS).max(1);
-    let sizes: Vec<Result<usize>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = checkpoints
-            .chunks(per_thread)
-            .map(|chunk| {
-                scope.spawn(move || {
-                    chunk
-                        .iter()
-                        .map(|cp| store.save(topic, cp))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("checkpoint file writer panicked"))
+    let sizes: Vec<Result<usize>> = io.install(|| {
+        checkpoints
+            .par_iter()
+            .with_max_len(1)
+            .map(|cp| store.save(topic, cp))
             .collect()
     });
     let mut stats = CheckpointStats::default();

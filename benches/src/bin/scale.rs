@@ -7,14 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use benches::counting::{peak_live_bytes, Counting};
 use benches::synthetic::{mock_setup, peak_rss_mb, record};
 use clap::Parser;
 use detector::service::{self, Progress};
 use generator::LoadOptions;
 
-// The detector's allocator (see detector/src/main.rs): freed networks go back to the system.
+// The detector's allocator (see detector/src/main.rs), counting live bytes.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: Counting = Counting;
 
 /// Thousands of device networks in one detector under a memory budget.
 #[derive(Parser)]
@@ -95,6 +96,11 @@ fn main() -> Result<()> {
     stop.store(true, Ordering::SeqCst);
     detector.join().expect("detector thread")?;
     let bytes_per_network = max_resident / max_networks.max(1);
+    eprintln!(
+        "networks' own estimate at most {:.0} MiB; heap allocated at most {:.0} MiB",
+        max_resident as f64 / 1048576.0,
+        peak_live_bytes() as f64 / 1048576.0
+    );
     println!(
         "scale: devices={devices} records={total} seconds={seconds:.3} records_per_s={:.0} peak_rss_mb={:.0} bytes_per_network={bytes_per_network} restores={}",
         total as f64 / seconds,
