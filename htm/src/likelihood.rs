@@ -155,19 +155,6 @@ const FLAT_METRIC_VARIANCE: f64 = 1.5e-5;
 const MIN_MEAN: f64 = 0.03;
 const MIN_VARIANCE: f64 = 0.0003;
 
-/// Scratch buffers for re-estimation. Never part of the state: equal for all instances.
-#[derive(Clone, Debug, Default)]
-struct Scratch {
-    averages: Vec<f64>,
-    values: Vec<f64>,
-}
-
-impl PartialEq for Scratch {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
 /// Online anomaly likelihood of one metric (NuPIC's `AnomalyLikelihood`).
 ///
 /// Feed every record's metric value and raw anomaly score to
@@ -191,8 +178,6 @@ pub struct AnomalyLikelihood {
     /// Last `averaging_window` *unfiltered* tail probabilities (the filter looks back at
     /// the previous one).
     recent_tail: VecDeque<f64>,
-    #[serde(skip)]
-    scratch: Scratch,
 }
 
 impl AnomalyLikelihood {
@@ -204,21 +189,24 @@ impl AnomalyLikelihood {
         if let Err(e) = params.validate() {
             panic!("{e}");
         }
-        let history_cap = params.historic_window_size as usize;
         let window = params.averaging_window as usize;
         AnomalyLikelihood {
             iteration: 0,
-            history: VecDeque::with_capacity(history_cap),
+            // Grown as records arrive (see `anomaly_probability`): a young network of a
+            // detector holding thousands should not carry a full window it does not use.
+            history: VecDeque::new(),
             distribution: None,
             ma_window: VecDeque::with_capacity(window),
             ma_total: 0.0,
             recent_tail: VecDeque::with_capacity(window + 1),
-            scratch: Scratch {
-                averages: Vec::with_capacity(history_cap),
-                values: Vec::with_capacity(history_cap),
-            },
             params,
         }
+    }
+
+    /// Heap bytes held (capacity-based), for memory reporting.
+    pub fn heap_bytes(&self) -> usize {
+        std::mem::size_of::<(f64, f64)>() * self.history.capacity()
+            + 8 * (self.ma_window.capacity() + self.recent_tail.capacity())
     }
 
     /// The parameters.
@@ -251,8 +239,14 @@ impl AnomalyLikelihood {
             }
             1.0 - self.update(raw_score)
         };
-        if self.history.len() == self.params.historic_window_size as usize {
+        let full = self.params.historic_window_size as usize;
+        if self.history.len() == full {
             self.history.pop_front();
+        } else if self.history.len() == self.history.capacity() {
+            // Doubling, but never past the window (plain doubling would end at 16,384
+            // entries for NuPIC's 8,640).
+            let want = (2 * self.history.len()).max(64).min(full);
+            self.history.reserve_exact(want - self.history.len());
         }
         self.history.push_back((value, raw_score));
         self.iteration += 1;
@@ -282,8 +276,9 @@ impl AnomalyLikelihood {
     }
 
     /// Re-fits the distribution on the history (NuPIC's `estimateAnomalyLikelihoods`,
-    /// called with the skip count of `_calcSkipRecords`). O(history), no allocation once
-    /// the scratch buffers have grown.
+    /// called with the skip count of `_calcSkipRecords`). O(history). Its buffers live only
+    /// for the call (a refit comes every `reestimation_period` records): kept, they would
+    /// double the memory of the estimator.
     fn reestimate(&mut self) {
         let window = self.params.averaging_window as usize;
         let skip = skip_records(
@@ -294,9 +289,8 @@ impl AnomalyLikelihood {
 
         // Moving averages over the whole history, from an empty window, as NuPIC does;
         // the window and its running sum become the live moving-average state.
-        let Scratch { averages, values } = &mut self.scratch;
-        averages.clear();
-        values.clear();
+        let mut averages = Vec::with_capacity(self.history.len());
+        let mut values = Vec::with_capacity(self.history.len());
         self.ma_window.clear();
         self.ma_total = 0.0;
         for &(value, score) in &self.history {

@@ -336,7 +336,14 @@ impl Network {
             Tm::Backtracking(tm) => tm.heap_bytes(),
             Tm::Current(tm) => tm.heap_bytes(),
         };
-        self.sp.heap_bytes() + tm + self.classifier.as_ref().map_or(0, |c| c.heap_bytes())
+        self.encoder.heap_bytes()
+            + self.sp.heap_bytes()
+            + tm
+            + self.likelihood.heap_bytes()
+            + self.classifier.as_ref().map_or(0, |c| c.heap_bytes())
+            + 4 * self.prev_columns.capacity()
+            + self.scratch.input.heap_bytes()
+            + self.scratch.columns.heap_bytes()
     }
 
     /// Segments and synapses in the temporal memory, for reporting.

@@ -13,6 +13,11 @@ pub struct Sdr {
 }
 
 impl Sdr {
+    /// Heap bytes held (capacity-based), for memory reporting.
+    pub fn heap_bytes(&self) -> usize {
+        4 * self.active.capacity()
+    }
+
     /// An all-zero SDR of `size` bits.
     pub fn new(size: usize) -> Self {
         Sdr {

@@ -150,6 +150,15 @@ pub struct RecordEncoder {
 }
 
 impl RecordEncoder {
+    /// Heap bytes held (capacity-based), for memory reporting.
+    pub fn heap_bytes(&self) -> usize {
+        let value = match &self.value {
+            ValueEncoder::Rdse(e) => e.heap_bytes(),
+            ValueEncoder::Scalar(_) => 0,
+        };
+        value + 4 * self.bits.0.capacity()
+    }
+
     /// Builds the value and date encoders.
     pub fn new(params: &EncoderParams) -> Result<Self, EncoderError> {
         let value = match &params.value {

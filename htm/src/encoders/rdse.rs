@@ -103,6 +103,11 @@ pub struct RandomDistributedScalarEncoder {
 }
 
 impl RandomDistributedScalarEncoder {
+    /// Heap bytes held (capacity-based), for memory reporting.
+    pub fn heap_bytes(&self) -> usize {
+        4 * (self.reps.capacity() + self.scratch.0.capacity())
+    }
+
     /// Validates `params` and draws the middle bucket's representation.
     pub fn new(params: RdseParams) -> Result<Self, EncoderError> {
         params.validate()?;
