@@ -3,6 +3,7 @@
 //! `engine` is the compute core (no Kafka); `service` is the consume → compute → produce loop
 //! with checkpoints and commits; `store` keeps checkpoints; `config` reads the TOML file.
 
+pub mod allocator;
 pub mod chaos;
 pub mod config;
 pub mod demo;

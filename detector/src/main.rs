@@ -11,10 +11,10 @@ use detector::config::{Config, Processing};
 use detector::service::{self, Progress};
 use tracing::{error, info, warn};
 
-// Networks are large and short-lived under memory bounds (evicted, restored): mimalloc gives
-// freed memory back to the system more readily than glibc's per-thread arenas.
+// Networks are large and short-lived under memory bounds (evicted, restored): see
+// `detector::allocator`.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: detector::allocator::MiMalloc = detector::allocator::MiMalloc;
 
 /// Online HTM anomaly detector for device telemetry on Kafka.
 #[derive(Parser)]
@@ -145,6 +145,7 @@ fn parse_processing(s: &str) -> std::result::Result<Processing, String> {
 }
 
 fn main() -> Result<()> {
+    detector::allocator::return_freed_memory_at_once();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

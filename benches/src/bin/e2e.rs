@@ -26,7 +26,7 @@ use rdkafka::message::Message;
 
 // The detector's allocator (see detector/src/main.rs).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: detector::allocator::MiMalloc = detector::allocator::MiMalloc;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
@@ -88,6 +88,7 @@ impl ProducerContext for Timing {
 const MOCK_FETCH_WAIT_MS: &str = "10";
 
 fn main() -> Result<()> {
+    detector::allocator::return_freed_memory_at_once();
     let args = Args::parse();
     let mut rng = htm::random::Random::new(11);
     // A throughput run is followed by a paced latency phase on the same devices.

@@ -36,6 +36,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    detector::allocator::return_freed_memory_at_once();
     let args = Args::parse();
     let setup = mock_setup(args.partitions, args.workers)?;
     let (bootstrap, mut config) = (setup.bootstrap.clone(), setup.config.clone());
