@@ -25,7 +25,9 @@ pub struct DeviceCheckpoint {
     pub partition: i32,
     /// Offset of the last input record the network has processed.
     pub offset: i64,
-    /// `htm::network::Network::to_bytes` (versioned and checksummed itself).
+    /// `htm::network::Network::to_bytes` (versioned and checksummed itself). Encoded as one
+    /// block rather than byte by byte; the bytes on disk are the same either way.
+    #[serde(with = "serde_bytes")]
     pub network: Vec<u8>,
 }
 
@@ -487,6 +489,37 @@ mod tests {
             store.load("t", 3, "a%2Fb").unwrap(),
             None,
             "escaping is collision-free"
+        );
+    }
+
+    #[test]
+    fn network_bytes_encode_as_they_did_byte_by_byte() {
+        // The layout of checkpoints written before the block encoding.
+        #[derive(Serialize)]
+        struct ByteByByte {
+            device: String,
+            partition: i32,
+            offset: i64,
+            network: Vec<u8>,
+        }
+        let network: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let old = ByteByByte {
+            device: "d".into(),
+            partition: 1,
+            offset: 42,
+            network: network.clone(),
+        };
+        let new = DeviceCheckpoint {
+            device: "d".into(),
+            partition: 1,
+            offset: 42,
+            network,
+        };
+        let bytes = htm::checkpoint::encode(&old);
+        assert_eq!(htm::checkpoint::encode(&new), bytes);
+        assert_eq!(
+            htm::checkpoint::decode::<DeviceCheckpoint>(&bytes).unwrap(),
+            new
         );
     }
 
