@@ -84,9 +84,9 @@
 //! * each cell lists the segments it projects to (`Cells4`'s `OutSynapses`) in two lists,
 //!   connected synapses and the others, so a pass adds a fixed increment per list; all lists
 //!   share one arena laid out by cell, so a column's lists are adjacent;
-//! * removed entries become tombstones pointing at a sink segment, so entries never move,
-//!   each synapse knows its entry's position, and the arena is rebuilt once tombstones make up
-//!   a quarter of it;
+//! * entries are segment ids as narrow as the segment budget allows (16 bits for NAB's),
+//!   and a removed entry is replaced by the list's last one, so lists stay dense and a
+//!   synapse needs no record of where its entry is (lists are short: finding it is cheap);
 //! * a segment's two counts share one word (16 bits with NAB's segment size), so a synapse
 //!   costs one read-modify-write and an 8192-segment table fits in L1; the table is cleared
 //!   before a pass (cheaper than testing a pass number per synapse), and the segments
@@ -118,7 +118,7 @@ use serde::{Deserialize, Serialize};
 use crate::random::Random;
 use cell_state::CellState;
 use slots::{CellSlots, NO_SEGMENT};
-use store::{OutIndex, DROPPED, SINK};
+use store::{Entry, Lists, OutIndex, DROPPED, SINK};
 
 /// Learning-iteration boundaries at which the duty-cycle moving average changes its rate.
 const DUTY_CYCLE_TIERS: [u32; 9] = [0, 100, 320, 1000, 3200, 10000, 32000, 100000, 320000];
@@ -290,8 +290,8 @@ enum Width {
     W64,
 }
 
-/// A packed counter word: `connected << HALF | potential`. Sums wrap: only the sink
-/// segment, which nothing reads, can count past a half.
+/// A packed counter word: `connected << HALF | potential`. A count never exceeds its
+/// segment's synapses, which the width is chosen to hold.
 trait Counter: Copy + Default + Eq {
     const ONE: Self;
     const ONE_CONNECTED: Self;
@@ -363,8 +363,25 @@ impl Activity {
     ) {
         debug_assert!(threshold > 0);
         self.qualified.clear();
+        match index {
+            OutIndex::Narrow(lists) => {
+                self.walk_width(lists, segment_capacity, active_cells, threshold)
+            }
+            OutIndex::Wide(lists) => {
+                self.walk_width(lists, segment_capacity, active_cells, threshold)
+            }
+        }
+    }
+
+    fn walk_width<E: Entry>(
+        &mut self,
+        lists: &Lists<E>,
+        segment_capacity: usize,
+        active_cells: &[u32],
+        threshold: u32,
+    ) {
         let (clearing, qualified) = (&mut self.clearing, &mut self.qualified);
-        let pass = (index, segment_capacity, active_cells, threshold);
+        let pass = (lists, segment_capacity, active_cells, threshold);
         match self.width {
             Width::W16 => Self::walk(&mut self.counts16, clearing, qualified, pass),
             Width::W32 => Self::walk(&mut self.counts32, clearing, qualified, pass),
@@ -377,11 +394,11 @@ impl Activity {
     /// Clearing the used part of the table costs less than finding the non-zero counters
     /// when the pass walks a fair share of the table's size; for a pass much smaller than the
     /// table (a large unbounded TM), the counters a pass raises from zero are listed instead.
-    fn walk<C: Counter>(
+    fn walk<C: Counter, E: Entry>(
         counts: &mut Vec<C>,
         clearing: &mut Clearing,
         qualified: &mut Vec<SegmentId>,
-        (index, segment_capacity, active_cells, threshold): (&OutIndex, usize, &[u32], u32),
+        (index, segment_capacity, active_cells, threshold): (&Lists<E>, usize, &[u32], u32),
     ) {
         if clearing.tracked {
             for &seg in &clearing.touched {
@@ -407,15 +424,15 @@ impl Activity {
         clearing.dirty = segment_capacity;
         if clearing.tracked {
             let touched = &mut clearing.touched;
-            let mut count = |list: &[SegmentId], increment: C| {
+            let mut count = |list: &[E], increment: C| {
                 for &seg in list {
-                    let c = &mut counts[seg as usize & mask];
+                    let c = &mut counts[seg.get() & mask];
                     if *c == C::default() {
-                        touched.push(seg);
+                        touched.push(seg.id());
                     }
                     *c = c.plus(increment);
                     if c.potential() == threshold {
-                        qualified.push(seg);
+                        qualified.push(seg.id());
                     }
                 }
             };
@@ -430,11 +447,11 @@ impl Activity {
             for &cell in active_cells {
                 let [connected, other] = index.lists(cell);
                 for &seg in connected {
-                    let c = &mut counts[seg as usize & mask];
+                    let c = &mut counts[seg.get() & mask];
                     *c = c.plus(C::ONE_CONNECTED);
                 }
                 for &seg in other {
-                    let c = &mut counts[seg as usize & mask];
+                    let c = &mut counts[seg.get() & mask];
                     *c = c.plus(C::ONE);
                 }
             }
@@ -548,9 +565,6 @@ impl Ranking {
     ) {
         self.ranked.clear();
         for &seg in &activity.qualified {
-            if seg == SINK {
-                continue;
-            }
             let meta = &segments[seg as usize];
             let cell = if reverse_cells {
                 mirror_in_column(meta.cell, cpc)
@@ -722,11 +736,11 @@ impl BacktrackingTm {
         let n = params.num_cells();
         let state = || CellState::new(n);
         let mut tm = BacktrackingTm {
-            // Id 0 is the out index's sink, never a live segment.
+            // Id 0 is never a live segment (see `SINK`).
             synapses: vec![Vec::new()],
             free_segments: Vec::new(),
             num_synapses: 0,
-            out_index: OutIndex::new(n),
+            out_index: OutIndex::new(n, params.max_segments),
             segments: vec![SegmentMeta::default()],
             cell_slots: CellSlots::new(n),
             rng: Random::new(params.seed),
@@ -800,10 +814,7 @@ impl BacktrackingTm {
         if learn {
             self.update_learning_state(active_columns);
             self.apply_global_decay();
-            if self.out_index.needs_rebuild() {
-                self.out_index
-                    .rebuild(&mut self.synapses, self.params.connected_perm);
-            }
+            self.out_index.compact_if_sparse();
         }
         self.reset_called = false;
 
@@ -962,9 +973,9 @@ impl BacktrackingTm {
     /// Idempotent; [`BacktrackingTm::compute`] and [`BacktrackingTm::reset`] call it when needed.
     pub fn rebuild_after_restore(&mut self) {
         let n = self.params.num_cells();
-        self.out_index = OutIndex::new(n);
+        self.out_index = OutIndex::new(n, self.params.max_segments);
         self.out_index
-            .rebuild(&mut self.synapses, self.params.connected_perm);
+            .rebuild(&self.synapses, self.params.connected_perm);
         self.cell_slots.rebuild(n);
         for s in [
             &mut self.inf_active,
@@ -1749,14 +1760,14 @@ impl BacktrackingTm {
             };
             let was = syn.permanence >= cp;
             if perm <= 0.0 {
-                out.remove(syn, seg, was);
+                out.remove(syn.presyn, seg, was);
                 syn.permanence = DROPPED;
                 dropped += 1;
             } else {
                 syn.permanence = perm.clamp(0.0, 1.0);
                 let is = syn.permanence >= cp;
                 if was != is {
-                    out.set_connected(syn, seg, is);
+                    out.set_connected(syn.presyn, seg, is);
                 }
             }
         }
@@ -1867,6 +1878,7 @@ impl BacktrackingTm {
                 (self.synapses.len() - 1) as SegmentId
             }
         };
+        debug_assert_ne!(seg, SINK);
         let slot = self.cell_slots.assign(cell, seg);
         if self.segments.len() <= seg as usize {
             self.segments
@@ -1916,7 +1928,6 @@ impl BacktrackingTm {
             Synapse {
                 presyn: 0,
                 permanence: 0.0,
-                out_pos: 0,
             },
         );
         while b > 0 {
@@ -1930,8 +1941,8 @@ impl BacktrackingTm {
                 syns[w] = Synapse {
                     presyn,
                     permanence: perm,
-                    out_pos: out.add(presyn, seg, connected),
                 };
+                out.add(presyn, seg, connected);
                 b -= 1;
             }
         }
@@ -1943,7 +1954,7 @@ impl BacktrackingTm {
     fn drop_synapse(&mut self, seg: SegmentId, k: usize) {
         let syn = &mut self.synapses[seg as usize][k];
         let connected = syn.permanence >= self.params.connected_perm;
-        self.out_index.remove(syn, seg, connected);
+        self.out_index.remove(syn.presyn, seg, connected);
         syn.permanence = DROPPED;
         self.num_synapses -= 1;
     }
@@ -1955,7 +1966,7 @@ impl BacktrackingTm {
         syn.permanence = permanence.clamp(0.0, 1.0);
         let is = syn.permanence >= cp;
         if was != is {
-            self.out_index.set_connected(syn, seg, is);
+            self.out_index.set_connected(syn.presyn, seg, is);
         }
     }
 
@@ -1964,7 +1975,7 @@ impl BacktrackingTm {
         let s = seg as usize;
         let cp = self.params.connected_perm;
         for syn in &self.synapses[s] {
-            self.out_index.remove(syn, seg, syn.permanence >= cp);
+            self.out_index.remove(syn.presyn, seg, syn.permanence >= cp);
         }
         self.num_synapses -= self.synapses[s].len();
         self.synapses[s].clear(); // keeps the allocation for the id's next segment
