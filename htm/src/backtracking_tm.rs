@@ -1596,7 +1596,7 @@ impl BacktrackingTm {
         out.extend(
             on_segment
                 .iter()
-                .map(|s| s.presyn)
+                .map(|s| s.presyn())
                 .filter(|&p| state.is_set(p)),
         );
         let mut active = std::mem::take(&mut self.scratch.new_cells);
@@ -1698,17 +1698,17 @@ impl BacktrackingTm {
         let mut j = 0;
         for k in 0..self.synapses[s].len() {
             let syn = self.synapses[s][k];
-            while j < update.len() && update[j] < syn.presyn {
+            while j < update.len() && update[j] < syn.presyn() {
                 new_cells.push(update[j]);
                 j += 1;
             }
-            let active = j < update.len() && update[j] == syn.presyn;
+            let active = j < update.len() && update[j] == syn.presyn();
             in_update.push(active);
             let perm = if active {
                 j += 1;
-                (syn.permanence + inc).min(max)
+                (syn.permanence() + inc).min(max)
             } else {
-                (syn.permanence - dec).min(max)
+                (syn.permanence() - dec).min(max)
             };
             if perm <= 0.0 {
                 self.drop_synapse(seg, k);
@@ -1750,24 +1750,24 @@ impl BacktrackingTm {
         let syns = &mut self.synapses[seg as usize];
         let mut dropped = 0;
         for syn in syns.iter_mut() {
-            let on = state.is_set(syn.presyn);
+            let on = state.is_set(syn.presyn());
             in_update.push(on);
             let perm = if on {
-                active.push(syn.presyn);
-                (syn.permanence + inc).min(max)
+                active.push(syn.presyn());
+                (syn.permanence() + inc).min(max)
             } else {
-                (syn.permanence - dec).min(max)
+                (syn.permanence() - dec).min(max)
             };
-            let was = syn.permanence >= cp;
+            let was = syn.permanence() >= cp;
             if perm <= 0.0 {
-                out.remove(syn.presyn, seg, was);
-                syn.permanence = DROPPED;
+                out.remove(syn.presyn(), seg, was);
+                syn.set_permanence(DROPPED);
                 dropped += 1;
             } else {
-                syn.permanence = perm.clamp(0.0, 1.0);
-                let is = syn.permanence >= cp;
+                syn.set_permanence(perm.clamp(0.0, 1.0));
+                let is = syn.permanence() >= cp;
                 if was != is {
-                    out.set_connected(syn.presyn, seg, is);
+                    out.set_connected(syn.presyn(), seg, is);
                 }
             }
         }
@@ -1826,15 +1826,15 @@ impl BacktrackingTm {
             candidates.clear();
             let syns = &self.synapses[s];
             for (k, syn) in syns.iter().enumerate() {
-                if syn.permanence != DROPPED && !in_update[k] {
-                    candidates.push((syn.permanence, syn.presyn, k as u32));
+                if syn.permanence() != DROPPED && !in_update[k] {
+                    candidates.push((syn.permanence(), syn.presyn(), k as u32));
                 }
             }
             if candidates.len() < to_free {
                 // Active synapses only after every inactive one (offset as Cells4 does).
                 for (k, syn) in syns.iter().enumerate() {
                     if in_update[k] {
-                        candidates.push((syn.permanence + max, syn.presyn, k as u32));
+                        candidates.push((syn.permanence() + max, syn.presyn(), k as u32));
                     }
                 }
             }
@@ -1874,6 +1874,8 @@ impl BacktrackingTm {
         let seg = match self.free_segments.pop() {
             Some(id) => id,
             None => {
+                reserve_for_ids(&mut self.synapses, budget);
+                reserve_for_ids(&mut self.segments, budget);
                 self.synapses.push(Vec::new());
                 (self.synapses.len() - 1) as SegmentId
             }
@@ -1923,25 +1925,19 @@ impl BacktrackingTm {
         let out = &mut self.out_index;
         // Merge from the back, in place.
         let (mut a, mut b) = (syns.len(), cells.len());
-        syns.resize(
-            a + b,
-            Synapse {
-                presyn: 0,
-                permanence: 0.0,
-            },
-        );
+        // Exactly the room needed: segments rarely grow far past their first size, and
+        // doubling would leave a quarter of the synapse memory unused.
+        syns.reserve_exact(b);
+        syns.resize(a + b, Synapse::new(0, 0.0));
         while b > 0 {
             let w = a + b - 1;
-            if a > 0 && syns[a - 1].presyn > cells[b - 1] {
+            if a > 0 && syns[a - 1].presyn() > cells[b - 1] {
                 syns[w] = syns[a - 1];
                 a -= 1;
             } else {
                 let presyn = cells[b - 1];
-                debug_assert!(a == 0 || syns[a - 1].presyn != presyn);
-                syns[w] = Synapse {
-                    presyn,
-                    permanence: perm,
-                };
+                debug_assert!(a == 0 || syns[a - 1].presyn() != presyn);
+                syns[w] = Synapse::new(presyn, perm);
                 out.add(presyn, seg, connected);
                 b -= 1;
             }
@@ -1953,20 +1949,20 @@ impl BacktrackingTm {
     /// from the segment.
     fn drop_synapse(&mut self, seg: SegmentId, k: usize) {
         let syn = &mut self.synapses[seg as usize][k];
-        let connected = syn.permanence >= self.params.connected_perm;
-        self.out_index.remove(syn.presyn, seg, connected);
-        syn.permanence = DROPPED;
+        let connected = syn.permanence() >= self.params.connected_perm;
+        self.out_index.remove(syn.presyn(), seg, connected);
+        syn.set_permanence(DROPPED);
         self.num_synapses -= 1;
     }
 
     fn set_permanence(&mut self, seg: SegmentId, k: usize, permanence: f32) {
         let cp = self.params.connected_perm;
         let syn = &mut self.synapses[seg as usize][k];
-        let was = syn.permanence >= cp;
-        syn.permanence = permanence.clamp(0.0, 1.0);
-        let is = syn.permanence >= cp;
+        let was = syn.permanence() >= cp;
+        syn.set_permanence(permanence.clamp(0.0, 1.0));
+        let is = syn.permanence() >= cp;
         if was != is {
-            self.out_index.set_connected(syn.presyn, seg, is);
+            self.out_index.set_connected(syn.presyn(), seg, is);
         }
     }
 
@@ -1975,7 +1971,8 @@ impl BacktrackingTm {
         let s = seg as usize;
         let cp = self.params.connected_perm;
         for syn in &self.synapses[s] {
-            self.out_index.remove(syn.presyn, seg, syn.permanence >= cp);
+            self.out_index
+                .remove(syn.presyn(), seg, syn.permanence() >= cp);
         }
         self.num_synapses -= self.synapses[s].len();
         self.synapses[s].clear(); // keeps the allocation for the id's next segment
@@ -2049,7 +2046,7 @@ impl BacktrackingTm {
             .collect();
         for seg in stale {
             for k in 0..self.synapses[seg as usize].len() {
-                let perm = self.synapses[seg as usize][k].permanence;
+                let perm = self.synapses[seg as usize][k].permanence();
                 if perm <= decay {
                     self.drop_synapse(seg, k);
                 } else {
@@ -2061,6 +2058,15 @@ impl BacktrackingTm {
                 self.release_segment(seg);
             }
         }
+    }
+}
+
+/// Room in a per-segment-id table for a new id: doubling, but never past the last id the
+/// segment `budget` allows (none when 0), so a TM at its budget holds no unused capacity.
+fn reserve_for_ids<T>(table: &mut Vec<T>, budget: usize) {
+    if budget > 0 && table.len() == table.capacity() {
+        let cap = (table.len() * 2).max(16).min(budget + 1);
+        table.reserve_exact(cap.saturating_sub(table.len()));
     }
 }
 

@@ -10,12 +10,73 @@ use serde::{Deserialize, Serialize};
 /// Index of a segment; stable while the segment lives, reused after it is freed.
 pub type SegmentId = u32;
 
-/// One synapse of a segment.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Synapse {
+/// One synapse of a segment: a presynaptic cell in 24 bits (cells are fewer than 2^24) and
+/// a permanence, packed in 7 unaligned bytes instead of a padded 8. Serialises as the two
+/// fields.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(from = "SynapseFields", into = "SynapseFields")]
+pub struct Synapse([u8; 7]);
+
+#[derive(Serialize, Deserialize)]
+struct SynapseFields {
+    presyn: u32,
+    permanence: f32,
+}
+
+impl From<SynapseFields> for Synapse {
+    fn from(f: SynapseFields) -> Self {
+        Synapse::new(f.presyn, f.permanence)
+    }
+}
+
+impl From<Synapse> for SynapseFields {
+    fn from(s: Synapse) -> Self {
+        SynapseFields {
+            presyn: s.presyn(),
+            permanence: s.permanence(),
+        }
+    }
+}
+
+impl Synapse {
+    pub fn new(presyn: u32, permanence: f32) -> Self {
+        debug_assert!(u64::from(presyn) <= super::MAX_CELLS);
+        let mut b = [0; 7];
+        b[..3].copy_from_slice(&presyn.to_le_bytes()[..3]);
+        b[3..].copy_from_slice(&permanence.to_le_bytes());
+        Synapse(b)
+    }
+
     /// Presynaptic cell.
-    pub presyn: u32,
-    pub permanence: f32,
+    #[inline]
+    pub fn presyn(&self) -> u32 {
+        u32::from_le_bytes([self.0[0], self.0[1], self.0[2], 0])
+    }
+
+    #[inline]
+    pub fn permanence(&self) -> f32 {
+        f32::from_le_bytes([self.0[3], self.0[4], self.0[5], self.0[6]])
+    }
+
+    #[inline]
+    pub(super) fn set_permanence(&mut self, permanence: f32) {
+        self.0[3..].copy_from_slice(&permanence.to_le_bytes());
+    }
+}
+
+impl PartialEq for Synapse {
+    fn eq(&self, other: &Self) -> bool {
+        self.presyn() == other.presyn() && self.permanence() == other.permanence()
+    }
+}
+
+impl std::fmt::Debug for Synapse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Synapse")
+            .field("presyn", &self.presyn())
+            .field("permanence", &self.permanence())
+            .finish()
+    }
 }
 
 /// Marks a synapse to be dropped by [`compact`].
@@ -23,7 +84,7 @@ pub(super) const DROPPED: f32 = -1.0;
 
 /// Drops the synapses marked [`DROPPED`], keeping the order.
 pub(super) fn compact(syns: &mut Vec<Synapse>) {
-    syns.retain(|s| s.permanence != DROPPED);
+    syns.retain(|s| s.permanence() != DROPPED);
 }
 
 /// Segment id 0 is never allocated. Ids break eviction ties, so numbering starts at 1 as it
@@ -309,8 +370,8 @@ impl<E: Entry> Lists<E> {
         // Per cell: connected and total counts, then where the next entries of each go.
         let mut at = vec![[0u32; 2]; self.heads.len()];
         for syn in synapses.iter().flatten() {
-            let c = &mut at[syn.presyn as usize];
-            c[0] += u32::from(syn.permanence >= connected_perm);
+            let c = &mut at[syn.presyn() as usize];
+            c[0] += u32::from(syn.permanence() >= connected_perm);
             c[1] += 1;
         }
         let live: usize = at
@@ -336,8 +397,8 @@ impl<E: Entry> Lists<E> {
         }
         for (seg, syns) in synapses.iter().enumerate() {
             for syn in syns {
-                let c = &mut at[syn.presyn as usize];
-                let list = &mut c[usize::from(syn.permanence < connected_perm)];
+                let c = &mut at[syn.presyn() as usize];
+                let list = &mut c[usize::from(syn.permanence() < connected_perm)];
                 arena[*list as usize] = E::new(seg);
                 *list += 1;
             }

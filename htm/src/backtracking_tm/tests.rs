@@ -81,13 +81,13 @@ fn check_invariants(tm: &BacktrackingTm) {
                 assert!(syns.len() <= p.max_synapses_per_segment as usize);
             }
             assert!(
-                syns.windows(2).all(|w| w[0].presyn < w[1].presyn),
+                syns.windows(2).all(|w| w[0].presyn() < w[1].presyn()),
                 "synapses sorted by distinct presynaptic cells"
             );
             for syn in syns {
-                assert!(syn.permanence > 0.0 && syn.permanence <= p.permanence_max);
-                let connected = syn.permanence >= p.connected_perm;
-                expected.push((syn.presyn, connected, seg));
+                assert!(syn.permanence() > 0.0 && syn.permanence() <= p.permanence_max);
+                let connected = syn.permanence() >= p.connected_perm;
+                expected.push((syn.presyn(), connected, seg));
             }
         }
     }
@@ -117,7 +117,7 @@ fn set_perm(tm: &mut BacktrackingTm, seg: SegmentId, presyn: u32, perm: f32) {
     let k = tm
         .segment_synapses(seg)
         .iter()
-        .position(|s| s.presyn == presyn)
+        .position(|s| s.presyn() == presyn)
         .expect("synapse on segment");
     tm.set_permanence(seg, k, perm);
 }
@@ -528,8 +528,8 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
     let perm_of = |tm: &BacktrackingTm, p: u32| {
         tm.segment_synapses(seg)
             .iter()
-            .find(|s| s.presyn == p)
-            .map(|s| s.permanence)
+            .find(|s| s.presyn() == p)
+            .map(|s| s.permanence())
     };
     for p in presyn {
         let perm = match p {
@@ -555,7 +555,11 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
 
     // Now only two of the weakest can go: ties at equal permanence go to the lowest
     // presynaptic cell.
-    let cells: Vec<u32> = tm.segment_synapses(seg).iter().map(|s| s.presyn).collect();
+    let cells: Vec<u32> = tm
+        .segment_synapses(seg)
+        .iter()
+        .map(|s| s.presyn())
+        .collect();
     for &p in &cells {
         set_perm(&mut tm, seg, p, 0.6);
     }
@@ -567,7 +571,11 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
     assert_eq!(perm_of(&tm, 300), Some(0.21));
 
     // Decrements that reach zero remove synapses; an emptied segment frees its slot.
-    let cells: Vec<u32> = tm.segment_synapses(seg).iter().map(|s| s.presyn).collect();
+    let cells: Vec<u32> = tm
+        .segment_synapses(seg)
+        .iter()
+        .map(|s| s.presyn())
+        .collect();
     for &p in &cells {
         set_perm(&mut tm, seg, p, 0.05);
     }
