@@ -117,7 +117,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::random::Random;
 use cell_state::CellState;
-use slots::{CellSlots, NO_SEGMENT};
+use slots::CellSlots;
 use store::{Entry, Lists, OutIndex, DROPPED, SINK};
 
 /// Learning-iteration boundaries at which the duty-cycle moving average changes its rate.
@@ -938,11 +938,7 @@ impl BacktrackingTm {
 
     /// The live segments of `cell`, in slot order.
     pub fn segments_on_cell(&self, cell: u32) -> impl Iterator<Item = SegmentId> + '_ {
-        self.cell_slots
-            .slots(cell)
-            .iter()
-            .copied()
-            .filter(|&s| s != NO_SEGMENT)
+        self.cell_slots.segments(cell)
     }
 
     /// The synapses of a live segment, ascending presynaptic cells.
@@ -1530,10 +1526,7 @@ impl BacktrackingTm {
         let mut victim_dc = 1.0f32;
         let mut first_live = None;
         for cell in base + lo..=base + hi {
-            for &seg in self.cell_slots.slots(cell) {
-                if seg == NO_SEGMENT {
-                    continue;
-                }
+            for seg in self.cell_slots.segments(cell) {
                 first_live.get_or_insert(seg);
                 let dc =
                     self.segments[seg as usize].duty_cycle(it, false, false, &mut self.scratch.pow);
@@ -1987,11 +1980,9 @@ impl BacktrackingTm {
     /// date, so the moving average switches rate consistently.
     fn refresh_duty_cycles(&mut self) {
         let it = self.lrn_iteration;
-        for (_, slots) in self.cell_slots.iter() {
-            for &seg in slots {
-                if seg != NO_SEGMENT {
-                    self.segments[seg as usize].duty_cycle(it, false, false, &mut self.scratch.pow);
-                }
+        for cell in self.cell_slots.cells() {
+            for seg in self.cell_slots.segments(cell) {
+                self.segments[seg as usize].duty_cycle(it, false, false, &mut self.scratch.pow);
             }
         }
     }
@@ -2037,12 +2028,9 @@ impl BacktrackingTm {
         // In cell and slot order; releasing a segment changes only its own slot.
         let stale: Vec<SegmentId> = self
             .cell_slots
-            .iter()
-            .flat_map(|(_, slots)| slots.iter().copied())
-            .filter(|&seg| {
-                seg != NO_SEGMENT
-                    && it - self.segments[seg as usize].last_active_iteration > max_age
-            })
+            .cells()
+            .flat_map(|cell| self.cell_slots.segments(cell))
+            .filter(|&seg| it - self.segments[seg as usize].last_active_iteration > max_age)
             .collect();
         for seg in stale {
             for k in 0..self.synapses[seg as usize].len() {

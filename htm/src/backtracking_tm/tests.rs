@@ -1,3 +1,4 @@
+use super::slots::NO_SEGMENT;
 use super::*;
 
 /// `count` pairwise-disjoint random SDRs of `w` columns, plus the columns none of them use.
@@ -629,6 +630,53 @@ fn learning_off_changes_no_synapse() {
     }
     assert_eq!(all_synapses(&tm), before);
     assert_eq!(tm.num_segments(), segments_before);
+}
+
+/// Packed synapses and slot blocks serialise exactly as the plain fields and ordered maps
+/// they replaced, so checkpoints keep their layout.
+#[test]
+fn synapses_and_slots_serialise_in_their_plain_layout() {
+    #[derive(Serialize)]
+    struct PlainSynapse {
+        presyn: u32,
+        permanence: f32,
+    }
+    #[derive(Serialize)]
+    struct PlainSlots {
+        slots: std::collections::BTreeMap<u32, Vec<SegmentId>>,
+        free: std::collections::BTreeMap<u32, Vec<u32>>,
+    }
+    let stream = nab_like_stream(400, 5);
+    let mut tm = tm(BacktrackingTmParams {
+        max_segments: 60,
+        ..BacktrackingTmParams::default()
+    });
+    for cols in &stream {
+        tm.compute(cols, true);
+    }
+    let cells = tm.cell_slots.cells();
+    let plain = PlainSlots {
+        slots: cells.map(|c| (c, tm.cell_slots.slots(c))).collect(),
+        free: tm
+            .cell_slots
+            .cells()
+            .map(|c| (c, tm.cell_slots.free_slots(c)))
+            .filter(|(_, f)| !f.is_empty())
+            .collect(),
+    };
+    assert!(!plain.free.is_empty(), "some slots were freed");
+    fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+        bincode::serde::encode_to_vec(value, bincode::config::standard()).unwrap()
+    }
+    assert_eq!(encode(&tm.cell_slots), encode(&plain));
+    let syns: Vec<PlainSynapse> = tm.synapses[1]
+        .iter()
+        .map(|s| PlainSynapse {
+            presyn: s.presyn(),
+            permanence: s.permanence(),
+        })
+        .collect();
+    assert_eq!(encode(&tm.synapses[1]), encode(&syns));
 }
 
 #[test]
