@@ -1841,6 +1841,8 @@ impl BacktrackingTm {
         }
         store::compact(&mut self.synapses[s]);
         self.insert_synapses(seg, &new_cells);
+        // Growth reserves exactly; this returns what dropped synapses left.
+        self.synapses[s].shrink_to_fit();
         alive += n_new;
         self.scratch.in_update = in_update;
         self.scratch.new_cells = new_cells;
@@ -1968,7 +1970,8 @@ impl BacktrackingTm {
                 .remove(syn.presyn(), seg, syn.permanence() >= cp);
         }
         self.num_synapses -= self.synapses[s].len();
-        self.synapses[s].clear(); // keeps the allocation for the id's next segment
+        // Freed: the id's next segment may well be smaller.
+        self.synapses[s] = Vec::new();
         self.free_segments.push(seg);
         let meta = &mut self.segments[s];
         meta.alive = false;
@@ -2042,6 +2045,7 @@ impl BacktrackingTm {
                 }
             }
             store::compact(&mut self.synapses[seg as usize]);
+            self.synapses[seg as usize].shrink_to_fit();
             if self.synapses[seg as usize].is_empty() {
                 self.release_segment(seg);
             }
