@@ -171,7 +171,7 @@ impl SegmentMeta {
             .unwrap_or(0);
         let alpha = DUTY_CYCLE_ALPHAS[tier];
         // Cells4 raises in double precision and rounds before multiplying in single.
-        let mut dc = pow.decay(tier, age) as f32 * self.last_pos_duty_cycle;
+        let mut dc = pow.decay(tier, age) * self.last_pos_duty_cycle;
         if active {
             dc += alpha;
         }
@@ -183,28 +183,32 @@ impl SegmentMeta {
     }
 }
 
-/// Memoised `(1 - alpha[tier])^age` in double precision: the same values `pow` gives, without
-/// paying for `pow` on every confidence read.
+/// Memoised `(1 - alpha[tier])^age`, raised in double precision and rounded to single as
+/// `Cells4` uses it: the same values `pow` gives, without paying for `pow` on every
+/// confidence read. Only the current tier is kept (iterations only go up, so an old tier
+/// never comes back).
 #[derive(Clone, Debug, Default)]
 struct PowCache {
-    tables: [Vec<f64>; DUTY_CYCLE_TIERS.len()],
+    tier: usize,
+    table: Vec<f32>,
 }
 
 impl PowCache {
     const MAX_AGE: usize = 4096;
 
-    fn decay(&mut self, tier: usize, age: u32) -> f64 {
+    fn decay(&mut self, tier: usize, age: u32) -> f32 {
         let base = 1.0f64 - DUTY_CYCLE_ALPHAS[tier] as f64;
         if age as usize >= Self::MAX_AGE {
-            return base.powf(age as f64);
+            return base.powf(age as f64) as f32;
         }
-        let table = &mut self.tables[tier];
-        if table.is_empty() {
-            table.resize(Self::MAX_AGE, f64::NAN);
+        if tier != self.tier || self.table.is_empty() {
+            self.tier = tier;
+            self.table.clear();
+            self.table.resize(Self::MAX_AGE, f32::NAN);
         }
-        let v = &mut table[age as usize];
+        let v = &mut self.table[age as usize];
         if v.is_nan() {
-            *v = base.powf(age as f64);
+            *v = base.powf(age as f64) as f32;
         }
         *v
     }
@@ -610,7 +614,7 @@ impl RecencyHeap {
     }
 
     fn touch(&mut self, seg: SegmentId, segments: &[SegmentMeta], live: usize, policy: Eviction) {
-        if self.heaps[0].len() + self.heaps[1].len() > 2 * live + 64 {
+        if self.heaps[0].len() + self.heaps[1].len() > live + live / 2 + 64 {
             self.rebuild(segments, policy);
         }
         let m = &segments[seg as usize];
@@ -623,8 +627,21 @@ impl RecencyHeap {
             let key = Reverse(Self::key(m.last_active_iteration, id as SegmentId));
             keys[Self::class(m, policy)].push(key);
         }
+        // Room for the keys pushed until the next rebuild, so the heaps never double.
+        for k in &mut keys {
+            let room = k.len() + k.len() / 2 + 32;
+            if k.capacity() > room {
+                k.shrink_to(room);
+            } else {
+                k.reserve_exact(room - k.len());
+            }
+        }
         let [first, rest] = keys;
         self.heaps = [BinaryHeap::from(first), BinaryHeap::from(rest)];
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.heaps.iter().map(|h| h.capacity() * 8).sum()
     }
 
     /// The segment to evict: the live one with the oldest `last_active_iteration` (lowest id
@@ -1050,7 +1067,9 @@ impl BacktrackingTm {
             + s.in_update.capacity()
             + s.new_cells.capacity() * 4
             + s.free_candidates.capacity() * 12
-            + nested(&s.spare_patterns);
+            + nested(&s.spare_patterns)
+            + s.pow.table.capacity() * 4
+            + s.recency.heap_bytes();
         [
             ("synapses", synapses),
             ("out_index", self.out_index.heap_bytes()),
