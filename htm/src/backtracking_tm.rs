@@ -706,7 +706,7 @@ impl PartialEq for Scratch {
 pub struct BacktrackingTm {
     params: BacktrackingTmParams,
     /// Per segment id, its synapses sorted by presynaptic cell (empty when the id is free).
-    synapses: Vec<Vec<Synapse>>,
+    synapses: Vec<Box<[Synapse]>>,
     /// Free segment ids, most recently freed last.
     free_segments: Vec<SegmentId>,
     num_synapses: usize,
@@ -754,7 +754,7 @@ impl BacktrackingTm {
         let state = || CellState::new(n);
         let mut tm = BacktrackingTm {
             // Id 0 is never a live segment (see `SINK`).
-            synapses: vec![Vec::new()],
+            synapses: vec![Box::default()],
             free_segments: Vec::new(),
             num_synapses: 0,
             out_index: OutIndex::new(n, params.max_segments),
@@ -1028,11 +1028,11 @@ impl BacktrackingTm {
             q.capacity() * size_of::<Vec<u32>>() + q.iter().map(|x| x.capacity() * 4).sum::<usize>()
         };
         let s = &self.scratch;
-        let synapses = self.synapses.capacity() * size_of::<Vec<Synapse>>()
+        let synapses = self.synapses.capacity() * size_of::<Box<[Synapse]>>()
             + self
                 .synapses
                 .iter()
-                .map(|v| v.capacity() * size_of::<Synapse>())
+                .map(|v| v.len() * size_of::<Synapse>())
                 .sum::<usize>();
         let segments = self.free_segments.capacity() * 4
             + self.segments.capacity() * size_of::<SegmentMeta>()
@@ -1858,10 +1858,7 @@ impl BacktrackingTm {
             alive -= to_free;
             self.scratch.free_candidates = candidates;
         }
-        store::compact(&mut self.synapses[s]);
-        self.insert_synapses(seg, &new_cells);
-        // Growth reserves exactly; this returns what dropped synapses left.
-        self.synapses[s].shrink_to_fit();
+        self.update_synapses(seg, &new_cells);
         alive += n_new;
         self.scratch.in_update = in_update;
         self.scratch.new_cells = new_cells;
@@ -1890,7 +1887,7 @@ impl BacktrackingTm {
             None => {
                 reserve_for_ids(&mut self.synapses, budget);
                 reserve_for_ids(&mut self.segments, budget);
-                self.synapses.push(Vec::new());
+                self.synapses.push(Box::default());
                 (self.synapses.len() - 1) as SegmentId
             }
         };
@@ -1912,7 +1909,7 @@ impl BacktrackingTm {
             last_pos_duty_cycle_iteration: it,
         };
         debug_assert!(self.synapses[seg as usize].is_empty());
-        self.insert_synapses(seg, presyn);
+        self.update_synapses(seg, presyn);
         if budget > 0 {
             let live = self.num_segments();
             let policy = self.params.max_segments_eviction;
@@ -1923,24 +1920,29 @@ impl BacktrackingTm {
         seg
     }
 
-    // Every synapse change goes through the next three, which keep the out index and its
+    // Every synapse change goes through the next four, which keep the out index and its
     // connected flags in step with the segments.
 
-    /// Adds synapses at `initial_perm` from the sorted `cells`, none of them on `seg` yet,
-    /// keeping the segment's synapses sorted.
-    fn insert_synapses(&mut self, seg: SegmentId, cells: &[u32]) {
+    /// Removes `seg`'s synapses marked [`DROPPED`] and adds synapses at `initial_perm` from
+    /// the sorted `cells`, none of them on `seg` yet, keeping the synapses sorted. A segment
+    /// holds exactly its synapses (a boxed slice: no spare room, no capacity word).
+    fn update_synapses(&mut self, seg: SegmentId, cells: &[u32]) {
+        let mut syns = std::mem::take(&mut self.synapses[seg as usize]).into_vec();
+        syns.retain(|s| s.permanence() != DROPPED);
+        self.merge_synapses(seg, &mut syns, cells);
+        self.synapses[seg as usize] = syns.into_boxed_slice();
+    }
+
+    fn merge_synapses(&mut self, seg: SegmentId, syns: &mut Vec<Synapse>, cells: &[u32]) {
         if cells.is_empty() {
             return;
         }
         debug_assert!(cells.windows(2).all(|w| w[0] < w[1]));
         let perm = self.params.initial_perm.clamp(0.0, 1.0);
         let connected = perm >= self.params.connected_perm;
-        let syns = &mut self.synapses[seg as usize];
         let out = &mut self.out_index;
         // Merge from the back, in place.
         let (mut a, mut b) = (syns.len(), cells.len());
-        // Exactly the room needed: segments rarely grow far past their first size, and
-        // doubling would leave a quarter of the synapse memory unused.
         syns.reserve_exact(b);
         syns.resize(a + b, Synapse::new(0, 0.0));
         while b > 0 {
@@ -1959,7 +1961,7 @@ impl BacktrackingTm {
         self.num_synapses += cells.len();
     }
 
-    /// Unlists synapse `k` of `seg` and marks it [`DROPPED`]; [`store::compact`] removes it
+    /// Unlists synapse `k` of `seg` and marks it [`DROPPED`]; [`Self::update_synapses`] removes it
     /// from the segment.
     fn drop_synapse(&mut self, seg: SegmentId, k: usize) {
         let syn = &mut self.synapses[seg as usize][k];
@@ -1990,7 +1992,7 @@ impl BacktrackingTm {
         }
         self.num_synapses -= self.synapses[s].len();
         // Freed: the id's next segment may well be smaller.
-        self.synapses[s] = Vec::new();
+        self.synapses[s] = Box::default();
         self.free_segments.push(seg);
         let meta = &mut self.segments[s];
         meta.alive = false;
@@ -2063,8 +2065,7 @@ impl BacktrackingTm {
                     self.set_permanence(seg, k, perm - decay);
                 }
             }
-            store::compact(&mut self.synapses[seg as usize]);
-            self.synapses[seg as usize].shrink_to_fit();
+            self.update_synapses(seg, &[]);
             if self.synapses[seg as usize].is_empty() {
                 self.release_segment(seg);
             }

@@ -79,13 +79,8 @@ impl std::fmt::Debug for Synapse {
     }
 }
 
-/// Marks a synapse to be dropped by [`compact`].
+/// Marks a synapse to be dropped when its segment is next rewritten.
 pub(super) const DROPPED: f32 = -1.0;
-
-/// Drops the synapses marked [`DROPPED`], keeping the order.
-pub(super) fn compact(syns: &mut Vec<Synapse>) {
-    syns.retain(|s| s.permanence() != DROPPED);
-}
 
 /// Makes room for `extra` more items, growing by an eighth rather than doubling: arenas
 /// live long, and their spare capacity is memory held.
@@ -173,7 +168,7 @@ impl OutIndex {
     }
 
     /// Lists every synapse of `synapses` (by segment id).
-    pub(super) fn rebuild(&mut self, synapses: &[Vec<Synapse>], connected_perm: f32) {
+    pub(super) fn rebuild(&mut self, synapses: &[Box<[Synapse]>], connected_perm: f32) {
         each!(self, l => l.rebuild(synapses, connected_perm))
     }
 
@@ -376,7 +371,7 @@ impl<E: Entry> Lists<E> {
         self.abandoned = 0;
     }
 
-    fn rebuild(&mut self, synapses: &[Vec<Synapse>], connected_perm: f32) {
+    fn rebuild(&mut self, synapses: &[Box<[Synapse]>], connected_perm: f32) {
         // Per cell: connected and total counts, then where the next entries of each go.
         let mut at = vec![[0u32; 2]; self.heads.len()];
         for syn in synapses.iter().flatten() {
