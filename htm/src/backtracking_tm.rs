@@ -127,14 +127,14 @@ const DUTY_CYCLE_ALPHAS: [f32; 9] = [
     0.0, 0.0032, 0.0010, 0.00032, 0.00010, 0.000032, 0.000010, 0.0000032, 0.0000010,
 ];
 
-/// Per-segment bookkeeping of `Cells4::Segment`, indexed by [`SegmentId`].
+/// Per-segment bookkeeping of `Cells4::Segment`, indexed by [`SegmentId`], in six words.
+/// (`Cells4`'s `totalActivations` only feeds its statistics, so it is not kept.)
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 struct SegmentMeta {
-    cell: u32,
+    /// The owner cell in the low 24 bits (cells are fewer than 2^24), then
+    /// [`SegmentMeta::ALIVE`] and [`SegmentMeta::SEQUENCE`].
+    cell_flags: u32,
     slot: u32,
-    alive: bool,
-    sequence: bool,
-    total_activations: u32,
     positive_activations: u32,
     last_active_iteration: u32,
     last_pos_duty_cycle: f32,
@@ -142,6 +142,36 @@ struct SegmentMeta {
 }
 
 impl SegmentMeta {
+    const ALIVE: u32 = 1 << 24;
+    const SEQUENCE: u32 = 1 << 25;
+
+    fn new(cell: u32, slot: u32, sequence: bool, iteration: u32) -> Self {
+        debug_assert!(u64::from(cell) <= MAX_CELLS);
+        SegmentMeta {
+            cell_flags: cell | Self::ALIVE | if sequence { Self::SEQUENCE } else { 0 },
+            slot,
+            positive_activations: 1,
+            last_active_iteration: iteration,
+            last_pos_duty_cycle: (1.0f64 / iteration.max(1) as f64) as f32,
+            last_pos_duty_cycle_iteration: iteration,
+        }
+    }
+
+    #[inline]
+    fn cell(&self) -> u32 {
+        self.cell_flags & (Self::ALIVE - 1)
+    }
+
+    #[inline]
+    fn alive(&self) -> bool {
+        self.cell_flags & Self::ALIVE != 0
+    }
+
+    #[inline]
+    fn sequence(&self) -> bool {
+        self.cell_flags & Self::SEQUENCE != 0
+    }
+
     /// `Segment::dutyCycle`: how often this segment predicted correctly, as a tiered moving
     /// average. Unless `read_only`, the result is cached, which changes later rounding, so it
     /// is called exactly where `Cells4` calls it.
@@ -571,9 +601,9 @@ impl Ranking {
         for &seg in &activity.qualified {
             let meta = &segments[seg as usize];
             let cell = if reverse_cells {
-                mirror_in_column(meta.cell, cpc)
+                mirror_in_column(meta.cell(), cpc)
             } else {
-                meta.cell
+                meta.cell()
             };
             self.ranked.push(Ranked {
                 key: (cell as u64) << 32 | meta.slot as u64,
@@ -623,7 +653,7 @@ impl RecencyHeap {
 
     fn rebuild(&mut self, segments: &[SegmentMeta], policy: Eviction) {
         let mut keys = [Vec::new(), Vec::new()];
-        for (id, m) in segments.iter().enumerate().filter(|(_, m)| m.alive) {
+        for (id, m) in segments.iter().enumerate().filter(|(_, m)| m.alive()) {
             let key = Reverse(Self::key(m.last_active_iteration, id as SegmentId));
             keys[Self::class(m, policy)].push(key);
         }
@@ -651,7 +681,7 @@ impl RecencyHeap {
             while let Some(Reverse(key)) = heap.pop() {
                 let (iteration, seg) = ((key >> 32) as u32, key as u32);
                 let m = &segments[seg as usize];
-                if m.alive
+                if m.alive()
                     && m.last_active_iteration == iteration
                     && Self::class(m, policy) == class
                 {
@@ -1355,12 +1385,11 @@ impl BacktrackingTm {
             match best {
                 // A best match freed meanwhile (by the `max_segments` budget) is no match.
                 Some((_, cell, seg))
-                    if self.segments[seg as usize].alive
-                        && self.segments[seg as usize].cell == cell
-                        && self.segments[seg as usize].sequence =>
+                    if self.segments[seg as usize].alive()
+                        && self.segments[seg as usize].cell() == cell
+                        && self.segments[seg as usize].sequence() =>
                 {
                     self.lrn_active.set(cell);
-                    self.segments[seg as usize].total_activations += 1;
                     // The match has synapses from the state, so the update is not empty.
                     self.reinforce(cell, seg, true, Choices::Draw);
                 }
@@ -1415,7 +1444,6 @@ impl BacktrackingTm {
                 len: (pool.len() - start) as u32,
                 explicit: false,
             });
-            self.segments[seg as usize].total_activations += 1;
         }
         self.update_pool = pool;
         self.scratch.best = best;
@@ -1557,7 +1585,7 @@ impl BacktrackingTm {
         }
         match victim.or(first_live) {
             Some(seg) => {
-                let cell = self.segments[seg as usize].cell;
+                let cell = self.segments[seg as usize].cell();
                 self.release_segment(seg);
                 cell
             }
@@ -1801,7 +1829,7 @@ impl BacktrackingTm {
     /// Bookkeeping of a reinforcement; false if `seg` is no longer `cell`'s segment.
     fn start_reinforcement(&mut self, cell: u32, seg: SegmentId) -> bool {
         let meta = &mut self.segments[seg as usize];
-        if !meta.alive || meta.cell != cell {
+        if !meta.alive() || meta.cell() != cell {
             return false; // released since the update was queued
         }
         let it = self.lrn_iteration;
@@ -1897,17 +1925,7 @@ impl BacktrackingTm {
             self.segments
                 .resize(seg as usize + 1, SegmentMeta::default());
         }
-        self.segments[seg as usize] = SegmentMeta {
-            cell,
-            slot,
-            alive: true,
-            sequence,
-            total_activations: 1,
-            positive_activations: 1,
-            last_active_iteration: it,
-            last_pos_duty_cycle: (1.0f64 / it.max(1) as f64) as f32,
-            last_pos_duty_cycle_iteration: it,
-        };
+        self.segments[seg as usize] = SegmentMeta::new(cell, slot, sequence, it);
         debug_assert!(self.synapses[seg as usize].is_empty());
         self.update_synapses(seg, presyn);
         if budget > 0 {
@@ -1995,8 +2013,8 @@ impl BacktrackingTm {
         self.synapses[s] = Box::default();
         self.free_segments.push(seg);
         let meta = &mut self.segments[s];
-        meta.alive = false;
-        self.cell_slots.release(meta.cell, meta.slot);
+        meta.cell_flags &= !SegmentMeta::ALIVE;
+        self.cell_slots.release(meta.cell(), meta.slot);
         self.updates.retain(|u| u.segment != seg);
     }
 

@@ -73,8 +73,8 @@ fn check_invariants(tm: &BacktrackingTm) {
             live += 1;
             assert!(p.cells_per_column == 1 || cell % p.cells_per_column != 0);
             let meta = &tm.segments[seg as usize];
-            assert!(meta.alive);
-            assert_eq!((meta.cell, meta.slot), (cell, slot as u32));
+            assert!(meta.alive());
+            assert_eq!((meta.cell(), meta.slot), (cell, slot as u32));
             let syns = tm.segment_synapses(seg);
             assert!(!syns.is_empty());
             synapses += syns.len();
@@ -94,9 +94,9 @@ fn check_invariants(tm: &BacktrackingTm) {
     }
     assert_eq!(live, tm.num_segments());
     assert_eq!(synapses, tm.num_synapses());
-    assert!(!tm.segments[SINK as usize].alive && tm.synapses[SINK as usize].is_empty());
+    assert!(!tm.segments[SINK as usize].alive() && tm.synapses[SINK as usize].is_empty());
     for (seg, meta) in tm.segments.iter().enumerate().skip(1) {
-        if !meta.alive {
+        if !meta.alive() {
             assert!(tm.synapses[seg].is_empty());
             assert!(tm.free_segments.contains(&(seg as u32)));
         }
@@ -129,7 +129,7 @@ fn all_synapses(tm: &BacktrackingTm) -> Vec<(u32, Vec<Synapse>)> {
         .flat_map(|cell| tm.segments_on_cell(cell).collect::<Vec<_>>())
         .map(|seg| {
             (
-                tm.segments[seg as usize].cell,
+                tm.segments[seg as usize].cell(),
                 tm.segment_synapses(seg).to_vec(),
             )
         })
@@ -581,7 +581,7 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
         set_perm(&mut tm, seg, p, 0.05);
     }
     tm.adapt_segment(5, Some(seg), &[], false);
-    assert!(!tm.segments[seg as usize].alive);
+    assert!(!tm.segments[seg as usize].alive());
     check_invariants(&tm);
     assert_eq!(tm.segment_slots_on_cell(5), 1, "the slot stays, empty");
     let again = tm.create_segment(5, &[1, 2], true);
@@ -606,7 +606,7 @@ fn full_column_releases_its_lowest_duty_cycle_segment() {
     tm.segments[segs[3] as usize].positive_activations = 2; // cell 10, slot 1
     let cell = tm.cell_for_new_segment(2);
     assert_eq!(cell, 10);
-    assert!(!tm.segments[segs[3] as usize].alive);
+    assert!(!tm.segments[segs[3] as usize].alive());
     assert_eq!(tm.cell_slots.free_slots(10), &[1]);
     // A column with room picks a random non-start cell below the cap.
     for _ in 0..20 {
