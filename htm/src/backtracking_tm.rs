@@ -84,9 +84,9 @@
 //! * each cell lists the segments it projects to (`Cells4`'s `OutSynapses`) in two lists,
 //!   connected synapses and the others, so a pass adds a fixed increment per list; all lists
 //!   share one arena laid out by cell, so a column's lists are adjacent;
-//! * removed entries become tombstones pointing at a sink segment, so entries never move,
-//!   each synapse knows its entry's position, and the arena is rebuilt once tombstones make up
-//!   a quarter of it;
+//! * entries are segment ids as narrow as the segment budget allows (16 bits for NAB's),
+//!   and a removed entry is replaced by the list's last one, so lists stay dense and a
+//!   synapse needs no record of where its entry is (lists are short: finding it is cheap);
 //! * a segment's two counts share one word (16 bits with NAB's segment size), so a synapse
 //!   costs one read-modify-write and an 8192-segment table fits in L1; the table is cleared
 //!   before a pass (cheaper than testing a pass number per synapse), and the segments
@@ -117,8 +117,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::random::Random;
 use cell_state::CellState;
-use slots::{CellSlots, NO_SEGMENT};
-use store::{OutIndex, DROPPED, SINK};
+use slots::CellSlots;
+use store::{Entry, Lists, OutIndex, DROPPED, SINK};
 
 /// Learning-iteration boundaries at which the duty-cycle moving average changes its rate.
 const DUTY_CYCLE_TIERS: [u32; 9] = [0, 100, 320, 1000, 3200, 10000, 32000, 100000, 320000];
@@ -127,14 +127,14 @@ const DUTY_CYCLE_ALPHAS: [f32; 9] = [
     0.0, 0.0032, 0.0010, 0.00032, 0.00010, 0.000032, 0.000010, 0.0000032, 0.0000010,
 ];
 
-/// Per-segment bookkeeping of `Cells4::Segment`, indexed by [`SegmentId`].
+/// Per-segment bookkeeping of `Cells4::Segment`, indexed by [`SegmentId`], in six words.
+/// (`Cells4`'s `totalActivations` only feeds its statistics, so it is not kept.)
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 struct SegmentMeta {
-    cell: u32,
+    /// The owner cell in the low 24 bits (cells are fewer than 2^24), then
+    /// [`SegmentMeta::ALIVE`] and [`SegmentMeta::SEQUENCE`].
+    cell_flags: u32,
     slot: u32,
-    alive: bool,
-    sequence: bool,
-    total_activations: u32,
     positive_activations: u32,
     last_active_iteration: u32,
     last_pos_duty_cycle: f32,
@@ -142,6 +142,36 @@ struct SegmentMeta {
 }
 
 impl SegmentMeta {
+    const ALIVE: u32 = 1 << 24;
+    const SEQUENCE: u32 = 1 << 25;
+
+    fn new(cell: u32, slot: u32, sequence: bool, iteration: u32) -> Self {
+        debug_assert!(u64::from(cell) <= MAX_CELLS);
+        SegmentMeta {
+            cell_flags: cell | Self::ALIVE | if sequence { Self::SEQUENCE } else { 0 },
+            slot,
+            positive_activations: 1,
+            last_active_iteration: iteration,
+            last_pos_duty_cycle: (1.0f64 / iteration.max(1) as f64) as f32,
+            last_pos_duty_cycle_iteration: iteration,
+        }
+    }
+
+    #[inline]
+    fn cell(&self) -> u32 {
+        self.cell_flags & (Self::ALIVE - 1)
+    }
+
+    #[inline]
+    fn alive(&self) -> bool {
+        self.cell_flags & Self::ALIVE != 0
+    }
+
+    #[inline]
+    fn sequence(&self) -> bool {
+        self.cell_flags & Self::SEQUENCE != 0
+    }
+
     /// `Segment::dutyCycle`: how often this segment predicted correctly, as a tiered moving
     /// average. Unless `read_only`, the result is cached, which changes later rounding, so it
     /// is called exactly where `Cells4` calls it.
@@ -171,7 +201,7 @@ impl SegmentMeta {
             .unwrap_or(0);
         let alpha = DUTY_CYCLE_ALPHAS[tier];
         // Cells4 raises in double precision and rounds before multiplying in single.
-        let mut dc = pow.decay(tier, age) as f32 * self.last_pos_duty_cycle;
+        let mut dc = pow.decay(tier, age) * self.last_pos_duty_cycle;
         if active {
             dc += alpha;
         }
@@ -183,28 +213,32 @@ impl SegmentMeta {
     }
 }
 
-/// Memoised `(1 - alpha[tier])^age` in double precision: the same values `pow` gives, without
-/// paying for `pow` on every confidence read.
+/// Memoised `(1 - alpha[tier])^age`, raised in double precision and rounded to single as
+/// `Cells4` uses it: the same values `pow` gives, without paying for `pow` on every
+/// confidence read. Only the current tier is kept (iterations only go up, so an old tier
+/// never comes back).
 #[derive(Clone, Debug, Default)]
 struct PowCache {
-    tables: [Vec<f64>; DUTY_CYCLE_TIERS.len()],
+    tier: usize,
+    table: Vec<f32>,
 }
 
 impl PowCache {
     const MAX_AGE: usize = 4096;
 
-    fn decay(&mut self, tier: usize, age: u32) -> f64 {
+    fn decay(&mut self, tier: usize, age: u32) -> f32 {
         let base = 1.0f64 - DUTY_CYCLE_ALPHAS[tier] as f64;
         if age as usize >= Self::MAX_AGE {
-            return base.powf(age as f64);
+            return base.powf(age as f64) as f32;
         }
-        let table = &mut self.tables[tier];
-        if table.is_empty() {
-            table.resize(Self::MAX_AGE, f64::NAN);
+        if tier != self.tier || self.table.is_empty() {
+            self.tier = tier;
+            self.table.clear();
+            self.table.resize(Self::MAX_AGE, f32::NAN);
         }
-        let v = &mut table[age as usize];
+        let v = &mut self.table[age as usize];
         if v.is_nan() {
-            *v = base.powf(age as f64);
+            *v = base.powf(age as f64) as f32;
         }
         *v
     }
@@ -290,8 +324,8 @@ enum Width {
     W64,
 }
 
-/// A packed counter word: `connected << HALF | potential`. Sums wrap: only the sink
-/// segment, which nothing reads, can count past a half.
+/// A packed counter word: `connected << HALF | potential`. A count never exceeds its
+/// segment's synapses, which the width is chosen to hold.
 trait Counter: Copy + Default + Eq {
     const ONE: Self;
     const ONE_CONNECTED: Self;
@@ -363,8 +397,25 @@ impl Activity {
     ) {
         debug_assert!(threshold > 0);
         self.qualified.clear();
+        match index {
+            OutIndex::Narrow(lists) => {
+                self.walk_width(lists, segment_capacity, active_cells, threshold)
+            }
+            OutIndex::Wide(lists) => {
+                self.walk_width(lists, segment_capacity, active_cells, threshold)
+            }
+        }
+    }
+
+    fn walk_width<E: Entry>(
+        &mut self,
+        lists: &Lists<E>,
+        segment_capacity: usize,
+        active_cells: &[u32],
+        threshold: u32,
+    ) {
         let (clearing, qualified) = (&mut self.clearing, &mut self.qualified);
-        let pass = (index, segment_capacity, active_cells, threshold);
+        let pass = (lists, segment_capacity, active_cells, threshold);
         match self.width {
             Width::W16 => Self::walk(&mut self.counts16, clearing, qualified, pass),
             Width::W32 => Self::walk(&mut self.counts32, clearing, qualified, pass),
@@ -377,11 +428,11 @@ impl Activity {
     /// Clearing the used part of the table costs less than finding the non-zero counters
     /// when the pass walks a fair share of the table's size; for a pass much smaller than the
     /// table (a large unbounded TM), the counters a pass raises from zero are listed instead.
-    fn walk<C: Counter>(
+    fn walk<C: Counter, E: Entry>(
         counts: &mut Vec<C>,
         clearing: &mut Clearing,
         qualified: &mut Vec<SegmentId>,
-        (index, segment_capacity, active_cells, threshold): (&OutIndex, usize, &[u32], u32),
+        (index, segment_capacity, active_cells, threshold): (&Lists<E>, usize, &[u32], u32),
     ) {
         if clearing.tracked {
             for &seg in &clearing.touched {
@@ -407,15 +458,15 @@ impl Activity {
         clearing.dirty = segment_capacity;
         if clearing.tracked {
             let touched = &mut clearing.touched;
-            let mut count = |list: &[SegmentId], increment: C| {
+            let mut count = |list: &[E], increment: C| {
                 for &seg in list {
-                    let c = &mut counts[seg as usize & mask];
+                    let c = &mut counts[seg.get() & mask];
                     if *c == C::default() {
-                        touched.push(seg);
+                        touched.push(seg.id());
                     }
                     *c = c.plus(increment);
                     if c.potential() == threshold {
-                        qualified.push(seg);
+                        qualified.push(seg.id());
                     }
                 }
             };
@@ -430,11 +481,11 @@ impl Activity {
             for &cell in active_cells {
                 let [connected, other] = index.lists(cell);
                 for &seg in connected {
-                    let c = &mut counts[seg as usize & mask];
+                    let c = &mut counts[seg.get() & mask];
                     *c = c.plus(C::ONE_CONNECTED);
                 }
                 for &seg in other {
-                    let c = &mut counts[seg as usize & mask];
+                    let c = &mut counts[seg.get() & mask];
                     *c = c.plus(C::ONE);
                 }
             }
@@ -548,14 +599,11 @@ impl Ranking {
     ) {
         self.ranked.clear();
         for &seg in &activity.qualified {
-            if seg == SINK {
-                continue;
-            }
             let meta = &segments[seg as usize];
             let cell = if reverse_cells {
-                mirror_in_column(meta.cell, cpc)
+                mirror_in_column(meta.cell(), cpc)
             } else {
-                meta.cell
+                meta.cell()
             };
             self.ranked.push(Ranked {
                 key: (cell as u64) << 32 | meta.slot as u64,
@@ -596,7 +644,7 @@ impl RecencyHeap {
     }
 
     fn touch(&mut self, seg: SegmentId, segments: &[SegmentMeta], live: usize, policy: Eviction) {
-        if self.heaps[0].len() + self.heaps[1].len() > 2 * live + 64 {
+        if self.heaps[0].len() + self.heaps[1].len() > live + live / 2 + 64 {
             self.rebuild(segments, policy);
         }
         let m = &segments[seg as usize];
@@ -605,12 +653,25 @@ impl RecencyHeap {
 
     fn rebuild(&mut self, segments: &[SegmentMeta], policy: Eviction) {
         let mut keys = [Vec::new(), Vec::new()];
-        for (id, m) in segments.iter().enumerate().filter(|(_, m)| m.alive) {
+        for (id, m) in segments.iter().enumerate().filter(|(_, m)| m.alive()) {
             let key = Reverse(Self::key(m.last_active_iteration, id as SegmentId));
             keys[Self::class(m, policy)].push(key);
         }
+        // Room for the keys pushed until the next rebuild, so the heaps never double.
+        for k in &mut keys {
+            let room = k.len() + k.len() / 2 + 32;
+            if k.capacity() > room {
+                k.shrink_to(room);
+            } else {
+                k.reserve_exact(room - k.len());
+            }
+        }
         let [first, rest] = keys;
         self.heaps = [BinaryHeap::from(first), BinaryHeap::from(rest)];
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.heaps.iter().map(|h| h.capacity() * 8).sum()
     }
 
     /// The segment to evict: the live one with the oldest `last_active_iteration` (lowest id
@@ -620,7 +681,7 @@ impl RecencyHeap {
             while let Some(Reverse(key)) = heap.pop() {
                 let (iteration, seg) = ((key >> 32) as u32, key as u32);
                 let m = &segments[seg as usize];
-                if m.alive
+                if m.alive()
                     && m.last_active_iteration == iteration
                     && Self::class(m, policy) == class
                 {
@@ -675,7 +736,7 @@ impl PartialEq for Scratch {
 pub struct BacktrackingTm {
     params: BacktrackingTmParams,
     /// Per segment id, its synapses sorted by presynaptic cell (empty when the id is free).
-    synapses: Vec<Vec<Synapse>>,
+    synapses: Vec<Box<[Synapse]>>,
     /// Free segment ids, most recently freed last.
     free_segments: Vec<SegmentId>,
     num_synapses: usize,
@@ -722,11 +783,11 @@ impl BacktrackingTm {
         let n = params.num_cells();
         let state = || CellState::new(n);
         let mut tm = BacktrackingTm {
-            // Id 0 is the out index's sink, never a live segment.
-            synapses: vec![Vec::new()],
+            // Id 0 is never a live segment (see `SINK`).
+            synapses: vec![Box::default()],
             free_segments: Vec::new(),
             num_synapses: 0,
-            out_index: OutIndex::new(n),
+            out_index: OutIndex::new(n, params.max_segments),
             segments: vec![SegmentMeta::default()],
             cell_slots: CellSlots::new(n),
             rng: Random::new(params.seed),
@@ -800,10 +861,7 @@ impl BacktrackingTm {
         if learn {
             self.update_learning_state(active_columns);
             self.apply_global_decay();
-            if self.out_index.needs_rebuild() {
-                self.out_index
-                    .rebuild(&mut self.synapses, self.params.connected_perm);
-            }
+            self.out_index.compact_if_sparse();
         }
         self.reset_called = false;
 
@@ -927,11 +985,7 @@ impl BacktrackingTm {
 
     /// The live segments of `cell`, in slot order.
     pub fn segments_on_cell(&self, cell: u32) -> impl Iterator<Item = SegmentId> + '_ {
-        self.cell_slots
-            .slots(cell)
-            .iter()
-            .copied()
-            .filter(|&s| s != NO_SEGMENT)
+        self.cell_slots.segments(cell)
     }
 
     /// The synapses of a live segment, ascending presynaptic cells.
@@ -962,9 +1016,9 @@ impl BacktrackingTm {
     /// Idempotent; [`BacktrackingTm::compute`] and [`BacktrackingTm::reset`] call it when needed.
     pub fn rebuild_after_restore(&mut self) {
         let n = self.params.num_cells();
-        self.out_index = OutIndex::new(n);
+        self.out_index = OutIndex::new(n, self.params.max_segments);
         self.out_index
-            .rebuild(&mut self.synapses, self.params.connected_perm);
+            .rebuild(&self.synapses, self.params.connected_perm);
         self.cell_slots.rebuild(n);
         for s in [
             &mut self.inf_active,
@@ -1004,11 +1058,11 @@ impl BacktrackingTm {
             q.capacity() * size_of::<Vec<u32>>() + q.iter().map(|x| x.capacity() * 4).sum::<usize>()
         };
         let s = &self.scratch;
-        let synapses = self.synapses.capacity() * size_of::<Vec<Synapse>>()
+        let synapses = self.synapses.capacity() * size_of::<Box<[Synapse]>>()
             + self
                 .synapses
                 .iter()
-                .map(|v| v.capacity() * size_of::<Synapse>())
+                .map(|v| v.len() * size_of::<Synapse>())
                 .sum::<usize>();
         let segments = self.free_segments.capacity() * 4
             + self.segments.capacity() * size_of::<SegmentMeta>()
@@ -1043,7 +1097,9 @@ impl BacktrackingTm {
             + s.in_update.capacity()
             + s.new_cells.capacity() * 4
             + s.free_candidates.capacity() * 12
-            + nested(&s.spare_patterns);
+            + nested(&s.spare_patterns)
+            + s.pow.table.capacity() * 4
+            + s.recency.heap_bytes();
         [
             ("synapses", synapses),
             ("out_index", self.out_index.heap_bytes()),
@@ -1329,12 +1385,11 @@ impl BacktrackingTm {
             match best {
                 // A best match freed meanwhile (by the `max_segments` budget) is no match.
                 Some((_, cell, seg))
-                    if self.segments[seg as usize].alive
-                        && self.segments[seg as usize].cell == cell
-                        && self.segments[seg as usize].sequence =>
+                    if self.segments[seg as usize].alive()
+                        && self.segments[seg as usize].cell() == cell
+                        && self.segments[seg as usize].sequence() =>
                 {
                     self.lrn_active.set(cell);
-                    self.segments[seg as usize].total_activations += 1;
                     // The match has synapses from the state, so the update is not empty.
                     self.reinforce(cell, seg, true, Choices::Draw);
                 }
@@ -1389,7 +1444,6 @@ impl BacktrackingTm {
                 len: (pool.len() - start) as u32,
                 explicit: false,
             });
-            self.segments[seg as usize].total_activations += 1;
         }
         self.update_pool = pool;
         self.scratch.best = best;
@@ -1519,10 +1573,7 @@ impl BacktrackingTm {
         let mut victim_dc = 1.0f32;
         let mut first_live = None;
         for cell in base + lo..=base + hi {
-            for &seg in self.cell_slots.slots(cell) {
-                if seg == NO_SEGMENT {
-                    continue;
-                }
+            for seg in self.cell_slots.segments(cell) {
                 first_live.get_or_insert(seg);
                 let dc =
                     self.segments[seg as usize].duty_cycle(it, false, false, &mut self.scratch.pow);
@@ -1534,7 +1585,7 @@ impl BacktrackingTm {
         }
         match victim.or(first_live) {
             Some(seg) => {
-                let cell = self.segments[seg as usize].cell;
+                let cell = self.segments[seg as usize].cell();
                 self.release_segment(seg);
                 cell
             }
@@ -1585,7 +1636,7 @@ impl BacktrackingTm {
         out.extend(
             on_segment
                 .iter()
-                .map(|s| s.presyn)
+                .map(|s| s.presyn())
                 .filter(|&p| state.is_set(p)),
         );
         let mut active = std::mem::take(&mut self.scratch.new_cells);
@@ -1687,17 +1738,17 @@ impl BacktrackingTm {
         let mut j = 0;
         for k in 0..self.synapses[s].len() {
             let syn = self.synapses[s][k];
-            while j < update.len() && update[j] < syn.presyn {
+            while j < update.len() && update[j] < syn.presyn() {
                 new_cells.push(update[j]);
                 j += 1;
             }
-            let active = j < update.len() && update[j] == syn.presyn;
+            let active = j < update.len() && update[j] == syn.presyn();
             in_update.push(active);
             let perm = if active {
                 j += 1;
-                (syn.permanence + inc).min(max)
+                (syn.permanence() + inc).min(max)
             } else {
-                (syn.permanence - dec).min(max)
+                (syn.permanence() - dec).min(max)
             };
             if perm <= 0.0 {
                 self.drop_synapse(seg, k);
@@ -1739,24 +1790,24 @@ impl BacktrackingTm {
         let syns = &mut self.synapses[seg as usize];
         let mut dropped = 0;
         for syn in syns.iter_mut() {
-            let on = state.is_set(syn.presyn);
+            let on = state.is_set(syn.presyn());
             in_update.push(on);
             let perm = if on {
-                active.push(syn.presyn);
-                (syn.permanence + inc).min(max)
+                active.push(syn.presyn());
+                (syn.permanence() + inc).min(max)
             } else {
-                (syn.permanence - dec).min(max)
+                (syn.permanence() - dec).min(max)
             };
-            let was = syn.permanence >= cp;
+            let was = syn.permanence() >= cp;
             if perm <= 0.0 {
-                out.remove(syn, seg, was);
-                syn.permanence = DROPPED;
+                out.remove(syn.presyn(), seg, was);
+                syn.set_permanence(DROPPED);
                 dropped += 1;
             } else {
-                syn.permanence = perm.clamp(0.0, 1.0);
-                let is = syn.permanence >= cp;
+                syn.set_permanence(perm.clamp(0.0, 1.0));
+                let is = syn.permanence() >= cp;
                 if was != is {
-                    out.set_connected(syn, seg, is);
+                    out.set_connected(syn.presyn(), seg, is);
                 }
             }
         }
@@ -1778,7 +1829,7 @@ impl BacktrackingTm {
     /// Bookkeeping of a reinforcement; false if `seg` is no longer `cell`'s segment.
     fn start_reinforcement(&mut self, cell: u32, seg: SegmentId) -> bool {
         let meta = &mut self.segments[seg as usize];
-        if !meta.alive || meta.cell != cell {
+        if !meta.alive() || meta.cell() != cell {
             return false; // released since the update was queued
         }
         let it = self.lrn_iteration;
@@ -1815,15 +1866,15 @@ impl BacktrackingTm {
             candidates.clear();
             let syns = &self.synapses[s];
             for (k, syn) in syns.iter().enumerate() {
-                if syn.permanence != DROPPED && !in_update[k] {
-                    candidates.push((syn.permanence, syn.presyn, k as u32));
+                if syn.permanence() != DROPPED && !in_update[k] {
+                    candidates.push((syn.permanence(), syn.presyn(), k as u32));
                 }
             }
             if candidates.len() < to_free {
                 // Active synapses only after every inactive one (offset as Cells4 does).
                 for (k, syn) in syns.iter().enumerate() {
                     if in_update[k] {
-                        candidates.push((syn.permanence + max, syn.presyn, k as u32));
+                        candidates.push((syn.permanence() + max, syn.presyn(), k as u32));
                     }
                 }
             }
@@ -1835,8 +1886,7 @@ impl BacktrackingTm {
             alive -= to_free;
             self.scratch.free_candidates = candidates;
         }
-        store::compact(&mut self.synapses[s]);
-        self.insert_synapses(seg, &new_cells);
+        self.update_synapses(seg, &new_cells);
         alive += n_new;
         self.scratch.in_update = in_update;
         self.scratch.new_cells = new_cells;
@@ -1863,28 +1913,21 @@ impl BacktrackingTm {
         let seg = match self.free_segments.pop() {
             Some(id) => id,
             None => {
-                self.synapses.push(Vec::new());
+                reserve_for_ids(&mut self.synapses, budget);
+                reserve_for_ids(&mut self.segments, budget);
+                self.synapses.push(Box::default());
                 (self.synapses.len() - 1) as SegmentId
             }
         };
+        debug_assert_ne!(seg, SINK);
         let slot = self.cell_slots.assign(cell, seg);
         if self.segments.len() <= seg as usize {
             self.segments
                 .resize(seg as usize + 1, SegmentMeta::default());
         }
-        self.segments[seg as usize] = SegmentMeta {
-            cell,
-            slot,
-            alive: true,
-            sequence,
-            total_activations: 1,
-            positive_activations: 1,
-            last_active_iteration: it,
-            last_pos_duty_cycle: (1.0f64 / it.max(1) as f64) as f32,
-            last_pos_duty_cycle_iteration: it,
-        };
+        self.segments[seg as usize] = SegmentMeta::new(cell, slot, sequence, it);
         debug_assert!(self.synapses[seg as usize].is_empty());
-        self.insert_synapses(seg, presyn);
+        self.update_synapses(seg, presyn);
         if budget > 0 {
             let live = self.num_segments();
             let policy = self.params.max_segments_eviction;
@@ -1895,67 +1938,65 @@ impl BacktrackingTm {
         seg
     }
 
-    // Every synapse change goes through the next three, which keep the out index and its
+    // Every synapse change goes through the next four, which keep the out index and its
     // connected flags in step with the segments.
 
-    /// Adds synapses at `initial_perm` from the sorted `cells`, none of them on `seg` yet,
-    /// keeping the segment's synapses sorted.
-    fn insert_synapses(&mut self, seg: SegmentId, cells: &[u32]) {
+    /// Removes `seg`'s synapses marked [`DROPPED`] and adds synapses at `initial_perm` from
+    /// the sorted `cells`, none of them on `seg` yet, keeping the synapses sorted. A segment
+    /// holds exactly its synapses (a boxed slice: no spare room, no capacity word).
+    fn update_synapses(&mut self, seg: SegmentId, cells: &[u32]) {
+        let mut syns = std::mem::take(&mut self.synapses[seg as usize]).into_vec();
+        syns.retain(|s| s.permanence() != DROPPED);
+        self.merge_synapses(seg, &mut syns, cells);
+        self.synapses[seg as usize] = syns.into_boxed_slice();
+    }
+
+    fn merge_synapses(&mut self, seg: SegmentId, syns: &mut Vec<Synapse>, cells: &[u32]) {
         if cells.is_empty() {
             return;
         }
         debug_assert!(cells.windows(2).all(|w| w[0] < w[1]));
         let perm = self.params.initial_perm.clamp(0.0, 1.0);
         let connected = perm >= self.params.connected_perm;
-        let syns = &mut self.synapses[seg as usize];
         let out = &mut self.out_index;
         // Merge from the back, in place.
         let (mut a, mut b) = (syns.len(), cells.len());
-        syns.resize(
-            a + b,
-            Synapse {
-                presyn: 0,
-                permanence: 0.0,
-                out_pos: 0,
-            },
-        );
+        syns.reserve_exact(b);
+        syns.resize(a + b, Synapse::new(0, 0.0));
         while b > 0 {
             let w = a + b - 1;
-            if a > 0 && syns[a - 1].presyn > cells[b - 1] {
+            if a > 0 && syns[a - 1].presyn() > cells[b - 1] {
                 syns[w] = syns[a - 1];
                 a -= 1;
             } else {
                 let presyn = cells[b - 1];
-                debug_assert!(a == 0 || syns[a - 1].presyn != presyn);
-                syns[w] = Synapse {
-                    presyn,
-                    permanence: perm,
-                    out_pos: out.add(presyn, seg, connected),
-                };
+                debug_assert!(a == 0 || syns[a - 1].presyn() != presyn);
+                syns[w] = Synapse::new(presyn, perm);
+                out.add(presyn, seg, connected);
                 b -= 1;
             }
         }
         self.num_synapses += cells.len();
     }
 
-    /// Unlists synapse `k` of `seg` and marks it [`DROPPED`]; [`store::compact`] removes it
+    /// Unlists synapse `k` of `seg` and marks it [`DROPPED`]; [`Self::update_synapses`] removes it
     /// from the segment.
     fn drop_synapse(&mut self, seg: SegmentId, k: usize) {
         let syn = &mut self.synapses[seg as usize][k];
-        let connected = syn.permanence >= self.params.connected_perm;
-        self.out_index.remove(syn, seg, connected);
-        syn.permanence = DROPPED;
+        let connected = syn.permanence() >= self.params.connected_perm;
+        self.out_index.remove(syn.presyn(), seg, connected);
+        syn.set_permanence(DROPPED);
         self.num_synapses -= 1;
     }
 
     fn set_permanence(&mut self, seg: SegmentId, k: usize, permanence: f32) {
         let cp = self.params.connected_perm;
         let syn = &mut self.synapses[seg as usize][k];
-        let was = syn.permanence >= cp;
-        syn.permanence = permanence.clamp(0.0, 1.0);
-        let is = syn.permanence >= cp;
+        let was = syn.permanence() >= cp;
+        syn.set_permanence(permanence.clamp(0.0, 1.0));
+        let is = syn.permanence() >= cp;
         if was != is {
-            self.out_index.set_connected(syn, seg, is);
+            self.out_index.set_connected(syn.presyn(), seg, is);
         }
     }
 
@@ -1964,14 +2005,16 @@ impl BacktrackingTm {
         let s = seg as usize;
         let cp = self.params.connected_perm;
         for syn in &self.synapses[s] {
-            self.out_index.remove(syn, seg, syn.permanence >= cp);
+            self.out_index
+                .remove(syn.presyn(), seg, syn.permanence() >= cp);
         }
         self.num_synapses -= self.synapses[s].len();
-        self.synapses[s].clear(); // keeps the allocation for the id's next segment
+        // Freed: the id's next segment may well be smaller.
+        self.synapses[s] = Box::default();
         self.free_segments.push(seg);
         let meta = &mut self.segments[s];
-        meta.alive = false;
-        self.cell_slots.release(meta.cell, meta.slot);
+        meta.cell_flags &= !SegmentMeta::ALIVE;
+        self.cell_slots.release(meta.cell(), meta.slot);
         self.updates.retain(|u| u.segment != seg);
     }
 
@@ -1979,11 +2022,9 @@ impl BacktrackingTm {
     /// date, so the moving average switches rate consistently.
     fn refresh_duty_cycles(&mut self) {
         let it = self.lrn_iteration;
-        for (_, slots) in self.cell_slots.iter() {
-            for &seg in slots {
-                if seg != NO_SEGMENT {
-                    self.segments[seg as usize].duty_cycle(it, false, false, &mut self.scratch.pow);
-                }
+        for cell in self.cell_slots.cells() {
+            for seg in self.cell_slots.segments(cell) {
+                self.segments[seg as usize].duty_cycle(it, false, false, &mut self.scratch.pow);
             }
         }
     }
@@ -2029,27 +2070,33 @@ impl BacktrackingTm {
         // In cell and slot order; releasing a segment changes only its own slot.
         let stale: Vec<SegmentId> = self
             .cell_slots
-            .iter()
-            .flat_map(|(_, slots)| slots.iter().copied())
-            .filter(|&seg| {
-                seg != NO_SEGMENT
-                    && it - self.segments[seg as usize].last_active_iteration > max_age
-            })
+            .cells()
+            .flat_map(|cell| self.cell_slots.segments(cell))
+            .filter(|&seg| it - self.segments[seg as usize].last_active_iteration > max_age)
             .collect();
         for seg in stale {
             for k in 0..self.synapses[seg as usize].len() {
-                let perm = self.synapses[seg as usize][k].permanence;
+                let perm = self.synapses[seg as usize][k].permanence();
                 if perm <= decay {
                     self.drop_synapse(seg, k);
                 } else {
                     self.set_permanence(seg, k, perm - decay);
                 }
             }
-            store::compact(&mut self.synapses[seg as usize]);
+            self.update_synapses(seg, &[]);
             if self.synapses[seg as usize].is_empty() {
                 self.release_segment(seg);
             }
         }
+    }
+}
+
+/// Room in a per-segment-id table for a new id: doubling, but never past the last id the
+/// segment `budget` allows (none when 0), so a TM at its budget holds no unused capacity.
+fn reserve_for_ids<T>(table: &mut Vec<T>, budget: usize) {
+    if budget > 0 && table.len() == table.capacity() {
+        let cap = (table.len() * 2).max(16).min(budget + 1);
+        table.reserve_exact(cap.saturating_sub(table.len()));
     }
 }
 

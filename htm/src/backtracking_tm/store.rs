@@ -10,67 +10,103 @@ use serde::{Deserialize, Serialize};
 /// Index of a segment; stable while the segment lives, reused after it is freed.
 pub type SegmentId = u32;
 
-/// One synapse of a segment.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-pub struct Synapse {
-    /// Presynaptic cell.
-    pub presyn: u32,
-    pub permanence: f32,
-    /// Where this synapse's entry sits in its presynaptic cell's out list (the connected or
-    /// the other one, as its permanence says), so moves and removals need no search.
-    /// Derived: rebuilt after deserialisation.
-    #[serde(skip)]
-    pub(super) out_pos: u32,
+/// One synapse of a segment: a presynaptic cell in 24 bits (cells are fewer than 2^24) and
+/// a permanence, packed in 7 unaligned bytes instead of a padded 8. Serialises as the two
+/// fields.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(from = "SynapseFields", into = "SynapseFields")]
+pub struct Synapse([u8; 7]);
+
+#[derive(Serialize, Deserialize)]
+struct SynapseFields {
+    presyn: u32,
+    permanence: f32,
 }
 
-/// Content equality; the out-list position depends on history, not on what is stored.
-impl PartialEq for Synapse {
-    fn eq(&self, other: &Self) -> bool {
-        self.presyn == other.presyn && self.permanence == other.permanence
+impl From<SynapseFields> for Synapse {
+    fn from(f: SynapseFields) -> Self {
+        Synapse::new(f.presyn, f.permanence)
     }
 }
 
-/// Marks a synapse to be dropped by [`compact`].
-pub(super) const DROPPED: f32 = -1.0;
-
-/// Drops the synapses marked [`DROPPED`], keeping the order.
-pub(super) fn compact(syns: &mut Vec<Synapse>) {
-    syns.retain(|s| s.permanence != DROPPED);
+impl From<Synapse> for SynapseFields {
+    fn from(s: Synapse) -> Self {
+        SynapseFields {
+            presyn: s.presyn(),
+            permanence: s.permanence(),
+        }
+    }
 }
 
-/// Segment id 0 is never allocated. Removed out-list entries are overwritten with it (a
-/// tombstone), so that no entry ever moves and every synapse knows its entry's position;
-/// passes count tombstones into segment 0's counter, which nothing reads.
+impl Synapse {
+    pub fn new(presyn: u32, permanence: f32) -> Self {
+        debug_assert!(u64::from(presyn) <= super::MAX_CELLS);
+        let mut b = [0; 7];
+        b[..3].copy_from_slice(&presyn.to_le_bytes()[..3]);
+        b[3..].copy_from_slice(&permanence.to_le_bytes());
+        Synapse(b)
+    }
+
+    /// Presynaptic cell.
+    #[inline]
+    pub fn presyn(&self) -> u32 {
+        u32::from_le_bytes([self.0[0], self.0[1], self.0[2], 0])
+    }
+
+    #[inline]
+    pub fn permanence(&self) -> f32 {
+        f32::from_le_bytes([self.0[3], self.0[4], self.0[5], self.0[6]])
+    }
+
+    #[inline]
+    pub(super) fn set_permanence(&mut self, permanence: f32) {
+        self.0[3..].copy_from_slice(&permanence.to_le_bytes());
+    }
+}
+
+impl PartialEq for Synapse {
+    fn eq(&self, other: &Self) -> bool {
+        self.presyn() == other.presyn() && self.permanence() == other.permanence()
+    }
+}
+
+impl std::fmt::Debug for Synapse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Synapse")
+            .field("presyn", &self.presyn())
+            .field("permanence", &self.permanence())
+            .finish()
+    }
+}
+
+/// Marks a synapse to be dropped when its segment is next rewritten.
+pub(super) const DROPPED: f32 = -1.0;
+
+/// Makes room for `extra` more items, growing by an eighth rather than doubling: arenas
+/// live long, and their spare capacity is memory held.
+pub(super) fn reserve_gradually<T>(v: &mut Vec<T>, extra: usize) {
+    if v.capacity() - v.len() < extra {
+        v.reserve_exact(extra.max(v.len() / 8));
+    }
+}
+
+/// Segment id 0 is never allocated. Ids break eviction ties, so numbering starts at 1 as it
+/// did when id 0 stood for removed out-list entries.
 pub(super) const SINK: SegmentId = 0;
 
 /// Presynaptic cell → the segments it has a synapse on, in two lists: connected synapses and
 /// the others (`Cells4`'s `OutSynapses`, split by permanence), so a forward pass is a
 /// sequential read and one counter update per synapse, with the increment fixed per list.
-/// Entry order is irrelevant (passes only count).
+/// Entry order is irrelevant (passes only count), so entries are removed by moving the last
+/// one into their place and found by scanning the (short) list: a synapse needs no record
+/// of where its entry is. Derived from the segments: not serialised.
 ///
-/// All lists live in one arena, each in a span with some spare room; a list that outgrows
-/// its span moves to the end of the arena. Rebuilds (after restore, and whenever
-/// tombstones or abandoned spans pile up) lay the lists out again in cell order, so the
-/// cells of a column — which fire together — have their lists side by side. Derived from
-/// the segments: not serialised.
-#[derive(Clone, Debug, Default)]
-pub(super) struct OutIndex {
-    /// Per cell: its connected list, then its other list.
-    spans: Vec<[Span; 2]>,
-    arena: Vec<SegmentId>,
-    /// Entries in all lists, tombstones included.
-    entries: usize,
-    tombstones: usize,
-    /// Arena slots in abandoned spans.
-    abandoned: usize,
-}
-
-/// A list: `arena[start..start + len]`, room up to `start + cap`.
-#[derive(Clone, Copy, Debug, Default)]
-struct Span {
-    start: u32,
-    len: u32,
-    cap: u32,
+/// Entries are `u16` when the segment budget keeps every id below 2^16 (NAB's 8192), which
+/// halves the index and the bytes a pass reads; `u32` otherwise.
+#[derive(Clone, Debug)]
+pub(super) enum OutIndex {
+    Narrow(Lists<u16>),
+    Wide(Lists<u32>),
 }
 
 /// Derived data: equal whenever the segments it indexes are.
@@ -80,127 +116,303 @@ impl PartialEq for OutIndex {
     }
 }
 
-/// Which of a cell's two lists holds a synapse.
-#[inline]
-fn side(connected: bool) -> usize {
-    if connected {
-        0
-    } else {
-        1
+impl Default for OutIndex {
+    fn default() -> Self {
+        OutIndex::Wide(Lists::new(0))
     }
 }
 
+macro_rules! each {
+    ($index:expr, $lists:ident => $body:expr) => {
+        match $index {
+            OutIndex::Narrow($lists) => $body,
+            OutIndex::Wide($lists) => $body,
+        }
+    };
+}
+
 impl OutIndex {
-    pub(super) fn new(num_cells: usize) -> Self {
-        OutIndex {
-            spans: vec![[Span::default(); 2]; num_cells],
-            arena: Vec::new(),
-            entries: 0,
-            tombstones: 0,
+    /// An empty index for `num_cells` cells and segment ids up to `max_segments` (0: no
+    /// bound).
+    pub(super) fn new(num_cells: usize, max_segments: u32) -> Self {
+        if (1..=u32::from(u16::MAX)).contains(&max_segments) {
+            OutIndex::Narrow(Lists::new(num_cells))
+        } else {
+            OutIndex::Wide(Lists::new(num_cells))
+        }
+    }
+
+    /// Lists a synapse of `seg` from `presyn`.
+    pub(super) fn add(&mut self, presyn: u32, seg: SegmentId, connected: bool) {
+        each!(self, l => l.add(presyn, seg, connected))
+    }
+
+    /// Unlists the synapse of `seg` from `presyn` (in the list of `connected`).
+    pub(super) fn remove(&mut self, presyn: u32, seg: SegmentId, connected: bool) {
+        each!(self, l => l.remove(presyn, seg, connected))
+    }
+
+    /// Moves the synapse of `seg` from `presyn` to the list of its new `connected` state.
+    pub(super) fn set_connected(&mut self, presyn: u32, seg: SegmentId, connected: bool) {
+        each!(self, l => l.set_connected(presyn, seg, connected))
+    }
+
+    /// Lays the lists out again when abandoned blocks make up a fifth of the arena (on NAB
+    /// data, once every few hundred steps: copying the arena costs far less than a step).
+    pub(super) fn compact_if_sparse(&mut self) {
+        each!(self, l => {
+            if l.abandoned > 4096 && l.abandoned * 5 > l.arena.len() {
+                l.compact();
+            }
+        })
+    }
+
+    /// Lists every synapse of `synapses` (by segment id).
+    pub(super) fn rebuild(&mut self, synapses: &[Box<[Synapse]>], connected_perm: f32) {
+        each!(self, l => l.rebuild(synapses, connected_perm))
+    }
+
+    /// `cell`'s connected list and its other list.
+    #[cfg(test)]
+    pub(super) fn lists(&self, cell: u32) -> [Vec<SegmentId>; 2] {
+        each!(self, l => l.lists(cell).map(|x| x.iter().map(|e| e.id()).collect()))
+    }
+
+    pub(super) fn heap_bytes(&self) -> usize {
+        each!(self, l => l.heap_bytes())
+    }
+}
+
+/// An out-list word: a segment id, or a block header field.
+pub(super) trait Entry: Copy + Default + Eq + std::fmt::Debug {
+    const MAX: usize;
+    fn new(v: usize) -> Self;
+    fn get(self) -> usize;
+    #[inline]
+    fn id(self) -> SegmentId {
+        self.get() as SegmentId
+    }
+}
+
+macro_rules! entry {
+    ($t:ty) => {
+        impl Entry for $t {
+            const MAX: usize = <$t>::MAX as usize;
+            #[inline]
+            fn new(v: usize) -> Self {
+                debug_assert!(v <= <Self as Entry>::MAX);
+                v as $t
+            }
+            #[inline]
+            fn get(self) -> usize {
+                self as usize
+            }
+        }
+    };
+}
+entry!(u16);
+entry!(u32);
+
+/// Words of a block header: connected count, total count, capacity.
+const HEADER: usize = 3;
+
+/// The lists of [`OutIndex`] in one arena of blocks, one block per cell: a header, then the
+/// connected entries, then the others, then spare room. A list that outgrows its block moves
+/// to the end of the arena; compaction (once moved-out blocks pile up) lays the blocks out
+/// again in cell order, so the cells of a column — which fire together — are side by side.
+/// Keeping the counts in the block rather than beside the cell leaves 4 bytes per cell, and
+/// puts them in the cache line a pass reads next anyway.
+#[derive(Clone, Debug)]
+pub(super) struct Lists<E> {
+    /// Per cell, where its block starts; 0 (a shared empty block) for cells with none.
+    heads: Vec<u32>,
+    arena: Vec<E>,
+    /// Arena words in blocks that lists have moved out of.
+    abandoned: usize,
+}
+
+impl<E: Entry> Lists<E> {
+    fn new(num_cells: usize) -> Self {
+        Lists {
+            heads: vec![0; num_cells],
+            arena: vec![E::default(); HEADER],
             abandoned: 0,
         }
     }
 
-    /// `cell`'s connected list and its other list, tombstones included.
+    /// Connected count, total count and capacity of the block at `h`.
     #[inline]
-    pub(super) fn lists(&self, cell: u32) -> [&[SegmentId]; 2] {
-        let [c, u] = self.spans[cell as usize];
-        [
-            &self.arena[c.start as usize..(c.start + c.len) as usize],
-            &self.arena[u.start as usize..(u.start + u.len) as usize],
-        ]
+    fn header(&self, h: usize) -> (usize, usize, usize) {
+        (
+            self.arena[h].get(),
+            self.arena[h + 1].get(),
+            self.arena[h + 2].get(),
+        )
     }
 
+    /// `cell`'s connected list and its other list.
     #[inline]
-    fn slot(&mut self, presyn: u32, connected: bool, pos: u32) -> &mut SegmentId {
-        let sp = self.spans[presyn as usize][side(connected)];
-        debug_assert!(pos < sp.len);
-        &mut self.arena[(sp.start + pos) as usize]
+    pub(super) fn lists(&self, cell: u32) -> [&[E]; 2] {
+        let h = self.heads[cell as usize] as usize;
+        let (nc, n) = (self.arena[h].get(), self.arena[h + 1].get());
+        let e = h + HEADER;
+        [&self.arena[e..e + nc], &self.arena[e + nc..e + n]]
     }
 
-    /// Lists a synapse of `seg` from `presyn`; returns its position in its list.
-    pub(super) fn add(&mut self, presyn: u32, seg: SegmentId, connected: bool) -> u32 {
-        let sp = &mut self.spans[presyn as usize][side(connected)];
-        if sp.len == sp.cap {
-            let cap = (sp.cap * 2).max(4);
-            let start = self.arena.len();
-            let old = sp.start as usize..(sp.start + sp.len) as usize;
-            self.arena.extend_from_within(old);
-            self.arena.resize(start + cap as usize, SINK);
-            self.abandoned += sp.cap as usize;
-            sp.start = u32::try_from(start).expect("out index arena within u32");
-            sp.cap = cap;
+    /// Moves `cell`'s block (at `h`) to the end of the arena with room for `cap` entries.
+    fn relocate(&mut self, cell: u32, h: usize, cap: usize) -> usize {
+        let (_, n, old_cap) = self.header(h);
+        let start = self.arena.len();
+        reserve_gradually(&mut self.arena, HEADER + cap);
+        self.arena.extend_from_within(h..h + HEADER + n);
+        self.arena.resize(start + HEADER + cap, E::default());
+        self.arena[start + 2] = E::new(cap);
+        if old_cap > 0 {
+            self.abandoned += HEADER + old_cap;
         }
-        self.arena[(sp.start + sp.len) as usize] = seg;
-        sp.len += 1;
-        self.entries += 1;
-        sp.len - 1
+        self.heads[cell as usize] = u32::try_from(start).expect("out index arena within u32");
+        start
     }
 
-    /// Moves `syn` (a synapse of `seg`) to the list of its new connected state.
-    pub(super) fn set_connected(&mut self, syn: &mut Synapse, seg: SegmentId, connected: bool) {
-        self.remove(syn, seg, !connected);
-        syn.out_pos = self.add(syn.presyn, seg, connected);
-    }
-
-    /// Unlists `syn` (a synapse of `seg`, in the list of `connected`).
-    #[inline]
-    pub(super) fn remove(&mut self, syn: &Synapse, seg: SegmentId, connected: bool) {
-        let e = self.slot(syn.presyn, connected, syn.out_pos);
-        debug_assert_eq!(*e, seg);
-        *e = SINK;
-        self.tombstones += 1;
-    }
-
-    /// Whether tombstones (a quarter of the entries) or abandoned spans (a third of the
-    /// arena) make a rebuild worth its cost.
-    pub(super) fn needs_rebuild(&self) -> bool {
-        (self.tombstones > 1024 && self.tombstones * 4 > self.entries)
-            || (self.abandoned > 4096 && self.abandoned * 3 > self.arena.len())
-    }
-
-    /// Relists every synapse of `synapses` (by segment id), recording positions.
-    pub(super) fn rebuild(&mut self, synapses: &mut [Vec<Synapse>], connected_perm: f32) {
-        for sp in &mut self.spans {
-            *sp = [Span::default(); 2];
+    fn add(&mut self, cell: u32, seg: SegmentId, connected: bool) {
+        let mut h = self.heads[cell as usize] as usize;
+        let (nc, n, cap) = self.header(h);
+        if n == cap {
+            // A cell has at most one synapse per segment, so `n` stays below `E::MAX`.
+            h = self.relocate(cell, h, (n + n / 2 + 2).min(E::MAX));
         }
-        for syns in synapses.iter() {
-            for syn in syns {
-                self.spans[syn.presyn as usize][side(syn.permanence >= connected_perm)].len += 1;
+        let e = h + HEADER;
+        let seg = E::new(seg as usize);
+        if connected {
+            // The first other entry makes room at the end of the connected ones.
+            self.arena[e + n] = self.arena[e + nc];
+            self.arena[e + nc] = seg;
+            self.arena[h] = E::new(nc + 1);
+        } else {
+            self.arena[e + n] = seg;
+        }
+        self.arena[h + 1] = E::new(n + 1);
+    }
+
+    /// Where `seg`'s entry is in `cell`'s block (at `h`), in the list of `connected`.
+    #[inline]
+    fn find(&self, h: usize, seg: SegmentId, connected: bool) -> usize {
+        let (nc, n, _) = self.header(h);
+        let e = h + HEADER;
+        let range = if connected { e..e + nc } else { e + nc..e + n };
+        let seg = E::new(seg as usize);
+        let k = self.arena[range.clone()].iter().position(|&x| x == seg);
+        range.start + k.expect("a synapse is listed")
+    }
+
+    fn remove(&mut self, cell: u32, seg: SegmentId, connected: bool) {
+        let h = self.heads[cell as usize] as usize;
+        let i = self.find(h, seg, connected);
+        let (nc, n, _) = self.header(h);
+        let e = h + HEADER;
+        if connected {
+            // The last connected entry fills the hole, the last other entry its place.
+            self.arena[i] = self.arena[e + nc - 1];
+            self.arena[e + nc - 1] = self.arena[e + n - 1];
+            self.arena[h] = E::new(nc - 1);
+        } else {
+            self.arena[i] = self.arena[e + n - 1];
+        }
+        self.arena[h + 1] = E::new(n - 1);
+    }
+
+    fn set_connected(&mut self, cell: u32, seg: SegmentId, connected: bool) {
+        let h = self.heads[cell as usize] as usize;
+        let i = self.find(h, seg, !connected);
+        let nc = self.arena[h].get();
+        let e = h + HEADER;
+        // Swap the entry to the boundary of the two lists and move the boundary past it.
+        if connected {
+            self.arena.swap(i, e + nc);
+            self.arena[h] = E::new(nc + 1);
+        } else {
+            self.arena.swap(i, e + nc - 1);
+            self.arena[h] = E::new(nc - 1);
+        }
+    }
+
+    /// Room for an eighth more before a list has to move.
+    fn spare_cap(n: usize) -> usize {
+        (n + n / 8 + 1).min(E::MAX)
+    }
+
+    /// Lays every non-empty list out again in cell order, dropping empty blocks.
+    fn compact(&mut self) {
+        let old = std::mem::take(&mut self.arena);
+        let live: usize = self
+            .heads
+            .iter()
+            .map(|&h| old[h as usize + 1].get())
+            .filter(|&n| n > 0)
+            .map(|n| HEADER + Self::spare_cap(n))
+            .sum();
+        let mut arena = Vec::with_capacity(HEADER + live);
+        arena.resize(HEADER, E::default());
+        for head in &mut self.heads {
+            let h = *head as usize;
+            let (nc, n) = (old[h].get(), old[h + 1].get());
+            if n == 0 {
+                *head = 0;
+                continue;
             }
+            let start = arena.len();
+            *head = start as u32;
+            let cap = Self::spare_cap(n);
+            arena.extend_from_slice(&[E::new(nc), E::new(n), E::new(cap)]);
+            arena.extend_from_slice(&old[h + HEADER..h + HEADER + n]);
+            arena.resize(start + HEADER + cap, E::default());
         }
-        // Room for a quarter more before a list has to move.
-        let mut start = 0u32;
-        for sp in self.spans.iter_mut().flatten() {
-            let cap = if sp.len == 0 {
-                0
-            } else {
-                sp.len + sp.len / 4 + 2
-            };
-            *sp = Span { start, len: 0, cap };
-            start += cap;
-        }
-        self.arena.clear();
-        if self.arena.capacity() > 2 * start as usize {
-            // Give back what growth since the last rebuild left unused.
-            self.arena.shrink_to(start as usize);
-        }
-        self.arena.resize(start as usize, SINK);
-        self.entries = 0;
-        self.tombstones = 0;
+        self.arena = arena;
         self.abandoned = 0;
-        for (seg, syns) in synapses.iter_mut().enumerate() {
-            for syn in syns {
-                syn.out_pos = self.add(
-                    syn.presyn,
-                    seg as SegmentId,
-                    syn.permanence >= connected_perm,
-                );
-            }
-        }
     }
 
-    pub(super) fn heap_bytes(&self) -> usize {
-        self.spans.capacity() * std::mem::size_of::<[Span; 2]>() + self.arena.capacity() * 4
+    fn rebuild(&mut self, synapses: &[Box<[Synapse]>], connected_perm: f32) {
+        // Per cell: connected and total counts, then where the next entries of each go.
+        let mut at = vec![[0u32; 2]; self.heads.len()];
+        for syn in synapses.iter().flatten() {
+            let c = &mut at[syn.presyn() as usize];
+            c[0] += u32::from(syn.permanence() >= connected_perm);
+            c[1] += 1;
+        }
+        let live: usize = at
+            .iter()
+            .filter(|c| c[1] > 0)
+            .map(|c| HEADER + Self::spare_cap(c[1] as usize))
+            .sum();
+        let mut arena = Vec::with_capacity(HEADER + live);
+        arena.resize(HEADER, E::default());
+        for (head, c) in self.heads.iter_mut().zip(&mut at) {
+            let (nc, n) = (c[0] as usize, c[1] as usize);
+            if n == 0 {
+                *head = 0;
+                continue;
+            }
+            let start = arena.len();
+            *head = u32::try_from(start).expect("out index arena within u32");
+            let cap = Self::spare_cap(n);
+            arena.extend_from_slice(&[E::new(nc), E::new(n), E::new(cap)]);
+            arena.resize(start + HEADER + cap, E::default());
+            let e = (start + HEADER) as u32;
+            *c = [e, e + nc as u32];
+        }
+        for (seg, syns) in synapses.iter().enumerate() {
+            for syn in syns {
+                let c = &mut at[syn.presyn() as usize];
+                let list = &mut c[usize::from(syn.permanence() < connected_perm)];
+                arena[*list as usize] = E::new(seg);
+                *list += 1;
+            }
+        }
+        self.arena = arena;
+        self.abandoned = 0;
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.heads.capacity() * 4 + self.arena.capacity() * std::mem::size_of::<E>()
     }
 }

@@ -1,3 +1,4 @@
+use super::slots::NO_SEGMENT;
 use super::*;
 
 /// `count` pairwise-disjoint random SDRs of `w` columns, plus the columns none of them use.
@@ -72,8 +73,8 @@ fn check_invariants(tm: &BacktrackingTm) {
             live += 1;
             assert!(p.cells_per_column == 1 || cell % p.cells_per_column != 0);
             let meta = &tm.segments[seg as usize];
-            assert!(meta.alive);
-            assert_eq!((meta.cell, meta.slot), (cell, slot as u32));
+            assert!(meta.alive());
+            assert_eq!((meta.cell(), meta.slot), (cell, slot as u32));
             let syns = tm.segment_synapses(seg);
             assert!(!syns.is_empty());
             synapses += syns.len();
@@ -81,27 +82,21 @@ fn check_invariants(tm: &BacktrackingTm) {
                 assert!(syns.len() <= p.max_synapses_per_segment as usize);
             }
             assert!(
-                syns.windows(2).all(|w| w[0].presyn < w[1].presyn),
+                syns.windows(2).all(|w| w[0].presyn() < w[1].presyn()),
                 "synapses sorted by distinct presynaptic cells"
             );
             for syn in syns {
-                assert!(syn.permanence > 0.0 && syn.permanence <= p.permanence_max);
-                let connected = syn.permanence >= p.connected_perm;
-                expected.push((syn.presyn, connected, seg));
-                assert_eq!(
-                    tm.out_index.lists(syn.presyn)[if connected { 0 } else { 1 }]
-                        [syn.out_pos as usize],
-                    seg,
-                    "synapse's out position"
-                );
+                assert!(syn.permanence() > 0.0 && syn.permanence() <= p.permanence_max);
+                let connected = syn.permanence() >= p.connected_perm;
+                expected.push((syn.presyn(), connected, seg));
             }
         }
     }
     assert_eq!(live, tm.num_segments());
     assert_eq!(synapses, tm.num_synapses());
-    assert!(!tm.segments[SINK as usize].alive && tm.synapses[SINK as usize].is_empty());
+    assert!(!tm.segments[SINK as usize].alive() && tm.synapses[SINK as usize].is_empty());
     for (seg, meta) in tm.segments.iter().enumerate().skip(1) {
-        if !meta.alive {
+        if !meta.alive() {
             assert!(tm.synapses[seg].is_empty());
             assert!(tm.free_segments.contains(&(seg as u32)));
         }
@@ -109,10 +104,9 @@ fn check_invariants(tm: &BacktrackingTm) {
     let mut indexed: Vec<(u32, bool, u32)> = (0..p.num_cells() as u32)
         .flat_map(|cell| {
             let [connected, other] = tm.out_index.lists(cell);
-            let c = connected.iter().map(move |&seg| (cell, true, seg));
-            c.chain(other.iter().map(move |&seg| (cell, false, seg)))
+            let c = connected.into_iter().map(move |seg| (cell, true, seg));
+            c.chain(other.into_iter().map(move |seg| (cell, false, seg)))
         })
-        .filter(|&(_, _, seg)| seg != SINK)
         .collect();
     expected.sort_unstable();
     indexed.sort_unstable();
@@ -124,7 +118,7 @@ fn set_perm(tm: &mut BacktrackingTm, seg: SegmentId, presyn: u32, perm: f32) {
     let k = tm
         .segment_synapses(seg)
         .iter()
-        .position(|s| s.presyn == presyn)
+        .position(|s| s.presyn() == presyn)
         .expect("synapse on segment");
     tm.set_permanence(seg, k, perm);
 }
@@ -135,7 +129,7 @@ fn all_synapses(tm: &BacktrackingTm) -> Vec<(u32, Vec<Synapse>)> {
         .flat_map(|cell| tm.segments_on_cell(cell).collect::<Vec<_>>())
         .map(|seg| {
             (
-                tm.segments[seg as usize].cell,
+                tm.segments[seg as usize].cell(),
                 tm.segment_synapses(seg).to_vec(),
             )
         })
@@ -535,8 +529,8 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
     let perm_of = |tm: &BacktrackingTm, p: u32| {
         tm.segment_synapses(seg)
             .iter()
-            .find(|s| s.presyn == p)
-            .map(|s| s.permanence)
+            .find(|s| s.presyn() == p)
+            .map(|s| s.permanence())
     };
     for p in presyn {
         let perm = match p {
@@ -562,7 +556,11 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
 
     // Now only two of the weakest can go: ties at equal permanence go to the lowest
     // presynaptic cell.
-    let cells: Vec<u32> = tm.segment_synapses(seg).iter().map(|s| s.presyn).collect();
+    let cells: Vec<u32> = tm
+        .segment_synapses(seg)
+        .iter()
+        .map(|s| s.presyn())
+        .collect();
     for &p in &cells {
         set_perm(&mut tm, seg, p, 0.6);
     }
@@ -574,12 +572,16 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
     assert_eq!(perm_of(&tm, 300), Some(0.21));
 
     // Decrements that reach zero remove synapses; an emptied segment frees its slot.
-    let cells: Vec<u32> = tm.segment_synapses(seg).iter().map(|s| s.presyn).collect();
+    let cells: Vec<u32> = tm
+        .segment_synapses(seg)
+        .iter()
+        .map(|s| s.presyn())
+        .collect();
     for &p in &cells {
         set_perm(&mut tm, seg, p, 0.05);
     }
     tm.adapt_segment(5, Some(seg), &[], false);
-    assert!(!tm.segments[seg as usize].alive);
+    assert!(!tm.segments[seg as usize].alive());
     check_invariants(&tm);
     assert_eq!(tm.segment_slots_on_cell(5), 1, "the slot stays, empty");
     let again = tm.create_segment(5, &[1, 2], true);
@@ -604,7 +606,7 @@ fn full_column_releases_its_lowest_duty_cycle_segment() {
     tm.segments[segs[3] as usize].positive_activations = 2; // cell 10, slot 1
     let cell = tm.cell_for_new_segment(2);
     assert_eq!(cell, 10);
-    assert!(!tm.segments[segs[3] as usize].alive);
+    assert!(!tm.segments[segs[3] as usize].alive());
     assert_eq!(tm.cell_slots.free_slots(10), &[1]);
     // A column with room picks a random non-start cell below the cap.
     for _ in 0..20 {
@@ -628,6 +630,53 @@ fn learning_off_changes_no_synapse() {
     }
     assert_eq!(all_synapses(&tm), before);
     assert_eq!(tm.num_segments(), segments_before);
+}
+
+/// Packed synapses and slot blocks serialise exactly as the plain fields and ordered maps
+/// they replaced, so checkpoints keep their layout.
+#[test]
+fn synapses_and_slots_serialise_in_their_plain_layout() {
+    #[derive(Serialize)]
+    struct PlainSynapse {
+        presyn: u32,
+        permanence: f32,
+    }
+    #[derive(Serialize)]
+    struct PlainSlots {
+        slots: std::collections::BTreeMap<u32, Vec<SegmentId>>,
+        free: std::collections::BTreeMap<u32, Vec<u32>>,
+    }
+    let stream = nab_like_stream(400, 5);
+    let mut tm = tm(BacktrackingTmParams {
+        max_segments: 60,
+        ..BacktrackingTmParams::default()
+    });
+    for cols in &stream {
+        tm.compute(cols, true);
+    }
+    let cells = tm.cell_slots.cells();
+    let plain = PlainSlots {
+        slots: cells.map(|c| (c, tm.cell_slots.slots(c))).collect(),
+        free: tm
+            .cell_slots
+            .cells()
+            .map(|c| (c, tm.cell_slots.free_slots(c)))
+            .filter(|(_, f)| !f.is_empty())
+            .collect(),
+    };
+    assert!(!plain.free.is_empty(), "some slots were freed");
+    fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+        bincode::serde::encode_to_vec(value, bincode::config::standard()).unwrap()
+    }
+    assert_eq!(encode(&tm.cell_slots), encode(&plain));
+    let syns: Vec<PlainSynapse> = tm.synapses[1]
+        .iter()
+        .map(|s| PlainSynapse {
+            presyn: s.presyn(),
+            permanence: s.permanence(),
+        })
+        .collect();
+    assert_eq!(encode(&tm.synapses[1]), encode(&syns));
 }
 
 #[test]
@@ -954,16 +1003,32 @@ fn unreinforced_first_eviction_spares_reinforced_segments() {
     assert_eq!((live_on(&lru, 5), live_on(&lru, 9)), (0, 1));
 }
 
-/// Narrow and wide counters, with the table cleared whole or through the touched list, count
-/// every pass exactly as a direct count over the out lists does.
+/// Narrow and wide counters over narrow and wide out lists, with the table cleared whole or
+/// through the touched list, count every pass exactly as a direct count over the out lists
+/// does, also after entries are removed and moved between lists.
 #[test]
 fn forward_pass_counts_match_a_direct_count_in_every_counter_mode() {
+    for max_segments in [4000, 0] {
+        forward_pass_counts_match_a_direct_count(OutIndex::new(64, max_segments));
+    }
+}
+
+fn forward_pass_counts_match_a_direct_count(mut index: OutIndex) {
     let mut rng = Random::new(7);
     let (cells, segments) = (64u32, 4000usize);
-    let mut index = OutIndex::new(cells as usize);
+    let mut listed = Vec::new();
     for seg in 1..segments as SegmentId {
         for _ in 0..rng.below(3) {
-            index.add(rng.below(cells), seg, rng.below(2) == 0);
+            let (cell, connected) = (rng.below(cells), rng.below(2) == 0);
+            index.add(cell, seg, connected);
+            listed.push((cell, seg, connected));
+        }
+    }
+    for (cell, seg, connected) in listed {
+        match rng.below(4) {
+            0 => index.remove(cell, seg, connected),
+            1 => index.set_connected(cell, seg, !connected),
+            _ => {}
         }
     }
     let mut activities = [
@@ -984,11 +1049,11 @@ fn forward_pass_counts_match_a_direct_count_in_every_counter_mode() {
         let mut expected = vec![(0u32, 0u32); segments];
         for &cell in &active {
             let [connected, other] = index.lists(cell);
-            for &seg in connected {
+            for seg in connected {
                 expected[seg as usize].0 += 1;
                 expected[seg as usize].1 += 1;
             }
-            for &seg in other {
+            for seg in other {
                 expected[seg as usize].0 += 1;
             }
         }
