@@ -150,7 +150,7 @@ impl Engine {
         let store = if lazy_restore {
             DirStore::open(&config.checkpoint.dir)?
         } else {
-            DirStore::open(&config.checkpoint.dir.join("spill"))?
+            DirStore::open_scratch(&config.checkpoint.dir.join("spill"))?
         };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.workers)

@@ -35,6 +35,8 @@ pub struct DeviceCheckpoint {
 #[derive(Clone, Debug)]
 pub struct DirStore {
     root: PathBuf,
+    /// Whether a save is durable before it returns (fsync of file and directory).
+    durable: bool,
 }
 
 impl DirStore {
@@ -44,6 +46,17 @@ impl DirStore {
             .with_context(|| format!("cannot create checkpoint directory {}", root.display()))?;
         Ok(DirStore {
             root: root.to_path_buf(),
+            durable: true,
+        })
+    }
+
+    /// A store whose saves need not survive a machine crash, only be read back by this
+    /// process (the exactly-once spill area, trusted only within the process's life): no
+    /// fsync, which makes evictions much cheaper. Writes stay atomic (temp file + rename).
+    pub fn open_scratch(root: &Path) -> Result<Self> {
+        Ok(DirStore {
+            durable: false,
+            ..Self::open(root)?
         })
     }
 
@@ -67,13 +80,15 @@ impl DirStore {
         let mut f =
             File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         f.write_all(&bytes)
-            .and_then(|_| f.sync_all())
+            .and_then(|_| if self.durable { f.sync_all() } else { Ok(()) })
             .with_context(|| format!("cannot write {}", tmp.display()))?;
         fs::rename(&tmp, &path)
             .with_context(|| format!("cannot rename {} into place", tmp.display()))?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("cannot sync directory {}", dir.display()))?;
+        if self.durable {
+            File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("cannot sync directory {}", dir.display()))?;
+        }
         Ok(bytes.len())
     }
 
