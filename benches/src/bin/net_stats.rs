@@ -11,6 +11,7 @@ use benches::nab::{list_files, read_file, DataFile, TmKind};
 use clap::Parser;
 use htm::backtracking_tm::BacktrackingTm;
 use htm::encoders::RecordEncoder;
+use htm::likelihood::AnomalyLikelihood;
 use htm::network::{Network, NetworkParams, TmParams};
 use htm::spatial_pooler::SpatialPooler;
 use htm::temporal_memory::TemporalMemory;
@@ -178,16 +179,28 @@ fn main() -> Result<()> {
     };
     let mut t_tm = Duration::MAX;
     let mut tm = new_tm()?;
+    let mut scores: Vec<f64> = Vec::with_capacity(n);
     for _ in 0..args.repeat {
         tm = new_tm()?;
+        scores.clear();
         let start = Instant::now();
         for c in &cols {
-            match &mut tm {
+            let score = match &mut tm {
                 Tm::Current(tm) => tm.compute(c, true),
                 Tm::Backtracking(tm) => tm.compute(c, true),
             };
+            scores.push(f64::from(score));
         }
         t_tm = t_tm.min(start.elapsed());
+    }
+    let mut t_lik = Duration::MAX;
+    for _ in 0..args.repeat {
+        let mut likelihood = AnomalyLikelihood::new(params.likelihood.clone());
+        let start = Instant::now();
+        for (&v, &score) in file.values.iter().zip(&scores) {
+            std::hint::black_box(likelihood.anomaly_probability(v, score));
+        }
+        t_lik = t_lik.min(start.elapsed());
     }
     let mut wins = vec![0u32; sp.num_columns()];
     for &c in cols.iter().flatten() {
@@ -216,10 +229,11 @@ fn main() -> Result<()> {
         checkpoint.len()
     );
     println!(
-        "stages_us: encode={:.2} sp={:.2} tm={:.2} (best of {})",
+        "stages_us: encode={:.2} sp={:.2} tm={:.2} likelihood={:.2} (best of {})",
         us(t_enc),
         us(t_sp),
         us(t_tm),
+        us(t_lik),
         args.repeat
     );
     println!(
