@@ -15,7 +15,7 @@
 //! what matters is that every record before the start is in a durable file. An eviction of a
 //! device being written waits for that write, so files never go back in time.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -847,7 +847,8 @@ fn writer_panicked() -> anyhow::Error {
     anyhow::anyhow!("a checkpoint writer panicked")
 }
 
-/// Writes device checkpoints, a few files at a time.
+/// Writes device checkpoints, a few files at a time, durably when it returns (a partition's
+/// directory is synced once for all its files, not once per file).
 fn write_checkpoints(
     io: &rayon::ThreadPool,
     store: &DirStore,
@@ -858,13 +859,17 @@ fn write_checkpoints(
         checkpoints
             .par_iter()
             .with_max_len(1)
-            .map(|cp| store.save(topic, cp))
+            .map(|cp| store.save_unsynced(topic, cp))
             .collect()
     });
     let mut stats = CheckpointStats::default();
     for s in sizes {
         stats.bytes += s?;
         stats.devices += 1;
+    }
+    let partitions: BTreeSet<i32> = checkpoints.iter().map(|c| c.partition).collect();
+    for p in partitions {
+        store.sync_partition(topic, p)?;
     }
     Ok(stats)
 }

@@ -72,6 +72,14 @@ impl DirStore {
     /// Writes a checkpoint so that a crash at any moment leaves either the old or the new file:
     /// temp file, fsync, rename over the old one, fsync the directory. Returns the bytes written.
     pub fn save(&self, topic: &str, cp: &DeviceCheckpoint) -> Result<usize> {
+        let bytes = self.save_unsynced(topic, cp)?;
+        self.sync_partition(topic, cp.partition)?;
+        Ok(bytes)
+    }
+
+    /// [`DirStore::save`] but for the directory's fsync: the rename is durable only after
+    /// [`DirStore::sync_partition`], which serves many files at once.
+    pub fn save_unsynced(&self, topic: &str, cp: &DeviceCheckpoint) -> Result<usize> {
         let dir = self.dir(topic, cp.partition);
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let path = self.path(topic, cp.partition, &cp.device);
@@ -84,12 +92,18 @@ impl DirStore {
             .with_context(|| format!("cannot write {}", tmp.display()))?;
         fs::rename(&tmp, &path)
             .with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+        Ok(bytes.len())
+    }
+
+    /// Makes the renames of a partition's saved files durable (fsync of its directory).
+    pub fn sync_partition(&self, topic: &str, partition: i32) -> Result<()> {
         if self.durable {
+            let dir = self.dir(topic, partition);
             File::open(&dir)
                 .and_then(|d| d.sync_all())
                 .with_context(|| format!("cannot sync directory {}", dir.display()))?;
         }
-        Ok(bytes.len())
+        Ok(())
     }
 
     /// Reads a device's checkpoint; `Ok(None)` when it has none. A damaged file is an error
