@@ -335,11 +335,16 @@ trait Counter: Copy + Default + Eq {
     /// `potential() >= threshold`, compared in the word's own width (so that vector code
     /// compares whole words).
     fn potential_at_least(self, threshold: u32) -> bool;
+    /// [`scan`] with the widest vectors the CPU has.
+    fn scan_best(counts: &[Self], threshold: u32, out: &mut Vec<SegmentId>) {
+        scan_best(counts, threshold, out);
+    }
 }
 
 macro_rules! counter {
-    ($t:ty, $half:expr) => {
+    ($t:ty, $half:expr $(, $scan:item)?) => {
         impl Counter for $t {
+            $($scan)?
             const ONE: Self = 1;
             const ONE_CONNECTED: Self = 1 | 1 << $half;
             #[inline]
@@ -363,7 +368,20 @@ macro_rules! counter {
         }
     };
 }
-counter!(u16, 8);
+counter!(
+    u16,
+    8,
+    fn scan_best(counts: &[Self], threshold: u32, out: &mut Vec<SegmentId>) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the feature was detected at run time.
+                return unsafe { scan_u16_avx2(counts, threshold, out) };
+            }
+        }
+        scan(counts, threshold, out);
+    }
+);
 counter!(u32, 16);
 counter!(u64, 32);
 
@@ -450,11 +468,16 @@ impl Activity {
         }
         let mask = counts.len() - 1;
         let counts = counts.as_mut_slice();
-        let entries: usize = active_cells
-            .iter()
-            .map(|&cell| index.lists(cell).iter().map(|l| l.len()).sum::<usize>())
-            .sum();
-        clearing.tracked = entries * 16 < segment_capacity;
+        // Entries of the pass, counted only as far as the choice needs.
+        let limit = segment_capacity / 16;
+        let mut entries = 0;
+        for &cell in active_cells {
+            if entries >= limit {
+                break;
+            }
+            entries += index.lists(cell).iter().map(|l| l.len()).sum::<usize>();
+        }
+        clearing.tracked = entries < limit;
         clearing.dirty = segment_capacity;
         if clearing.tracked {
             let touched = &mut clearing.touched;
@@ -489,7 +512,7 @@ impl Activity {
                     *c = c.plus(C::ONE);
                 }
             }
-            scan_best(&counts[..segment_capacity], threshold, qualified);
+            C::scan_best(&counts[..segment_capacity], threshold, qualified);
         }
     }
 
@@ -530,13 +553,25 @@ fn scan<C: Counter>(counts: &[C], threshold: u32, out: &mut Vec<SegmentId>) {
         for (j, c) in chunk.iter().enumerate() {
             bits |= u64::from(c.potential_at_least(threshold)) << j;
         }
-        while bits != 0 {
-            out.push((base + bits.trailing_zeros() as usize) as SegmentId);
-            bits &= bits - 1;
-        }
+        push_bits(bits, base, out);
         base += 64;
     }
-    for (j, c) in chunks.remainder().iter().enumerate() {
+    scan_rest(chunks.remainder(), base, threshold, out);
+}
+
+/// Appends `base + i` for every set bit `i` of `bits`, ascending.
+#[inline(always)]
+fn push_bits(mut bits: u64, base: usize, out: &mut Vec<SegmentId>) {
+    while bits != 0 {
+        out.push((base + bits.trailing_zeros() as usize) as SegmentId);
+        bits &= bits - 1;
+    }
+}
+
+/// [`scan`] of the last counters, `base` onwards, one by one.
+#[inline(always)]
+fn scan_rest<C: Counter>(rest: &[C], base: usize, threshold: u32, out: &mut Vec<SegmentId>) {
+    for (j, c) in rest.iter().enumerate() {
         if c.potential_at_least(threshold) {
             out.push((base + j) as SegmentId);
         }
@@ -547,6 +582,40 @@ fn scan<C: Counter>(counts: &[C], threshold: u32, out: &mut Vec<SegmentId>) {
 #[target_feature(enable = "avx2")]
 fn scan_avx2<C: Counter>(counts: &[C], threshold: u32, out: &mut Vec<SegmentId>) {
     scan(counts, threshold, out);
+}
+
+/// [`scan`] of 8-bit potential counts in hand-written AVX2: 64 counters are compared in four
+/// vectors, and only a block with a qualified one (a few in a hundred) is turned into bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn scan_u16_avx2(counts: &[u16], threshold: u32, out: &mut Vec<SegmentId>) {
+    use std::arch::x86_64::*;
+    // As `potential_at_least`: a threshold past the 8-bit half is never reached. Counts are
+    // at most 255, so the signed comparison with `threshold - 1` is exact.
+    let below = threshold.clamp(1, 256) as i16 - 1;
+    let (half, below) = (_mm256_set1_epi16(0xff), _mm256_set1_epi16(below));
+    let mut chunks = counts.chunks_exact(64);
+    let mut base = 0;
+    for chunk in &mut chunks {
+        let p = chunk.as_ptr().cast::<__m256i>();
+        // SAFETY: a chunk is 64 `u16`, the four unaligned 32-byte loads.
+        let [a, b, c, d] = std::array::from_fn(|k| unsafe {
+            let v = _mm256_loadu_si256(p.add(k));
+            _mm256_cmpgt_epi16(_mm256_and_si256(v, half), below)
+        });
+        let any = _mm256_or_si256(_mm256_or_si256(a, b), _mm256_or_si256(c, d));
+        if _mm256_testz_si256(any, any) == 0 {
+            // Packing interleaves the 128-bit halves; the permutation puts counters back in
+            // order before their byte masks become bits.
+            let ab = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(a, b));
+            let cd = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(c, d));
+            let bits = u64::from(_mm256_movemask_epi8(ab) as u32)
+                | u64::from(_mm256_movemask_epi8(cd) as u32) << 32;
+            push_bits(bits, base, out);
+        }
+        base += 64;
+    }
+    scan_rest(chunks.remainder(), base, threshold, out);
 }
 
 /// [`scan`] with the widest vectors the CPU has.
@@ -714,9 +783,18 @@ struct Scratch {
     free_candidates: Vec<(f32, u32, u32)>,
     backup_active: Vec<u32>,
     backup_predicted: Vec<u32>,
+    phase2: Phase2Result,
     spare_patterns: Vec<Vec<u32>>,
     /// Eviction order under `max_segments` (kept only when that budget is set).
     recency: RecencyHeap,
+}
+
+/// What inference phase 2 leaves besides the active state.
+#[derive(Clone, Debug, Default)]
+struct Phase2Result {
+    predicted: Vec<u32>,
+    cell_confidence: Vec<(u32, f32)>,
+    col_confidence: Vec<(u32, f32)>,
 }
 
 /// Scratch space is not state: two TMs are equal whatever their buffers hold.
@@ -1092,8 +1170,10 @@ impl BacktrackingTm {
                 + s.pruned.capacity()
                 + s.update.capacity()
                 + s.backup_active.capacity()
-                + s.backup_predicted.capacity())
+                + s.backup_predicted.capacity()
+                + s.phase2.predicted.capacity())
                 * 4
+            + (s.phase2.cell_confidence.capacity() + s.phase2.col_confidence.capacity()) * 8
             + s.in_update.capacity()
             + s.new_cells.capacity() * 4
             + s.free_candidates.capacity() * 12
@@ -1224,6 +1304,18 @@ impl BacktrackingTm {
         let mut backup_predicted = std::mem::take(&mut self.scratch.backup_predicted);
         backup_predicted.clear();
         backup_predicted.extend_from_slice(self.inf_predicted_prev.cells());
+        // Phase 2 of the current state, if done, is what a failed backtrack falls back to:
+        // kept aside rather than computed again (no segment changes during inference, and
+        // duty cycles read twice at one iteration read the same).
+        let mut phase2 = std::mem::take(&mut self.scratch.phase2);
+        phase2.predicted.clear();
+        if phase2_done {
+            phase2
+                .predicted
+                .extend_from_slice(self.inf_predicted.cells());
+            std::mem::swap(&mut phase2.cell_confidence, &mut self.cell_confidence);
+            std::mem::swap(&mut phase2.col_confidence, &mut self.col_confidence);
+        }
 
         // The state after the successful replay is the candidate itself: Cells4 stops at the
         // first start point that works, so nothing needs saving aside.
@@ -1255,10 +1347,17 @@ impl BacktrackingTm {
         match candidate {
             None => {
                 self.inf_active.assign(&backup_active);
-                self.infer_phase2();
+                if phase2_done {
+                    self.inf_predicted.assign(&phase2.predicted);
+                    std::mem::swap(&mut phase2.cell_confidence, &mut self.cell_confidence);
+                    std::mem::swap(&mut phase2.col_confidence, &mut self.col_confidence);
+                } else {
+                    self.infer_phase2();
+                }
             }
             Some(_) => self.stats.inference_lock_ons += 1,
         }
+        self.scratch.phase2 = phase2;
         // Every start point tried before the chosen one failed; they and the chosen one go.
         for _ in 0..candidate.map_or(n, |s| s + 1) {
             let p = patterns.pop_front().expect("pattern to drop");
