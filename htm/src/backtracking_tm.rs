@@ -385,6 +385,9 @@ counter!(
 counter!(u32, 16);
 counter!(u64, 32);
 
+/// How many cells ahead a forward pass asks for the out lists it will read.
+const PREFETCH_AHEAD: usize = 6;
+
 /// Largest cell count the TM accepts (cell ids and counts stay well within `u32`).
 pub(crate) const MAX_CELLS: u64 = (1 << 24) - 1;
 
@@ -493,7 +496,10 @@ impl Activity {
                     }
                 }
             };
-            for &cell in active_cells {
+            for (i, &cell) in active_cells.iter().enumerate() {
+                if let Some(&ahead) = active_cells.get(i + PREFETCH_AHEAD) {
+                    index.prefetch(ahead);
+                }
                 let [connected, other] = index.lists(cell);
                 count(connected, C::ONE_CONNECTED);
                 count(other, C::ONE);
@@ -501,7 +507,10 @@ impl Activity {
         } else {
             // The walk only counts (a test per synapse would cost it a third more work);
             // a vector scan of the table then finds the qualified segments.
-            for &cell in active_cells {
+            for (i, &cell) in active_cells.iter().enumerate() {
+                if let Some(&ahead) = active_cells.get(i + PREFETCH_AHEAD) {
+                    index.prefetch(ahead);
+                }
                 let [connected, other] = index.lists(cell);
                 for &seg in connected {
                     let c = &mut counts[seg.get() & mask];
@@ -631,19 +640,17 @@ fn scan_best<C: Counter>(counts: &[C], threshold: u32, out: &mut Vec<SegmentId>)
 }
 
 /// A segment that passed an activity threshold. `key` orders NuPIC's scans: the high half is
-/// the owner cell (or, for best-match searches that scan cells downwards, the cell mirrored
-/// within its column), the low half the slot.
+/// the owner cell, the low half the slot.
 #[derive(Clone, Copy, Debug)]
 struct Ranked {
     key: u64,
     seg: SegmentId,
-    potential: u32,
 }
 
 impl Ranked {
-    /// The owner cell, or its mirror within the column for a downward scan.
+    /// The owner cell.
     #[inline]
-    fn scan_cell(&self) -> u32 {
+    fn cell(&self) -> u32 {
         (self.key >> 32) as u32
     }
 }
@@ -656,32 +663,61 @@ struct Ranking {
 
 impl Ranking {
     /// Orders the segments the last pass qualified (at least its threshold of active synapses) in
-    /// scan order: owner cell (mirrored within its column with `reverse_cells`, as the
-    /// best-match searches scan cells downwards), then slot. The keys are unique, so the
-    /// order does not depend on the pass's; a few hundred at most, so a plain sort is cheap.
-    fn rank(
-        &mut self,
-        activity: &Activity,
-        segments: &[SegmentMeta],
-        cpc: u32,
-        reverse_cells: bool,
-    ) {
+    /// scan order: owner cell, then slot. The keys are unique, so the order does not depend on
+    /// the pass's; a few hundred at most, so a plain sort is cheap.
+    fn rank(&mut self, activity: &Activity, segments: &[SegmentMeta]) {
         self.ranked.clear();
         for &seg in &activity.qualified {
             let meta = &segments[seg as usize];
-            let cell = if reverse_cells {
-                mirror_in_column(meta.cell(), cpc)
-            } else {
-                meta.cell()
-            };
             self.ranked.push(Ranked {
-                key: (cell as u64) << 32 | meta.slot as u64,
+                key: (meta.cell() as u64) << 32 | meta.slot as u64,
                 seg,
-                potential: activity.potential(seg),
             });
         }
         self.ranked.sort_unstable_by_key(|r| r.key);
     }
+}
+
+/// Per column, the segment NuPIC's best-match search picks among those the last pass
+/// qualified, as `(column, cell, segment)`, ascending columns. The search scans cells
+/// downwards and slots upwards and keeps the first with the most active synapses: the most
+/// active, then the highest cell, then the lowest slot. Kept per column as the segments
+/// come, so only the columns are sorted; `by_column` (per column, 1 + its place in `out`,
+/// or 0) is all 0 between calls.
+fn best_per_column(
+    activity: &Activity,
+    segments: &[SegmentMeta],
+    cpc: u32,
+    by_column: &mut Vec<u32>,
+    out: &mut Vec<(u32, u32, SegmentId)>,
+) {
+    out.clear();
+    for &seg in &activity.qualified {
+        let meta = &segments[seg as usize];
+        let cell = meta.cell();
+        let col = cell / cpc;
+        if by_column.len() <= col as usize {
+            by_column.resize(col as usize + 1, 0);
+        }
+        let at = &mut by_column[col as usize];
+        if *at == 0 {
+            out.push((col, cell, seg));
+            *at = out.len() as u32;
+            continue;
+        }
+        let best = &mut out[*at as usize - 1];
+        let (potential, best_potential) = (activity.potential(seg), activity.potential(best.2));
+        let better = potential > best_potential
+            || potential == best_potential
+                && (cell > best.1 || cell == best.1 && meta.slot < segments[best.2 as usize].slot);
+        if better {
+            *best = (col, cell, seg);
+        }
+    }
+    for b in out.iter() {
+        by_column[b.0 as usize] = 0;
+    }
+    out.sort_unstable_by_key(|b| b.0);
 }
 
 /// Live segments ordered by `(last_active_iteration, id)` for the `max_segments` budget:
@@ -772,6 +808,7 @@ struct Scratch {
     ranking: Ranking,
     /// Best match per column: `(column, cell, segment)`, ascending columns.
     best: Vec<(u32, u32, SegmentId)>,
+    best_by_column: Vec<u32>,
     cells: Vec<u32>,
     pruned: Vec<u32>,
     update: Vec<u32>,
@@ -783,6 +820,8 @@ struct Scratch {
     free_candidates: Vec<(f32, u32, u32)>,
     backup_active: Vec<u32>,
     backup_predicted: Vec<u32>,
+    /// One bit per column, all clear between uses.
+    active_columns: Vec<u64>,
     phase2: Phase2Result,
     spare_patterns: Vec<Vec<u32>>,
     /// Eviction order under `max_segments` (kept only when that budget is set).
@@ -1166,6 +1205,7 @@ impl BacktrackingTm {
         let scratch = s.activity.heap_bytes()
             + s.ranking.ranked.capacity() * size_of::<Ranked>()
             + s.best.capacity() * 12
+            + s.best_by_column.capacity() * 4
             + (s.cells.capacity()
                 + s.pruned.capacity()
                 + s.update.capacity()
@@ -1174,6 +1214,7 @@ impl BacktrackingTm {
                 + s.phase2.predicted.capacity())
                 * 4
             + (s.phase2.cell_confidence.capacity() + s.phase2.col_confidence.capacity()) * 8
+            + s.active_columns.capacity() * 8
             + s.in_update.capacity()
             + s.new_cells.capacity() * 4
             + s.free_candidates.capacity() * 12
@@ -1239,7 +1280,7 @@ impl BacktrackingTm {
             self.inf_active.cells(),
             thr,
         );
-        s.ranking.rank(&s.activity, &self.segments, cpc, false);
+        s.ranking.rank(&s.activity, &self.segments);
 
         self.inf_predicted.reset();
         self.cell_confidence.clear();
@@ -1250,12 +1291,12 @@ impl BacktrackingTm {
         let mut i = 0;
         // Summation order is Cells4's (column, cell, slot), so rounding matches.
         while i < ranked.len() {
-            let col = ranked[i].scan_cell() / cpc;
+            let col = ranked[i].cell() / cpc;
             let (mut col_sum, mut col_predicted) = (0.0f32, false);
-            while i < ranked.len() && ranked[i].scan_cell() / cpc == col {
-                let cell = ranked[i].scan_cell();
+            while i < ranked.len() && ranked[i].cell() / cpc == col {
+                let cell = ranked[i].cell();
                 let mut cell_sum = 0.0f32;
-                while i < ranked.len() && ranked[i].scan_cell() == cell {
+                while i < ranked.len() && ranked[i].cell() == cell {
                     let r = ranked[i];
                     let dc = self.segments[r.seg as usize].duty_cycle(it, false, false, pow);
                     cell_sum += dc;
@@ -1471,8 +1512,8 @@ impl BacktrackingTm {
                     self.lrn_active_prev.cells(),
                     self.params.min_threshold,
                 );
-                s.ranking.rank(&s.activity, &self.segments, cpc, true);
-                best_per_column(&s.ranking.ranked, cpc, &mut s.best);
+                let (by_column, best) = (&mut s.best_by_column, &mut s.best);
+                best_per_column(&s.activity, &self.segments, cpc, by_column, best);
                 matches_ready = true;
             }
             let best = self
@@ -1517,8 +1558,8 @@ impl BacktrackingTm {
             self.lrn_active.cells(),
             self.params.activation_threshold,
         );
-        s.ranking.rank(&s.activity, &self.segments, cpc, true);
-        best_per_column(&s.ranking.ranked, cpc, &mut s.best);
+        let (by_column, best) = (&mut s.best_by_column, &mut s.best);
+        best_per_column(&s.activity, &self.segments, cpc, by_column, best);
 
         self.lrn_predicted.reset();
         let best = std::mem::take(&mut self.scratch.best);
@@ -1560,23 +1601,32 @@ impl BacktrackingTm {
         let cpc = self.params.cells_per_column;
         let valid = self.params.segment_update_valid_duration;
         let it = self.lrn_iteration;
-        let applies = |u: &PendingUpdate| {
-            it.saturating_sub(u.timestamp) <= valid && cols.binary_search(&(u.cell / cpc)).is_ok()
-        };
+        // The active columns as bits, so that each update is one lookup.
+        let active = &mut self.scratch.active_columns;
+        active.resize((self.params.column_count as usize).div_ceil(64), 0);
+        for &c in cols {
+            active[(c >> 6) as usize] |= 1 << (c & 63);
+        }
+        updates.retain(|u| {
+            let col = u.cell / cpc;
+            it.saturating_sub(u.timestamp) <= valid
+                && active[(col >> 6) as usize] >> (col & 63) & 1 != 0
+        });
+        for &c in cols {
+            active[(c >> 6) as usize] = 0;
+        }
         // Segments are scattered over the heap: ask for all of them before walking any.
-        for u in updates.iter().filter(|u| applies(u)) {
+        for u in &updates {
             prefetch_slice(&self.synapses[u.segment as usize]);
         }
         for u in &updates {
-            if applies(u) {
-                let range = u.start as usize..(u.start + u.len) as usize;
-                if u.explicit {
-                    self.adapt_segment(u.cell, Some(u.segment), &pool[range], false);
-                    continue;
-                }
-                // The state the update was queued from is the previous one now.
-                self.reinforce(u.cell, u.segment, true, Choices::Replay(&pool[range]));
+            let range = u.start as usize..(u.start + u.len) as usize;
+            if u.explicit {
+                self.adapt_segment(u.cell, Some(u.segment), &pool[range], false);
+                continue;
             }
+            // The state the update was queued from is the previous one now.
+            self.reinforce(u.cell, u.segment, true, Choices::Replay(&pool[range]));
         }
         updates.clear();
         pool.clear();
@@ -2201,7 +2251,7 @@ fn reserve_for_ids<T>(table: &mut Vec<T>, budget: usize) {
 
 /// Asks the CPU to start loading `items` into cache (a hint: no effect on results).
 #[inline]
-fn prefetch_slice<T>(items: &[T]) {
+pub(crate) fn prefetch_slice<T>(items: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         let bytes = std::mem::size_of_val(items);
@@ -2279,30 +2329,4 @@ fn infer_phase1(
         }
     }
     predicted_cols as f64 >= 0.5 * cols.len() as f64
-}
-
-/// Per column, the first segment in scan order with the most active synapses (`ranked` must
-/// come from [`Ranking::rank`] with `reverse_cells`).
-fn best_per_column(ranked: &[Ranked], cpc: u32, out: &mut Vec<(u32, u32, SegmentId)>) {
-    out.clear();
-    let mut i = 0;
-    while i < ranked.len() {
-        let col = ranked[i].scan_cell() / cpc;
-        let mut best = ranked[i];
-        i += 1;
-        while i < ranked.len() && ranked[i].scan_cell() / cpc == col {
-            if ranked[i].potential > best.potential {
-                best = ranked[i];
-            }
-            i += 1;
-        }
-        out.push((col, mirror_in_column(best.scan_cell(), cpc), best.seg));
-    }
-}
-
-/// The cell at the mirrored position of the same column (index `i` ↔ `cpc - 1 - i`).
-#[inline]
-fn mirror_in_column(cell: u32, cpc: u32) -> u32 {
-    let base = cell - cell % cpc;
-    base + (cpc - 1 - cell % cpc)
 }
