@@ -335,11 +335,16 @@ trait Counter: Copy + Default + Eq {
     /// `potential() >= threshold`, compared in the word's own width (so that vector code
     /// compares whole words).
     fn potential_at_least(self, threshold: u32) -> bool;
+    /// [`scan`] with the widest vectors the CPU has.
+    fn scan_best(counts: &[Self], threshold: u32, out: &mut Vec<SegmentId>) {
+        scan_best(counts, threshold, out);
+    }
 }
 
 macro_rules! counter {
-    ($t:ty, $half:expr) => {
+    ($t:ty, $half:expr $(, $scan:item)?) => {
         impl Counter for $t {
+            $($scan)?
             const ONE: Self = 1;
             const ONE_CONNECTED: Self = 1 | 1 << $half;
             #[inline]
@@ -363,9 +368,25 @@ macro_rules! counter {
         }
     };
 }
-counter!(u16, 8);
+counter!(
+    u16,
+    8,
+    fn scan_best(counts: &[Self], threshold: u32, out: &mut Vec<SegmentId>) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the feature was detected at run time.
+                return unsafe { scan_u16_avx2(counts, threshold, out) };
+            }
+        }
+        scan(counts, threshold, out);
+    }
+);
 counter!(u32, 16);
 counter!(u64, 32);
+
+/// How many cells ahead a forward pass asks for the out lists it will read.
+const PREFETCH_AHEAD: usize = 6;
 
 /// Largest cell count the TM accepts (cell ids and counts stay well within `u32`).
 pub(crate) const MAX_CELLS: u64 = (1 << 24) - 1;
@@ -450,11 +471,16 @@ impl Activity {
         }
         let mask = counts.len() - 1;
         let counts = counts.as_mut_slice();
-        let entries: usize = active_cells
-            .iter()
-            .map(|&cell| index.lists(cell).iter().map(|l| l.len()).sum::<usize>())
-            .sum();
-        clearing.tracked = entries * 16 < segment_capacity;
+        // Entries of the pass, counted only as far as the choice needs.
+        let limit = segment_capacity / 16;
+        let mut entries = 0;
+        for &cell in active_cells {
+            if entries >= limit {
+                break;
+            }
+            entries += index.lists(cell).iter().map(|l| l.len()).sum::<usize>();
+        }
+        clearing.tracked = entries < limit;
         clearing.dirty = segment_capacity;
         if clearing.tracked {
             let touched = &mut clearing.touched;
@@ -470,7 +496,10 @@ impl Activity {
                     }
                 }
             };
-            for &cell in active_cells {
+            for (i, &cell) in active_cells.iter().enumerate() {
+                if let Some(&ahead) = active_cells.get(i + PREFETCH_AHEAD) {
+                    index.prefetch(ahead);
+                }
                 let [connected, other] = index.lists(cell);
                 count(connected, C::ONE_CONNECTED);
                 count(other, C::ONE);
@@ -478,7 +507,10 @@ impl Activity {
         } else {
             // The walk only counts (a test per synapse would cost it a third more work);
             // a vector scan of the table then finds the qualified segments.
-            for &cell in active_cells {
+            for (i, &cell) in active_cells.iter().enumerate() {
+                if let Some(&ahead) = active_cells.get(i + PREFETCH_AHEAD) {
+                    index.prefetch(ahead);
+                }
                 let [connected, other] = index.lists(cell);
                 for &seg in connected {
                     let c = &mut counts[seg.get() & mask];
@@ -489,7 +521,7 @@ impl Activity {
                     *c = c.plus(C::ONE);
                 }
             }
-            scan_best(&counts[..segment_capacity], threshold, qualified);
+            C::scan_best(&counts[..segment_capacity], threshold, qualified);
         }
     }
 
@@ -530,13 +562,25 @@ fn scan<C: Counter>(counts: &[C], threshold: u32, out: &mut Vec<SegmentId>) {
         for (j, c) in chunk.iter().enumerate() {
             bits |= u64::from(c.potential_at_least(threshold)) << j;
         }
-        while bits != 0 {
-            out.push((base + bits.trailing_zeros() as usize) as SegmentId);
-            bits &= bits - 1;
-        }
+        push_bits(bits, base, out);
         base += 64;
     }
-    for (j, c) in chunks.remainder().iter().enumerate() {
+    scan_rest(chunks.remainder(), base, threshold, out);
+}
+
+/// Appends `base + i` for every set bit `i` of `bits`, ascending.
+#[inline(always)]
+fn push_bits(mut bits: u64, base: usize, out: &mut Vec<SegmentId>) {
+    while bits != 0 {
+        out.push((base + bits.trailing_zeros() as usize) as SegmentId);
+        bits &= bits - 1;
+    }
+}
+
+/// [`scan`] of the last counters, `base` onwards, one by one.
+#[inline(always)]
+fn scan_rest<C: Counter>(rest: &[C], base: usize, threshold: u32, out: &mut Vec<SegmentId>) {
+    for (j, c) in rest.iter().enumerate() {
         if c.potential_at_least(threshold) {
             out.push((base + j) as SegmentId);
         }
@@ -547,6 +591,40 @@ fn scan<C: Counter>(counts: &[C], threshold: u32, out: &mut Vec<SegmentId>) {
 #[target_feature(enable = "avx2")]
 fn scan_avx2<C: Counter>(counts: &[C], threshold: u32, out: &mut Vec<SegmentId>) {
     scan(counts, threshold, out);
+}
+
+/// [`scan`] of 8-bit potential counts in hand-written AVX2: 64 counters are compared in four
+/// vectors, and only a block with a qualified one (a few in a hundred) is turned into bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn scan_u16_avx2(counts: &[u16], threshold: u32, out: &mut Vec<SegmentId>) {
+    use std::arch::x86_64::*;
+    // As `potential_at_least`: a threshold past the 8-bit half is never reached. Counts are
+    // at most 255, so the signed comparison with `threshold - 1` is exact.
+    let below = threshold.clamp(1, 256) as i16 - 1;
+    let (half, below) = (_mm256_set1_epi16(0xff), _mm256_set1_epi16(below));
+    let mut chunks = counts.chunks_exact(64);
+    let mut base = 0;
+    for chunk in &mut chunks {
+        let p = chunk.as_ptr().cast::<__m256i>();
+        // SAFETY: a chunk is 64 `u16`, the four unaligned 32-byte loads.
+        let [a, b, c, d] = std::array::from_fn(|k| unsafe {
+            let v = _mm256_loadu_si256(p.add(k));
+            _mm256_cmpgt_epi16(_mm256_and_si256(v, half), below)
+        });
+        let any = _mm256_or_si256(_mm256_or_si256(a, b), _mm256_or_si256(c, d));
+        if _mm256_testz_si256(any, any) == 0 {
+            // Packing interleaves the 128-bit halves; the permutation puts counters back in
+            // order before their byte masks become bits.
+            let ab = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(a, b));
+            let cd = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(c, d));
+            let bits = u64::from(_mm256_movemask_epi8(ab) as u32)
+                | u64::from(_mm256_movemask_epi8(cd) as u32) << 32;
+            push_bits(bits, base, out);
+        }
+        base += 64;
+    }
+    scan_rest(chunks.remainder(), base, threshold, out);
 }
 
 /// [`scan`] with the widest vectors the CPU has.
@@ -562,19 +640,17 @@ fn scan_best<C: Counter>(counts: &[C], threshold: u32, out: &mut Vec<SegmentId>)
 }
 
 /// A segment that passed an activity threshold. `key` orders NuPIC's scans: the high half is
-/// the owner cell (or, for best-match searches that scan cells downwards, the cell mirrored
-/// within its column), the low half the slot.
+/// the owner cell, the low half the slot.
 #[derive(Clone, Copy, Debug)]
 struct Ranked {
     key: u64,
     seg: SegmentId,
-    potential: u32,
 }
 
 impl Ranked {
-    /// The owner cell, or its mirror within the column for a downward scan.
+    /// The owner cell.
     #[inline]
-    fn scan_cell(&self) -> u32 {
+    fn cell(&self) -> u32 {
         (self.key >> 32) as u32
     }
 }
@@ -583,36 +659,93 @@ impl Ranked {
 #[derive(Clone, Debug, Default)]
 struct Ranking {
     ranked: Vec<Ranked>,
+    /// Sort keys packed with their segment ids.
+    packed: Vec<u64>,
 }
 
 impl Ranking {
     /// Orders the segments the last pass qualified (at least its threshold of active synapses) in
-    /// scan order: owner cell (mirrored within its column with `reverse_cells`, as the
-    /// best-match searches scan cells downwards), then slot. The keys are unique, so the
-    /// order does not depend on the pass's; a few hundred at most, so a plain sort is cheap.
-    fn rank(
-        &mut self,
-        activity: &Activity,
-        segments: &[SegmentMeta],
-        cpc: u32,
-        reverse_cells: bool,
-    ) {
+    /// scan order: owner cell, then slot. The keys are unique, so the order does not depend on
+    /// the pass's; a few hundred at most, so a plain sort is cheap.
+    fn rank(&mut self, activity: &Activity, segments: &[SegmentMeta]) {
         self.ranked.clear();
+        // Cell, slot and segment id usually fit one word together (cells take 24 bits, ids
+        // NAB's 14, slots a few): sorting plain words is quicker than sorting pairs by key.
+        let id_bits = u32::BITS - (segments.len() as u32).leading_zeros();
+        let slots = activity
+            .qualified
+            .iter()
+            .fold(0, |m, &seg| m | segments[seg as usize].slot);
+        let slot_bits = u32::BITS - slots.leading_zeros();
+        if 24 + slot_bits + id_bits <= 64 {
+            let packed = &mut self.packed;
+            packed.clear();
+            packed.extend(activity.qualified.iter().map(|&seg| {
+                let meta = &segments[seg as usize];
+                (u64::from(meta.cell()) << slot_bits | u64::from(meta.slot)) << id_bits
+                    | u64::from(seg)
+            }));
+            packed.sort_unstable();
+            self.ranked.extend(packed.iter().map(|&w| {
+                let slot = (w >> id_bits) & ((1 << slot_bits) - 1);
+                Ranked {
+                    key: (w >> (id_bits + slot_bits)) << 32 | slot,
+                    seg: (w & ((1 << id_bits) - 1)) as SegmentId,
+                }
+            }));
+            return;
+        }
         for &seg in &activity.qualified {
             let meta = &segments[seg as usize];
-            let cell = if reverse_cells {
-                mirror_in_column(meta.cell(), cpc)
-            } else {
-                meta.cell()
-            };
             self.ranked.push(Ranked {
-                key: (cell as u64) << 32 | meta.slot as u64,
+                key: (meta.cell() as u64) << 32 | meta.slot as u64,
                 seg,
-                potential: activity.potential(seg),
             });
         }
         self.ranked.sort_unstable_by_key(|r| r.key);
     }
+}
+
+/// Per column, the segment NuPIC's best-match search picks among those the last pass
+/// qualified, as `(column, cell, segment)`, ascending columns. The search scans cells
+/// downwards and slots upwards and keeps the first with the most active synapses: the most
+/// active, then the highest cell, then the lowest slot. Kept per column as the segments
+/// come, so only the columns are sorted; `by_column` (per column, 1 + its place in `out`,
+/// or 0) is all 0 between calls.
+fn best_per_column(
+    activity: &Activity,
+    segments: &[SegmentMeta],
+    cpc: u32,
+    by_column: &mut Vec<u32>,
+    out: &mut Vec<(u32, u32, SegmentId)>,
+) {
+    out.clear();
+    for &seg in &activity.qualified {
+        let meta = &segments[seg as usize];
+        let cell = meta.cell();
+        let col = cell / cpc;
+        if by_column.len() <= col as usize {
+            by_column.resize(col as usize + 1, 0);
+        }
+        let at = &mut by_column[col as usize];
+        if *at == 0 {
+            out.push((col, cell, seg));
+            *at = out.len() as u32;
+            continue;
+        }
+        let best = &mut out[*at as usize - 1];
+        let (potential, best_potential) = (activity.potential(seg), activity.potential(best.2));
+        let better = potential > best_potential
+            || potential == best_potential
+                && (cell > best.1 || cell == best.1 && meta.slot < segments[best.2 as usize].slot);
+        if better {
+            *best = (col, cell, seg);
+        }
+    }
+    for b in out.iter() {
+        by_column[b.0 as usize] = 0;
+    }
+    out.sort_unstable_by_key(|b| b.0);
 }
 
 /// Live segments ordered by `(last_active_iteration, id)` for the `max_segments` budget:
@@ -703,6 +836,7 @@ struct Scratch {
     ranking: Ranking,
     /// Best match per column: `(column, cell, segment)`, ascending columns.
     best: Vec<(u32, u32, SegmentId)>,
+    best_by_column: Vec<u32>,
     cells: Vec<u32>,
     pruned: Vec<u32>,
     update: Vec<u32>,
@@ -714,9 +848,20 @@ struct Scratch {
     free_candidates: Vec<(f32, u32, u32)>,
     backup_active: Vec<u32>,
     backup_predicted: Vec<u32>,
+    /// One bit per column, all clear between uses.
+    active_columns: Vec<u64>,
+    phase2: Phase2Result,
     spare_patterns: Vec<Vec<u32>>,
     /// Eviction order under `max_segments` (kept only when that budget is set).
     recency: RecencyHeap,
+}
+
+/// What inference phase 2 leaves besides the active state.
+#[derive(Clone, Debug, Default)]
+struct Phase2Result {
+    predicted: Vec<u32>,
+    cell_confidence: Vec<(u32, f32)>,
+    col_confidence: Vec<(u32, f32)>,
 }
 
 /// Scratch space is not state: two TMs are equal whatever their buffers hold.
@@ -1087,13 +1232,18 @@ impl BacktrackingTm {
             self.updates.capacity() * size_of::<PendingUpdate>() + self.update_pool.capacity() * 4;
         let scratch = s.activity.heap_bytes()
             + s.ranking.ranked.capacity() * size_of::<Ranked>()
+            + s.ranking.packed.capacity() * 8
             + s.best.capacity() * 12
+            + s.best_by_column.capacity() * 4
             + (s.cells.capacity()
                 + s.pruned.capacity()
                 + s.update.capacity()
                 + s.backup_active.capacity()
-                + s.backup_predicted.capacity())
+                + s.backup_predicted.capacity()
+                + s.phase2.predicted.capacity())
                 * 4
+            + (s.phase2.cell_confidence.capacity() + s.phase2.col_confidence.capacity()) * 8
+            + s.active_columns.capacity() * 8
             + s.in_update.capacity()
             + s.new_cells.capacity() * 4
             + s.free_candidates.capacity() * 12
@@ -1159,7 +1309,7 @@ impl BacktrackingTm {
             self.inf_active.cells(),
             thr,
         );
-        s.ranking.rank(&s.activity, &self.segments, cpc, false);
+        s.ranking.rank(&s.activity, &self.segments);
 
         self.inf_predicted.reset();
         self.cell_confidence.clear();
@@ -1170,12 +1320,12 @@ impl BacktrackingTm {
         let mut i = 0;
         // Summation order is Cells4's (column, cell, slot), so rounding matches.
         while i < ranked.len() {
-            let col = ranked[i].scan_cell() / cpc;
+            let col = ranked[i].cell() / cpc;
             let (mut col_sum, mut col_predicted) = (0.0f32, false);
-            while i < ranked.len() && ranked[i].scan_cell() / cpc == col {
-                let cell = ranked[i].scan_cell();
+            while i < ranked.len() && ranked[i].cell() / cpc == col {
+                let cell = ranked[i].cell();
                 let mut cell_sum = 0.0f32;
-                while i < ranked.len() && ranked[i].scan_cell() == cell {
+                while i < ranked.len() && ranked[i].cell() == cell {
                     let r = ranked[i];
                     let dc = self.segments[r.seg as usize].duty_cycle(it, false, false, pow);
                     cell_sum += dc;
@@ -1224,6 +1374,18 @@ impl BacktrackingTm {
         let mut backup_predicted = std::mem::take(&mut self.scratch.backup_predicted);
         backup_predicted.clear();
         backup_predicted.extend_from_slice(self.inf_predicted_prev.cells());
+        // Phase 2 of the current state, if done, is what a failed backtrack falls back to:
+        // kept aside rather than computed again (no segment changes during inference, and
+        // duty cycles read twice at one iteration read the same).
+        let mut phase2 = std::mem::take(&mut self.scratch.phase2);
+        phase2.predicted.clear();
+        if phase2_done {
+            phase2
+                .predicted
+                .extend_from_slice(self.inf_predicted.cells());
+            std::mem::swap(&mut phase2.cell_confidence, &mut self.cell_confidence);
+            std::mem::swap(&mut phase2.col_confidence, &mut self.col_confidence);
+        }
 
         // The state after the successful replay is the candidate itself: Cells4 stops at the
         // first start point that works, so nothing needs saving aside.
@@ -1255,10 +1417,17 @@ impl BacktrackingTm {
         match candidate {
             None => {
                 self.inf_active.assign(&backup_active);
-                self.infer_phase2();
+                if phase2_done {
+                    self.inf_predicted.assign(&phase2.predicted);
+                    std::mem::swap(&mut phase2.cell_confidence, &mut self.cell_confidence);
+                    std::mem::swap(&mut phase2.col_confidence, &mut self.col_confidence);
+                } else {
+                    self.infer_phase2();
+                }
             }
             Some(_) => self.stats.inference_lock_ons += 1,
         }
+        self.scratch.phase2 = phase2;
         // Every start point tried before the chosen one failed; they and the chosen one go.
         for _ in 0..candidate.map_or(n, |s| s + 1) {
             let p = patterns.pop_front().expect("pattern to drop");
@@ -1372,8 +1541,8 @@ impl BacktrackingTm {
                     self.lrn_active_prev.cells(),
                     self.params.min_threshold,
                 );
-                s.ranking.rank(&s.activity, &self.segments, cpc, true);
-                best_per_column(&s.ranking.ranked, cpc, &mut s.best);
+                let (by_column, best) = (&mut s.best_by_column, &mut s.best);
+                best_per_column(&s.activity, &self.segments, cpc, by_column, best);
                 matches_ready = true;
             }
             let best = self
@@ -1418,8 +1587,8 @@ impl BacktrackingTm {
             self.lrn_active.cells(),
             self.params.activation_threshold,
         );
-        s.ranking.rank(&s.activity, &self.segments, cpc, true);
-        best_per_column(&s.ranking.ranked, cpc, &mut s.best);
+        let (by_column, best) = (&mut s.best_by_column, &mut s.best);
+        best_per_column(&s.activity, &self.segments, cpc, by_column, best);
 
         self.lrn_predicted.reset();
         let best = std::mem::take(&mut self.scratch.best);
@@ -1461,23 +1630,32 @@ impl BacktrackingTm {
         let cpc = self.params.cells_per_column;
         let valid = self.params.segment_update_valid_duration;
         let it = self.lrn_iteration;
-        let applies = |u: &PendingUpdate| {
-            it.saturating_sub(u.timestamp) <= valid && cols.binary_search(&(u.cell / cpc)).is_ok()
-        };
+        // The active columns as bits, so that each update is one lookup.
+        let active = &mut self.scratch.active_columns;
+        active.resize((self.params.column_count as usize).div_ceil(64), 0);
+        for &c in cols {
+            active[(c >> 6) as usize] |= 1 << (c & 63);
+        }
+        updates.retain(|u| {
+            let col = u.cell / cpc;
+            it.saturating_sub(u.timestamp) <= valid
+                && active[(col >> 6) as usize] >> (col & 63) & 1 != 0
+        });
+        for &c in cols {
+            active[(c >> 6) as usize] = 0;
+        }
         // Segments are scattered over the heap: ask for all of them before walking any.
-        for u in updates.iter().filter(|u| applies(u)) {
+        for u in &updates {
             prefetch_slice(&self.synapses[u.segment as usize]);
         }
         for u in &updates {
-            if applies(u) {
-                let range = u.start as usize..(u.start + u.len) as usize;
-                if u.explicit {
-                    self.adapt_segment(u.cell, Some(u.segment), &pool[range], false);
-                    continue;
-                }
-                // The state the update was queued from is the previous one now.
-                self.reinforce(u.cell, u.segment, true, Choices::Replay(&pool[range]));
+            let range = u.start as usize..(u.start + u.len) as usize;
+            if u.explicit {
+                self.adapt_segment(u.cell, Some(u.segment), &pool[range], false);
+                continue;
             }
+            // The state the update was queued from is the previous one now.
+            self.reinforce(u.cell, u.segment, true, Choices::Replay(&pool[range]));
         }
         updates.clear();
         pool.clear();
@@ -2102,7 +2280,7 @@ fn reserve_for_ids<T>(table: &mut Vec<T>, budget: usize) {
 
 /// Asks the CPU to start loading `items` into cache (a hint: no effect on results).
 #[inline]
-fn prefetch_slice<T>(items: &[T]) {
+pub(crate) fn prefetch_slice<T>(items: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         let bytes = std::mem::size_of_val(items);
@@ -2180,30 +2358,4 @@ fn infer_phase1(
         }
     }
     predicted_cols as f64 >= 0.5 * cols.len() as f64
-}
-
-/// Per column, the first segment in scan order with the most active synapses (`ranked` must
-/// come from [`Ranking::rank`] with `reverse_cells`).
-fn best_per_column(ranked: &[Ranked], cpc: u32, out: &mut Vec<(u32, u32, SegmentId)>) {
-    out.clear();
-    let mut i = 0;
-    while i < ranked.len() {
-        let col = ranked[i].scan_cell() / cpc;
-        let mut best = ranked[i];
-        i += 1;
-        while i < ranked.len() && ranked[i].scan_cell() / cpc == col {
-            if ranked[i].potential > best.potential {
-                best = ranked[i];
-            }
-            i += 1;
-        }
-        out.push((col, mirror_in_column(best.scan_cell(), cpc), best.seg));
-    }
-}
-
-/// The cell at the mirrored position of the same column (index `i` ↔ `cpc - 1 - i`).
-#[inline]
-fn mirror_in_column(cell: u32, cpc: u32) -> u32 {
-    let base = cell - cell % cpc;
-    base + (cpc - 1 - cell % cpc)
 }

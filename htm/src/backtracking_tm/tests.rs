@@ -1075,3 +1075,27 @@ fn forward_pass_counts_match_a_direct_count(mut index: OutIndex) {
     }
     assert_eq!(modes, [true, true], "both clearing modes ran");
 }
+
+/// The vector scan of packed 8-bit counts finds what the portable scan finds, at every
+/// threshold, whatever the connected halves hold.
+#[test]
+fn vector_scan_matches_the_portable_scan() {
+    let mut rng = Random::new(11);
+    for len in [0usize, 1, 63, 64, 65, 200, 8192] {
+        let counts: Vec<u16> = (0..len)
+            .map(|_| {
+                let potential = match rng.below(8) {
+                    0 => 255,
+                    _ => rng.below(40) as u16,
+                };
+                (rng.below(256) as u16) << 8 | potential
+            })
+            .collect();
+        for threshold in [1, 2, 13, 20, 39, 255, 256, 300] {
+            let (mut portable, mut best) = (Vec::new(), Vec::new());
+            scan(&counts, threshold, &mut portable);
+            <u16 as Counter>::scan_best(&counts, threshold, &mut best);
+            assert_eq!(best, portable, "len {len} threshold {threshold}");
+        }
+    }
+}
