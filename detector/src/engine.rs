@@ -90,6 +90,18 @@ struct Device {
     bytes: usize,
 }
 
+impl Device {
+    /// Its network's checkpoint, stamped with the offset it reflects.
+    fn checkpoint(&self, partition: i32, device: String) -> DeviceCheckpoint {
+        DeviceCheckpoint {
+            device,
+            partition,
+            offset: self.offset,
+            network: self.network.to_bytes(),
+        }
+    }
+}
+
 /// Checkpointing figures.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct CheckpointStats {
@@ -452,10 +464,7 @@ impl Engine {
     /// nothing is serialised yet, see [`Engine::advance_checkpoint`]. Completes a checkpoint
     /// still in progress first, so a device's files are written in order.
     pub fn begin_checkpoint(&mut self, only: Option<&[i32]>) {
-        if let Err(e) = self.advance_checkpoint(None) {
-            self.add_written(Err(e));
-        }
-        self.join_writing();
+        self.complete_checkpoint();
         let queue = self
             .partitions
             .iter()
@@ -514,12 +523,7 @@ impl Engine {
                 jobs.par_iter_mut()
                     .map(|(partition, device, state)| {
                         state.dirty = false;
-                        DeviceCheckpoint {
-                            device: device.clone(),
-                            partition: *partition,
-                            offset: state.offset,
-                            network: state.network.to_bytes(),
-                        }
+                        state.checkpoint(*partition, device.clone())
                     })
                     .collect()
             });
@@ -579,10 +583,7 @@ impl Engine {
     /// completes it now), or when there is nothing to collect.
     pub fn finish_checkpoint(&mut self, wait: bool) -> Option<Result<CheckpointStats>> {
         if wait {
-            if let Err(e) = self.advance_checkpoint(None) {
-                self.add_written(Err(e));
-            }
-            self.join_writing();
+            self.complete_checkpoint();
         } else {
             let mut running = Vec::new();
             for mut w in std::mem::take(&mut self.writing) {
@@ -599,6 +600,15 @@ impl Engine {
             return None;
         }
         self.written.take()
+    }
+
+    /// Serialises what is left of the checkpoint in progress and waits for every write, keeping
+    /// the results (an error included) for `finish_checkpoint`.
+    fn complete_checkpoint(&mut self) {
+        if let Err(e) = self.advance_checkpoint(None) {
+            self.add_written(Err(e));
+        }
+        self.join_writing();
     }
 
     /// Waits for every background write, keeping the results for `finish_checkpoint`.
@@ -701,12 +711,7 @@ impl Engine {
             victims
                 .into_par_iter()
                 .filter(|(_, _, state)| state.dirty || !lazy_restore)
-                .map(|(partition, device, state)| DeviceCheckpoint {
-                    device,
-                    partition,
-                    offset: state.offset,
-                    network: state.network.to_bytes(),
-                })
+                .map(|(partition, device, state)| state.checkpoint(partition, device))
                 .collect()
         });
         write_checkpoints(
