@@ -24,7 +24,11 @@ pub fn peak_live_bytes() -> usize {
 
 fn grew(by: usize) {
     let now = LIVE.fetch_add(by, Ordering::Relaxed) + by;
-    PEAK.fetch_max(now, Ordering::Relaxed);
+    // A read first: most allocations set no new peak, and a write on every one would make
+    // all threads contend for the counter's cache line.
+    if now > PEAK.load(Ordering::Relaxed) {
+        PEAK.fetch_max(now, Ordering::Relaxed);
+    }
 }
 
 // SAFETY: every call is forwarded unchanged to mimalloc; only a counter is updated besides.
