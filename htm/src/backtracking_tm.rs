@@ -102,12 +102,14 @@
 
 mod cell_state;
 mod params;
+mod permanence;
 mod slots;
 mod store;
 #[cfg(test)]
 mod tests;
 
 pub use params::{BacktrackingTmParams, Eviction, OutputType, ParamError};
+pub use permanence::{Code, FIXED_SCALE};
 pub use store::{SegmentId, Synapse};
 
 use std::cmp::Reverse;
@@ -117,8 +119,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::random::Random;
 use cell_state::CellState;
+use permanence::{Codec, DROPPED};
 use slots::CellSlots;
-use store::{Entry, Lists, OutIndex, DROPPED, SINK};
+use store::{Entry, Lists, OutIndex, SINK};
 
 /// Learning-iteration boundaries at which the duty-cycle moving average changes its rate.
 const DUTY_CYCLE_TIERS: [u32; 9] = [0, 100, 320, 1000, 3200, 10000, 32000, 100000, 320000];
@@ -389,7 +392,7 @@ counter!(u64, 32);
 const PREFETCH_AHEAD: usize = 6;
 
 /// Largest cell count the TM accepts (cell ids and counts stay well within `u32`).
-pub(crate) const MAX_CELLS: u64 = (1 << 24) - 1;
+pub(crate) const MAX_CELLS: u64 = (1 << 20) - 1;
 
 impl Activity {
     /// Sizes the counters for segments of at most `max_synapses` synapses.
@@ -887,6 +890,9 @@ pub struct BacktrackingTm {
     num_synapses: usize,
     #[serde(skip)]
     out_index: OutIndex,
+    /// Permanence codes of the parameters.
+    #[serde(skip)]
+    codec: Codec,
     segments: Vec<SegmentMeta>,
     cell_slots: CellSlots,
     rng: Random,
@@ -933,6 +939,7 @@ impl BacktrackingTm {
             free_segments: Vec::new(),
             num_synapses: 0,
             out_index: OutIndex::new(n, params.max_segments),
+            codec: Codec::new(&params),
             segments: vec![SegmentMeta::default()],
             cell_slots: CellSlots::new(n),
             rng: Random::new(params.seed),
@@ -1138,6 +1145,11 @@ impl BacktrackingTm {
         &self.synapses[seg as usize]
     }
 
+    /// The permanence of `syn`, one of this TM's synapses.
+    pub fn permanence(&self, syn: &Synapse) -> f32 {
+        self.codec.value(syn.code())
+    }
+
     /// Segment slots of `cell`, empty ones included (what the segment cap counts).
     pub fn segment_slots_on_cell(&self, cell: u32) -> usize {
         self.cell_slots.len(cell)
@@ -1162,8 +1174,8 @@ impl BacktrackingTm {
     pub fn rebuild_after_restore(&mut self) {
         let n = self.params.num_cells();
         self.out_index = OutIndex::new(n, self.params.max_segments);
-        self.out_index
-            .rebuild(&self.synapses, self.params.connected_perm);
+        self.codec = Codec::new(&self.params);
+        self.out_index.rebuild(&self.synapses, self.codec.connected);
         self.cell_slots.rebuild(n);
         for s in [
             &mut self.inf_active,
@@ -1903,8 +1915,6 @@ impl BacktrackingTm {
         if !self.start_reinforcement(cell, seg) {
             return;
         }
-        let p = &self.params;
-        let (inc, dec, max) = (p.permanence_inc, p.permanence_dec, p.permanence_max);
         let s = seg as usize;
         let mut in_update = std::mem::take(&mut self.scratch.in_update);
         let mut new_cells = std::mem::take(&mut self.scratch.new_cells);
@@ -1924,15 +1934,15 @@ impl BacktrackingTm {
             in_update.push(active);
             let perm = if active {
                 j += 1;
-                (syn.permanence() + inc).min(max)
+                self.codec.up(syn.code())
             } else {
-                (syn.permanence() - dec).min(max)
+                self.codec.down(syn.code())
             };
-            if perm <= 0.0 {
+            if perm == 0 {
                 self.drop_synapse(seg, k);
                 alive -= 1;
             } else {
-                self.set_permanence(seg, k, perm);
+                self.set_code(seg, k, perm);
             }
         }
         new_cells.extend_from_slice(&update[j..]);
@@ -1948,13 +1958,7 @@ impl BacktrackingTm {
         if !self.start_reinforcement(cell, seg) {
             return;
         }
-        let p = &self.params;
-        let (inc, dec, max, cp) = (
-            p.permanence_inc,
-            p.permanence_dec,
-            p.permanence_max,
-            p.connected_perm,
-        );
+        let codec = &self.codec;
         let mut in_update = std::mem::take(&mut self.scratch.in_update);
         let mut active = std::mem::take(&mut self.scratch.new_cells);
         in_update.clear();
@@ -1972,18 +1976,18 @@ impl BacktrackingTm {
             in_update.push(on);
             let perm = if on {
                 active.push(syn.presyn());
-                (syn.permanence() + inc).min(max)
+                codec.up(syn.code())
             } else {
-                (syn.permanence() - dec).min(max)
+                codec.down(syn.code())
             };
-            let was = syn.permanence() >= cp;
-            if perm <= 0.0 {
+            let was = syn.code() >= codec.connected;
+            if perm == 0 {
                 out.remove(syn.presyn(), seg, was);
-                syn.set_permanence(DROPPED);
+                syn.set_code(DROPPED);
                 dropped += 1;
             } else {
-                syn.set_permanence(perm.clamp(0.0, 1.0));
-                let is = syn.permanence() >= cp;
+                syn.set_code(perm);
+                let is = perm >= codec.connected;
                 if was != is {
                     out.set_connected(syn.presyn(), seg, is);
                 }
@@ -2035,7 +2039,7 @@ impl BacktrackingTm {
         new_cells: Vec<u32>,
     ) {
         let s = seg as usize;
-        let max = self.params.permanence_max;
+        let max = self.codec.max_value;
         let n_new = new_cells.len();
         let max_synapses = self.params.max_synapses_per_segment;
         if max_synapses > 0 && n_new + alive > max_synapses as usize {
@@ -2044,15 +2048,17 @@ impl BacktrackingTm {
             candidates.clear();
             let syns = &self.synapses[s];
             for (k, syn) in syns.iter().enumerate() {
-                if syn.permanence() != DROPPED && !in_update[k] {
-                    candidates.push((syn.permanence(), syn.presyn(), k as u32));
+                if syn.code() != DROPPED && !in_update[k] {
+                    let perm = self.codec.value(syn.code());
+                    candidates.push((perm, syn.presyn(), k as u32));
                 }
             }
             if candidates.len() < to_free {
                 // Active synapses only after every inactive one (offset as Cells4 does).
                 for (k, syn) in syns.iter().enumerate() {
                     if in_update[k] {
-                        candidates.push((syn.permanence() + max, syn.presyn(), k as u32));
+                        let perm = self.codec.value(syn.code()) + max;
+                        candidates.push((perm, syn.presyn(), k as u32));
                     }
                 }
             }
@@ -2124,7 +2130,7 @@ impl BacktrackingTm {
     /// holds exactly its synapses (a boxed slice: no spare room, no capacity word).
     fn update_synapses(&mut self, seg: SegmentId, cells: &[u32]) {
         let mut syns = std::mem::take(&mut self.synapses[seg as usize]).into_vec();
-        syns.retain(|s| s.permanence() != DROPPED);
+        syns.retain(|s| s.code() != DROPPED);
         self.merge_synapses(seg, &mut syns, cells);
         self.synapses[seg as usize] = syns.into_boxed_slice();
     }
@@ -2134,13 +2140,13 @@ impl BacktrackingTm {
             return;
         }
         debug_assert!(cells.windows(2).all(|w| w[0] < w[1]));
-        let perm = self.params.initial_perm.clamp(0.0, 1.0);
-        let connected = perm >= self.params.connected_perm;
+        let perm = self.codec.initial;
+        let connected = perm >= self.codec.connected;
         let out = &mut self.out_index;
         // Merge from the back, in place.
         let (mut a, mut b) = (syns.len(), cells.len());
         syns.reserve_exact(b);
-        syns.resize(a + b, Synapse::new(0, 0.0));
+        syns.resize(a + b, Synapse::new(0, 0));
         while b > 0 {
             let w = a + b - 1;
             if a > 0 && syns[a - 1].presyn() > cells[b - 1] {
@@ -2161,18 +2167,18 @@ impl BacktrackingTm {
     /// from the segment.
     fn drop_synapse(&mut self, seg: SegmentId, k: usize) {
         let syn = &mut self.synapses[seg as usize][k];
-        let connected = syn.permanence() >= self.params.connected_perm;
+        let connected = syn.code() >= self.codec.connected;
         self.out_index.remove(syn.presyn(), seg, connected);
-        syn.set_permanence(DROPPED);
+        syn.set_code(DROPPED);
         self.num_synapses -= 1;
     }
 
-    fn set_permanence(&mut self, seg: SegmentId, k: usize, permanence: f32) {
-        let cp = self.params.connected_perm;
+    fn set_code(&mut self, seg: SegmentId, k: usize, code: Code) {
+        let cp = self.codec.connected;
         let syn = &mut self.synapses[seg as usize][k];
-        let was = syn.permanence() >= cp;
-        syn.set_permanence(permanence.clamp(0.0, 1.0));
-        let is = syn.permanence() >= cp;
+        let was = syn.code() >= cp;
+        syn.set_code(code);
+        let is = code >= cp;
         if was != is {
             self.out_index.set_connected(syn.presyn(), seg, is);
         }
@@ -2181,10 +2187,9 @@ impl BacktrackingTm {
     /// Frees a segment's slot and drops updates queued for it.
     fn release_segment(&mut self, seg: SegmentId) {
         let s = seg as usize;
-        let cp = self.params.connected_perm;
+        let cp = self.codec.connected;
         for syn in &self.synapses[s] {
-            self.out_index
-                .remove(syn.presyn(), seg, syn.permanence() >= cp);
+            self.out_index.remove(syn.presyn(), seg, syn.code() >= cp);
         }
         self.num_synapses -= self.synapses[s].len();
         // Freed: the id's next segment may well be smaller.
@@ -2238,9 +2243,8 @@ impl BacktrackingTm {
 
     /// Age-based global decay (`applyGlobalDecay`); off with NAB's settings.
     fn apply_global_decay(&mut self) {
-        let decay = self.params.global_decay;
         let max_age = self.params.max_age;
-        if decay == 0.0 || max_age == 0 || self.lrn_iteration % max_age != 0 {
+        if self.params.global_decay == 0.0 || max_age == 0 || self.lrn_iteration % max_age != 0 {
             return;
         }
         self.make_updates_explicit();
@@ -2254,11 +2258,11 @@ impl BacktrackingTm {
             .collect();
         for seg in stale {
             for k in 0..self.synapses[seg as usize].len() {
-                let perm = self.synapses[seg as usize][k].permanence();
-                if perm <= decay {
+                let perm = self.codec.decay(self.synapses[seg as usize][k].code());
+                if perm == 0 {
                     self.drop_synapse(seg, k);
                 } else {
-                    self.set_permanence(seg, k, perm - decay);
+                    self.set_code(seg, k, perm);
                 }
             }
             self.update_synapses(seg, &[]);

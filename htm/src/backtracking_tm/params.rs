@@ -1,5 +1,6 @@
 //! Parameters of the backtracking temporal memory and their validation.
 
+use super::permanence::{fixed_units, Codec, FIXED_SCALE};
 use serde::{Deserialize, Serialize};
 
 /// A parameter that cannot work, named the way NuPIC names it (in snake_case).
@@ -259,6 +260,24 @@ impl BacktrackingTmParams {
                         self.max_synapses_per_segment, self.new_synapse_count
                     ),
                 ));
+            }
+        }
+        let codec = Codec::new(self);
+        if !codec.is_exact_float32() {
+            // Fixed point: a step below its resolution would vanish.
+            for (name, v) in [
+                ("initial_perm", self.initial_perm),
+                ("connected_perm", self.connected_perm),
+                ("permanence_inc", self.permanence_inc),
+                ("permanence_dec", self.permanence_dec),
+                ("global_decay", self.global_decay),
+            ] {
+                if v > 0.0 && fixed_units(v) == 0 {
+                    return Err(invalid(
+                        name,
+                        format!("{v} is below the permanence resolution 1/{FIXED_SCALE}"),
+                    ));
+                }
             }
         }
         Ok(())

@@ -7,20 +7,26 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::permanence::{Code, DROPPED};
+
 /// Index of a segment; stable while the segment lives, reused after it is freed.
 pub type SegmentId = u32;
 
-/// One synapse of a segment: a presynaptic cell in 24 bits (cells are fewer than 2^24) and
-/// a permanence, packed in 7 unaligned bytes instead of a padded 8. Serialises as the two
-/// fields.
-#[derive(Clone, Copy, Serialize, Deserialize)]
+/// Bits of a synapse word holding the presynaptic cell (the rest hold the permanence).
+const PRESYN_BITS: u32 = 20;
+const PRESYN_MASK: u32 = (1 << PRESYN_BITS) - 1;
+
+/// One synapse of a segment in one aligned word: the presynaptic cell in the low 20 bits
+/// (cells are fewer than 2^20) and its permanence's code (see [`super::permanence`]) above.
+/// Serialises as the two fields.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "SynapseFields", into = "SynapseFields")]
-pub struct Synapse([u8; 7]);
+pub struct Synapse(u32);
 
 #[derive(Serialize, Deserialize)]
 struct SynapseFields {
     presyn: u32,
-    permanence: f32,
+    permanence: Code,
 }
 
 impl From<SynapseFields> for Synapse {
@@ -33,40 +39,34 @@ impl From<Synapse> for SynapseFields {
     fn from(s: Synapse) -> Self {
         SynapseFields {
             presyn: s.presyn(),
-            permanence: s.permanence(),
+            permanence: s.code(),
         }
     }
 }
 
 impl Synapse {
-    pub fn new(presyn: u32, permanence: f32) -> Self {
+    pub fn new(presyn: u32, code: Code) -> Self {
         debug_assert!(u64::from(presyn) <= super::MAX_CELLS);
-        let mut b = [0; 7];
-        b[..3].copy_from_slice(&presyn.to_le_bytes()[..3]);
-        b[3..].copy_from_slice(&permanence.to_le_bytes());
-        Synapse(b)
+        debug_assert!(code <= DROPPED);
+        Synapse(presyn | u32::from(code) << PRESYN_BITS)
     }
 
     /// Presynaptic cell.
     #[inline]
     pub fn presyn(&self) -> u32 {
-        u32::from_le_bytes([self.0[0], self.0[1], self.0[2], 0])
+        self.0 & PRESYN_MASK
+    }
+
+    /// The permanence's code; codes order as the permanences they stand for.
+    #[inline]
+    pub fn code(&self) -> Code {
+        (self.0 >> PRESYN_BITS) as Code
     }
 
     #[inline]
-    pub fn permanence(&self) -> f32 {
-        f32::from_le_bytes([self.0[3], self.0[4], self.0[5], self.0[6]])
-    }
-
-    #[inline]
-    pub(super) fn set_permanence(&mut self, permanence: f32) {
-        self.0[3..].copy_from_slice(&permanence.to_le_bytes());
-    }
-}
-
-impl PartialEq for Synapse {
-    fn eq(&self, other: &Self) -> bool {
-        self.presyn() == other.presyn() && self.permanence() == other.permanence()
+    pub(super) fn set_code(&mut self, code: Code) {
+        debug_assert!(code <= DROPPED);
+        self.0 = self.presyn() | u32::from(code) << PRESYN_BITS;
     }
 }
 
@@ -74,13 +74,10 @@ impl std::fmt::Debug for Synapse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Synapse")
             .field("presyn", &self.presyn())
-            .field("permanence", &self.permanence())
+            .field("code", &self.code())
             .finish()
     }
 }
-
-/// Marks a synapse to be dropped when its segment is next rewritten.
-pub(super) const DROPPED: f32 = -1.0;
 
 /// Makes room for `extra` more items, growing by an eighth rather than doubling: arenas
 /// live long, and their spare capacity is memory held.
@@ -168,8 +165,8 @@ impl OutIndex {
     }
 
     /// Lists every synapse of `synapses` (by segment id).
-    pub(super) fn rebuild(&mut self, synapses: &[Box<[Synapse]>], connected_perm: f32) {
-        each!(self, l => l.rebuild(synapses, connected_perm))
+    pub(super) fn rebuild(&mut self, synapses: &[Box<[Synapse]>], connected: Code) {
+        each!(self, l => l.rebuild(synapses, connected))
     }
 
     /// `cell`'s connected list and its other list.
@@ -397,12 +394,12 @@ impl<E: Entry> Lists<E> {
         self.abandoned = 0;
     }
 
-    fn rebuild(&mut self, synapses: &[Box<[Synapse]>], connected_perm: f32) {
+    fn rebuild(&mut self, synapses: &[Box<[Synapse]>], connected: Code) {
         // Per cell: connected and total counts, then where the next entries of each go.
         let mut at = vec![[0u32; 2]; self.heads.len()];
         for syn in synapses.iter().flatten() {
             let c = &mut at[syn.presyn() as usize];
-            c[0] += u32::from(syn.permanence() >= connected_perm);
+            c[0] += u32::from(syn.code() >= connected);
             c[1] += 1;
         }
         let live: usize = at
@@ -429,7 +426,7 @@ impl<E: Entry> Lists<E> {
         for (seg, syns) in synapses.iter().enumerate() {
             for syn in syns {
                 let c = &mut at[syn.presyn() as usize];
-                let list = &mut c[usize::from(syn.permanence() < connected_perm)];
+                let list = &mut c[usize::from(syn.code() < connected)];
                 arena[*list as usize] = E::new(seg);
                 *list += 1;
             }

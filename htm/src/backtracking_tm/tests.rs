@@ -86,8 +86,9 @@ fn check_invariants(tm: &BacktrackingTm) {
                 "synapses sorted by distinct presynaptic cells"
             );
             for syn in syns {
-                assert!(syn.permanence() > 0.0 && syn.permanence() <= p.permanence_max);
-                let connected = syn.permanence() >= p.connected_perm;
+                let perm = tm.permanence(syn);
+                assert!(perm > 0.0 && perm <= p.permanence_max);
+                let connected = perm >= p.connected_perm;
                 expected.push((syn.presyn(), connected, seg));
             }
         }
@@ -113,14 +114,18 @@ fn check_invariants(tm: &BacktrackingTm) {
     assert_eq!(indexed, expected, "out index out of step with the segments");
 }
 
-/// Sets the permanence of `seg`'s synapse from `presyn`, keeping the out index in step.
+/// Sets the permanence of `seg`'s synapse from `presyn` to `perm` (a value the parameters'
+/// steps reach), keeping the out index in step.
 fn set_perm(tm: &mut BacktrackingTm, seg: SegmentId, presyn: u32, perm: f32) {
     let k = tm
         .segment_synapses(seg)
         .iter()
         .position(|s| s.presyn() == presyn)
         .expect("synapse on segment");
-    tm.set_permanence(seg, k, perm);
+    let code = (1..DROPPED)
+        .find(|&c| (tm.codec.value(c) - perm).abs() < 1e-6)
+        .expect("a reachable permanence");
+    tm.set_code(seg, k, code);
 }
 
 /// All live segments with their synapses, for comparing learned state.
@@ -530,19 +535,19 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
         tm.segment_synapses(seg)
             .iter()
             .find(|s| s.presyn() == p)
-            .map(|s| s.permanence())
+            .map(|s| tm.permanence(s))
     };
     for p in presyn {
         let perm = match p {
-            103 => 0.15,
-            107 => 0.15,
-            110 => 0.12,
-            _ => 0.6,
+            103 => 0.41,
+            107 => 0.41,
+            110 => 0.31,
+            _ => 0.61,
         };
         set_perm(&mut tm, seg, p, perm);
     }
     // Active: 100, 101 (existing) plus 3 new cells → 12 + 3 > 12, so 3 must go:
-    // the weakest inactive ones after the decrement: 110 (0.02), then 103 and 107 (0.05 each).
+    // the weakest inactive ones after the decrement: 110 (0.21), then 103 and 107 (0.31 each).
     let update = [100, 101, 200, 201, 202];
     tm.adapt_segment(5, Some(seg), &update, false);
     assert_eq!(tm.segment_synapses(seg).len(), 12);
@@ -550,8 +555,8 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
     for gone in [103, 107, 110] {
         assert_eq!(perm_of(&tm, gone), None, "{gone} should be freed");
     }
-    assert!((perm_of(&tm, 100).unwrap() - 0.7).abs() < 1e-6);
-    assert!((perm_of(&tm, 104).unwrap() - 0.5).abs() < 1e-6);
+    assert!((perm_of(&tm, 100).unwrap() - 0.71).abs() < 1e-6);
+    assert!((perm_of(&tm, 104).unwrap() - 0.51).abs() < 1e-6);
     assert_eq!(perm_of(&tm, 201), Some(0.21));
 
     // Now only two of the weakest can go: ties at equal permanence go to the lowest
@@ -562,7 +567,7 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
         .map(|s| s.presyn())
         .collect();
     for &p in &cells {
-        set_perm(&mut tm, seg, p, 0.6);
+        set_perm(&mut tm, seg, p, 0.61);
     }
     let update = [100, 101, 300, 301];
     tm.adapt_segment(5, Some(seg), &update, false);
@@ -578,7 +583,7 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
         .map(|s| s.presyn())
         .collect();
     for &p in &cells {
-        set_perm(&mut tm, seg, p, 0.05);
+        set_perm(&mut tm, seg, p, 0.01);
     }
     tm.adapt_segment(5, Some(seg), &[], false);
     assert!(!tm.segments[seg as usize].alive());
@@ -639,7 +644,7 @@ fn synapses_and_slots_serialise_in_their_plain_layout() {
     #[derive(Serialize)]
     struct PlainSynapse {
         presyn: u32,
-        permanence: f32,
+        permanence: u16,
     }
     #[derive(Serialize)]
     struct PlainSlots {
@@ -673,7 +678,7 @@ fn synapses_and_slots_serialise_in_their_plain_layout() {
         .iter()
         .map(|s| PlainSynapse {
             presyn: s.presyn(),
-            permanence: s.permanence(),
+            permanence: s.code(),
         })
         .collect();
     assert_eq!(encode(&tm.synapses[1]), encode(&syns));
