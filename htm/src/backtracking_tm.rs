@@ -101,6 +101,7 @@
 //! qualifies.
 
 mod cell_state;
+mod heads;
 mod params;
 mod permanence;
 mod slots;

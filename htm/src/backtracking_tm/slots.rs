@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::ser::{SerializeMap, SerializeStruct};
 use serde::{Deserialize, Serialize, Serializer};
 
+use super::heads::CellHeads;
 use super::store::{reserve_gradually, SegmentId};
 
 /// Marks an empty slot in [`CellSlots::slots`] (and in the serialised slot lists).
@@ -30,7 +31,7 @@ const NONE: u32 = FREE - 1;
 #[serde(from = "SlotMaps")]
 pub(super) struct CellSlots {
     /// Per cell, where its block starts in `arena`; 0 (a shared empty block) for none.
-    heads: Vec<u32>,
+    heads: CellHeads,
     arena: Vec<u32>,
     /// Arena words in blocks that cells have moved out of.
     abandoned: usize,
@@ -49,7 +50,7 @@ impl From<SlotMaps> for CellSlots {
         let mut s = CellSlots::new(cells);
         for (cell, slots) in maps.slots {
             let h = s.arena.len();
-            s.heads[cell as usize] = h as u32;
+            s.heads.set(cell, h as u32);
             let n = slots.len() as u32;
             s.arena.extend_from_slice(&[n, n, NONE]);
             s.arena.extend_from_slice(&slots);
@@ -74,7 +75,7 @@ impl PartialEq for CellSlots {
 impl CellSlots {
     pub(super) fn new(num_cells: usize) -> Self {
         CellSlots {
-            heads: vec![0; num_cells],
+            heads: CellHeads::new(num_cells),
             arena: vec![0, 0, NONE],
             abandoned: 0,
         }
@@ -82,13 +83,17 @@ impl CellSlots {
 
     /// Sizes the per-cell table after deserialisation.
     pub(super) fn rebuild(&mut self, num_cells: usize) {
-        self.heads.resize(num_cells, 0);
+        self.heads.resize(num_cells);
     }
 
     /// `cell`'s most recently freed slot and its slots (free ones tagged).
     #[inline]
     fn block(&self, cell: u32) -> (u32, &[u32]) {
-        let h = self.heads.get(cell as usize).map_or(0, |&h| h as usize);
+        let h = if (cell as usize) < self.heads.len() {
+            self.heads.get(cell) as usize
+        } else {
+            0
+        };
         let n = self.arena[h] as usize;
         (self.arena[h + 2], &self.arena[h + HEADER..h + HEADER + n])
     }
@@ -96,7 +101,7 @@ impl CellSlots {
     /// Slots of `cell`, empty ones included.
     #[inline]
     pub(super) fn len(&self, cell: u32) -> usize {
-        self.arena[self.heads[cell as usize] as usize] as usize
+        self.arena[self.heads.get(cell) as usize] as usize
     }
 
     /// `cell`'s segments in slot order.
@@ -110,7 +115,7 @@ impl CellSlots {
 
     /// Every cell that has slots, ascending.
     pub(super) fn cells(&self) -> impl Iterator<Item = u32> + '_ {
-        (0..self.heads.len() as u32).filter(|&c| self.heads[c as usize] != 0)
+        self.heads.nonzero()
     }
 
     /// `cell`'s slots in order ([`NO_SEGMENT`] = free).
@@ -135,7 +140,7 @@ impl CellSlots {
     /// Puts `seg` in `cell`'s most recently freed slot, else in a new one; returns the slot.
     pub(super) fn assign(&mut self, cell: u32, seg: SegmentId) -> u32 {
         debug_assert!(seg & FREE == 0);
-        let mut h = self.heads[cell as usize] as usize;
+        let mut h = self.heads.get(cell) as usize;
         let top = self.arena[h + 2];
         if top != NONE {
             let w = h + HEADER + top as usize;
@@ -154,7 +159,7 @@ impl CellSlots {
 
     /// Empties `cell`'s `slot`, which becomes its most recently freed.
     pub(super) fn release(&mut self, cell: u32, slot: u32) {
-        let h = self.heads[cell as usize] as usize;
+        let h = self.heads.get(cell) as usize;
         debug_assert!(slot < self.arena[h]);
         self.arena[h + HEADER + slot as usize] = FREE | self.arena[h + 2];
         self.arena[h + 2] = slot;
@@ -166,7 +171,7 @@ impl CellSlots {
         if self.abandoned > 1024 && self.abandoned * 3 > self.arena.len() {
             self.compact();
         }
-        let h = self.heads[cell as usize] as usize;
+        let h = self.heads.get(cell) as usize;
         let (n, old_cap) = (self.arena[h] as usize, self.arena[h + 1] as usize);
         let start = self.arena.len();
         reserve_gradually(&mut self.arena, HEADER + cap as usize);
@@ -176,25 +181,25 @@ impl CellSlots {
         if old_cap > 0 {
             self.abandoned += HEADER + old_cap;
         }
-        self.heads[cell as usize] = u32::try_from(start).expect("slot arena within u32");
+        self.heads
+            .set(cell, u32::try_from(start).expect("slot arena within u32"));
         start
     }
 
     /// Packs every block, in cell order, to its slot count.
     fn compact(&mut self) {
         let old = std::mem::take(&mut self.arena);
-        let live: usize = self
-            .heads
+        let cells: Vec<u32> = self.heads.nonzero().collect();
+        let live: usize = cells
             .iter()
-            .filter(|&&h| h != 0)
-            .map(|&h| HEADER + old[h as usize] as usize)
+            .map(|&c| HEADER + old[self.heads.get(c) as usize] as usize)
             .sum();
         let mut arena = Vec::with_capacity(HEADER + live);
         arena.extend_from_slice(&old[..HEADER]);
-        for head in self.heads.iter_mut().filter(|h| **h != 0) {
-            let h = *head as usize;
+        for cell in cells {
+            let h = self.heads.get(cell) as usize;
             let n = old[h];
-            *head = arena.len() as u32;
+            self.heads.set(cell, arena.len() as u32);
             arena.extend_from_slice(&[n, n, old[h + 2]]);
             arena.extend_from_slice(&old[h + HEADER..h + HEADER + n as usize]);
         }
@@ -203,7 +208,7 @@ impl CellSlots {
     }
 
     pub(super) fn heap_bytes(&self) -> usize {
-        (self.heads.capacity() + self.arena.capacity()) * 4
+        self.heads.heap_bytes() + self.arena.capacity() * 4
     }
 }
 

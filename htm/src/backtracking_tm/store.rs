@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::heads::CellHeads;
 use super::permanence::{Code, DROPPED};
 
 /// Index of a segment; stable while the segment lives, reused after it is freed.
@@ -222,7 +223,7 @@ const HEADER: usize = 3;
 #[derive(Clone, Debug)]
 pub(super) struct Lists<E> {
     /// Per cell, where its block starts; 0 (a shared empty block) for cells with none.
-    heads: Vec<u32>,
+    heads: CellHeads,
     arena: Vec<E>,
     /// Arena words in blocks that lists have moved out of.
     abandoned: usize,
@@ -231,7 +232,7 @@ pub(super) struct Lists<E> {
 impl<E: Entry> Lists<E> {
     fn new(num_cells: usize) -> Self {
         Lists {
-            heads: vec![0; num_cells],
+            heads: CellHeads::new(num_cells),
             arena: vec![E::default(); HEADER],
             abandoned: 0,
         }
@@ -250,7 +251,7 @@ impl<E: Entry> Lists<E> {
     /// `cell`'s connected list and its other list.
     #[inline]
     pub(super) fn lists(&self, cell: u32) -> [&[E]; 2] {
-        let h = self.heads[cell as usize] as usize;
+        let h = self.heads.get(cell) as usize;
         let (nc, n) = (self.arena[h].get(), self.arena[h + 1].get());
         let e = h + HEADER;
         [&self.arena[e..e + nc], &self.arena[e + nc..e + n]]
@@ -262,7 +263,7 @@ impl<E: Entry> Lists<E> {
     /// overlap the counting.
     #[inline(always)]
     pub(super) fn prefetch(&self, cell: u32) {
-        let h = self.heads[cell as usize] as usize;
+        let h = self.heads.get(cell) as usize;
         let lines = 128 / std::mem::size_of::<E>();
         super::prefetch_slice(&self.arena[h..(h + lines).min(self.arena.len())]);
     }
@@ -278,12 +279,15 @@ impl<E: Entry> Lists<E> {
         if old_cap > 0 {
             self.abandoned += HEADER + old_cap;
         }
-        self.heads[cell as usize] = u32::try_from(start).expect("out index arena within u32");
+        self.heads.set(
+            cell,
+            u32::try_from(start).expect("out index arena within u32"),
+        );
         start
     }
 
     fn add(&mut self, cell: u32, seg: SegmentId, connected: bool) {
-        let mut h = self.heads[cell as usize] as usize;
+        let mut h = self.heads.get(cell) as usize;
         let (nc, n, cap) = self.header(h);
         if n == cap {
             // A cell has at most one synapse per segment, so `n` stays below `E::MAX`.
@@ -329,7 +333,7 @@ impl<E: Entry> Lists<E> {
     }
 
     fn remove(&mut self, cell: u32, seg: SegmentId, connected: bool) {
-        let h = self.heads[cell as usize] as usize;
+        let h = self.heads.get(cell) as usize;
         let i = self.find(h, seg, connected);
         let (nc, n, _) = self.header(h);
         let e = h + HEADER;
@@ -345,7 +349,7 @@ impl<E: Entry> Lists<E> {
     }
 
     fn set_connected(&mut self, cell: u32, seg: SegmentId, connected: bool) {
-        let h = self.heads[cell as usize] as usize;
+        let h = self.heads.get(cell) as usize;
         let i = self.find(h, seg, !connected);
         let nc = self.arena[h].get();
         let e = h + HEADER;
@@ -367,24 +371,24 @@ impl<E: Entry> Lists<E> {
     /// Lays every non-empty list out again in cell order, dropping empty blocks.
     fn compact(&mut self) {
         let old = std::mem::take(&mut self.arena);
-        let live: usize = self
-            .heads
+        let cells: Vec<u32> = self.heads.nonzero().collect();
+        let live: usize = cells
             .iter()
-            .map(|&h| old[h as usize + 1].get())
+            .map(|&c| old[self.heads.get(c) as usize + 1].get())
             .filter(|&n| n > 0)
             .map(|n| HEADER + Self::spare_cap(n))
             .sum();
         let mut arena = Vec::with_capacity(HEADER + live);
         arena.resize(HEADER, E::default());
-        for head in &mut self.heads {
-            let h = *head as usize;
+        for cell in cells {
+            let h = self.heads.get(cell) as usize;
             let (nc, n) = (old[h].get(), old[h + 1].get());
             if n == 0 {
-                *head = 0;
+                self.heads.set(cell, 0);
                 continue;
             }
             let start = arena.len();
-            *head = start as u32;
+            self.heads.set(cell, start as u32);
             let cap = Self::spare_cap(n);
             arena.extend_from_slice(&[E::new(nc), E::new(n), E::new(cap)]);
             arena.extend_from_slice(&old[h + HEADER..h + HEADER + n]);
@@ -396,6 +400,7 @@ impl<E: Entry> Lists<E> {
 
     fn rebuild(&mut self, synapses: &[Box<[Synapse]>], connected: Code) {
         // Per cell: connected and total counts, then where the next entries of each go.
+        self.heads = CellHeads::new(self.heads.len());
         let mut at = vec![[0u32; 2]; self.heads.len()];
         for syn in synapses.iter().flatten() {
             let c = &mut at[syn.presyn() as usize];
@@ -409,14 +414,14 @@ impl<E: Entry> Lists<E> {
             .sum();
         let mut arena = Vec::with_capacity(HEADER + live);
         arena.resize(HEADER, E::default());
-        for (head, c) in self.heads.iter_mut().zip(&mut at) {
+        for (cell, c) in at.iter_mut().enumerate() {
             let (nc, n) = (c[0] as usize, c[1] as usize);
             if n == 0 {
-                *head = 0;
                 continue;
             }
             let start = arena.len();
-            *head = u32::try_from(start).expect("out index arena within u32");
+            let head = u32::try_from(start).expect("out index arena within u32");
+            self.heads.set(cell as u32, head);
             let cap = Self::spare_cap(n);
             arena.extend_from_slice(&[E::new(nc), E::new(n), E::new(cap)]);
             arena.resize(start + HEADER + cap, E::default());
@@ -436,6 +441,6 @@ impl<E: Entry> Lists<E> {
     }
 
     fn heap_bytes(&self) -> usize {
-        self.heads.capacity() * 4 + self.arena.capacity() * std::mem::size_of::<E>()
+        self.heads.heap_bytes() + self.arena.capacity() * std::mem::size_of::<E>()
     }
 }
