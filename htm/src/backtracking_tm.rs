@@ -100,6 +100,7 @@
 //! Everything else (ranking, duty cycles, updates) works on the few hundred segments a pass
 //! qualifies.
 
+mod arena;
 mod cell_state;
 mod heads;
 mod params;
@@ -119,6 +120,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::random::Random;
+use arena::SynapseArena;
 use cell_state::CellState;
 use permanence::{Codec, DROPPED};
 use slots::CellSlots;
@@ -850,6 +852,8 @@ struct Scratch {
     new_cells: Vec<u32>,
     /// `(key, presynaptic cell, index)` of the synapses that may be freed.
     free_candidates: Vec<(f32, u32, u32)>,
+    /// A segment's synapses being rewritten.
+    seg_synapses: Vec<Synapse>,
     backup_active: Vec<u32>,
     backup_predicted: Vec<u32>,
     /// One bit per column, all clear between uses.
@@ -885,7 +889,7 @@ impl PartialEq for Scratch {
 pub struct BacktrackingTm {
     params: BacktrackingTmParams,
     /// Per segment id, its synapses sorted by presynaptic cell (empty when the id is free).
-    synapses: Vec<Box<[Synapse]>>,
+    synapses: SynapseArena,
     /// Free segment ids, most recently freed last.
     free_segments: Vec<SegmentId>,
     num_synapses: usize,
@@ -936,7 +940,11 @@ impl BacktrackingTm {
         let state = || CellState::new(n);
         let mut tm = BacktrackingTm {
             // Id 0 is never a live segment (see `SINK`).
-            synapses: vec![Box::default()],
+            synapses: {
+                let mut arena = SynapseArena::default();
+                arena.push_empty();
+                arena
+            },
             free_segments: Vec::new(),
             num_synapses: 0,
             out_index: OutIndex::new(n, params.max_segments),
@@ -1216,12 +1224,8 @@ impl BacktrackingTm {
             q.capacity() * size_of::<Vec<u32>>() + q.iter().map(|x| x.capacity() * 4).sum::<usize>()
         };
         let s = &self.scratch;
-        let synapses = self.synapses.capacity() * size_of::<Box<[Synapse]>>()
-            + self
-                .synapses
-                .iter()
-                .map(|v| v.len() * size_of::<Synapse>())
-                .sum::<usize>();
+        let synapses =
+            self.synapses.heap_bytes() + s.seg_synapses.capacity() * size_of::<Synapse>();
         let segments = self.free_segments.capacity() * 4
             + self.segments.capacity() * size_of::<SegmentMeta>()
             + self.cell_slots.heap_bytes();
@@ -2098,9 +2102,9 @@ impl BacktrackingTm {
         let seg = match self.free_segments.pop() {
             Some(id) => id,
             None => {
-                reserve_for_ids(&mut self.synapses, budget);
+                reserve_for_ids(self.synapses.spans_mut(), budget);
                 reserve_for_ids(&mut self.segments, budget);
-                self.synapses.push(Box::default());
+                self.synapses.push_empty();
                 (self.synapses.len() - 1) as SegmentId
             }
         };
@@ -2127,13 +2131,18 @@ impl BacktrackingTm {
     // connected flags in step with the segments.
 
     /// Removes `seg`'s synapses marked [`DROPPED`] and adds synapses at `initial_perm` from
-    /// the sorted `cells`, none of them on `seg` yet, keeping the synapses sorted. A segment
-    /// holds exactly its synapses (a boxed slice: no spare room, no capacity word).
+    /// the sorted `cells`, none of them on `seg` yet, keeping the synapses sorted.
     fn update_synapses(&mut self, seg: SegmentId, cells: &[u32]) {
-        let mut syns = std::mem::take(&mut self.synapses[seg as usize]).into_vec();
-        syns.retain(|s| s.code() != DROPPED);
+        let mut syns = std::mem::take(&mut self.scratch.seg_synapses);
+        syns.clear();
+        syns.extend(
+            self.synapses[seg as usize]
+                .iter()
+                .filter(|s| s.code() != DROPPED),
+        );
         self.merge_synapses(seg, &mut syns, cells);
-        self.synapses[seg as usize] = syns.into_boxed_slice();
+        self.synapses.set(seg as usize, &syns);
+        self.scratch.seg_synapses = syns;
     }
 
     fn merge_synapses(&mut self, seg: SegmentId, syns: &mut Vec<Synapse>, cells: &[u32]) {
@@ -2146,7 +2155,6 @@ impl BacktrackingTm {
         let out = &mut self.out_index;
         // Merge from the back, in place.
         let (mut a, mut b) = (syns.len(), cells.len());
-        syns.reserve_exact(b);
         syns.resize(a + b, Synapse::new(0, 0));
         while b > 0 {
             let w = a + b - 1;
@@ -2193,8 +2201,7 @@ impl BacktrackingTm {
             self.out_index.remove(syn.presyn(), seg, syn.code() >= cp);
         }
         self.num_synapses -= self.synapses[s].len();
-        // Freed: the id's next segment may well be smaller.
-        self.synapses[s] = Box::default();
+        self.synapses.clear(s);
         self.free_segments.push(seg);
         let meta = &mut self.segments[s];
         meta.cell_flags &= !SegmentMeta::ALIVE;

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::arena::SynapseArena;
 use super::heads::CellHeads;
 use super::permanence::{Code, DROPPED};
 
@@ -166,7 +167,7 @@ impl OutIndex {
     }
 
     /// Lists every synapse of `synapses` (by segment id).
-    pub(super) fn rebuild(&mut self, synapses: &[Box<[Synapse]>], connected: Code) {
+    pub(super) fn rebuild(&mut self, synapses: &SynapseArena, connected: Code) {
         each!(self, l => l.rebuild(synapses, connected))
     }
 
@@ -398,7 +399,7 @@ impl<E: Entry> Lists<E> {
         self.abandoned = 0;
     }
 
-    fn rebuild(&mut self, synapses: &[Box<[Synapse]>], connected: Code) {
+    fn rebuild(&mut self, synapses: &SynapseArena, connected: Code) {
         // Per cell: connected and total counts, then where the next entries of each go.
         self.heads = CellHeads::new(self.heads.len());
         let mut at = vec![[0u32; 2]; self.heads.len()];
