@@ -6,9 +6,10 @@
 //! column (16 bytes a column, derived, rebuilt on restore), so any column can be regenerated
 //! alone. A column that learning never touched is regenerated on demand instead of stored. Only
 //! columns that learning modified (winners, bumped weak columns) keep their permanences: one
-//! dense row of `f32` per column over the input, NaN outside the pool, so a learning step is
-//! straight-line vector code over contiguous memory. With NAB-like inputs only a few hundred
-//! of the 2048 columns ever win, which is what keeps a pooler small in memory and on disk.
+//! dense row of `u16` fixed-point permanences per column over the input, a sentinel outside the
+//! pool, so a learning step is straight-line integer vector code over contiguous memory. With
+//! NAB-like inputs only a few hundred of the 2048 columns ever win, which is what keeps a
+//! pooler small in memory and on disk.
 //!
 //! Overlaps come from a derived bitset of connected synapses (AND + popcount), stored
 //! word-major so that each input word meets one contiguous plane of all columns. The bitset is a cache: it is rebuilt on restore from the stored
@@ -45,8 +46,25 @@ impl ParamError {
 const UPDATE_PERIOD: u64 = 50;
 /// Fraction of a potential pool that starts connected (NuPIC's `initConnectedPct`).
 const INIT_CONNECTED_PCT: f64 = 0.5;
-/// Tolerance NuPIC applies when testing `permanence >= syn_perm_connected`.
-const PERMANENCE_EPSILON: f64 = 0.000_001;
+/// Permanence units per 1.0: the pooler stores a permanence as a `u16` count of 1/50000, half
+/// the memory of `f32`. NuPIC's parameters are whole units (`syn_perm_active_inc` 0.003 = 150,
+/// `syn_perm_inactive_dec` 0.0005 = 25, `syn_perm_connected` 0.2 = 10000, the trim threshold
+/// 75, the weak-column raise 1000), so learning is exact integer arithmetic and NuPIC's
+/// epsilon in `permanence >= syn_perm_connected` is not needed.
+pub const PERMANENCE_SCALE: u16 = 50_000;
+/// The maximum permanence, 1.0.
+const PERMANENCE_MAX: u16 = PERMANENCE_SCALE;
+
+/// `v` (a fraction in `[0, 1]`) in permanence units, rounded to nearest.
+fn to_units(v: f64) -> u16 {
+    (v * f64::from(PERMANENCE_SCALE)).round() as u16
+}
+
+/// Permanence units as the fraction they stand for (the nearest `f32`, so `units >= c` iff
+/// the fraction is `>= c as f32 / 50000`).
+fn to_fraction(units: u16) -> f32 {
+    f32::from(units) / f32::from(PERMANENCE_SCALE)
+}
 
 /// Spatial pooler parameters. Defaults are NuPIC's values as used by NAB's best detector;
 /// `input_size` has no meaningful default and must be set.
@@ -125,6 +143,18 @@ fn check_unit(name: &'static str, v: f64, allow_zero: bool) -> Result<(), ParamE
     }
 }
 
+/// [`check_unit`] for a permanence amount, which must also not vanish in permanence units.
+fn check_permanence(name: &'static str, v: f64, allow_zero: bool) -> Result<(), ParamError> {
+    check_unit(name, v, allow_zero)?;
+    if v > 0.0 && to_units(v) == 0 {
+        return Err(ParamError::new(
+            name,
+            format!("{v} rounds to 0 permanence units of 1/{PERMANENCE_SCALE}"),
+        ));
+    }
+    Ok(())
+}
+
 impl SpatialPoolerParams {
     /// Checks every parameter, naming the first invalid one.
     pub fn validate(&self) -> Result<(), ParamError> {
@@ -154,16 +184,28 @@ impl SpatialPoolerParams {
                 ),
             ));
         }
-        check_unit("syn_perm_inactive_dec", self.syn_perm_inactive_dec, true)?;
-        check_unit("syn_perm_active_inc", self.syn_perm_active_inc, true)?;
-        check_unit("syn_perm_connected", self.syn_perm_connected, false)?;
-        if self.syn_perm_active_inc / 2.0 >= self.syn_perm_connected {
+        check_permanence("syn_perm_inactive_dec", self.syn_perm_inactive_dec, true)?;
+        check_permanence("syn_perm_active_inc", self.syn_perm_active_inc, true)?;
+        check_permanence("syn_perm_connected", self.syn_perm_connected, false)?;
+        let k = Consts::new(self);
+        if k.trim >= k.connected {
             return Err(ParamError::new(
                 "syn_perm_active_inc",
                 format!(
                     "trim threshold syn_perm_active_inc/2 = {} must be below syn_perm_connected {}",
                     self.syn_perm_active_inc / 2.0,
                     self.syn_perm_connected
+                ),
+            ));
+        }
+        if k.below_stimulus_inc == 0 {
+            // Weak columns would never be raised, nor pools to the stimulus threshold.
+            return Err(ParamError::new(
+                "syn_perm_connected",
+                format!(
+                    "the weak-column raise syn_perm_connected/10 = {} rounds to 0 permanence \
+                     units of 1/{PERMANENCE_SCALE}",
+                    self.syn_perm_connected / 10.0
                 ),
             ));
         }
@@ -185,22 +227,36 @@ impl SpatialPoolerParams {
     }
 }
 
-/// Learning constants in the precision NuPIC applies them (its arrays are `float32`).
+/// Learning constants in permanence units, each converted once from its parameter.
 #[derive(Clone, Debug, Default)]
 struct Consts {
-    active_inc: f32,
-    inactive_dec_neg: f32,
-    below_stimulus_inc: f32,
-    trim: f32,
-    /// `syn_perm_connected - PERMANENCE_EPSILON`.
-    connected: f32,
+    active_inc: u16,
+    inactive_dec: u16,
+    /// NuPIC's `synPermBelowStimulusInc`, `syn_perm_connected / 10`.
+    below_stimulus_inc: u16,
+    /// NuPIC's `synPermTrimThreshold`, `syn_perm_active_inc / 2`.
+    trim: u16,
+    /// A synapse is connected when its permanence is at least this.
+    connected: u16,
     stimulus_threshold: u32,
 }
 
-/// Marks a column's lanes for inputs outside its potential pool. Learning arithmetic carries
-/// it through unchanged (NaN plus anything is NaN, every comparison with it is false), so
-/// the vector loops need no membership mask.
-const NOT_IN_POOL: f32 = f32::NAN;
+impl Consts {
+    fn new(p: &SpatialPoolerParams) -> Self {
+        Consts {
+            active_inc: to_units(p.syn_perm_active_inc),
+            inactive_dec: to_units(p.syn_perm_inactive_dec),
+            below_stimulus_inc: to_units(p.syn_perm_connected / 10.0),
+            trim: to_units(p.syn_perm_active_inc / 2.0),
+            connected: to_units(p.syn_perm_connected),
+            stimulus_threshold: p.stimulus_threshold,
+        }
+    }
+}
+
+/// Marks a column's lanes for inputs outside its potential pool: above every permanence, so
+/// it is told apart with one comparison. Learning leaves it unchanged and it never connects.
+const NOT_IN_POOL: u16 = u16::MAX;
 const NO_SLOT: u32 = u32::MAX;
 
 /// Permanences of the materialised columns: `stride` lanes (the input rounded up to whole
@@ -214,21 +270,16 @@ struct ColumnStore {
     columns: Vec<u32>,
     /// Column → slot, [`NO_SLOT`] while the column is lazy. Derived from `columns`.
     slot_of: Vec<u32>,
-    perms: Vec<f32>,
+    perms: Vec<u16>,
 }
 
-/// Bitwise equality: NaN lanes are part of the content.
+/// `slot_of` is derived from `columns`.
 impl PartialEq for ColumnStore {
     fn eq(&self, other: &Self) -> bool {
         self.num_columns == other.num_columns
             && self.stride == other.stride
             && self.columns == other.columns
-            && self.perms.len() == other.perms.len()
-            && self
-                .perms
-                .iter()
-                .zip(&other.perms)
-                .all(|(a, b)| a.to_bits() == b.to_bits())
+            && self.perms == other.perms
     }
 }
 
@@ -250,12 +301,12 @@ impl ColumnStore {
         }
     }
 
-    fn lanes(&self, slot: usize) -> &[f32] {
+    fn lanes(&self, slot: usize) -> &[u16] {
         let s = self.stride as usize;
         &self.perms[slot * s..(slot + 1) * s]
     }
 
-    fn lanes_mut(&mut self, slot: usize) -> &mut [f32] {
+    fn lanes_mut(&mut self, slot: usize) -> &mut [u16] {
         let s = self.stride as usize;
         &mut self.perms[slot * s..(slot + 1) * s]
     }
@@ -296,19 +347,19 @@ impl ColumnStore {
     }
 
     fn heap_bytes(&self) -> usize {
-        4 * (self.columns.capacity() + self.slot_of.capacity() + self.perms.capacity())
+        4 * (self.columns.capacity() + self.slot_of.capacity()) + 2 * self.perms.capacity()
     }
 
     fn to_wire(&self) -> StoreWireRef<'_> {
         let mut tags = vec![0u8; self.perms.len().div_ceil(4)];
         let mut values = Vec::new();
         for (i, &p) in self.perms.iter().enumerate() {
-            let tag = match p.to_bits() {
+            let tag = match p {
                 0 => TAG_ZERO,
-                b if b == 1f32.to_bits() => TAG_ONE,
-                b if b == NOT_IN_POOL.to_bits() => TAG_NOT_IN_POOL,
+                PERMANENCE_MAX => TAG_MAX,
+                NOT_IN_POOL => TAG_NOT_IN_POOL,
                 _ => {
-                    values.push(p);
+                    values.extend_from_slice(&p.to_le_bytes());
                     TAG_VALUE
                 }
             };
@@ -338,14 +389,23 @@ impl ColumnStore {
         if w.tags.len() != lanes.div_ceil(4) {
             return Err("permanence tags do not match the stored columns".into());
         }
-        let mut values = w.values.iter();
+        if w.values.len() % 2 != 0 {
+            return Err("odd number of permanence bytes".into());
+        }
+        let mut values = w.values.chunks(2);
         store.perms.reserve_exact(lanes);
         for i in 0..lanes {
             let p = match (w.tags[i / 4] >> (2 * (i % 4))) & 3 {
-                TAG_ZERO => 0.0,
-                TAG_ONE => 1.0,
+                TAG_ZERO => 0,
+                TAG_MAX => PERMANENCE_MAX,
                 TAG_NOT_IN_POOL => NOT_IN_POOL,
-                _ => *values.next().ok_or("fewer permanences than tags")?,
+                _ => match values.next() {
+                    Some(&[lo, hi]) => match u16::from_le_bytes([lo, hi]) {
+                        p if p <= PERMANENCE_MAX => p,
+                        p => return Err(format!("permanence {p} above the maximum")),
+                    },
+                    _ => return Err("fewer permanences than tags".into()),
+                },
             };
             store.perms.push(p);
         }
@@ -357,21 +417,23 @@ impl ColumnStore {
     }
 }
 
-// Checkpoint form of the store: 2 bits per lane say 0.0, 1.0, not in the pool, or "next
-// explicit value". Long-trained columns are mostly 0.0 and 1.0, so a stored column costs
-// far less than its 4 bytes per lane.
+// Checkpoint form of the store: 2 bits per lane say 0, the maximum, not in the pool, or "next
+// explicit value". Long-trained columns are mostly 0 and the maximum, so a stored column
+// costs far less than its 2 bytes per lane.
 const TAG_ZERO: u8 = 0;
-const TAG_ONE: u8 = 1;
+const TAG_MAX: u8 = 1;
 const TAG_VALUE: u8 = 2;
 const TAG_NOT_IN_POOL: u8 = 3;
 
+// The explicit values are `u16` little-endian byte pairs: as integers, bincode's varint
+// encoding would spend 3 bytes on every value of 251 units or more.
 #[derive(Serialize)]
 struct StoreWireRef<'a> {
     num_columns: u32,
     stride: u32,
     columns: &'a [u32],
     tags: Vec<u8>,
-    values: Vec<f32>,
+    values: Vec<u8>,
 }
 
 #[derive(Deserialize)]
@@ -380,7 +442,7 @@ struct StoreWire {
     stride: u32,
     columns: Vec<u32>,
     tags: Vec<u8>,
-    values: Vec<f32>,
+    values: Vec<u8>,
 }
 
 impl Serialize for ColumnStore {
@@ -506,9 +568,9 @@ struct Cache {
     /// Indices of the non-zero words of `input_bits`, ascending.
     nonzero_words: Vec<usize>,
     /// Per input lane, the permanence change of a winning column's synapse from it.
-    delta: Vec<f32>,
+    delta: Delta,
     /// Per input lane, the raise of a weak column's synapses.
-    bump: Vec<f32>,
+    bump: Delta,
     overlaps: Vec<u32>,
     boosted: Vec<f32>,
     keys: Vec<u64>,
@@ -588,16 +650,17 @@ fn pool_size(candidates: usize, potential_pct: f64) -> usize {
 }
 
 /// Writes `column`'s initial lanes: [`NOT_IN_POOL`] outside its potential pool, NuPIC's
-/// initial permanence inside (`_initPermanence`: rounded down to 5 decimals, trimmed, then
-/// raised to the stimulus threshold). `rng` must be the constructor's stream positioned at
-/// the start of `column`; it is left at the start of the next one.
+/// initial permanence inside (`_initPermanence`, from the same draws, but rounded down to
+/// whole units instead of to 5 decimals; trimmed, then raised to the stimulus threshold).
+/// `rng` must be the constructor's stream positioned at the start of `column`; it is left at
+/// the start of the next one.
 fn generate_column(
     p: &SpatialPoolerParams,
     potential_radius: u32,
     k: &Consts,
     column: u32,
     rng: &mut Random,
-    lanes: &mut [f32],
+    lanes: &mut [u16],
 ) {
     let candidates: Vec<u32> = neighborhood(
         map_column(p, column),
@@ -609,107 +672,160 @@ fn generate_column(
     let mut pool = rng.sample(&candidates, pool_size(candidates.len(), p.potential_pct));
     pool.sort_unstable();
     lanes.fill(NOT_IN_POOL);
-    let connected = p.syn_perm_connected;
+    let connected = f64::from(k.connected);
+    let above = f64::from(PERMANENCE_MAX - k.connected);
     for &input in &pool {
+        // The draws are NuPIC's; truncation to whole units stands in for its 5 decimals.
         let v = if rng.real() <= INIT_CONNECTED_PCT {
-            connected + (1.0 - connected) * rng.real()
+            k.connected + (above * rng.real()) as u16
         } else {
-            connected * rng.real()
+            (connected * rng.real()) as u16
         };
-        let v = (((v * 100_000.0) as i64) as f64 / 100_000.0) as f32;
-        lanes[input as usize] = if v < k.trim { 0.0 } else { v };
+        lanes[input as usize] = if v < k.trim { 0 } else { v };
     }
     if k.stimulus_threshold > 0 {
-        adapt_raising(lanes, k, |_| 0.0);
+        adapt_raising(lanes, k, |_| 0);
     }
 }
 
+/// Whether a lane's synapse is connected: one unsigned comparison, which the wrap-around
+/// makes false both below `connected` and for [`NOT_IN_POOL`] (above the maximum).
+#[inline(always)]
+fn is_connected(p: u16, connected: u16) -> bool {
+    p.wrapping_sub(connected) <= PERMANENCE_MAX - connected
+}
+
 /// Connected-synapse bits of a column's lanes, one word per 64 lanes.
-fn connected_bits(lanes: &[f32], connected: f32, row: &mut [u64]) {
+fn connected_bits(lanes: &[u16], connected: u16, row: &mut [u64]) {
     for (w, chunk) in row.iter_mut().zip(lanes.chunks_exact(64)) {
         let mut bits = 0u64;
         for (j, &p) in chunk.iter().enumerate() {
-            bits |= u64::from(p >= connected) << j;
+            bits |= u64::from(is_connected(p, connected)) << j;
         }
         *w = bits;
     }
 }
 
 /// NuPIC's `_updatePermanencesForColumn` with `raisePerm`: applies `delta(lane)` clipped to
-/// `[0, 1]`, lifts the whole pool by `syn_perm_connected / 10` until the stimulus threshold
+/// `[0, max]`, lifts the whole pool by `syn_perm_connected / 10` until the stimulus threshold
 /// of synapses connect, then trims. Only used with a non-zero stimulus threshold.
-fn adapt_raising<D: Fn(usize) -> f32>(lanes: &mut [f32], k: &Consts, delta: D) {
+fn adapt_raising<D: Fn(usize) -> i32>(lanes: &mut [u16], k: &Consts, delta: D) {
+    let max = i32::from(PERMANENCE_MAX);
     let mut n_connected = 0u32;
     for (i, p) in lanes.iter_mut().enumerate() {
-        if !p.is_nan() {
-            *p = (*p + delta(i)).clamp(0.0, 1.0);
-            n_connected += u32::from(*p > k.connected);
+        if *p != NOT_IN_POOL {
+            *p = (i32::from(*p) + delta(i)).clamp(0, max) as u16;
+            n_connected += u32::from(*p >= k.connected);
         }
     }
-    // Validation guarantees every pool is large enough for this to terminate.
+    // Validation guarantees every pool is large enough and the raise non-zero, so this
+    // terminates. Clipping at the maximum on the way (NuPIC clips after) changes no count:
+    // the maximum is connected.
     while n_connected < k.stimulus_threshold {
         n_connected = 0;
-        for p in lanes.iter_mut().filter(|p| !p.is_nan()) {
-            *p += k.below_stimulus_inc;
-            n_connected += u32::from(*p > k.connected);
+        for p in lanes.iter_mut().filter(|p| **p != NOT_IN_POOL) {
+            *p = p.saturating_add(k.below_stimulus_inc).min(PERMANENCE_MAX);
+            n_connected += u32::from(*p >= k.connected);
         }
     }
-    for p in lanes.iter_mut().filter(|p| !p.is_nan()) {
-        *p = if *p < k.trim { 0.0 } else { p.min(1.0) };
+    for p in lanes.iter_mut().filter(|p| **p < k.trim) {
+        *p = 0;
     }
 }
 
-/// NuPIC's `_updatePermanencesForColumn` without raising, over whole lanes: adds `delta`,
-/// clips at 1, trims values below `trim` to 0 (which also clips at 0, since `trim > 0`), and
-/// rewrites the column's connected bits. Pool-less lanes stay NaN and never connect.
+/// A permanence change per lane: `inc` added, then `dec` subtracted (one of them is 0).
+#[derive(Clone, Debug, Default)]
+struct Delta {
+    inc: Vec<u16>,
+    dec: Vec<u16>,
+}
+
+impl Delta {
+    fn new(lanes: usize, inc: u16, dec: u16) -> Self {
+        Delta {
+            inc: vec![inc; lanes],
+            dec: vec![dec; lanes],
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        2 * (self.inc.capacity() + self.dec.capacity())
+    }
+}
+
+/// NuPIC's `_updatePermanencesForColumn` without raising, over whole lanes: applies `delta`
+/// clipped to `[0, max]` (saturating, which is exact since only one of `inc` and `dec` is
+/// non-zero), trims values below `trim` to 0, and rewrites the column's connected bits.
+/// [`NOT_IN_POOL`] lanes stay as they are and never connect.
 #[inline(always)]
-fn adapt_lanes(lanes: &mut [f32], delta: &[f32], trim: f32, connected: f32, row: &mut [u64]) {
-    for ((w, chunk), d) in row
+fn adapt_lanes(lanes: &mut [u16], delta: &Delta, trim: u16, connected: u16, row: &mut [u64]) {
+    for (((w, chunk), inc), dec) in row
         .iter_mut()
         .zip(lanes.chunks_exact_mut(64))
-        .zip(delta.chunks_exact(64))
+        .zip(delta.inc.chunks_exact(64))
+        .zip(delta.dec.chunks_exact(64))
     {
         let mut bits = 0u64;
         for j in 0..64 {
-            let np = chunk[j] + d[j];
-            let np = if np > 1.0 { 1.0 } else { np };
-            let np = if np < trim { 0.0 } else { np };
+            let p = chunk[j];
+            let np = p.saturating_add(inc[j]).min(PERMANENCE_MAX);
+            let np = np.saturating_sub(dec[j]);
+            let np = if np < trim { 0 } else { np };
+            let np = if p == NOT_IN_POOL { p } else { np };
             chunk[j] = np;
-            bits |= u64::from(np >= connected) << j;
+            bits |= u64::from(is_connected(np, connected)) << j;
         }
         *w = bits;
     }
 }
 
-/// [`adapt_lanes`] in AVX2 by hand: eight lanes per vector, and each comparison's lane bits
-/// come straight out of `movemask` (compilers assemble them bit by bit). Every step keeps
-/// the portable version's NaN behaviour: ordered comparisons are false for NaN lanes, so
-/// the blends leave them NaN and they never connect.
+/// [`adapt_lanes`] in AVX2 by hand: sixteen lanes per vector, with the portable version's
+/// steps as unsigned saturating arithmetic. AVX2 compares only signed 16-bit lanes, so
+/// `a >= b` is tested as `max(a, b) == a`. The lane bits come out of `movemask` after
+/// packing two vectors' masks to bytes (compilers assemble them bit by bit).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn adapt_lanes_avx2(lanes: &mut [f32], delta: &[f32], trim: f32, connected: f32, row: &mut [u64]) {
+fn adapt_lanes_avx2(lanes: &mut [u16], delta: &Delta, trim: u16, connected: u16, row: &mut [u64]) {
     use std::arch::x86_64::*;
-    let (one, zero) = (_mm256_set1_ps(1.0), _mm256_setzero_ps());
-    let (trim, connected) = (_mm256_set1_ps(trim), _mm256_set1_ps(connected));
-    for ((w, chunk), d) in row
+    // Bit patterns: `_mm256_set1_epi16` takes an `i16`.
+    let max = _mm256_set1_epi16(PERMANENCE_MAX as i16);
+    let not_in_pool = _mm256_set1_epi16(NOT_IN_POOL as i16);
+    let (trim, connected) = (
+        _mm256_set1_epi16(trim as i16),
+        _mm256_set1_epi16(connected as i16),
+    );
+    for (((w, chunk), inc), dec) in row
         .iter_mut()
         .zip(lanes.chunks_exact_mut(64))
-        .zip(delta.chunks_exact(64))
+        .zip(delta.inc.chunks_exact(64))
+        .zip(delta.dec.chunks_exact(64))
     {
-        let mut bits = 0u64;
-        for (k, (p, d)) in chunk.chunks_exact_mut(8).zip(d.chunks_exact(8)).enumerate() {
-            // SAFETY: `p` and `d` hold exactly 8 `f32`, what the unaligned loads and the
-            // store access.
-            unsafe {
-                let np = _mm256_add_ps(_mm256_loadu_ps(p.as_ptr()), _mm256_loadu_ps(d.as_ptr()));
-                let np = _mm256_blendv_ps(np, one, _mm256_cmp_ps::<_CMP_GT_OQ>(np, one));
-                let np = _mm256_blendv_ps(np, zero, _mm256_cmp_ps::<_CMP_LT_OQ>(np, trim));
-                _mm256_storeu_ps(p.as_mut_ptr(), np);
-                let on = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(np, connected));
-                bits |= u64::from(on as u8) << (8 * k);
+        // SAFETY: `chunk`, `inc` and `dec` hold 64 `u16`, four vectors of 16 lanes (32
+        // bytes), what the unaligned loads and stores access.
+        unsafe {
+            let mut on = [_mm256_setzero_si256(); 4];
+            for (v, on) in on.iter_mut().enumerate() {
+                let p = chunk.as_mut_ptr().add(16 * v).cast::<__m256i>();
+                let p0 = _mm256_loadu_si256(p);
+                let outside = _mm256_cmpeq_epi16(p0, not_in_pool);
+                let np = _mm256_adds_epu16(p0, _mm256_loadu_si256(inc.as_ptr().add(16 * v).cast()));
+                let np = _mm256_min_epu16(np, max);
+                let np = _mm256_subs_epu16(np, _mm256_loadu_si256(dec.as_ptr().add(16 * v).cast()));
+                let kept = _mm256_cmpeq_epi16(_mm256_max_epu16(np, trim), np);
+                // NOT_IN_POOL is all ones: OR-ing its mask back restores those lanes.
+                let np = _mm256_or_si256(_mm256_and_si256(np, kept), outside);
+                _mm256_storeu_si256(p, np);
+                let at_least = _mm256_cmpeq_epi16(_mm256_max_epu16(np, connected), np);
+                *on = _mm256_andnot_si256(outside, at_least);
             }
+            // Signed saturation keeps the masks' 0 / -1 lanes as bytes; the pack interleaves
+            // two vectors' 128-bit halves, which the permutation puts back in lane order.
+            const IN_ORDER: i32 = 0b11_01_10_00;
+            let lo = _mm256_permute4x64_epi64::<IN_ORDER>(_mm256_packs_epi16(on[0], on[1]));
+            let hi = _mm256_permute4x64_epi64::<IN_ORDER>(_mm256_packs_epi16(on[2], on[3]));
+            *w = u64::from(_mm256_movemask_epi8(lo) as u32)
+                | (u64::from(_mm256_movemask_epi8(hi) as u32) << 32);
         }
-        *w = bits;
     }
 }
 
@@ -737,10 +853,10 @@ impl Vectors {
 #[inline(always)]
 fn adapt_lanes_best(
     vectors: Vectors,
-    lanes: &mut [f32],
-    delta: &[f32],
-    trim: f32,
-    connected: f32,
+    lanes: &mut [u16],
+    delta: &Delta,
+    trim: u16,
+    connected: u16,
     row: &mut [u64],
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -847,18 +963,6 @@ impl SpatialPooler {
         Ok(sp)
     }
 
-    fn consts(&self) -> Consts {
-        let p = &self.params;
-        Consts {
-            active_inc: p.syn_perm_active_inc as f32,
-            inactive_dec_neg: -(p.syn_perm_inactive_dec as f32),
-            below_stimulus_inc: (p.syn_perm_connected / 10.0) as f32,
-            trim: (p.syn_perm_active_inc / 2.0) as f32,
-            connected: (p.syn_perm_connected - PERMANENCE_EPSILON) as f32,
-            stimulus_threshold: p.stimulus_threshold,
-        }
-    }
-
     /// Rebuilds the derived connected-synapse bitset (from the stored columns, regenerating
     /// the lazy ones) and the scratch buffers. Call after deserialising; idempotent
     /// ([`SpatialPooler::compute`] also calls it if it was forgotten).
@@ -873,7 +977,7 @@ impl SpatialPooler {
             self.columns.stride as usize == stride && self.columns.num_columns as usize == n_col,
             "spatial pooler state does not match its parameters"
         );
-        let consts = self.consts();
+        let consts = Consts::new(&self.params);
         let layout = initial_layout(&self.params, self.potential_radius, &consts, words);
         // Lazy columns are as generated; stored ones have learnt since.
         let mut connected = layout.connected.clone();
@@ -896,8 +1000,8 @@ impl SpatialPooler {
             row,
             input_bits: vec![0; words],
             nonzero_words: Vec::with_capacity(words),
-            delta: vec![0.0; stride],
-            bump: vec![consts.below_stimulus_inc; stride],
+            delta: Delta::new(stride, 0, 0),
+            bump: Delta::new(stride, consts.below_stimulus_inc, 0),
             overlaps: vec![0; n_col],
             boosted: vec![0.0; n_col],
             keys: Vec::with_capacity(n_col),
@@ -977,12 +1081,12 @@ impl SpatialPooler {
     }
 
     /// `column`'s lanes: stored, or regenerated if the column is lazy.
-    fn column_lanes(&self, column: u32) -> std::borrow::Cow<'_, [f32]> {
+    fn column_lanes(&self, column: u32) -> std::borrow::Cow<'_, [u16]> {
         match self.columns.slot(column) {
             Some(slot) => std::borrow::Cow::Borrowed(self.columns.lanes(slot)),
             None => {
                 let mut lanes = vec![NOT_IN_POOL; self.columns.stride as usize];
-                let k = self.consts();
+                let k = Consts::new(&self.params);
                 let mut rng = match self.cache.layout.streams.get(column as usize) {
                     Some(stream) => stream.clone(),
                     None => {
@@ -1018,17 +1122,18 @@ impl SpatialPooler {
     pub fn potential_pool(&self, column: u32) -> Vec<u32> {
         let lanes = self.column_lanes(column);
         (0..self.params.input_size)
-            .filter(|&i| !lanes[i as usize].is_nan())
+            .filter(|&i| lanes[i as usize] != NOT_IN_POOL)
             .collect()
     }
 
-    /// Permanences of `column`'s synapses, in [`SpatialPooler::potential_pool`] order.
+    /// Permanences of `column`'s synapses, in [`SpatialPooler::potential_pool`] order: whole
+    /// multiples of `1 / PERMANENCE_SCALE`, each the nearest `f32`.
     pub fn permanences(&self, column: u32) -> Vec<f32> {
         let lanes = self.column_lanes(column);
         lanes[..self.input_size()]
             .iter()
-            .copied()
-            .filter(|p| !p.is_nan())
+            .filter(|&&p| p != NOT_IN_POOL)
+            .map(|&p| to_fraction(p))
             .collect()
     }
 
@@ -1047,9 +1152,9 @@ impl SpatialPooler {
                     + c.input_bits.capacity()
                     + c.keys.capacity())
             + size_of::<usize>() * c.nonzero_words.capacity()
+            + c.delta.heap_bytes()
+            + c.bump.heap_bytes()
             + 4 * (c.overlaps.capacity()
-                + c.delta.capacity()
-                + c.bump.capacity()
                 + c.boosted.capacity()
                 + c.histogram.capacity()
                 + c.winners.capacity())
@@ -1283,9 +1388,11 @@ impl SpatialPooler {
     fn adapt_synapses(&mut self, input: &Sdr) {
         let c = &mut self.cache;
         let k = &c.consts;
-        c.delta.fill(k.inactive_dec_neg);
+        c.delta.inc.fill(0);
+        c.delta.dec.fill(k.inactive_dec);
         for &i in input.sparse() {
-            c.delta[i as usize] = k.active_inc;
+            c.delta.inc[i as usize] = k.active_inc;
+            c.delta.dec[i as usize] = 0;
         }
         let n = self.params.column_count as usize;
         for &col in &c.winners {
@@ -1302,7 +1409,9 @@ impl SpatialPooler {
                 adapt_lanes_best(c.vectors, lanes, &c.delta, k.trim, k.connected, row);
             } else {
                 let delta = &c.delta;
-                adapt_raising(lanes, k, |i| delta[i]);
+                adapt_raising(lanes, k, |i| {
+                    i32::from(delta.inc[i]) - i32::from(delta.dec[i])
+                });
                 connected_bits(lanes, k.connected, row);
             }
             scatter_row(&mut c.connected, n, col as usize, row);
@@ -1472,25 +1581,62 @@ mod tests {
         out
     }
 
+    /// `column`'s permanences in units, in potential-pool order.
+    fn units(sp: &SpatialPooler, column: u32) -> Vec<u16> {
+        let lanes = sp.column_lanes(column);
+        let units: Vec<u16> = lanes
+            .iter()
+            .copied()
+            .filter(|&p| p != NOT_IN_POOL)
+            .collect();
+        // The public fractions are the same values.
+        let fractions: Vec<f32> = units.iter().map(|&p| f32::from(p) / 50_000.0).collect();
+        assert_eq!(sp.permanences(column), fractions);
+        units
+    }
+
+    #[test]
+    fn nupic_parameters_are_whole_permanence_units() {
+        let k = Consts::new(&params(10, 10, 2));
+        assert_eq!(
+            (
+                k.active_inc,
+                k.inactive_dec,
+                k.connected,
+                k.trim,
+                k.below_stimulus_inc
+            ),
+            (150, 25, 10_000, 75, 1_000)
+        );
+        // Exact units read back as the nearest f32 of the fraction.
+        assert_eq!(to_fraction(k.connected), 0.2f32);
+        assert_eq!(to_fraction(PERMANENCE_MAX), 1.0);
+        assert_eq!(to_fraction(0), 0.0);
+    }
+
     #[test]
     fn initial_pools_and_permanences_follow_nupic() {
         let sp = SpatialPooler::new(params(200, 64, 8)).unwrap();
-        let thr = (0.2 - PERMANENCE_EPSILON) as f32;
         let (mut connected, mut total) = (0usize, 0usize);
         for col in 0..64 {
             let pool = sp.potential_pool(col);
-            let perms = sp.permanences(col);
+            let perms = units(&sp, col);
             // Whole input in range: round(200 * 0.8) potential inputs, each input once.
             assert_eq!((pool.len(), perms.len()), (160, 160));
             assert!(pool.windows(2).all(|w| w[0] < w[1]) && pool[159] < 200);
             for &p in &perms {
-                assert!(p == 0.0 || p >= 0.0015, "untrimmed permanence {p}");
-                connected += usize::from(p >= thr);
+                assert!(p == 0 || (75..=50_000).contains(&p), "permanence {p}");
+                connected += usize::from(p >= 10_000);
                 total += 1;
             }
             assert_eq!(
                 sp.connected_count(col),
-                perms.iter().filter(|&&p| p >= thr).count() as u32
+                perms.iter().filter(|&&p| p >= 10_000).count() as u32
+            );
+            // Through the public fractions too.
+            assert_eq!(
+                sp.connected_count(col),
+                sp.permanences(col).iter().filter(|&&p| p >= 0.2).count() as u32
             );
         }
         let frac = connected as f64 / total as f64;
@@ -1567,7 +1713,7 @@ mod tests {
                 let mut portable = vec![0; 300];
                 overlaps_kernel(&c.connected, &c.input_bits, &c.nonzero_words, &mut portable);
                 assert_eq!(portable, c.overlaps, "input {i}");
-                let thr = sp.cache.consts.connected;
+                let thr = to_fraction(sp.cache.consts.connected);
                 for col in 0..300u32 {
                     let direct = sp
                         .potential_pool(col)
@@ -1683,15 +1829,16 @@ mod tests {
         for col in 0..300u32 {
             let pool = before.potential_pool(col);
             assert_eq!(pool, sp.potential_pool(col));
-            let (perms0, perms1) = (before.permanences(col), sp.permanences(col));
+            let (perms0, perms1) = (units(&before, col), units(&sp, col));
             for ((&presyn, p0), p1) in pool.iter().zip(perms0).zip(perms1) {
+                // In units: +0.003 = 150 up to 1.0 = 50000, -0.0005 = 25, trimmed below 75.
                 if !out.contains(col) {
                     assert_eq!(p0, p1);
                 } else if x.contains(presyn) {
-                    assert_eq!(p1, (p0 + 0.003).min(1.0));
-                } else if p0 > 0.0 {
-                    let want = p0 - 0.0005;
-                    assert_eq!(p1, if want < 0.0015 { 0.0 } else { want });
+                    assert_eq!(p1, (p0 + 150).min(50_000));
+                } else {
+                    let want = p0.saturating_sub(25);
+                    assert_eq!(p1, if want < 75 { 0 } else { want });
                 }
             }
         }
@@ -1867,13 +2014,94 @@ mod tests {
                     ..params(10, 10, 2)
                 },
             ),
+            // Non-zero amounts below the permanence resolution.
+            (
+                "syn_perm_active_inc",
+                SpatialPoolerParams {
+                    syn_perm_active_inc: 0.000_009, // 0.45 units
+                    ..params(10, 10, 2)
+                },
+            ),
+            (
+                "syn_perm_inactive_dec",
+                SpatialPoolerParams {
+                    syn_perm_inactive_dec: 0.000_001,
+                    ..params(10, 10, 2)
+                },
+            ),
+            (
+                "syn_perm_connected",
+                SpatialPoolerParams {
+                    syn_perm_connected: 0.000_001,
+                    ..params(10, 10, 2)
+                },
+            ),
+            (
+                // 5 units connect, but the weak-column raise of a tenth rounds to 0.
+                "syn_perm_connected",
+                SpatialPoolerParams {
+                    syn_perm_connected: 0.000_1 - 0.000_001,
+                    syn_perm_active_inc: 0.0,
+                    ..params(10, 10, 2)
+                },
+            ),
         ];
-        for (name, p) in cases {
+        let resolution_cases = cases.len() - 4;
+        for (i, (name, p)) in cases.into_iter().enumerate() {
             let err = SpatialPooler::new(p).unwrap_err();
             assert_eq!(err.name, name);
-            assert!(err.to_string().contains(name), "{err}");
+            let msg = err.to_string();
+            assert!(msg.contains(name), "{msg}");
+            assert_eq!(msg.contains("rounds to 0"), i >= resolution_cases, "{msg}");
         }
         assert!(SpatialPooler::new(params(10, 10, 2)).is_ok());
+        // Learning can be switched off with zero amounts.
+        assert!(SpatialPooler::new(SpatialPoolerParams {
+            syn_perm_active_inc: 0.0,
+            syn_perm_inactive_dec: 0.0,
+            ..params(10, 10, 2)
+        })
+        .is_ok());
+        // One unit is enough, and the smallest weak-column raise is one unit.
+        assert!(SpatialPooler::new(SpatialPoolerParams {
+            syn_perm_active_inc: 0.000_02,
+            syn_perm_inactive_dec: 0.000_01, // 0.5 units rounds up
+            syn_perm_connected: 0.000_1,
+            ..params(10, 10, 2)
+        })
+        .is_ok());
+    }
+
+    #[test]
+    fn corrupt_stored_permanences_are_rejected() {
+        let wire = |tags: Vec<u8>, values: Vec<u8>| StoreWire {
+            num_columns: 2,
+            stride: 64,
+            columns: vec![1],
+            tags,
+            values,
+        };
+        // Lanes 0..4 tagged "value", the rest zero.
+        let tags = || {
+            let mut t = vec![0u8; 16];
+            t[0] = 0b1010_1010;
+            t
+        };
+        let max = PERMANENCE_MAX.to_le_bytes();
+        let ok = [max, max, [7, 0], [0, 0]].concat();
+        let store = ColumnStore::from_wire(wire(tags(), ok)).unwrap();
+        assert_eq!(
+            store.lanes(0)[..5],
+            [PERMANENCE_MAX, PERMANENCE_MAX, 7, 0, 0]
+        );
+        let above = [max, (PERMANENCE_MAX + 1).to_le_bytes(), [7, 0], [0, 0]].concat();
+        let err = ColumnStore::from_wire(wire(tags(), above)).unwrap_err();
+        assert!(err.contains("above the maximum"), "{err}");
+        let sentinel = [max, NOT_IN_POOL.to_le_bytes(), [7, 0], [0, 0]].concat();
+        assert!(ColumnStore::from_wire(wire(tags(), sentinel)).is_err());
+        assert!(ColumnStore::from_wire(wire(tags(), vec![0; 7])).is_err());
+        assert!(ColumnStore::from_wire(wire(tags(), vec![0; 6])).is_err());
+        assert!(ColumnStore::from_wire(wire(tags(), vec![0; 10])).is_err());
     }
 
     #[test]
@@ -1959,8 +2187,8 @@ mod tests {
         let stored = sp.num_materialised();
         assert!((40..=60).contains(&stored), "{stored} stored columns");
         let trained = bincode::serde::encode_to_vec(&sp, cfg).unwrap().len();
-        // Per stored column: 2 bits per lane (512 lanes) plus at most 4 bytes per synapse.
-        let bound = fresh + 64 + stored * (128 + 4 * 364);
+        // Per stored column: 2 bits per lane (512 lanes) plus at most 2 bytes per synapse.
+        let bound = fresh + 64 + stored * (128 + 2 * 364);
         assert!(trained <= bound, "{trained} > {bound}");
         let (back, _): (SpatialPooler, _) = bincode::serde::decode_from_slice(
             &bincode::serde::encode_to_vec(&sp, cfg).unwrap(),
@@ -1972,48 +2200,80 @@ mod tests {
 
     #[test]
     fn vector_learning_kernel_matches_the_per_synapse_rule() {
-        let sp = SpatialPooler::new(params(454, 16, 2)).unwrap();
-        let k = sp.cache.consts.clone();
+        let k = Consts::new(&params(454, 16, 2));
         let mut rng = Random::new(13);
-        let near = [0.0, k.trim, k.connected, 1.0, 0.2, 0.0015, 0.0005];
-        let draw = |rng: &mut Random| -> f32 {
+        const MAX: u16 = PERMANENCE_MAX;
+        let edges = [
+            0,
+            1,
+            k.inactive_dec - 1,
+            k.inactive_dec,
+            k.trim - 1,
+            k.trim,
+            k.trim + k.inactive_dec - 1,
+            k.trim + k.inactive_dec,
+            k.connected - 1,
+            k.connected,
+            k.connected + k.inactive_dec,
+            MAX - k.active_inc,
+            MAX - 1,
+            MAX,
+        ];
+        let draw = |rng: &mut Random| -> u16 {
             match rng.below(4) {
                 0 => NOT_IN_POOL,
-                1 => near[rng.below(near.len() as u32) as usize] + (rng.real() as f32 - 0.5) * 0.01,
-                _ => rng.real() as f32,
+                1 => edges[rng.below(edges.len() as u32) as usize],
+                _ => rng.below(u32::from(MAX) + 1) as u16,
             }
         };
+        // (inc, dec) per lane: NuPIC's changes, none, and extremes that saturate.
+        let changes = [
+            (k.active_inc, 0),
+            (0, k.inactive_dec),
+            (k.below_stimulus_inc, 0),
+            (0, 0),
+            (MAX, 0),
+            (0, MAX),
+            (u16::MAX, 0),
+            (0, u16::MAX),
+        ];
+        // (trim, connected): NuPIC's, no trimming, and thresholds at the edges.
+        let thresholds = [(k.trim, k.connected), (0, 1), (k.trim, MAX), (MAX - 1, MAX)];
         // Every kernel this CPU can run, in turn.
         let best = Vectors::detect();
         let kernels = [Vectors::Portable, Vectors::Avx2];
-        for vectors in kernels.into_iter().filter(|&v| v <= best).cycle().take(100) {
-            let lanes: Vec<f32> = (0..512).map(|_| draw(&mut rng).clamp(-1.0, 1.0)).collect();
-            let delta: Vec<f32> = (0..512)
-                .map(|_| {
-                    [k.active_inc, k.inactive_dec_neg, k.below_stimulus_inc][rng.below(3) as usize]
-                })
-                .collect();
+        let runs = kernels.into_iter().filter(|&v| v <= best).cycle().take(100);
+        for (round, vectors) in runs.enumerate() {
+            let (trim, connected) = thresholds[round % thresholds.len()];
+            let lanes: Vec<u16> = (0..512).map(|_| draw(&mut rng)).collect();
+            let mut delta = Delta::new(512, 0, 0);
+            for i in 0..512 {
+                let (inc, dec) = changes[rng.below(changes.len() as u32) as usize];
+                (delta.inc[i], delta.dec[i]) = (inc, dec);
+            }
             let mut fast = lanes.clone();
             let mut row = vec![0u64; 8];
-            adapt_lanes_best(vectors, &mut fast, &delta, k.trim, k.connected, &mut row);
+            adapt_lanes_best(vectors, &mut fast, &delta, trim, connected, &mut row);
             let mut portable = lanes.clone();
             let mut row2 = vec![0u64; 8];
-            adapt_lanes(&mut portable, &delta, k.trim, k.connected, &mut row2);
+            adapt_lanes(&mut portable, &delta, trim, connected, &mut row2);
             for i in 0..512 {
-                let want = if lanes[i].is_nan() {
-                    f32::NAN
+                let want = if lanes[i] == NOT_IN_POOL {
+                    NOT_IN_POOL
                 } else {
-                    let np = (lanes[i] + delta[i]).min(1.0);
-                    if np >= k.trim {
-                        np
+                    let change = i32::from(delta.inc[i]) - i32::from(delta.dec[i]);
+                    let np = (i32::from(lanes[i]) + change).clamp(0, i32::from(MAX)) as u16;
+                    if np < trim {
+                        0
                     } else {
-                        0.0
+                        np
                     }
                 };
-                assert_eq!(fast[i].to_bits(), want.to_bits(), "lane {i}: {}", lanes[i]);
-                assert_eq!(portable[i].to_bits(), want.to_bits());
+                let ctx = format!("{vectors:?} lane {i}: {} {:?}", lanes[i], (trim, connected));
+                assert_eq!(fast[i], want, "{ctx}");
+                assert_eq!(portable[i], want, "{ctx}");
                 let bit = (row[i / 64] >> (i % 64)) & 1 == 1;
-                assert_eq!(bit, want >= k.connected, "lane {i}");
+                assert_eq!(bit, want != NOT_IN_POOL && want >= connected, "{ctx}");
             }
             assert_eq!(row, row2);
         }
