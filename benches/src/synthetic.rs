@@ -50,8 +50,51 @@ pub fn record(i: usize, devices: usize, rng: &mut Random) -> InputRecord {
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`), if known.
 pub fn peak_rss_mb() -> Option<f64> {
+    status_mb("VmHWM:")
+}
+
+/// Resident set size of this process now, MiB (Linux `VmRSS`), if known.
+pub fn rss_mb() -> Option<f64> {
+    status_mb("VmRSS:")
+}
+
+fn status_mb(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// glibc's `struct mallinfo2`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[repr(C)]
+struct MallInfo2 {
+    arena: usize,
+    ordblks: usize,
+    smblks: usize,
+    hblks: usize,
+    hblkhd: usize,
+    usmblks: usize,
+    fsmblks: usize,
+    uordblks: usize,
+    fordblks: usize,
+    keepcost: usize,
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+extern "C" {
+    fn mallinfo2() -> MallInfo2;
+}
+
+/// MiB held by C `malloc` (librdkafka and its mock broker: the Rust heap is mimalloc's), if
+/// known: in-use plus free-but-kept arena bytes and mapped blocks.
+pub fn libc_heap_mb() -> Option<f64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: glibc ≥ 2.33 provides `mallinfo2`; it only reads allocator statistics.
+        let m = unsafe { mallinfo2() };
+        Some((m.arena + m.hblkhd) as f64 / 1048576.0)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    None
 }

@@ -145,7 +145,7 @@ fn parse_processing(s: &str) -> std::result::Result<Processing, String> {
 }
 
 fn main() -> Result<()> {
-    detector::allocator::return_freed_memory_at_once();
+    detector::allocator::return_freed_memory_soon();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

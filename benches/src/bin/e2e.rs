@@ -88,7 +88,7 @@ impl ProducerContext for Timing {
 const MOCK_FETCH_WAIT_MS: &str = "10";
 
 fn main() -> Result<()> {
-    detector::allocator::return_freed_memory_at_once();
+    detector::allocator::return_freed_memory_soon();
     let args = Args::parse();
     let mut rng = htm::random::Random::new(11);
     // A throughput run is followed by a paced latency phase on the same devices.

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use benches::counting::{peak_live_bytes, Counting};
-use benches::synthetic::{mock_setup, peak_rss_mb, record};
+use benches::counting::{live_bytes, peak_live_bytes, Counting};
+use benches::synthetic::{libc_heap_mb, mock_setup, peak_rss_mb, record, rss_mb};
 use clap::Parser;
 use detector::service::{self, Progress};
 use generator::LoadOptions;
@@ -36,7 +36,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    detector::allocator::return_freed_memory_at_once();
+    detector::allocator::return_freed_memory_soon();
     let args = Args::parse();
     let setup = mock_setup(args.partitions, args.workers)?;
     let (bootstrap, mut config) = (setup.bootstrap.clone(), setup.config.clone());
@@ -81,12 +81,16 @@ fn main() -> Result<()> {
         if last_report.elapsed() > Duration::from_secs(10) {
             last_report = Instant::now();
             eprintln!(
-                "t={:.0}s enriched={done} resident={} networks ({:.0} MiB) restores={} evictions={}",
+                "t={:.0}s enriched={done} resident={} networks ({:.0} MiB) restores={} evictions={} \
+                 rss={:.0} MiB (Rust heap {:.0}, C malloc {:.0})",
                 started.elapsed().as_secs_f64(),
                 progress.devices.load(Ordering::SeqCst),
                 progress.resident_bytes.load(Ordering::SeqCst) as f64 / 1048576.0,
                 progress.restored.load(Ordering::SeqCst),
                 progress.evicted.load(Ordering::SeqCst),
+                rss_mb().unwrap_or(f64::NAN),
+                live_bytes() as f64 / 1048576.0,
+                libc_heap_mb().unwrap_or(f64::NAN),
             );
         }
         std::thread::sleep(Duration::from_millis(50));
