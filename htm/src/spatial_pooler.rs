@@ -328,9 +328,10 @@ impl ColumnStore {
         let stride = self.stride as usize;
         let start = self.perms.len();
         if start + stride > self.perms.capacity() {
-            // Grow by a quarter, not by doubling: resident memory should follow use.
+            // Grow by a sixteenth, not by doubling: resident memory should follow use, and
+            // columns materialise ever more rarely as a pooler ages.
             self.perms
-                .reserve_exact(stride + (start / 4).max(8 * stride));
+                .reserve_exact(stride + (start / 16).max(8 * stride));
         }
         self.perms.resize(start + stride, NOT_IN_POOL);
         generate_column(

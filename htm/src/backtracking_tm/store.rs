@@ -156,11 +156,11 @@ impl OutIndex {
         each!(self, l => l.set_connected(presyn, seg, connected))
     }
 
-    /// Lays the lists out again when abandoned blocks make up a fifth of the arena (on NAB
+    /// Lays the lists out again when abandoned blocks make up a tenth of the arena (on NAB
     /// data, once every few hundred steps: copying the arena costs far less than a step).
     pub(super) fn compact_if_sparse(&mut self) {
         each!(self, l => {
-            if l.abandoned > 4096 && l.abandoned * 5 > l.arena.len() {
+            if l.abandoned > 4096 && l.abandoned * 10 > l.arena.len() {
                 l.compact();
             }
         })
