@@ -1,5 +1,5 @@
-//! The TM's own synapse storage: each segment's synapses in one small vector sorted by
-//! presynaptic cell, and the presynaptic out index that forward passes walk.
+//! The TM's synapse word, and the presynaptic out index that forward passes walk. A
+//! segment's synapses (in [`super::arena`]) are sorted by presynaptic cell.
 //!
 //! Sorting by presynaptic cell turns every "is this cell on the segment / in the update"
 //! question of learning into a merge of two short sorted lists, and keeps a segment's
