@@ -29,6 +29,15 @@ pub fn return_freed_memory_soon() {
     }
 }
 
+/// Frees what the calling thread's heap holds for blocks other threads freed. Networks grow
+/// on compute threads and are dropped on writer threads after an eviction; mimalloc settles
+/// such frees only when the owning thread next allocates from the same pages, so a compute
+/// thread keeps partly used pages mapped. Cheap when there is nothing to do.
+pub fn collect_freed_by_other_threads() {
+    // SAFETY: `mi_collect` may be called from any thread at any time.
+    unsafe { libmimalloc_sys::mi_collect(false) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

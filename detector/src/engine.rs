@@ -245,6 +245,7 @@ impl Engine {
         // Devices are computed in waves small enough for the memory bounds; a device's records
         // of the batch all fall in one wave, so its order is kept.
         let wave = self.wave_size();
+        let evicted_before = self.evicted;
         for devices in group_order.chunks(wave) {
             self.batches += 1;
             let now = self.batches;
@@ -262,6 +263,11 @@ impl Engine {
             self.compute_wave(batch, devices, &groups, threshold, &mut outcomes)?;
             // Networks grow as they learn.
             self.enforce_memory_bounds(now, 0, 0)?;
+        }
+        if self.evicted != evicted_before {
+            // Evicted networks were freed on writer threads; let compute threads settle them.
+            self.pool
+                .broadcast(|_| crate::allocator::collect_freed_by_other_threads());
         }
         Ok(outcomes
             .into_iter()

@@ -37,6 +37,15 @@ struct Args {
 
 fn main() -> Result<()> {
     detector::allocator::return_freed_memory_soon();
+    // The detector's warnings (RUST_LOG overrides), e.g. rebalances under load.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let args = Args::parse();
     let setup = mock_setup(args.partitions, args.workers)?;
     let (bootstrap, mut config) = (setup.bootstrap.clone(), setup.config.clone());
