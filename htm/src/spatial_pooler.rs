@@ -352,20 +352,28 @@ impl ColumnStore {
     }
 
     fn to_wire(&self) -> StoreWireRef<'_> {
-        let mut tags = vec![0u8; self.perms.len().div_ceil(4)];
-        let mut values = Vec::new();
-        for (i, &p) in self.perms.iter().enumerate() {
-            let tag = match p {
-                0 => TAG_ZERO,
-                PERMANENCE_MAX => TAG_MAX,
-                NOT_IN_POOL => TAG_NOT_IN_POOL,
-                _ => {
-                    values.extend_from_slice(&p.to_le_bytes());
-                    TAG_VALUE
-                }
-            };
-            tags[i / 4] |= tag << (2 * (i % 4));
+        // Branch-free: each lane's value is written at the cursor, which only advances past
+        // values (a restore-and-evict cycle serialises and parses every stored column).
+        let n = self.perms.len();
+        let mut tags = vec![0u8; n.div_ceil(4)];
+        let mut values = vec![0u8; 2 * n];
+        let mut w = 0;
+        for (t, quad) in tags.iter_mut().zip(self.perms.chunks(4)) {
+            let mut byte = 0;
+            for (j, &p) in quad.iter().enumerate() {
+                let tag = match p {
+                    0 => TAG_ZERO,
+                    PERMANENCE_MAX => TAG_MAX,
+                    NOT_IN_POOL => TAG_NOT_IN_POOL,
+                    _ => TAG_VALUE,
+                };
+                values[w..w + 2].copy_from_slice(&p.to_le_bytes());
+                w += 2 * usize::from(tag == TAG_VALUE);
+                byte |= tag << (2 * j);
+            }
+            *t = byte;
         }
+        values.truncate(w);
         StoreWireRef {
             num_columns: self.num_columns,
             stride: self.stride,
@@ -393,24 +401,39 @@ impl ColumnStore {
         if w.values.len() % 2 != 0 {
             return Err("odd number of permanence bytes".into());
         }
-        let mut values = w.values.chunks(2);
-        store.perms.reserve_exact(lanes);
-        for i in 0..lanes {
-            let p = match (w.tags[i / 4] >> (2 * (i % 4))) & 3 {
-                TAG_ZERO => 0,
-                TAG_MAX => PERMANENCE_MAX,
-                TAG_NOT_IN_POOL => NOT_IN_POOL,
-                _ => match values.next() {
-                    Some(&[lo, hi]) => match u16::from_le_bytes([lo, hi]) {
-                        p if p <= PERMANENCE_MAX => p,
-                        p => return Err(format!("permanence {p} above the maximum")),
-                    },
-                    _ => return Err("fewer permanences than tags".into()),
-                },
-            };
-            store.perms.push(p);
+        // Branch-free, as `to_wire`: every lane reads the value at the cursor (0 past the end)
+        // and the cursor advances past values only; errors are noted and reported after.
+        let bytes = &w.values;
+        let (mut r, mut short, mut above) = (0usize, false, None);
+        store.perms.resize(lanes, 0);
+        for (quad, &byte) in store.perms.chunks_mut(4).zip(&w.tags) {
+            for (j, p) in quad.iter_mut().enumerate() {
+                let tag = (byte >> (2 * j)) & 3;
+                let v = match bytes.get(r..r + 2) {
+                    Some(&[lo, hi]) => u16::from_le_bytes([lo, hi]),
+                    _ => 0,
+                };
+                let is_value = tag == TAG_VALUE;
+                short |= is_value && r + 2 > bytes.len();
+                if is_value && v > PERMANENCE_MAX && above.is_none() {
+                    above = Some(v);
+                }
+                r += 2 * usize::from(is_value);
+                *p = match tag {
+                    TAG_ZERO => 0,
+                    TAG_MAX => PERMANENCE_MAX,
+                    TAG_NOT_IN_POOL => NOT_IN_POOL,
+                    _ => v,
+                };
+            }
         }
-        if values.next().is_some() {
+        if short {
+            return Err("fewer permanences than tags".into());
+        }
+        if let Some(p) = above {
+            return Err(format!("permanence {p} above the maximum"));
+        }
+        if r != bytes.len() {
             return Err("more permanences than tags".into());
         }
         store.columns = w.columns;

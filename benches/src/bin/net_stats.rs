@@ -135,6 +135,17 @@ fn main() -> Result<()> {
     let net_time = start.elapsed();
     let allocated = live_bytes().saturating_sub(live_before);
     let checkpoint = net.to_bytes();
+    // A checkpoint round trip, what an eviction and a restore cost beside the file I/O.
+    let (mut t_save, mut t_restore) = (Duration::MAX, Duration::MAX);
+    for _ in 0..args.repeat {
+        let start = Instant::now();
+        let bytes = net.to_bytes();
+        t_save = t_save.min(start.elapsed());
+        let start = Instant::now();
+        let back = Network::from_bytes(&bytes)?;
+        t_restore = t_restore.min(start.elapsed());
+        drop(back);
+    }
 
     // The stages one by one, each run `repeat` times from scratch; the fastest run counts
     // (the machine may be shared, and preemption only ever adds time).
@@ -234,6 +245,12 @@ fn main() -> Result<()> {
         us(t_sp),
         us(t_tm),
         us(t_lik),
+        args.repeat
+    );
+    println!(
+        "checkpoint_us: save={:.0} restore={:.0} (best of {})",
+        t_save.as_secs_f64() * 1e6,
+        t_restore.as_secs_f64() * 1e6,
         args.repeat
     );
     println!(

@@ -168,23 +168,57 @@ impl SynapseArena {
     }
 }
 
-/// Serialises as a sequence of synapse sequences, by segment id (as a vector of vectors).
+/// The serialised form: each segment's synapse count, then every synapse word in segment
+/// order as little-endian bytes. Restoring is a copy, not a parse per synapse: a network
+/// under a memory budget is restored again and again.
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    lens: Vec<u32>,
+    #[serde(with = "serde_bytes")]
+    words: Vec<u8>,
+}
+
 impl Serialize for SynapseArena {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.iter())
+        let lens: Vec<u32> = self.spans.iter().map(|&(_, n)| n).collect();
+        let total: usize = lens.iter().map(|&n| n as usize).sum();
+        let mut words = Vec::with_capacity(4 * total);
+        for syns in self.iter() {
+            words.extend(syns.iter().flat_map(|s| s.to_word().to_le_bytes()));
+        }
+        Wire { lens, words }.serialize(serializer)
     }
 }
 
 impl<'de> Deserialize<'de> for SynapseArena {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let segments = Vec::<Vec<Synapse>>::deserialize(deserializer)?;
+        let wire = Wire::deserialize(deserializer)?;
+        let total: usize = wire.lens.iter().map(|&n| n as usize).sum();
+        if wire.words.len() != 4 * total {
+            return Err(serde::de::Error::custom(format!(
+                "{} synapse bytes for {total} synapses",
+                wire.words.len()
+            )));
+        }
         let mut arena = SynapseArena::default();
-        let total: usize = segments.iter().map(|s| class(s.len()).1).sum();
-        arena.synapses.reserve_exact(total);
-        arena.spans.reserve_exact(segments.len());
-        for (seg, syns) in segments.iter().enumerate() {
-            arena.push_empty();
-            arena.set(seg, syns);
+        let capacity: usize = wire.lens.iter().map(|&n| class(n as usize).1).sum();
+        arena.synapses.reserve_exact(capacity);
+        arena.spans.reserve_exact(wire.lens.len());
+        let mut words = wire
+            .words
+            .chunks_exact(4)
+            .map(|w| Synapse::from_word(u32::from_le_bytes(w.try_into().expect("4 bytes"))));
+        for &n in &wire.lens {
+            let start = arena.synapses.len();
+            if n == 0 {
+                arena.spans.push((0, 0));
+                continue;
+            }
+            arena.synapses.extend(words.by_ref().take(n as usize));
+            arena
+                .synapses
+                .resize(start + class(n as usize).1, Synapse::new(0, 0));
+            arena.spans.push((start as u32, n));
         }
         Ok(arena)
     }
@@ -253,7 +287,7 @@ mod tests {
     }
 
     #[test]
-    fn serialises_as_nested_sequences() {
+    fn serialises_compactly_and_round_trips() {
         let mut a = SynapseArena::default();
         let nested = vec![vec![], syns(3..9), vec![], syns(1..2)];
         for (s, syns) in nested.iter().enumerate() {
@@ -262,8 +296,23 @@ mod tests {
         }
         let cfg = bincode::config::standard();
         let bytes = bincode::serde::encode_to_vec(&a, cfg).unwrap();
-        assert_eq!(bytes, bincode::serde::encode_to_vec(&nested, cfg).unwrap());
+        // Counts (a byte each here), then 4 bytes per synapse behind a length.
+        assert_eq!(bytes.len(), 1 + 4 + 1 + 7 * 4);
         let (back, _): (SynapseArena, _) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
         assert_eq!(back, a);
+        for (s, syns) in nested.iter().enumerate() {
+            assert_eq!(&back[s], &syns[..]);
+        }
+        // A count that does not match the words is an error, not a misread.
+        let wrong = Wire {
+            lens: vec![0, 6, 0, 2],
+            words: vec![0; 7 * 4],
+        };
+        let bytes = bincode::serde::encode_to_vec(&wrong, cfg).unwrap();
+        let err = bincode::serde::decode_from_slice::<SynapseArena, _>(&bytes, cfg).unwrap_err();
+        assert!(
+            err.to_string().contains("28 synapse bytes for 8 synapses"),
+            "{err}"
+        );
     }
 }

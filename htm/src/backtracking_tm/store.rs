@@ -53,6 +53,15 @@ impl Synapse {
         Synapse(presyn | u32::from(code) << PRESYN_BITS)
     }
 
+    /// The packed word (presynaptic cell and code), as checkpoints store it.
+    pub(super) fn to_word(self) -> u32 {
+        self.0
+    }
+
+    pub(super) fn from_word(word: u32) -> Self {
+        Synapse(word)
+    }
+
     /// Presynaptic cell.
     #[inline]
     pub fn presyn(&self) -> u32 {
