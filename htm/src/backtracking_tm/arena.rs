@@ -289,7 +289,7 @@ mod tests {
     #[test]
     fn serialises_compactly_and_round_trips() {
         let mut a = SynapseArena::default();
-        let nested = vec![vec![], syns(3..9), vec![], syns(1..2)];
+        let nested = [vec![], syns(3..9), vec![], syns(1..2)];
         for (s, syns) in nested.iter().enumerate() {
             a.push_empty();
             a.set(s, syns);
