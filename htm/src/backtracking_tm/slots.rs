@@ -1,8 +1,5 @@
 //! Each cell's segment slots, in one arena of small blocks.
 
-use std::collections::BTreeMap;
-
-use serde::ser::{SerializeMap, SerializeStruct};
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::heads::CellHeads;
@@ -25,10 +22,9 @@ const NONE: u32 = FREE - 1;
 /// it has a block in a shared arena (a header, then its slots), which moves to the end of
 /// the arena when it fills up. Abandoned blocks are reclaimed by laying the blocks out again.
 ///
-/// Serialises as it did when it was two ordered maps, cell → slots ([`SegmentId::MAX`] for a
-/// free one) and cell → free slots (most recently freed last).
+/// Serialises flat (see [`Wire`]): a restore fills the arena without an allocation per cell.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(from = "SlotMaps")]
+#[serde(try_from = "Wire")]
 pub(super) struct CellSlots {
     /// Per cell, where its block starts in `arena`; 0 (a shared empty block) for none.
     heads: CellHeads,
@@ -37,30 +33,48 @@ pub(super) struct CellSlots {
     abandoned: usize,
 }
 
-/// The serialised form.
-#[derive(Deserialize)]
-struct SlotMaps {
-    slots: BTreeMap<u32, Vec<SegmentId>>,
-    free: BTreeMap<u32, Vec<u32>>,
+/// The serialised form: the cells that have slots (ascending) with each one's slot count
+/// and most recently freed slot ([`NONE`] for none), then all their slots in cell order, a
+/// free slot as [`FREE`] with the slot freed before it.
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    cells: Vec<u32>,
+    lens: Vec<u32>,
+    tops: Vec<u32>,
+    slots: Vec<u32>,
 }
 
-impl From<SlotMaps> for CellSlots {
-    fn from(maps: SlotMaps) -> Self {
-        let cells = maps.slots.keys().last().map_or(0, |&c| c as usize + 1);
-        let mut s = CellSlots::new(cells);
-        for (cell, slots) in maps.slots {
-            let h = s.arena.len();
-            s.heads.set(cell, h as u32);
-            let n = slots.len() as u32;
-            s.arena.extend_from_slice(&[n, n, NONE]);
-            s.arena.extend_from_slice(&slots);
+impl TryFrom<Wire> for CellSlots {
+    type Error = String;
+
+    fn try_from(w: Wire) -> Result<Self, String> {
+        let total: usize = w.lens.iter().map(|&n| n as usize).sum();
+        if w.lens.len() != w.cells.len() || w.tops.len() != w.cells.len() || total != w.slots.len()
+        {
+            return Err("cell slot lists do not add up".into());
         }
-        for (cell, free) in maps.free {
-            for slot in free {
-                s.release(cell, slot);
+        if !w.cells.windows(2).all(|c| c[0] < c[1]) {
+            return Err("cells with slots are not ascending".into());
+        }
+        let num_cells = w.cells.last().map_or(0, |&c| c as usize + 1);
+        let mut s = CellSlots::new(num_cells);
+        s.arena.reserve_exact(HEADER * w.cells.len() + total);
+        let mut slots = w.slots.iter();
+        for ((&cell, &n), &top) in w.cells.iter().zip(&w.lens).zip(&w.tops) {
+            let link_ok = |l: u32| l == NONE || l < n;
+            if n == 0 || !link_ok(top) {
+                return Err(format!("cell {cell}: bad slot list"));
+            }
+            s.heads.set(cell, s.arena.len() as u32);
+            s.arena.extend_from_slice(&[n, n, top]);
+            for &slot in slots.by_ref().take(n as usize) {
+                if slot & FREE != 0 && !link_ok(slot & !FREE) {
+                    return Err(format!("cell {cell}: bad free slot link"));
+                }
+                s.arena.push(slot);
             }
         }
-        s
+        Ok(s)
     }
 }
 
@@ -126,6 +140,7 @@ impl CellSlots {
     }
 
     /// `cell`'s free slots, most recently freed last.
+    #[cfg(test)]
     pub(super) fn free_slots(&self, cell: u32) -> Vec<u32> {
         let (mut top, slots) = self.block(cell);
         let mut free = Vec::new();
@@ -214,38 +229,87 @@ impl CellSlots {
 
 impl Serialize for CellSlots {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut st = serializer.serialize_struct("CellSlots", 2)?;
-        st.serialize_field("slots", &Maps(self, false))?;
-        st.serialize_field("free", &Maps(self, true))?;
-        st.end()
-    }
-}
-
-/// The slot lists (`.1` false) or the free lists (true) as an ordered map by cell.
-struct Maps<'a>(&'a CellSlots, bool);
-
-impl Serialize for Maps<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let Maps(slots, free) = *self;
-        let listed = |&c: &u32| !free || slots.block(c).0 != NONE;
-        let mut map = serializer.serialize_map(Some(slots.cells().filter(listed).count()))?;
-        for cell in slots.cells().filter(listed) {
-            if free {
-                map.serialize_entry(&cell, &slots.free_slots(cell))?;
-            } else {
-                map.serialize_entry(&cell, &Decoded(slots.block(cell).1))?;
-            }
+        let cells: Vec<u32> = self.cells().collect();
+        let mut wire = Wire {
+            lens: Vec::with_capacity(cells.len()),
+            tops: Vec::with_capacity(cells.len()),
+            slots: Vec::new(),
+            cells,
+        };
+        for &cell in &wire.cells {
+            let (top, slots) = self.block(cell);
+            wire.lens.push(slots.len() as u32);
+            wire.tops.push(top);
+            wire.slots.extend_from_slice(slots);
         }
-        map.end()
+        wire.serialize(serializer)
     }
 }
 
-/// Slots with free ones as [`SegmentId::MAX`].
-struct Decoded<'a>(&'a [u32]);
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl Serialize for Decoded<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let decode = |s: u32| if s & FREE == 0 { s } else { SegmentId::MAX };
-        serializer.collect_seq(self.0.iter().map(|&s| decode(s)))
+    fn decode(w: &Wire) -> Result<CellSlots, String> {
+        let cfg = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(w, cfg).unwrap();
+        bincode::serde::decode_from_slice::<CellSlots, _>(&bytes, cfg)
+            .map(|(s, _)| s)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn malformed_slot_lists_are_refused() {
+        let good = Wire {
+            cells: vec![3, 9],
+            lens: vec![2, 1],
+            tops: vec![1, NONE],
+            slots: vec![7, FREE | NONE, 8],
+        };
+        let s = decode(&good).unwrap();
+        assert_eq!(s.slots(3), [7, NO_SEGMENT]);
+        assert_eq!(s.free_slots(3), [1]);
+        for (bad, why) in [
+            (
+                Wire {
+                    tops: vec![2, NONE],
+                    ..good_copy(&good)
+                },
+                "bad slot list",
+            ),
+            (
+                Wire {
+                    slots: vec![7, FREE | 5, 8],
+                    ..good_copy(&good)
+                },
+                "bad free slot link",
+            ),
+            (
+                Wire {
+                    cells: vec![9, 3],
+                    ..good_copy(&good)
+                },
+                "not ascending",
+            ),
+            (
+                Wire {
+                    lens: vec![2, 2],
+                    ..good_copy(&good)
+                },
+                "do not add up",
+            ),
+        ] {
+            let err = decode(&bad).unwrap_err();
+            assert!(err.contains(why), "{err}");
+        }
+    }
+
+    fn good_copy(w: &Wire) -> Wire {
+        Wire {
+            cells: w.cells.clone(),
+            lens: w.lens.clone(),
+            tops: w.tops.clone(),
+            slots: w.slots.clone(),
+        }
     }
 }
