@@ -1876,17 +1876,21 @@ impl BacktrackingTm {
             // The state's cells not on the segment (those on it are the active ones), ascending.
             let learn_cells = state.cells();
             debug_assert!(learn_cells.windows(2).all(|w| w[0] < w[1]));
+            // `active` is a subset of the state (cells of the state on the segment), so
+            // each of its cells comes up exactly once, in order: the merge needs no search
+            // and no branch, and writes by index with its count in a register.
             let pruned = &mut self.scratch.pruned;
             pruned.clear();
-            let mut k = 0;
+            pruned.resize(learn_cells.len(), 0);
+            let (mut n, mut k) = (0, 0);
             for &c in learn_cells {
-                while k < active.len() && active[k] < c {
-                    k += 1;
-                }
-                if k == active.len() || active[k] != c {
-                    pruned.push(c);
-                }
+                let on_segment = active.get(k) == Some(&c);
+                pruned[n] = c;
+                n += usize::from(!on_segment);
+                k += usize::from(on_segment);
             }
+            debug_assert_eq!(k, active.len(), "active cells outside the state");
+            pruned.truncate(n);
             let rng = &mut self.rng;
             let mut draw = |i: usize, n: usize| -> usize {
                 match choices {
