@@ -885,8 +885,10 @@ fn overlaps_kernel(connected: &[u64], input: &[u64], nonzero: &[usize], out: &mu
         let len = BLOCK.min(n - base);
         let mut acc = [0u32; BLOCK];
         if len == BLOCK {
-            // A whole block as fixed-size arrays: the loop unrolls and the counts stay in
-            // vector registers across planes instead of going through memory.
+            // A whole block as fixed-size arrays: the loop unrolls, and where the vectors
+            // have room (AVX-512: 64 counts in eight registers) the counts stay in registers
+            // across planes instead of going through memory. The AVX2 kernel's nibble-lookup
+            // popcount needs too many registers for that and still spills them.
             for &w in nonzero {
                 let bits = input[w];
                 let start = w * n + base;
