@@ -122,7 +122,7 @@ use serde::{Deserialize, Serialize};
 use crate::random::Random;
 use arena::SynapseArena;
 use cell_state::CellState;
-use permanence::{Codec, DROPPED};
+use permanence::{Codec, LearningSteps, DROPPED};
 use slots::CellSlots;
 use store::{Entry, Lists, OutIndex, SINK};
 
@@ -726,10 +726,15 @@ fn best_per_column(
     out: &mut Vec<(u32, u32, SegmentId)>,
 ) {
     out.clear();
+    // NAB's 32 cells per column make the column a shift, far cheaper than a division.
+    let shift = cpc.is_power_of_two().then(|| cpc.trailing_zeros());
     for &seg in &activity.qualified {
         let meta = &segments[seg as usize];
         let cell = meta.cell();
-        let col = cell / cpc;
+        let col = match shift {
+            Some(shift) => cell >> shift,
+            None => cell / cpc,
+        };
         if by_column.len() <= col as usize {
             by_column.resize(col as usize + 1, 0);
         }
@@ -850,6 +855,8 @@ struct Scratch {
     in_update: Vec<bool>,
     /// Cells of the update being applied that are not on the segment yet.
     new_cells: Vec<u32>,
+    /// `(index, old code)` of the synapses a reinforcement dropped or (dis)connected.
+    changed: Vec<(u32, Code)>,
     /// `(key, presynaptic cell, index)` of the synapses that may be freed.
     free_candidates: Vec<(f32, u32, u32)>,
     /// A segment's synapses being rewritten.
@@ -1264,6 +1271,7 @@ impl BacktrackingTm {
             + s.in_update.capacity()
             + s.new_cells.capacity() * 4
             + s.free_candidates.capacity() * 12
+            + s.changed.capacity() * 8
             + nested(&s.spare_patterns)
             + s.pow.table.capacity() * 4
             + s.recency.heap_bytes();
@@ -1338,8 +1346,10 @@ impl BacktrackingTm {
         // Summation order is Cells4's (column, cell, slot), so rounding matches.
         while i < ranked.len() {
             let col = ranked[i].cell() / cpc;
+            // The column's cells end here: a compare per segment instead of a division.
+            let col_end = (col + 1) * cpc;
             let (mut col_sum, mut col_predicted) = (0.0f32, false);
-            while i < ranked.len() && ranked[i].cell() / cpc == col {
+            while i < ranked.len() && ranked[i].cell() < col_end {
                 let cell = ranked[i].cell();
                 let mut cell_sum = 0.0f32;
                 while i < ranked.len() && ranked[i].cell() == cell {
@@ -1866,17 +1876,21 @@ impl BacktrackingTm {
             // The state's cells not on the segment (those on it are the active ones), ascending.
             let learn_cells = state.cells();
             debug_assert!(learn_cells.windows(2).all(|w| w[0] < w[1]));
+            // `active` is a subset of the state (cells of the state on the segment), so
+            // each of its cells comes up exactly once, in order: the merge needs no search
+            // and no branch, and writes by index with its count in a register.
             let pruned = &mut self.scratch.pruned;
             pruned.clear();
-            let mut k = 0;
+            pruned.resize(learn_cells.len(), 0);
+            let (mut n, mut k) = (0, 0);
             for &c in learn_cells {
-                while k < active.len() && active[k] < c {
-                    k += 1;
-                }
-                if k == active.len() || active[k] != c {
-                    pruned.push(c);
-                }
+                let on_segment = active.get(k) == Some(&c);
+                pruned[n] = c;
+                n += usize::from(!on_segment);
+                k += usize::from(on_segment);
             }
+            debug_assert_eq!(k, active.len(), "active cells outside the state");
+            pruned.truncate(n);
             let rng = &mut self.rng;
             let mut draw = |i: usize, n: usize| -> usize {
                 match choices {
@@ -1963,41 +1977,50 @@ impl BacktrackingTm {
         if !self.start_reinforcement(cell, seg) {
             return;
         }
-        let codec = &self.codec;
         let mut in_update = std::mem::take(&mut self.scratch.in_update);
         let mut active = std::mem::take(&mut self.scratch.new_cells);
-        in_update.clear();
-        active.clear();
+        let mut changed = std::mem::take(&mut self.scratch.changed);
         let state = if from_prev {
             &self.lrn_active_prev
         } else {
             &self.lrn_active
         };
-        let out = &mut self.out_index;
+        let cp = self.codec.connected;
         let syns = &mut self.synapses[seg as usize];
-        let mut dropped = 0;
-        for syn in syns.iter_mut() {
-            let on = state.is_set(syn.presyn());
-            in_update.push(on);
-            let perm = if on {
-                active.push(syn.presyn());
-                codec.up(syn.code())
-            } else {
-                codec.down(syn.code())
-            };
-            let was = syn.code() >= codec.connected;
-            if perm == 0 {
-                out.remove(syn.presyn(), seg, was);
-                syn.set_code(DROPPED);
-                dropped += 1;
-            } else {
-                syn.set_code(perm);
-                let is = perm >= codec.connected;
-                if was != is {
-                    out.set_connected(syn.presyn(), seg, is);
-                }
+        let walk = (&mut in_update, &mut active, &mut changed);
+        match self.codec.learning_steps() {
+            LearningSteps::Table { up, down } => {
+                let step = |c: Code, on: bool| {
+                    let table = if on { up } else { down };
+                    table[usize::from(c)]
+                };
+                adapt_walk(syns, state, cp, step, walk);
+            }
+            LearningSteps::Fixed { inc, dec, max } => {
+                let step = |c: Code, on: bool| {
+                    if on {
+                        (c + inc).min(max)
+                    } else {
+                        c.saturating_sub(dec).min(max)
+                    }
+                };
+                adapt_walk(syns, state, cp, step, walk);
             }
         }
+        // The out index follows the few synapses that were dropped or crossed the connected
+        // threshold (each from a different cell, so the order of these changes is free).
+        let out = &mut self.out_index;
+        let mut dropped = 0;
+        for &(k, was) in &changed {
+            let syn = syns[k as usize];
+            if syn.code() == DROPPED {
+                out.remove(syn.presyn(), seg, was >= cp);
+                dropped += 1;
+            } else {
+                out.set_connected(syn.presyn(), seg, syn.code() >= cp);
+            }
+        }
+        self.scratch.changed = changed;
         let alive = syns.len() - dropped;
         self.num_synapses -= dropped;
         debug_assert!(
@@ -2075,7 +2098,10 @@ impl BacktrackingTm {
             alive -= to_free;
             self.scratch.free_candidates = candidates;
         }
-        self.update_synapses(seg, &new_cells);
+        // Nothing dropped and nothing new (the usual reinforcement): the synapses are final.
+        if n_new > 0 || alive < self.synapses[s].len() {
+            self.update_synapses(seg, &new_cells);
+        }
         alive += n_new;
         self.scratch.in_update = in_update;
         self.scratch.new_cells = new_cells;
@@ -2309,6 +2335,44 @@ pub(crate) fn prefetch_slice<T>(items: &[T]) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = items;
+}
+
+/// The permanence walk of [`BacktrackingTm::reinforce`] over a segment's synapses: each one
+/// whose presynaptic cell is on in `state` goes up by `step(code, true)`, the others down by
+/// `step(code, false)`, and one reaching 0 is marked [`DROPPED`]. Fills `in_update` (per
+/// synapse: was it on), `active` (the on cells, ascending) and `changed` (`(index, old code)`
+/// of each synapse dropped or moved across the `connected` code). Nothing here calls out of
+/// the loop, so its counters stay in registers; the out index is updated afterwards.
+#[inline(always)]
+fn adapt_walk(
+    syns: &mut [Synapse],
+    state: &CellState,
+    connected: Code,
+    step: impl Fn(Code, bool) -> Code,
+    (in_update, active, changed): (&mut Vec<bool>, &mut Vec<u32>, &mut Vec<(u32, Code)>),
+) {
+    // Written by index with the counts in locals: pushes would keep each vector's length in
+    // memory, a load and a store on every synapse's critical path.
+    in_update.clear();
+    in_update.resize(syns.len(), false);
+    active.clear();
+    active.resize(syns.len(), 0);
+    changed.clear();
+    let mut on_count = 0;
+    for (k, (syn, flag)) in syns.iter_mut().zip(in_update.iter_mut()).enumerate() {
+        let (presyn, code) = (syn.presyn(), syn.code());
+        let on = state.is_set(presyn);
+        *flag = on;
+        // Written either way, kept only when on: no branch on the (data-dependent) state.
+        active[on_count] = presyn;
+        on_count += usize::from(on);
+        let perm = step(code, on);
+        syn.set_code(if perm == 0 { DROPPED } else { perm });
+        if perm == 0 || (code >= connected) != (perm >= connected) {
+            changed.push((k as u32, code));
+        }
+    }
+    active.truncate(on_count);
 }
 
 /// Fraction of `active` columns absent from `predicted` (both sorted); 0 for no input.

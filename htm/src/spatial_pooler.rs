@@ -606,6 +606,9 @@ struct Cache {
     has_popcnt: bool,
     vectors: Vectors,
     has_avx2_popcnt: bool,
+    /// AVX-512 with its vector popcount (`vpopcntq`): the overlap kernel counts eight words
+    /// per instruction instead of emulating popcount with nibble lookups.
+    has_avx512_popcnt: bool,
 }
 
 /// Caches compare equal: they are a function of the persistent state.
@@ -905,6 +908,25 @@ fn overlaps_kernel(connected: &[u64], input: &[u64], nonzero: &[usize], out: &mu
     while base < n {
         let len = BLOCK.min(n - base);
         let mut acc = [0u32; BLOCK];
+        if len == BLOCK {
+            // A whole block as fixed-size arrays: the loop unrolls, and where the vectors
+            // have room (AVX-512: 64 counts in eight registers) the counts stay in registers
+            // across planes instead of going through memory. The AVX2 kernel's nibble-lookup
+            // popcount needs too many registers for that and still spills them.
+            for &w in nonzero {
+                let bits = input[w];
+                let start = w * n + base;
+                let plane: &[u64; BLOCK] = connected[start..start + BLOCK]
+                    .try_into()
+                    .expect("a whole block");
+                for (a, &c) in acc.iter_mut().zip(plane) {
+                    *a += (c & bits).count_ones();
+                }
+            }
+            out[base..base + BLOCK].copy_from_slice(&acc);
+            base += BLOCK;
+            continue;
+        }
         for &w in nonzero {
             let bits = input[w];
             let plane = &connected[w * n + base..w * n + base + len];
@@ -926,6 +948,12 @@ fn overlaps_kernel_popcnt(connected: &[u64], input: &[u64], nonzero: &[usize], o
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,popcnt")]
 fn overlaps_kernel_avx2(connected: &[u64], input: &[u64], nonzero: &[usize], out: &mut [u32]) {
+    overlaps_kernel(connected, input, nonzero, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vpopcntdq,avx2,popcnt")]
+fn overlaps_kernel_avx512(connected: &[u64], input: &[u64], nonzero: &[usize], out: &mut [u32]) {
     overlaps_kernel(connected, input, nonzero, out);
 }
 
@@ -1018,6 +1046,11 @@ impl SpatialPooler {
         );
         #[cfg(not(target_arch = "x86_64"))]
         let (has_popcnt, has_avx2_popcnt) = (false, false);
+        #[cfg(target_arch = "x86_64")]
+        let has_avx512_popcnt = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vpopcntdq");
+        #[cfg(not(target_arch = "x86_64"))]
+        let has_avx512_popcnt = false;
         self.cache = Cache {
             words,
             connected,
@@ -1036,6 +1069,7 @@ impl SpatialPooler {
             has_popcnt,
             vectors: Vectors::detect(),
             has_avx2_popcnt,
+            has_avx512_popcnt,
             consts,
         };
     }
@@ -1258,6 +1292,12 @@ impl SpatialPooler {
             c.input_bits[w] |= 1 << (i & 63);
         }
         let (conn, bits, nz) = (&c.connected, &c.input_bits, &c.nonzero_words);
+        #[cfg(target_arch = "x86_64")]
+        if c.has_avx512_popcnt {
+            // SAFETY: `has_avx512_popcnt` was set from runtime CPU feature detection.
+            unsafe { overlaps_kernel_avx512(conn, bits, nz, &mut c.overlaps) };
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if c.has_avx2_popcnt {
             // SAFETY: `has_avx2_popcnt` was set from runtime CPU feature detection.

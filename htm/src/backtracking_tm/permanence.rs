@@ -236,6 +236,19 @@ impl Codec {
         }
     }
 
+    /// The increment and decrement, resolved once: a loop over many synapses matches on
+    /// the codec's kind outside the loop rather than at every step.
+    pub(crate) fn learning_steps(&self) -> LearningSteps<'_> {
+        match &self.steps {
+            Steps::Table { up, down, .. } => LearningSteps::Table { up, down },
+            Steps::Fixed { inc, dec, max, .. } => LearningSteps::Fixed {
+                inc: *inc,
+                dec: *dec,
+                max: *max,
+            },
+        }
+    }
+
     /// `code` after global decay; 0 when the synapse goes.
     pub(crate) fn decay(&self, code: Code) -> Code {
         match &self.steps {
@@ -248,6 +261,12 @@ impl Codec {
     pub(crate) fn is_exact_float32(&self) -> bool {
         matches!(self.steps, Steps::Table { .. })
     }
+}
+
+/// [`Codec::up`] and [`Codec::down`] of one codec, as [`Codec::learning_steps`] gives them.
+pub(crate) enum LearningSteps<'a> {
+    Table { up: &'a [Code], down: &'a [Code] },
+    Fixed { inc: Code, dec: Code, max: Code },
 }
 
 /// `value` in counts of `1 / FIXED_SCALE`, rounded to the nearest.
