@@ -571,7 +571,7 @@ impl Sending<'_> {
     /// Handles one row; `false` when the producer has failed fatally.
     fn one(&mut self, item: Result<InputRecord, RowError>) -> bool {
         self.rows += 1;
-        if self.rows % 16 == 0 {
+        if self.rows.is_multiple_of(16) {
             // Serves delivery reports: a zero-timeout poll handles one event (a batch of
             // reports), and until served each report pins its message in the producer's queue.
             self.producer.poll(Duration::ZERO);

@@ -95,7 +95,10 @@ impl SynthConfig {
                 format!("{} (must be 1..=36600)", self.days),
             ));
         }
-        if self.interval_secs < 60 || self.interval_secs > 86_400 || self.interval_secs % 60 != 0 {
+        if self.interval_secs < 60
+            || self.interval_secs > 86_400
+            || !self.interval_secs.is_multiple_of(60)
+        {
             return Err(invalid(
                 "interval",
                 format!(

@@ -2278,7 +2278,10 @@ impl BacktrackingTm {
     /// Age-based global decay (`applyGlobalDecay`); off with NAB's settings.
     fn apply_global_decay(&mut self) {
         let max_age = self.params.max_age;
-        if self.params.global_decay == 0.0 || max_age == 0 || self.lrn_iteration % max_age != 0 {
+        if self.params.global_decay == 0.0
+            || max_age == 0
+            || !self.lrn_iteration.is_multiple_of(max_age)
+        {
             return;
         }
         self.make_updates_explicit();

@@ -233,7 +233,9 @@ impl AnomalyLikelihood {
             0.5
         } else {
             if self.distribution.is_none()
-                || self.iteration % u64::from(self.params.reestimation_period) == 0
+                || self
+                    .iteration
+                    .is_multiple_of(u64::from(self.params.reestimation_period))
             {
                 self.reestimate();
             }

@@ -384,7 +384,7 @@ impl ColumnStore {
     }
 
     fn from_wire(w: StoreWire) -> Result<Self, String> {
-        if w.stride == 0 || w.stride % 64 != 0 {
+        if w.stride == 0 || !w.stride.is_multiple_of(64) {
             return Err(format!("column stride {} is not whole words", w.stride));
         }
         let mut store = ColumnStore::new(w.num_columns as usize, w.stride as usize);
@@ -398,7 +398,7 @@ impl ColumnStore {
         if w.tags.len() != lanes.div_ceil(4) {
             return Err("permanence tags do not match the stored columns".into());
         }
-        if w.values.len() % 2 != 0 {
+        if !w.values.len().is_multiple_of(2) {
             return Err("odd number of permanence bytes".into());
         }
         // Branch-free, as `to_wire`: every lane reads the value at the cursor (0 past the end)
@@ -1269,7 +1269,7 @@ impl SpatialPooler {
             self.update_duty_cycles();
             self.bump_up_weak_columns();
             self.update_boost_factors();
-            if self.iteration % UPDATE_PERIOD == 0 {
+            if self.iteration.is_multiple_of(UPDATE_PERIOD) {
                 self.update_inhibition_radius();
                 self.update_min_duty_cycles();
             }

@@ -62,7 +62,7 @@ impl RdseParams {
                 "must be a positive finite number",
             ));
         }
-        if self.w == 0 || self.w % 2 == 0 {
+        if self.w == 0 || self.w.is_multiple_of(2) {
             return Err(EncoderError::param(
                 "w",
                 self.w,

@@ -71,7 +71,7 @@ impl ScalarEncoder {
     /// Derives `n`, `radius` and `resolution` from whichever one is given, as NuPIC does.
     pub fn new(params: ScalarParams) -> Result<Self, EncoderError> {
         let p = &params;
-        if p.w == 0 || p.w % 2 == 0 {
+        if p.w == 0 || p.w.is_multiple_of(2) {
             return Err(EncoderError::param(
                 "w",
                 p.w,
