@@ -1,6 +1,7 @@
 //! `detector-chaos`: the helper commands of `scripts/chaos.sh` — load data with garbage mixed
 //! in, wait for a group to commit a whole topic, and verify a run against a golden run.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -143,6 +144,32 @@ fn run(cli: Cli) -> Result<bool> {
                     "input records with no outcome or two kinds of outcome: {}",
                     c.unaccounted
                 );
+                // Where they are, and whether their outcomes exist outside committed
+                // transactions (an open or aborted transaction, rather than never produced).
+                let missing = chaos::unaccounted(&ends, &out, &dead);
+                let loose_out =
+                    chaos::enriched_by_source(&chaos::read_uncommitted(boot, &output)?)?;
+                let loose_dead =
+                    chaos::dead_by_source(&chaos::read_uncommitted(boot, &dead_letter)?)?;
+                let mut by_partition: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+                for &(p, o) in &missing {
+                    by_partition.entry(p).or_default().push(o);
+                }
+                for (p, offsets) in by_partition {
+                    let uncommitted = offsets
+                        .iter()
+                        .filter(|&&o| {
+                            loose_out.contains_key(&(p, o)) || loose_dead.contains_key(&(p, o))
+                        })
+                        .count();
+                    println!(
+                        "  input partition {p}: {} unaccounted, offsets {}..={} (first {:?}); {uncommitted} of them have an outcome outside committed transactions",
+                        offsets.len(),
+                        offsets[0],
+                        offsets[offsets.len() - 1],
+                        &offsets[..offsets.len().min(8)]
+                    );
+                }
             }
             println!(
                 "chaos: {c} kills={kills} broker_restarts={broker_restarts} rebalances={rebalances}"
