@@ -396,6 +396,8 @@ const PREFETCH_AHEAD: usize = 6;
 
 /// Largest cell count the TM accepts (cell ids and counts stay well within `u32`).
 pub(crate) const MAX_CELLS: u64 = (1 << 20) - 1;
+/// Bits a cell id takes.
+const CELL_BITS: u32 = u64::BITS - MAX_CELLS.leading_zeros();
 
 impl Activity {
     /// Sizes the counters for segments of at most `max_synapses` synapses.
@@ -675,7 +677,7 @@ impl Ranking {
     /// the pass's; a few hundred at most, so a plain sort is cheap.
     fn rank(&mut self, activity: &Activity, segments: &[SegmentMeta]) {
         self.ranked.clear();
-        // Cell, slot and segment id usually fit one word together (cells take 24 bits, ids
+        // Cell, slot and segment id usually fit one word together (cells take 20 bits, ids
         // NAB's 14, slots a few): sorting plain words is quicker than sorting pairs by key.
         let id_bits = u32::BITS - (segments.len() as u32).leading_zeros();
         let slots = activity
@@ -683,7 +685,7 @@ impl Ranking {
             .iter()
             .fold(0, |m, &seg| m | segments[seg as usize].slot);
         let slot_bits = u32::BITS - slots.leading_zeros();
-        if 24 + slot_bits + id_bits <= 64 {
+        if CELL_BITS + slot_bits + id_bits <= 64 {
             let packed = &mut self.packed;
             packed.clear();
             packed.extend(activity.qualified.iter().map(|&seg| {
@@ -1988,23 +1990,13 @@ impl BacktrackingTm {
         let cp = self.codec.connected;
         let syns = &mut self.synapses[seg as usize];
         let walk = (&mut in_update, &mut active, &mut changed);
+        // One arm per kind, so the loop runs that kind's step without a match per synapse.
         match self.codec.learning_steps() {
-            LearningSteps::Table { up, down } => {
-                let step = |c: Code, on: bool| {
-                    let table = if on { up } else { down };
-                    table[usize::from(c)]
-                };
-                adapt_walk(syns, state, cp, step, walk);
+            steps @ LearningSteps::Table { .. } => {
+                adapt_walk(syns, state, cp, |c, on| steps.step(c, on), walk);
             }
-            LearningSteps::Fixed { inc, dec, max } => {
-                let step = |c: Code, on: bool| {
-                    if on {
-                        (c + inc).min(max)
-                    } else {
-                        c.saturating_sub(dec).min(max)
-                    }
-                };
-                adapt_walk(syns, state, cp, step, walk);
+            steps @ LearningSteps::Fixed { .. } => {
+                adapt_walk(syns, state, cp, |c, on| steps.step(c, on), walk);
             }
         }
         // The out index follows the few synapses that were dropped or crossed the connected

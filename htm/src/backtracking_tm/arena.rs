@@ -15,13 +15,12 @@ use super::store::{reserve_gradually, Synapse};
 
 /// Size class of a block of `len` synapses, and the class's capacity.
 fn class(len: usize) -> (usize, usize) {
-    if len <= 64 {
-        let c = len.div_ceil(4);
-        (c, c * 4)
+    let c = if len <= 64 {
+        len.div_ceil(4)
     } else {
-        let cap = len.next_power_of_two();
-        (16 + (cap.trailing_zeros() as usize - 6), cap)
-    }
+        16 + (len.next_power_of_two().trailing_zeros() as usize - 6)
+    };
+    (c, class_cap(c))
 }
 
 /// Capacity of size class `class`.

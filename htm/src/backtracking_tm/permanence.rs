@@ -221,19 +221,13 @@ impl Codec {
     /// `code` after an increment.
     #[inline]
     pub(crate) fn up(&self, code: Code) -> Code {
-        match &self.steps {
-            Steps::Table { up, .. } => up[usize::from(code)],
-            Steps::Fixed { inc, max, .. } => (code + inc).min(*max),
-        }
+        self.learning_steps().step(code, true)
     }
 
     /// `code` after a decrement; 0 when the synapse goes.
     #[inline]
     pub(crate) fn down(&self, code: Code) -> Code {
-        match &self.steps {
-            Steps::Table { down, .. } => down[usize::from(code)],
-            Steps::Fixed { dec, max, .. } => code.saturating_sub(*dec).min(*max),
-        }
+        self.learning_steps().step(code, false)
     }
 
     /// The increment and decrement, resolved once: a loop over many synapses matches on
@@ -264,9 +258,31 @@ impl Codec {
 }
 
 /// [`Codec::up`] and [`Codec::down`] of one codec, as [`Codec::learning_steps`] gives them.
+#[derive(Clone, Copy)]
 pub(crate) enum LearningSteps<'a> {
     Table { up: &'a [Code], down: &'a [Code] },
     Fixed { inc: Code, dec: Code, max: Code },
+}
+
+impl LearningSteps<'_> {
+    /// `code` after an increment (`up`) or a decrement; 0 when the synapse goes. A loop that
+    /// matches on the kind first and calls this inside each arm gets the kind's step alone.
+    #[inline(always)]
+    pub(crate) fn step(self, code: Code, up: bool) -> Code {
+        match self {
+            LearningSteps::Table { up: inc, down } => {
+                let table = if up { inc } else { down };
+                table[usize::from(code)]
+            }
+            LearningSteps::Fixed { inc, dec, max } => {
+                if up {
+                    (code + inc).min(max)
+                } else {
+                    code.saturating_sub(dec).min(max)
+                }
+            }
+        }
+    }
 }
 
 /// `value` in counts of `1 / FIXED_SCALE`, rounded to the nearest.
