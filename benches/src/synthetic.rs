@@ -65,34 +65,13 @@ fn status_mb(field: &str) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// glibc's `struct mallinfo2`.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[repr(C)]
-struct MallInfo2 {
-    arena: usize,
-    ordblks: usize,
-    smblks: usize,
-    hblks: usize,
-    hblkhd: usize,
-    usmblks: usize,
-    fsmblks: usize,
-    uordblks: usize,
-    fordblks: usize,
-    keepcost: usize,
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-extern "C" {
-    fn mallinfo2() -> MallInfo2;
-}
-
 /// MiB held by C `malloc` (librdkafka and its mock broker: the Rust heap is mimalloc's), if
 /// known: in-use plus free-but-kept arena bytes and mapped blocks.
 pub fn libc_heap_mb() -> Option<f64> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: glibc ≥ 2.33 provides `mallinfo2`; it only reads allocator statistics.
-        let m = unsafe { mallinfo2() };
+        let m = unsafe { libc::mallinfo2() };
         Some((m.arena + m.hblkhd) as f64 / 1048576.0)
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
