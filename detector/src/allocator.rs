@@ -38,6 +38,14 @@ pub fn collect_freed_by_other_threads() {
     unsafe { libmimalloc_sys::mi_collect(false) }
 }
 
+/// The resident set of this process in bytes (Linux `VmRSS`), if the system tells.
+pub fn resident_bytes() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,5 +60,14 @@ mod tests {
             unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) },
             PURGE_DELAY_MS
         );
+    }
+
+    #[test]
+    fn resident_set_grows_with_touched_memory() {
+        let before = resident_bytes().expect("Linux reports VmRSS");
+        let block = std::hint::black_box(vec![1u8; 64 << 20]);
+        let after = resident_bytes().unwrap();
+        assert!(after >= before + (48 << 20), "{before} -> {after}");
+        drop(block);
     }
 }

@@ -59,7 +59,10 @@ pub struct Config {
 pub struct MemoryConfig {
     /// Most networks in memory (0 = no bound).
     pub max_networks: usize,
-    /// Most bytes of network state in memory, in MiB (0 = no bound).
+    /// Most bytes of network state in memory, in MiB (0 = no bound). What the process holds
+    /// beyond its start and its networks (allocator pages around churned networks, buffers)
+    /// is measured after each batch and counts against it, so the resident set stays near
+    /// its size at start plus this.
     pub max_mb: u64,
 }
 
@@ -153,6 +156,11 @@ pub struct BatchConfig {
     pub max_records: usize,
     /// Longest wait for a batch to fill, in milliseconds.
     pub max_wait_ms: u64,
+    /// At least once: most records of a batch read from one partition while networks thrash
+    /// (most records of a batch needed a restore: more devices than `[memory]` holds, records
+    /// interleaved across devices); the other partitions are paused meanwhile, so each restore
+    /// serves several records of its device (see `focus.rs`). 0 never focuses.
+    pub focus_max_records: usize,
 }
 
 /// Prometheus endpoint.
@@ -229,6 +237,7 @@ impl Default for BatchConfig {
         BatchConfig {
             max_records: 5000,
             max_wait_ms: 200,
+            focus_max_records: 20000,
         }
     }
 }

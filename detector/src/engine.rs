@@ -154,6 +154,11 @@ pub struct Engine {
     writing: Vec<Writing>,
     /// Combined result of the writes joined so far, not yet collected.
     written: Option<Result<CheckpointStats>>,
+    /// The resident set when the engine started, before any network.
+    rss_baseline: Option<usize>,
+    /// Bytes the process gained beyond its networks' own (pages the allocator keeps around
+    /// freed blocks, buffers), as of the last batch: taken out of `memory.max_mb`.
+    overhead: usize,
 }
 
 impl Engine {
@@ -186,7 +191,15 @@ impl Engine {
             round: None,
             writing: Vec::new(),
             written: None,
+            rss_baseline: crate::allocator::resident_bytes(),
+            overhead: 0,
         })
+    }
+
+    /// Bytes the process holds beyond its start and its networks' own bytes, as of the last
+    /// batch (measured only under a byte bound).
+    pub fn memory_overhead(&self) -> usize {
+        self.overhead
     }
 
     /// Networks in memory.
@@ -269,6 +282,14 @@ impl Engine {
             self.pool
                 .broadcast(|_| crate::allocator::collect_freed_by_other_threads());
         }
+        if self.config.memory.max_mb > 0 {
+            if let (Some(base), Some(now)) = (self.rss_baseline, crate::allocator::resident_bytes())
+            {
+                self.overhead = now
+                    .saturating_sub(base)
+                    .saturating_sub(self.resident_bytes());
+            }
+        }
         Ok(outcomes
             .into_iter()
             .map(|o| o.expect("every message has an outcome"))
@@ -289,7 +310,7 @@ impl Engine {
             (0, _) => usize::MAX,
             // No network measured yet: one device, then waves sized from its size.
             (_, 0) => 1,
-            (mb, avg) => ((((mb as usize) << 20) / avg) / 2).max(1),
+            (_, avg) => (self.max_bytes() / avg / 2).max(1),
         };
         by_count.min(by_bytes)
     }
@@ -642,11 +663,17 @@ impl Engine {
         });
     }
 
-    /// The memory bound in bytes (`usize::MAX` for none).
+    /// The bound on networks' bytes (`usize::MAX` for none): `memory.max_mb` less what the
+    /// process holds beyond its networks, so that the resident set stays near its start plus
+    /// the budget whatever the allocator keeps around churned networks. At least a quarter of
+    /// the budget is left to networks.
     fn max_bytes(&self) -> usize {
         match self.config.memory.max_mb {
             0 => usize::MAX,
-            mb => (mb as usize) << 20,
+            mb => {
+                let budget = (mb as usize) << 20;
+                budget.saturating_sub(self.overhead).max(budget / 4)
+            }
         }
     }
 

@@ -21,7 +21,7 @@
 //! are recognised and not fed to the network again (their output was acknowledged in 2a), so
 //! scores stay bit-identical to an uninterrupted run.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,10 +34,11 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{is_secret_property, BatchConfig, Config, Processing};
 use crate::engine::{CheckpointStats, Engine, InMessage, Outcome};
+use crate::focus::Focus;
 
 /// Counters a caller (the demo, tests, metrics) can watch while the service runs.
 #[derive(Debug, Default)]
@@ -69,6 +70,8 @@ pub struct Progress {
     pub snapshots: AtomicU64,
     /// Fresh sessions started after a fenced or failed producer (exactly once).
     pub rejoins: AtomicU64,
+    /// Batches read from one partition while networks thrashed (see `focus.rs`).
+    pub focused_batches: AtomicU64,
 }
 
 struct State {
@@ -83,8 +86,98 @@ struct State {
 struct Shared {
     config: Arc<Config>,
     state: Mutex<State>,
+    focusing: Mutex<Focusing>,
     producer: ThreadedProducer<DeliveryContext>,
     progress: Arc<Progress>,
+}
+
+/// Partition focus (see `focus.rs`) and the partitions this service paused for it.
+struct Focusing {
+    focus: Focus,
+    paused: BTreeSet<i32>,
+}
+
+impl Focusing {
+    /// Pauses and resumes partitions as the focus wants for the next batch; returns the batch
+    /// limits and whether the batch is focused.
+    fn apply<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        config: &Config,
+    ) -> Result<(BatchConfig, bool)> {
+        let assigned = assigned_partitions(consumer, &config.topics.input)?;
+        let want = self.focus.paused(&assigned);
+        if want != self.paused {
+            let owned: BTreeSet<i32> = assigned.iter().copied().collect();
+            let resume: Vec<i32> = self.paused.difference(&want).copied().collect();
+            let pause: Vec<i32> = want.difference(&self.paused).copied().collect();
+            set_paused(consumer, &config.topics.input, &resume, false, &owned)?;
+            set_paused(consumer, &config.topics.input, &pause, true, &owned)?;
+            self.paused = want;
+        }
+        Ok(match self.focus.current() {
+            Some(_) => (
+                BatchConfig {
+                    max_records: config.batch.focus_max_records,
+                    ..config.batch.clone()
+                },
+                true,
+            ),
+            None => (config.batch.clone(), false),
+        })
+    }
+
+    /// Resumes what focus paused: before a rebalance takes partitions (librdkafka keeps a
+    /// partition's pause across reassignment) and at shutdown.
+    fn release<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, topic: &str) {
+        let resume: Vec<i32> = std::mem::take(&mut self.paused).into_iter().collect();
+        let owned = assigned_partitions(consumer, topic)
+            .map(|a| a.into_iter().collect())
+            .unwrap_or_default();
+        if let Err(e) = set_paused(consumer, topic, &resume, false, &owned) {
+            warn!("resuming partitions paused for focus: {e:#}");
+        }
+    }
+}
+
+/// The partitions of `topic` this consumer owns, ascending.
+fn assigned_partitions<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+) -> Result<Vec<i32>> {
+    let tpl = consumer.assignment().context("reading the assignment")?;
+    let mut owned: Vec<i32> = tpl
+        .elements()
+        .iter()
+        .filter(|e| e.topic() == topic)
+        .map(|e| e.partition())
+        .collect();
+    owned.sort_unstable();
+    Ok(owned)
+}
+
+/// Pauses (or resumes) those of `partitions` still `owned`.
+fn set_paused<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partitions: &[i32],
+    pause: bool,
+    owned: &BTreeSet<i32>,
+) -> Result<()> {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions.iter().filter(|p| owned.contains(p)) {
+        tpl.add_partition(topic, *p);
+    }
+    if tpl.count() == 0 {
+        return Ok(());
+    }
+    let done = if pause {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    };
+    let what = if pause { "pausing" } else { "resuming" };
+    done.with_context(|| format!("{what} partitions {partitions:?} for focus"))
 }
 
 /// Producer context counting failed deliveries.
@@ -141,8 +234,14 @@ impl ConsumerContext for GroupContext {
             ?partitions,
             "partitions revoked: checkpointing and committing before letting go"
         );
-        // The poll loop never holds the lock while polling, and rebalance callbacks run inside
+        // The poll loop never holds the locks while polling, and rebalance callbacks run inside
         // poll, so this cannot deadlock.
+        let topic = &self.shared.config.topics.input;
+        self.shared
+            .focusing
+            .lock()
+            .unwrap()
+            .release(consumer, topic);
         if let Err(e) = commit_point(&self.shared, consumer, Some(&partitions)) {
             // Nothing was committed for them: the next owner replays from the last commit and
             // the checkpoints, so this loses nothing, at the cost of duplicates.
@@ -377,6 +476,10 @@ fn run_at_least_once(
             positions: BTreeMap::new(),
             pending: None,
         }),
+        focusing: Mutex::new(Focusing {
+            focus: Focus::new(config.batch.focus_max_records > 0),
+            paused: BTreeSet::new(),
+        }),
         producer,
         progress: progress.clone(),
     });
@@ -401,13 +504,36 @@ fn run_at_least_once(
     let mut last_commit = Instant::now();
     let mut batch: Vec<InMessage> = Vec::with_capacity(config.batch.max_records);
     while !stop.load(Ordering::SeqCst) {
-        poll_batch(&consumer, &config.batch, &mut batch, |_| Ok(()))?;
+        let (limits, focused) = shared.focusing.lock().unwrap().apply(&consumer, &config)?;
+        poll_batch(&consumer, &limits, &mut batch, |_| Ok(()))?;
+        if focused && !batch.is_empty() {
+            progress.focused_batches.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("detector_focused_batches_total").increment(1);
+        }
+        let mut restores = 0;
         if !batch.is_empty() {
             if progress.first_record_ms.load(Ordering::Relaxed) == 0 {
                 let ms = service_started.elapsed().as_millis().max(1) as u64;
                 progress.first_record_ms.store(ms, Ordering::Relaxed);
             }
-            process_batch(&shared, &batch, &progress)?;
+            restores = process_batch(&shared, &batch, &progress)?;
+        }
+        {
+            let mut focusing = shared.focusing.lock().unwrap();
+            let was = focusing.focus.current();
+            let assigned = assigned_partitions(&consumer, &config.topics.input)?;
+            focusing.focus.after_batch(&assigned, batch.len(), restores);
+            match (was, focusing.focus.current()) {
+                (None, Some(_)) => info!(
+                    records = batch.len(),
+                    restores, "most records needed a restore: reading one partition at a time"
+                ),
+                (Some(_), None) => info!(
+                    records = batch.len(),
+                    restores, "reading all partitions again"
+                ),
+                _ => {}
+            }
         }
         if last_commit.elapsed() >= interval {
             begin_commit(&shared)?;
@@ -416,6 +542,11 @@ fn run_at_least_once(
         complete_commit(&shared, &consumer, &progress, false)?;
     }
     info!("stopping: final checkpoint and commit");
+    shared
+        .focusing
+        .lock()
+        .unwrap()
+        .release(&consumer, &config.topics.input);
     commit_point(&shared, &consumer, None)?;
     consumer.unsubscribe();
     Ok(())
@@ -476,9 +607,11 @@ pub(crate) fn poll_batch<C: ConsumerContext>(
     Ok(())
 }
 
-fn process_batch(shared: &Shared, batch: &[InMessage], progress: &Progress) -> Result<()> {
+/// Computes a batch and produces its outcomes; returns how many networks it restored.
+fn process_batch(shared: &Shared, batch: &[InMessage], progress: &Progress) -> Result<u64> {
     let started = Instant::now();
     let mut state = shared.state.lock().unwrap();
+    let restored_before = state.engine.restored();
     let outcomes = state.engine.process(batch)?;
     for o in &outcomes {
         produce_outcome(&shared.producer, &shared.config, o, progress)?;
@@ -519,10 +652,14 @@ fn process_batch(shared: &Shared, batch: &[InMessage], progress: &Progress) -> R
     let resident = state.engine.resident_bytes() as u64;
     progress.resident_bytes.store(resident, Ordering::Relaxed);
     metrics::gauge!("detector_resident_bytes").set(resident as f64);
+    metrics::gauge!("detector_memory_overhead_bytes").set(state.engine.memory_overhead() as f64);
     metrics::counter!("detector_networks_evicted_total").absolute(state.engine.evicted());
     metrics::counter!("detector_networks_restored_total").absolute(state.engine.restored());
-    metrics::histogram!("detector_batch_seconds").record(started.elapsed().as_secs_f64());
-    Ok(())
+    let seconds = started.elapsed().as_secs_f64();
+    metrics::histogram!("detector_batch_seconds").record(seconds);
+    let restores = state.engine.restored() - restored_before;
+    debug!(records = batch.len(), restores, seconds, "batch processed");
+    Ok(restores)
 }
 
 /// Produces an outcome's record: enriched to the output topic keyed by device, dead letter

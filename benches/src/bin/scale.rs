@@ -33,6 +33,12 @@ struct Args {
     /// Compute threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// The detector's `batch.max_records` (0 = its default).
+    #[arg(long, default_value_t = 0)]
+    batch_records: usize,
+    /// The consumer's `max.partition.fetch.bytes` (0 = librdkafka's default).
+    #[arg(long, default_value_t = 0)]
+    fetch_bytes: usize,
 }
 
 fn main() -> Result<()> {
@@ -52,6 +58,15 @@ fn main() -> Result<()> {
     config.htm.probation = 100;
     config.checkpoint.interval_secs = 10.0;
     config.memory.max_mb = args.budget_mb;
+    if args.batch_records > 0 {
+        config.batch.max_records = args.batch_records;
+    }
+    if args.fetch_bytes > 0 {
+        config.kafka_consumer.insert(
+            "max.partition.fetch.bytes".into(),
+            args.fetch_bytes.to_string(),
+        );
+    }
     let total = args.devices * args.records_per_device;
     let mut rng = htm::random::Random::new(3);
     let mut load = LoadOptions::new(bootstrap.clone(), config.topics.input.clone());
