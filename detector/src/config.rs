@@ -156,11 +156,6 @@ pub struct BatchConfig {
     pub max_records: usize,
     /// Longest wait for a batch to fill, in milliseconds.
     pub max_wait_ms: u64,
-    /// At least once: most records of a batch read from one partition while networks thrash
-    /// (most records of a batch needed a restore: more devices than `[memory]` holds, records
-    /// interleaved across devices); the other partitions are paused meanwhile, so each restore
-    /// serves several records of its device (see `focus.rs`). 0 never focuses.
-    pub focus_max_records: usize,
 }
 
 /// Prometheus endpoint.
@@ -237,7 +232,6 @@ impl Default for BatchConfig {
         BatchConfig {
             max_records: 5000,
             max_wait_ms: 200,
-            focus_max_records: 20000,
         }
     }
 }

@@ -9,7 +9,6 @@ pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod eos;
-pub mod focus;
 pub mod kafka_store;
 pub mod service;
 pub mod store;

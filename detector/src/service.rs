@@ -21,7 +21,7 @@
 //! are recognised and not fed to the network again (their output was acknowledged in 2a), so
 //! scores stay bit-identical to an uninterrupted run.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,7 +38,6 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{is_secret_property, BatchConfig, Config, Processing};
 use crate::engine::{CheckpointStats, Engine, InMessage, Outcome};
-use crate::focus::Focus;
 
 /// Counters a caller (the demo, tests, metrics) can watch while the service runs.
 #[derive(Debug, Default)]
@@ -70,8 +69,6 @@ pub struct Progress {
     pub snapshots: AtomicU64,
     /// Fresh sessions started after a fenced or failed producer (exactly once).
     pub rejoins: AtomicU64,
-    /// Batches read from one partition while networks thrashed (see `focus.rs`).
-    pub focused_batches: AtomicU64,
 }
 
 struct State {
@@ -86,98 +83,8 @@ struct State {
 struct Shared {
     config: Arc<Config>,
     state: Mutex<State>,
-    focusing: Mutex<Focusing>,
     producer: ThreadedProducer<DeliveryContext>,
     progress: Arc<Progress>,
-}
-
-/// Partition focus (see `focus.rs`) and the partitions this service paused for it.
-struct Focusing {
-    focus: Focus,
-    paused: BTreeSet<i32>,
-}
-
-impl Focusing {
-    /// Pauses and resumes partitions as the focus wants for the next batch; returns the batch
-    /// limits and whether the batch is focused.
-    fn apply<C: ConsumerContext>(
-        &mut self,
-        consumer: &BaseConsumer<C>,
-        config: &Config,
-    ) -> Result<(BatchConfig, bool)> {
-        let assigned = assigned_partitions(consumer, &config.topics.input)?;
-        let want = self.focus.paused(&assigned);
-        if want != self.paused {
-            let owned: BTreeSet<i32> = assigned.iter().copied().collect();
-            let resume: Vec<i32> = self.paused.difference(&want).copied().collect();
-            let pause: Vec<i32> = want.difference(&self.paused).copied().collect();
-            set_paused(consumer, &config.topics.input, &resume, false, &owned)?;
-            set_paused(consumer, &config.topics.input, &pause, true, &owned)?;
-            self.paused = want;
-        }
-        Ok(match self.focus.current() {
-            Some(_) => (
-                BatchConfig {
-                    max_records: config.batch.focus_max_records,
-                    ..config.batch.clone()
-                },
-                true,
-            ),
-            None => (config.batch.clone(), false),
-        })
-    }
-
-    /// Resumes what focus paused: before a rebalance takes partitions (librdkafka keeps a
-    /// partition's pause across reassignment) and at shutdown.
-    fn release<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, topic: &str) {
-        let resume: Vec<i32> = std::mem::take(&mut self.paused).into_iter().collect();
-        let owned = assigned_partitions(consumer, topic)
-            .map(|a| a.into_iter().collect())
-            .unwrap_or_default();
-        if let Err(e) = set_paused(consumer, topic, &resume, false, &owned) {
-            warn!("resuming partitions paused for focus: {e:#}");
-        }
-    }
-}
-
-/// The partitions of `topic` this consumer owns, ascending.
-fn assigned_partitions<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    topic: &str,
-) -> Result<Vec<i32>> {
-    let tpl = consumer.assignment().context("reading the assignment")?;
-    let mut owned: Vec<i32> = tpl
-        .elements()
-        .iter()
-        .filter(|e| e.topic() == topic)
-        .map(|e| e.partition())
-        .collect();
-    owned.sort_unstable();
-    Ok(owned)
-}
-
-/// Pauses (or resumes) those of `partitions` still `owned`.
-fn set_paused<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    topic: &str,
-    partitions: &[i32],
-    pause: bool,
-    owned: &BTreeSet<i32>,
-) -> Result<()> {
-    let mut tpl = TopicPartitionList::new();
-    for p in partitions.iter().filter(|p| owned.contains(p)) {
-        tpl.add_partition(topic, *p);
-    }
-    if tpl.count() == 0 {
-        return Ok(());
-    }
-    let done = if pause {
-        consumer.pause(&tpl)
-    } else {
-        consumer.resume(&tpl)
-    };
-    let what = if pause { "pausing" } else { "resuming" };
-    done.with_context(|| format!("{what} partitions {partitions:?} for focus"))
 }
 
 /// Producer context counting failed deliveries.
@@ -234,14 +141,8 @@ impl ConsumerContext for GroupContext {
             ?partitions,
             "partitions revoked: checkpointing and committing before letting go"
         );
-        // The poll loop never holds the locks while polling, and rebalance callbacks run inside
+        // The poll loop never holds the lock while polling, and rebalance callbacks run inside
         // poll, so this cannot deadlock.
-        let topic = &self.shared.config.topics.input;
-        self.shared
-            .focusing
-            .lock()
-            .unwrap()
-            .release(consumer, topic);
         if let Err(e) = commit_point(&self.shared, consumer, Some(&partitions)) {
             // Nothing was committed for them: the next owner replays from the last commit and
             // the checkpoints, so this loses nothing, at the cost of duplicates.
@@ -476,10 +377,6 @@ fn run_at_least_once(
             positions: BTreeMap::new(),
             pending: None,
         }),
-        focusing: Mutex::new(Focusing {
-            focus: Focus::new(config.batch.focus_max_records > 0),
-            paused: BTreeSet::new(),
-        }),
         producer,
         progress: progress.clone(),
     });
@@ -504,36 +401,13 @@ fn run_at_least_once(
     let mut last_commit = Instant::now();
     let mut batch: Vec<InMessage> = Vec::with_capacity(config.batch.max_records);
     while !stop.load(Ordering::SeqCst) {
-        let (limits, focused) = shared.focusing.lock().unwrap().apply(&consumer, &config)?;
-        poll_batch(&consumer, &limits, &mut batch, |_| Ok(()))?;
-        if focused && !batch.is_empty() {
-            progress.focused_batches.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("detector_focused_batches_total").increment(1);
-        }
-        let mut restores = 0;
+        poll_batch(&consumer, &config.batch, &mut batch, |_| Ok(()))?;
         if !batch.is_empty() {
             if progress.first_record_ms.load(Ordering::Relaxed) == 0 {
                 let ms = service_started.elapsed().as_millis().max(1) as u64;
                 progress.first_record_ms.store(ms, Ordering::Relaxed);
             }
-            restores = process_batch(&shared, &batch, &progress)?;
-        }
-        {
-            let mut focusing = shared.focusing.lock().unwrap();
-            let was = focusing.focus.current();
-            let assigned = assigned_partitions(&consumer, &config.topics.input)?;
-            focusing.focus.after_batch(&assigned, batch.len(), restores);
-            match (was, focusing.focus.current()) {
-                (None, Some(_)) => info!(
-                    records = batch.len(),
-                    restores, "most records needed a restore: reading one partition at a time"
-                ),
-                (Some(_), None) => info!(
-                    records = batch.len(),
-                    restores, "reading all partitions again"
-                ),
-                _ => {}
-            }
+            process_batch(&shared, &batch, &progress)?;
         }
         if last_commit.elapsed() >= interval {
             begin_commit(&shared)?;
@@ -542,11 +416,6 @@ fn run_at_least_once(
         complete_commit(&shared, &consumer, &progress, false)?;
     }
     info!("stopping: final checkpoint and commit");
-    shared
-        .focusing
-        .lock()
-        .unwrap()
-        .release(&consumer, &config.topics.input);
     commit_point(&shared, &consumer, None)?;
     consumer.unsubscribe();
     Ok(())
@@ -607,8 +476,7 @@ pub(crate) fn poll_batch<C: ConsumerContext>(
     Ok(())
 }
 
-/// Computes a batch and produces its outcomes; returns how many networks it restored.
-fn process_batch(shared: &Shared, batch: &[InMessage], progress: &Progress) -> Result<u64> {
+fn process_batch(shared: &Shared, batch: &[InMessage], progress: &Progress) -> Result<()> {
     let started = Instant::now();
     let mut state = shared.state.lock().unwrap();
     let restored_before = state.engine.restored();
@@ -659,7 +527,7 @@ fn process_batch(shared: &Shared, batch: &[InMessage], progress: &Progress) -> R
     metrics::histogram!("detector_batch_seconds").record(seconds);
     let restores = state.engine.restored() - restored_before;
     debug!(records = batch.len(), restores, seconds, "batch processed");
-    Ok(restores)
+    Ok(())
 }
 
 /// Produces an outcome's record: enriched to the output topic keyed by device, dead letter

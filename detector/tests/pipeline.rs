@@ -267,44 +267,6 @@ fn restart_mid_stream_restores_checkpoints_and_scores_match_an_uninterrupted_run
 }
 
 #[test]
-fn interleaved_devices_beyond_the_memory_bound_are_read_one_partition_at_a_time() {
-    // 32 devices per partition, 48 networks in memory: one partition's devices fit, all do not.
-    let recs = records(128, 12);
-    let run = |focus_max_records: usize| {
-        let mut c = cluster();
-        c.config.memory.max_networks = 48;
-        c.config.batch.max_records = 120;
-        c.config.batch.focus_max_records = focus_max_records;
-        // One producer batch per hour and partition, and small fetches: the partitions
-        // interleave in the consumer's queue, as a backlog over many partitions does, and a
-        // batch holds about one record per device.
-        c.config
-            .kafka_consumer
-            .insert("max.partition.fetch.bytes".into(), "2048".into());
-        for hour in recs.chunks(128) {
-            load(&c, hour);
-        }
-        let progress = start(&c.config).finish_after(recs.len() as u64);
-        let out = read_all(&c, &c.config.topics.output);
-        assert_eq!(out.len(), recs.len(), "each record enriched once");
-        (
-            progress.restored.load(Ordering::SeqCst),
-            progress.focused_batches.load(Ordering::SeqCst),
-            scores(&out),
-        )
-    };
-    let (plain_restores, plain_focused, plain) = run(0);
-    let (restores, focused, scores) = run(32 * 8);
-    assert_eq!(plain_focused, 0);
-    assert!(focused > 0, "thrashing batches led to focus");
-    assert_eq!(scores, plain, "bit-identical scores, order kept");
-    assert!(
-        restores * 2 < plain_restores,
-        "restores: {restores} focused, {plain_restores} not"
-    );
-}
-
-#[test]
 fn bad_records_go_to_the_dead_letter_topic_with_a_reason() {
     let c = cluster();
     let recs = records(2, 30);

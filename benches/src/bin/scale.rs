@@ -39,6 +39,9 @@ struct Args {
     /// The consumer's `max.partition.fetch.bytes` (0 = librdkafka's default).
     #[arg(long, default_value_t = 0)]
     fetch_bytes: usize,
+    /// More consumer properties, `key=value` (repeatable), e.g. `debug=fetch`.
+    #[arg(long)]
+    consumer: Vec<String>,
 }
 
 fn main() -> Result<()> {
@@ -66,6 +69,12 @@ fn main() -> Result<()> {
             "max.partition.fetch.bytes".into(),
             args.fetch_bytes.to_string(),
         );
+    }
+    for kv in &args.consumer {
+        let Some((k, v)) = kv.split_once('=') else {
+            bail!("--consumer {kv:?}: expected key=value");
+        };
+        config.kafka_consumer.insert(k.into(), v.into());
     }
     let total = args.devices * args.records_per_device;
     let mut rng = htm::random::Random::new(3);
