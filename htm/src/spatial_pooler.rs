@@ -347,10 +347,6 @@ impl ColumnStore {
         slot
     }
 
-    fn heap_bytes(&self) -> usize {
-        4 * (self.columns.capacity() + self.slot_of.capacity()) + 2 * self.perms.capacity()
-    }
-
     fn to_wire(&self) -> StoreWireRef<'_> {
         // Branch-free: each lane's value is written at the cursor, which only advances past
         // values (a restore-and-evict cycle serialises and parses every stored column).
@@ -1197,27 +1193,41 @@ impl SpatialPooler {
 
     /// Heap bytes held (capacity-based), including the derived caches.
     pub fn heap_bytes(&self) -> usize {
+        self.heap_breakdown().iter().map(|&(_, b)| b).sum()
+    }
+
+    /// [`SpatialPooler::heap_bytes`] part by part, for memory reporting.
+    pub fn heap_breakdown(&self) -> Vec<(&'static str, usize)> {
         use std::mem::size_of;
         let c = &self.cache;
-        self.columns.heap_bytes()
-            + 4 * (self.overlap_duty_cycles.capacity()
-                + self.active_duty_cycles.capacity()
-                + self.min_overlap_duty_cycles.capacity()
-                + self.boost_factors.capacity())
-            + size_of::<u64>()
-                * (c.connected.capacity()
-                    + c.row.capacity()
-                    + c.input_bits.capacity()
-                    + c.keys.capacity())
-            + size_of::<usize>() * c.nonzero_words.capacity()
-            + c.delta.heap_bytes()
-            + c.bump.heap_bytes()
-            + 4 * (c.overlaps.capacity()
-                + c.boosted.capacity()
-                + c.histogram.capacity()
-                + c.winners.capacity())
-            + c.active_flags.capacity()
-        // The shared `layout` belongs to no single pooler.
+        let f32s = |v: &Vec<f32>| 4 * v.capacity();
+        vec![
+            ("stored_perms", 2 * self.columns.perms.capacity()),
+            (
+                "store_index",
+                4 * (self.columns.columns.capacity() + self.columns.slot_of.capacity()),
+            ),
+            (
+                "duty_boost",
+                f32s(&self.overlap_duty_cycles)
+                    + f32s(&self.active_duty_cycles)
+                    + f32s(&self.min_overlap_duty_cycles)
+                    + f32s(&self.boost_factors),
+            ),
+            ("connected", size_of::<u64>() * c.connected.capacity()),
+            ("deltas", c.delta.heap_bytes() + c.bump.heap_bytes()),
+            (
+                "scratch",
+                size_of::<u64>() * (c.row.capacity() + c.input_bits.capacity() + c.keys.capacity())
+                    + size_of::<usize>() * c.nonzero_words.capacity()
+                    + 4 * (c.overlaps.capacity()
+                        + c.boosted.capacity()
+                        + c.histogram.capacity()
+                        + c.winners.capacity())
+                    + c.active_flags.capacity(),
+            ),
+            // The shared `layout` belongs to no single pooler.
+        ]
     }
 
     /// NuPIC's inhibition density: `local_area_density`, or the configured number of winners
