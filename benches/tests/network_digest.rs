@@ -3,33 +3,10 @@
 //! layout of the spatial pooler, classifier and likelihood was changed. NAB's own result files
 //! leave the classifier out, so this is what pins its predictions.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use benches::nab::read_file;
+use benches::nab::{read_file, test_corpus_dir};
 use htm::network::{Inference, Network, NetworkParams};
-
-/// The corpus data directory, as in `nab_scorer.rs`: `$NAB_DIR`, `shared/nab` beside the
-/// repository, or `/work/shared/nab`; `None` (skipped) unless `NAB_REQUIRED=1`.
-fn data_dir() -> Option<PathBuf> {
-    let mut candidates = Vec::new();
-    if let Some(dir) = std::env::var_os("NAB_DIR") {
-        candidates.push(PathBuf::from(dir));
-    }
-    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/nab"));
-    candidates.push(PathBuf::from("/work/shared/nab"));
-    let found = candidates
-        .into_iter()
-        .map(|d| d.join("data"))
-        .find(|d| d.is_dir());
-    if found.is_none() {
-        assert!(
-            std::env::var("NAB_REQUIRED").as_deref() != Ok("1"),
-            "NAB_REQUIRED=1 but no NAB corpus found (set NAB_DIR)"
-        );
-        eprintln!("note: NAB corpus not found; skipping (set NAB_DIR or NAB_REQUIRED=1)");
-    }
-    found
-}
 
 /// FNV-1a over 64-bit words.
 fn mix(hash: &mut u64, word: u64) {
@@ -85,7 +62,9 @@ fn digest(dir: &Path, file: &str, preset: &str, restore_at: usize) -> u64 {
 
 #[test]
 fn whole_network_results_match_the_recorded_digests() {
-    let Some(dir) = data_dir() else { return };
+    let Some(dir) = test_corpus_dir().map(|d| d.join("data")) else {
+        return;
+    };
     let cases = [
         (
             "realKnownCause/nyc_taxi.csv",

@@ -360,6 +360,11 @@ impl Network {
         ]
     }
 
+    /// The next-value classifier, if the network has one, for inspection.
+    pub fn classifier(&self) -> Option<&SdrClassifier> {
+        self.classifier.as_ref()
+    }
+
     /// The spatial pooler, for inspection.
     pub fn spatial_pooler(&self) -> &SpatialPooler {
         &self.sp

@@ -592,11 +592,14 @@ struct Cache {
     /// Per input lane, the raise of a weak column's synapses.
     bump: Delta,
     overlaps: Vec<u32>,
+    /// Boosted overlaps, and the active flags of local inhibition: sized on first use, so a
+    /// pooler without boosting and with global inhibition (NAB's) holds neither.
     boosted: Vec<f32>,
+    active_flags: Vec<bool>,
+    /// Sort keys of boosted global inhibition (empty until used).
     keys: Vec<u64>,
     histogram: Vec<u32>,
     winners: Vec<u32>,
-    active_flags: Vec<bool>,
     /// The constructor's random stream at the start of each column, and more.
     layout: Arc<InitialLayout>,
     has_popcnt: bool,
@@ -626,8 +629,10 @@ pub struct SpatialPooler {
     overlap_duty_cycles: Vec<f32>,
     #[serde(with = "rle_f32")]
     active_duty_cycles: Vec<f32>,
+    /// Per column; a single value shared by all columns under global inhibition.
     #[serde(with = "rle_f32")]
     min_overlap_duty_cycles: Vec<f32>,
+    /// Per column; empty without boosting (`boost_strength` 0), where every factor is 1.
     #[serde(with = "rle_f32")]
     boost_factors: Vec<f32>,
     /// Permanences of the columns learning has modified; the others are regenerated.
@@ -1001,8 +1006,12 @@ impl SpatialPooler {
             iteration: 0,
             overlap_duty_cycles: vec![0.0; n_col],
             active_duty_cycles: vec![0.0; n_col],
-            min_overlap_duty_cycles: vec![0.0; n_col],
-            boost_factors: vec![1.0; n_col],
+            min_overlap_duty_cycles: vec![0.0; if params.global_inhibition { 1 } else { n_col }],
+            boost_factors: if params.boost_strength == 0.0 {
+                Vec::new()
+            } else {
+                vec![1.0; n_col]
+            },
             cache: Cache::default(),
             params,
         };
@@ -1021,8 +1030,15 @@ impl SpatialPooler {
         let n_col = self.num_columns();
         let words = self.input_size().div_ceil(64);
         let stride = words * 64;
+        let p = &self.params;
         assert!(
-            self.columns.stride as usize == stride && self.columns.num_columns as usize == n_col,
+            self.columns.stride as usize == stride
+                && self.columns.num_columns as usize == n_col
+                && self.overlap_duty_cycles.len() == n_col
+                && self.active_duty_cycles.len() == n_col
+                && self.min_overlap_duty_cycles.len()
+                    == if p.global_inhibition { 1 } else { n_col }
+                && self.boost_factors.len() == if p.boost_strength == 0.0 { 0 } else { n_col },
             "spatial pooler state does not match its parameters"
         );
         let consts = Consts::new(&self.params);
@@ -1056,11 +1072,11 @@ impl SpatialPooler {
             delta: Delta::new(stride, 0, 0),
             bump: Delta::new(stride, consts.below_stimulus_inc, 0),
             overlaps: vec![0; n_col],
-            boosted: vec![0.0; n_col],
-            keys: Vec::with_capacity(n_col),
+            boosted: Vec::new(),
+            active_flags: Vec::new(),
+            keys: Vec::new(),
             histogram: vec![0; 4 * (self.input_size() + 1)],
-            winners: Vec::with_capacity(n_col),
-            active_flags: vec![false; n_col],
+            winners: Vec::new(),
             layout,
             has_popcnt,
             vectors: Vectors::detect(),
@@ -1100,9 +1116,13 @@ impl SpatialPooler {
         &self.cache.overlaps
     }
 
-    /// Per-column boost factors.
-    pub fn boost_factors(&self) -> &[f32] {
-        &self.boost_factors
+    /// Per-column boost factors (all 1 without boosting).
+    pub fn boost_factors(&self) -> std::borrow::Cow<'_, [f32]> {
+        if self.boost_factors.is_empty() {
+            std::borrow::Cow::Owned(vec![1.0; self.num_columns()])
+        } else {
+            std::borrow::Cow::Borrowed(&self.boost_factors)
+        }
     }
 
     /// Per-column active duty cycles.
@@ -1264,6 +1284,7 @@ impl SpatialPooler {
         let boosted = learn && self.params.boost_strength != 0.0;
         if boosted {
             let c = &mut self.cache;
+            c.boosted.resize(c.overlaps.len(), 0.0);
             for ((b, &o), &f) in c
                 .boosted
                 .iter_mut()
@@ -1336,6 +1357,7 @@ impl SpatialPooler {
         } else {
             if !boosted {
                 let c = &mut self.cache;
+                c.boosted.resize(c.overlaps.len(), 0.0);
                 for (b, &o) in c.boosted.iter_mut().zip(&c.overlaps) {
                     *b = o as f32;
                 }
@@ -1436,7 +1458,8 @@ impl SpatialPooler {
         let (radius, wrap) = (self.inhibition_radius, self.params.wrap_around);
         let threshold = self.params.stimulus_threshold as f32;
         let c = &mut self.cache;
-        c.active_flags.fill(false);
+        c.active_flags.clear();
+        c.active_flags.resize(n_col as usize, false);
         c.winners.clear();
         for col in 0..n_col {
             let overlap = c.boosted[col as usize];
@@ -1499,11 +1522,10 @@ impl SpatialPooler {
         for (d, &o) in self.overlap_duty_cycles.iter_mut().zip(&c.overlaps) {
             *d = (*d * keep + f32::from(u8::from(o > 0))) / period;
         }
-        c.active_flags.fill(false);
-        for &w in &c.winners {
-            c.active_flags[w as usize] = true;
-        }
-        for (d, &a) in self.active_duty_cycles.iter_mut().zip(&c.active_flags) {
+        // Winners are sorted: walk them alongside the columns.
+        let mut next = c.winners.iter().copied().peekable();
+        for (col, d) in self.active_duty_cycles.iter_mut().enumerate() {
+            let a = next.next_if_eq(&(col as u32)).is_some();
             *d = (*d * keep + f32::from(u8::from(a))) / period;
         }
     }
@@ -1516,19 +1538,19 @@ impl SpatialPooler {
         // Weak columns are rare: test blocks of columns branch-free (vector code) and look
         // closer only at blocks holding one.
         const BLOCK: usize = 32;
+        let mins = &self.min_overlap_duty_cycles;
+        let min_at = |i: usize| if mins.len() == 1 { mins[0] } else { mins[i] };
         for start in (0..n).step_by(BLOCK) {
             let end = (start + BLOCK).min(n);
-            let (odc, min) = (
-                &self.overlap_duty_cycles[start..end],
-                &self.min_overlap_duty_cycles[start..end],
-            );
-            let any_weak = odc.iter().zip(min).fold(false, |w, (d, m)| w | (d < m));
+            let odc = &self.overlap_duty_cycles[start..end];
+            let any_weak = odc
+                .iter()
+                .enumerate()
+                .fold(false, |w, (j, &d)| w | (d < min_at(start + j)));
             if !any_weak {
                 continue;
             }
-            for i in (start..end)
-                .filter(|&i| self.overlap_duty_cycles[i] < self.min_overlap_duty_cycles[i])
-            {
+            for i in (start..end).filter(|&i| self.overlap_duty_cycles[i] < min_at(i)) {
                 let col = i as u32;
                 let k = &c.consts;
                 let slot = self.columns.materialise(
