@@ -254,10 +254,11 @@ fn main() -> Result<()> {
         args.repeat
     );
     println!(
-        "sp: heap_bytes={} serialized_bytes={} stored_columns={}",
+        "sp: heap_bytes={} serialized_bytes={} stored_columns={} logged_columns={}",
         sp.heap_bytes(),
         bincode_len(&sp),
-        sp.num_materialised()
+        sp.num_materialised(),
+        sp.num_logged()
     );
     if std::env::var_os("NET_STATS_PERMS").is_some() {
         let (mut zero, mut one, mut other, mut total) = (0, 0, 0, 0);
