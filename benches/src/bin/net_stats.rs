@@ -322,6 +322,9 @@ fn main() -> Result<()> {
         "network sp heap: {}",
         parts(net.spatial_pooler().heap_breakdown())
     );
+    if let Some(c) = net.classifier() {
+        println!("network classifier heap: {}", parts(c.heap_breakdown()));
+    }
     if let Tm::Backtracking(tm) = &tm {
         let parts: Vec<String> = tm
             .heap_breakdown()
