@@ -171,3 +171,26 @@ pub fn write_scores(out_root: &Path, file: &DataFile, scores: &FileScores) -> Re
     w.flush()?;
     Ok(())
 }
+
+/// The NAB corpus for tests: `$NAB_DIR`, else `shared/nab` beside the repository, else
+/// `/work/shared/nab`. `None` (test skipped) unless `NAB_REQUIRED=1`, which makes a
+/// missing corpus a failure.
+pub fn test_corpus_dir() -> Option<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Some(dir) = std::env::var_os("NAB_DIR") {
+        candidates.push(PathBuf::from(dir));
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/nab"));
+    candidates.push(PathBuf::from("/work/shared/nab"));
+    let found = candidates
+        .into_iter()
+        .find(|d| d.join("labels/combined_windows.json").is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var("NAB_REQUIRED").as_deref() != Ok("1"),
+            "NAB_REQUIRED=1 but no NAB corpus found (set NAB_DIR)"
+        );
+        eprintln!("note: NAB corpus not found; skipping (set NAB_DIR or NAB_REQUIRED=1)");
+    }
+    found
+}

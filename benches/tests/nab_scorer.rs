@@ -4,30 +4,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use benches::nab::test_corpus_dir;
 use benches::scoring::{load_corpus, load_profiles, sweep, Corpus};
-
-/// The corpus directory: `$NAB_DIR`, else `shared/nab` beside the repository, else
-/// `/work/shared/nab`. `None` (test skipped) unless `NAB_REQUIRED=1`, which makes a
-/// missing corpus a failure.
-fn nab_dir() -> Option<PathBuf> {
-    let mut candidates = Vec::new();
-    if let Some(dir) = std::env::var_os("NAB_DIR") {
-        candidates.push(PathBuf::from(dir));
-    }
-    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/nab"));
-    candidates.push(PathBuf::from("/work/shared/nab"));
-    let found = candidates
-        .into_iter()
-        .find(|d| d.join("labels/combined_windows.json").is_file());
-    if found.is_none() {
-        assert!(
-            std::env::var("NAB_REQUIRED").as_deref() != Ok("1"),
-            "NAB_REQUIRED=1 but no NAB corpus found (set NAB_DIR)"
-        );
-        eprintln!("note: NAB corpus not found; skipping (set NAB_DIR or NAB_REQUIRED=1)");
-    }
-    found
-}
 
 fn load(dir: &Path) -> Corpus {
     load_corpus(&dir.join("data"), &dir.join("labels/combined_windows.json")).unwrap()
@@ -50,7 +28,7 @@ fn perfect_scores(corpus: &Corpus) -> Vec<Vec<f64>> {
 
 #[test]
 fn real_corpus_null_and_perfect_detectors() {
-    let Some(dir) = nab_dir() else { return };
+    let Some(dir) = test_corpus_dir() else { return };
     let corpus = load(&dir);
     let rows: usize = corpus.files.iter().map(|f| f.timestamps.len()).sum();
     assert_eq!(corpus.files.len(), 41);
@@ -120,7 +98,7 @@ fn nab_score(args: &[&Path]) -> (bool, String, String) {
 
 #[test]
 fn cli_scores_a_perfect_detector_on_the_real_corpus() {
-    let Some(dir) = nab_dir() else { return };
+    let Some(dir) = test_corpus_dir() else { return };
     let corpus = load(&dir);
     let results = temp_dir("perfect");
     write_results(&results, &corpus, &perfect_scores(&corpus));

@@ -99,7 +99,9 @@ pub struct SdrClassifier {
     /// Rows of `stride` weights, the first `members.len()` of which are in use.
     stride: usize,
     weights: Vec<f32>,
-    /// Moving average of the values learnt for each bucket; `None` until the bucket is seen.
+    /// Per slot: the moving average of the values learnt for its bucket; `None` until the
+    /// bucket is seen, and for a slot shared by buckets never learnt. (A learnt bucket has a
+    /// slot of its own, so per slot is per bucket, without an entry for every bucket.)
     actual_values: Vec<Option<f64>>,
     /// Per-slot activations, then probabilities, then errors, during `learn`.
     acts: Scratch<Vec<f64>>,
@@ -143,7 +145,8 @@ impl SdrClassifier {
 
     /// Averaged actual value of `bucket`, if it has been learnt.
     pub fn actual_value(&self, bucket: usize) -> Option<f64> {
-        self.actual_values.get(bucket).copied().flatten()
+        let slot = *self.slot_of.get(bucket)?;
+        self.actual_values[slot as usize]
     }
 
     /// The weight from input `bit` to `bucket` (zero for unknown buckets).
@@ -163,14 +166,26 @@ impl SdrClassifier {
 
     /// Heap bytes held (capacity-based).
     pub fn heap_bytes(&self) -> usize {
-        4 * (self.slot_of.capacity()
-            + self.members.capacity()
-            + self.row_of.capacity()
-            + self.row_bits.capacity()
-            + self.weights.capacity()
-            + self.deltas.0.capacity())
-            + 16 * self.actual_values.capacity()
-            + 8 * self.acts.0.capacity()
+        self.heap_breakdown().iter().map(|&(_, b)| b).sum()
+    }
+
+    /// [`SdrClassifier::heap_bytes`] part by part, for memory reporting.
+    pub fn heap_breakdown(&self) -> Vec<(&'static str, usize)> {
+        vec![
+            ("weights", 4 * self.weights.capacity()),
+            (
+                "index",
+                4 * (self.slot_of.capacity()
+                    + self.members.capacity()
+                    + self.row_of.capacity()
+                    + self.row_bits.capacity()),
+            ),
+            ("actual_values", 16 * self.actual_values.capacity()),
+            (
+                "scratch",
+                8 * self.acts.0.capacity() + 4 * self.deltas.0.capacity(),
+            ),
+        ]
     }
 
     fn num_slots(&self) -> usize {
@@ -189,7 +204,7 @@ impl SdrClassifier {
         }
         self.make_own_slot(bucket);
         let a = self.params.act_value_alpha;
-        let value = &mut self.actual_values[bucket];
+        let value = &mut self.actual_values[self.slot_of[bucket] as usize];
         *value = Some(match *value {
             Some(old) => (1.0 - a) * old + a * actual,
             None => actual,
@@ -242,7 +257,7 @@ impl SdrClassifier {
             for (b, &slot) in self.slot_of.iter().enumerate() {
                 let s = slot as usize;
                 if (lo..hi).contains(&s) {
-                    if let Some(v) = self.actual_values[b] {
+                    if let Some(v) = self.actual_values[s] {
                         let a = act[s - lo];
                         if best.is_none_or(|(bb, top, _)| a > top || (a == top && b < bb)) {
                             best = Some((b, a, v));
@@ -314,13 +329,17 @@ impl SdrClassifier {
             return r as usize;
         }
         let r = self.row_bits.len();
+        if self.row_bits.len() == self.row_bits.capacity() {
+            self.row_bits.reserve_exact((r / 16).max(16));
+        }
         self.row_bits.push(bit);
         self.row_of[bit as usize] = r as u32;
         let need = (r + 1) * self.stride;
         if need > self.weights.capacity() {
-            // Grow by a quarter, not by doubling: memory should follow use.
+            // Grow by a 32nd, not by doubling: memory should follow use, and rows are allocated
+            // ever more rarely as a classifier ages (a few hundred in all on a NAB stream).
             self.weights
-                .reserve_exact(need - self.weights.len() + self.weights.len() / 4);
+                .reserve_exact(need - self.weights.len() + self.weights.len() / 32);
         }
         self.weights.resize(need, 0.0);
         r
@@ -331,7 +350,7 @@ impl SdrClassifier {
         let slot = self.num_slots();
         if slot == self.stride {
             // Re-lay the rows with room for more slots.
-            let stride = (self.stride + self.stride / 4).max(slot + 8);
+            let stride = (self.stride + self.stride / 16).max(slot + 4);
             let rows = self.row_bits.len();
             let mut weights = Vec::with_capacity(rows * stride);
             for r in 0..rows {
@@ -346,6 +365,7 @@ impl SdrClassifier {
             self.weights[base + slot] = from.map_or(0.0, |f| self.weights[base + f]);
         }
         self.members.push(0);
+        self.actual_values.push(None);
         slot
     }
 
@@ -353,6 +373,8 @@ impl SdrClassifier {
     /// zero slot, the last (about to be learnt) gets its own.
     fn grow(&mut self, num_buckets: usize) {
         let old = self.num_buckets();
+        // Buckets appear in a few jumps: exactly as many entries as buckets.
+        self.slot_of.reserve_exact(num_buckets - old);
         if num_buckets - 1 > old {
             let shared = self.add_slot(None) as u32;
             self.slot_of.resize(num_buckets - 1, shared);
@@ -361,7 +383,6 @@ impl SdrClassifier {
         let own = self.add_slot(None) as u32;
         self.slot_of.push(own);
         self.members[own as usize] = 1;
-        self.actual_values.resize(num_buckets, None);
     }
 
     /// Gives `bucket` a slot of its own (it is about to be learnt, so its weights part from
@@ -394,7 +415,7 @@ impl PartialEq for SdrClassifier {
             && self.input_size == other.input_size
             && self.slot_of == other.slot_of
             && self.row_bits == other.row_bits
-            && self.actual_values == other.actual_values
+            && (0..self.num_buckets()).all(|b| self.actual_value(b) == other.actual_value(b))
             && self.members.len() == other.members.len()
             && self
                 .packed_weights()
@@ -421,7 +442,9 @@ impl Serialize for SdrClassifier {
             params: self.params.clone(),
             input_size: self.input_size,
             slot_of: self.slot_of.clone(),
-            actual_values: self.actual_values.clone(),
+            actual_values: (0..self.num_buckets())
+                .map(|b| self.actual_value(b))
+                .collect(),
             row_bits: self.row_bits.clone(),
             weights: self.packed_weights(),
         }
@@ -453,12 +476,21 @@ impl<'de> Deserialize<'de> for SdrClassifier {
                 _ => return Err(D::Error::custom("classifier: bad row bit")),
             }
         }
+        // Per slot: only a bucket alone in its slot can have been learnt.
+        let mut actual_values = vec![None; n];
+        for (&s, &v) in w.slot_of.iter().zip(&w.actual_values) {
+            match (members[s as usize], v) {
+                (1, v) => actual_values[s as usize] = v,
+                (_, None) => {}
+                (_, Some(_)) => return Err(D::Error::custom("classifier: learnt bucket shares")),
+            }
+        }
         c.slot_of = w.slot_of;
         c.members = members;
         c.row_bits = w.row_bits;
         c.stride = n;
         c.weights = w.weights;
-        c.actual_values = w.actual_values;
+        c.actual_values = actual_values;
         Ok(c)
     }
 }

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 
 /// Invalid [`LikelihoodParams`].
@@ -167,7 +167,7 @@ pub struct AnomalyLikelihood {
     iteration: u64,
     /// Sliding history of `(metric value, raw score)`, oldest first, at most
     /// `historic_window_size` long. The current record joins only after it is scored.
-    history: VecDeque<(f64, f64)>,
+    history: History,
     /// The fitted distribution; `None` until the probation period is over.
     distribution: Option<Distribution>,
     /// Last `averaging_window` raw scores and their running sum. The sum is maintained by
@@ -194,7 +194,7 @@ impl AnomalyLikelihood {
             iteration: 0,
             // Grown as records arrive (see `anomaly_probability`): a young network of a
             // detector holding thousands should not carry a full window it does not use.
-            history: VecDeque::new(),
+            history: History::default(),
             distribution: None,
             ma_window: VecDeque::with_capacity(window),
             ma_total: 0.0,
@@ -205,8 +205,7 @@ impl AnomalyLikelihood {
 
     /// Heap bytes held (capacity-based), for memory reporting.
     pub fn heap_bytes(&self) -> usize {
-        std::mem::size_of::<(f64, f64)>() * self.history.capacity()
-            + 8 * (self.ma_window.capacity() + self.recent_tail.capacity())
+        self.history.heap_bytes() + 8 * (self.ma_window.capacity() + self.recent_tail.capacity())
     }
 
     /// The parameters.
@@ -250,7 +249,7 @@ impl AnomalyLikelihood {
             let want = (2 * self.history.len()).max(64).min(full);
             self.history.reserve_exact(want - self.history.len());
         }
-        self.history.push_back((value, raw_score));
+        self.history.push_back(value, raw_score);
         self.iteration += 1;
         likelihood
     }
@@ -293,16 +292,13 @@ impl AnomalyLikelihood {
         // the window and its running sum become the live moving-average state.
         let mut averages = Vec::with_capacity(self.history.len());
         let mut values = Vec::with_capacity(self.history.len());
+        self.history.values.extend_into(&mut values);
+        self.history.scores.extend_into(&mut averages);
         self.ma_window.clear();
         self.ma_total = 0.0;
-        for &(value, score) in &self.history {
-            averages.push(moving_average_push(
-                &mut self.ma_window,
-                &mut self.ma_total,
-                score,
-                window,
-            ));
-            values.push(value);
+        // The scores become their moving averages in place.
+        for a in &mut averages {
+            *a = moving_average_push(&mut self.ma_window, &mut self.ma_total, *a, window);
         }
 
         let distribution = if averages.len() <= skip {
@@ -334,6 +330,161 @@ impl AnomalyLikelihood {
             self.recent_tail
                 .push_back(distribution.tail_probability(average));
         }
+    }
+}
+
+/// One column of the history: in `f32` while every value it holds is one exactly (an HTM's raw
+/// scores always are, and so are integer metrics), half the memory of `f64`, in which it is
+/// kept from the first value that is not. Values read back bit for bit either way.
+#[derive(Clone, Debug)]
+enum Column {
+    Narrow(VecDeque<f32>),
+    Wide(VecDeque<f64>),
+}
+
+impl Default for Column {
+    fn default() -> Self {
+        Column::Narrow(VecDeque::new())
+    }
+}
+
+impl Column {
+    fn push_back(&mut self, x: f64) {
+        if let Column::Narrow(v) = self {
+            let narrow = x as f32;
+            if f64::from(narrow).to_bits() == x.to_bits() {
+                v.push_back(narrow);
+                return;
+            }
+            let mut wide = VecDeque::with_capacity(v.capacity());
+            wide.extend(v.iter().map(|&x| f64::from(x)));
+            *self = Column::Wide(wide);
+        }
+        if let Column::Wide(v) = self {
+            v.push_back(x);
+        }
+    }
+
+    fn pop_front(&mut self) {
+        match self {
+            Column::Narrow(v) => drop(v.pop_front()),
+            Column::Wide(v) => drop(v.pop_front()),
+        }
+    }
+
+    fn reserve_exact(&mut self, extra: usize) {
+        match self {
+            Column::Narrow(v) => v.reserve_exact(extra),
+            Column::Wide(v) => v.reserve_exact(extra),
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        match self {
+            Column::Narrow(v) => v.capacity(),
+            Column::Wide(v) => v.capacity(),
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Column::Narrow(v) => 4 * v.capacity(),
+            Column::Wide(v) => 8 * v.capacity(),
+        }
+    }
+
+    /// Appends the values, oldest first, to `out`.
+    fn extend_into(&self, out: &mut Vec<f64>) {
+        match self {
+            Column::Narrow(v) => out.extend(v.iter().map(|&x| f64::from(x))),
+            Column::Wide(v) => out.extend(v.iter().copied()),
+        }
+    }
+
+    fn get(&self, i: usize) -> Option<f64> {
+        match self {
+            Column::Narrow(v) => v.get(i).map(|&x| f64::from(x)),
+            Column::Wide(v) => v.get(i).copied(),
+        }
+    }
+}
+
+/// The likelihood's sliding history of `(metric value, raw score)`, as two [`Column`]s. Its
+/// checkpoint form is the sequence of pairs, whatever the columns' widths.
+#[derive(Clone, Debug, Default)]
+struct History {
+    values: Column,
+    scores: Column,
+    len: usize,
+}
+
+impl History {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn capacity(&self) -> usize {
+        self.values.capacity().min(self.scores.capacity())
+    }
+
+    fn reserve_exact(&mut self, extra: usize) {
+        self.values.reserve_exact(extra);
+        self.scores.reserve_exact(extra);
+    }
+
+    fn push_back(&mut self, value: f64, score: f64) {
+        self.values.push_back(value);
+        self.scores.push_back(score);
+        self.len += 1;
+    }
+
+    fn pop_front(&mut self) {
+        if self.len > 0 {
+            self.values.pop_front();
+            self.scores.pop_front();
+            self.len -= 1;
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.values.heap_bytes() + self.scores.heap_bytes()
+    }
+
+    /// The pairs, oldest first.
+    fn iter(&self) -> impl Iterator<Item = (f64, f64)> + '_ {
+        (0..self.len).map(|i| {
+            let get = |c: &Column| c.get(i).expect("columns as long as the history");
+            (get(&self.values), get(&self.scores))
+        })
+    }
+}
+
+/// Bit-for-bit content equality, whatever the columns' widths.
+impl PartialEq for History {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len
+            && self
+                .iter()
+                .zip(other.iter())
+                .all(|(a, b)| a.0.to_bits() == b.0.to_bits() && a.1.to_bits() == b.1.to_bits())
+    }
+}
+
+impl Serialize for History {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for History {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let pairs: Vec<(f64, f64)> = Vec::deserialize(d)?;
+        let mut h = History::default();
+        h.reserve_exact(pairs.len());
+        for (value, score) in pairs {
+            h.push_back(value, score);
+        }
+        Ok(h)
     }
 }
 
@@ -647,6 +798,10 @@ mod tests {
             assert!(l.history.len() <= 6);
         }
         let scores: Vec<f64> = l.history.iter().map(|h| h.1).collect();
+        assert!(
+            matches!(l.history.scores, Column::Wide(_)),
+            "random scores need f64"
+        );
         l.anomaly_probability(27.0, 0.5);
         // Window-2 moving averages of the 6 stored scores (the first one alone).
         let mut averages = vec![scores[0]];
@@ -760,6 +915,45 @@ mod tests {
     }
 
     #[test]
+    fn history_is_narrow_while_exact_and_reads_back_bit_for_bit() {
+        let mut h = History::default();
+        let pairs = [
+            (3.0, 0.25),
+            (-7.5, 0.125),
+            (2f64.powi(100), 1.0),
+            (0.1, 0.5),
+            (2.0, 0.1),
+        ];
+        for (i, &(v, s)) in pairs.iter().enumerate() {
+            h.push_back(v, s);
+            // 0.1 is no f32: the values widen at the fourth pair, the scores at the fifth.
+            assert_eq!(matches!(h.values, Column::Wide(_)), i >= 3, "values at {i}");
+            assert_eq!(matches!(h.scores, Column::Wide(_)), i >= 4, "scores at {i}");
+            let back: Vec<(f64, f64)> = h.iter().collect();
+            assert_eq!(back, pairs[..=i]);
+        }
+        h.pop_front();
+        assert_eq!(h.len(), 4);
+        let cfg = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&h, cfg).unwrap();
+        // The checkpoint form is the pairs, whatever the widths.
+        assert_eq!(
+            bytes,
+            bincode::serde::encode_to_vec(&pairs[1..], cfg).unwrap()
+        );
+        let (back, _): (History, _) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+        assert_eq!(back, h);
+        // A narrow history takes half the memory of pairs of f64.
+        let mut n = History::default();
+        n.reserve_exact(100);
+        for i in 0..100 {
+            // Raw scores as an HTM gives them: f32 fractions of the active columns.
+            n.push_back(f64::from(i), f64::from((i % 41) as f32 / 40.0));
+        }
+        assert!(n.heap_bytes() <= 8 * 100 + 64, "{}", n.heap_bytes());
+    }
+
+    #[test]
     fn red_zone_filter_caps_second_consecutive_tiny_tail() {
         let mut l = AnomalyLikelihood::new(LikelihoodParams::default());
         l.distribution = Some(Distribution {
@@ -768,7 +962,7 @@ mod tests {
             stdev: 0.0003f64.sqrt(),
         });
         l.iteration = 1001; // not a re-estimation step
-        l.history.push_back((1.0, 0.0));
+        l.history.push_back(1.0, 0.0);
         l.recent_tail.push_back(0.3); // previous record not red
                                       // Window of ten 1.0 → average 1.0, z ≈ 56: Q ≈ 0.
         for _ in 0..10 {

@@ -332,18 +332,42 @@ impl Network {
 
     /// Approximate heap bytes held by the network's learned state.
     pub fn heap_bytes(&self) -> usize {
+        self.heap_breakdown().iter().map(|&(_, b)| b).sum()
+    }
+
+    /// [`Network::heap_bytes`] part by part (the spatial pooler and temporal memory have
+    /// breakdowns of their own), for memory reporting.
+    pub fn heap_breakdown(&self) -> Vec<(&'static str, usize)> {
         let tm = match &self.tm {
             Tm::Backtracking(tm) => tm.heap_bytes(),
             Tm::Current(tm) => tm.heap_bytes(),
         };
-        self.encoder.heap_bytes()
-            + self.sp.heap_bytes()
-            + tm
-            + self.likelihood.heap_bytes()
-            + self.classifier.as_ref().map_or(0, |c| c.heap_bytes())
-            + 4 * self.prev_columns.capacity()
-            + self.scratch.input.heap_bytes()
-            + self.scratch.columns.heap_bytes()
+        vec![
+            ("encoder", self.encoder.heap_bytes()),
+            ("sp", self.sp.heap_bytes()),
+            ("tm", tm),
+            ("likelihood", self.likelihood.heap_bytes()),
+            (
+                "classifier",
+                self.classifier.as_ref().map_or(0, |c| c.heap_bytes()),
+            ),
+            (
+                "scratch",
+                4 * self.prev_columns.capacity()
+                    + self.scratch.input.heap_bytes()
+                    + self.scratch.columns.heap_bytes(),
+            ),
+        ]
+    }
+
+    /// The next-value classifier, if the network has one, for inspection.
+    pub fn classifier(&self) -> Option<&SdrClassifier> {
+        self.classifier.as_ref()
+    }
+
+    /// The spatial pooler, for inspection.
+    pub fn spatial_pooler(&self) -> &SpatialPooler {
+        &self.sp
     }
 
     /// Segments and synapses in the temporal memory, for reporting.

@@ -3,17 +3,20 @@
 //! Columns are materialised lazily. A column's potential pool and initial permanences are a
 //! pure function of (seed, column): the constructor draws the columns one after the other
 //! from one seeded stream, as NuPIC does, and keeps the stream's state at the start of each
-//! column (16 bytes a column, derived, rebuilt on restore), so any column can be regenerated
-//! alone. A column that learning never touched is regenerated on demand instead of stored. Only
-//! columns that learning modified (winners, bumped weak columns) keep their permanences: one
-//! dense row of `u16` fixed-point permanences per column over the input, a sentinel outside the
-//! pool, so a learning step is straight-line integer vector code over contiguous memory. With
-//! NAB-like inputs only a few hundred of the 2048 columns ever win, which is what keeps a
-//! pooler small in memory and on disk.
+//! column (16 bytes a column, derived, shared by the poolers with the same parameters), so any
+//! column can be regenerated alone. A column that learning never touched is regenerated on
+//! demand instead of stored. A column that learning modified (winners, bumped weak columns)
+//! is first kept as the log of its learning steps (the input bits of each, 64 bytes for NAB's
+//! input), replayed on its regenerated lanes when it learns again; with NAB-like inputs most of
+//! the few hundred columns that ever win do so a handful of times only. A column that keeps
+//! learning has its permanences stored: one dense row of `u16` fixed-point permanences over
+//! the input, a sentinel outside the pool, so a learning step is straight-line integer vector
+//! code over contiguous memory.
 //!
-//! Overlaps come from a derived bitset of connected synapses (AND + popcount), stored
-//! word-major so that each input word meets one contiguous plane of all columns. The bitset is a cache: it is rebuilt on restore from the stored
-//! rows and the regenerated ones, so checkpoints carry only what learning changed.
+//! Overlaps come from bitsets of connected synapses (AND + popcount), stored word-major so
+//! that each input word meets one contiguous plane of columns: the shared initial bits of
+//! every column, and the current bits of the modified ones, which replace theirs. The stored
+//! rows' bits are rebuilt on restore, so checkpoints carry only what learning changed.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -259,9 +262,45 @@ impl Consts {
 const NOT_IN_POOL: u16 = u16::MAX;
 const NO_SLOT: u32 = u32::MAX;
 
-/// Permanences of the materialised columns: `stride` lanes (the input rounded up to whole
-/// 64-bit words) per column, in materialisation order. Lane `i` is the permanence of the
-/// synapse from input `i`, or [`NOT_IN_POOL`].
+/// Most learning steps a column is kept as a log of (its lanes regenerated and the steps
+/// replayed whenever it learns again) before its lanes are stored. A logged step costs one
+/// input bitset (64 bytes for NAB's 454 inputs) against 1 KiB of lanes, and most columns
+/// that ever win do so a handful of times only.
+const YOUNG_STEPS: usize = 12;
+/// Marks a slot's representation as a log (low bits: index into `ColumnStore::young`).
+const YOUNG: u32 = 1 << 31;
+
+/// A column kept as the log of its learning steps.
+#[derive(Clone, Copy, Debug, Default)]
+struct Young {
+    slot: u32,
+    /// Start of its steps in [`ColumnStore::steps`], `words` each.
+    start: u32,
+    len: u16,
+    /// Bit `i`: step `i` was a weak-column raise (its words are unused zeros), not an input.
+    raises: u16,
+}
+
+/// Where a column's permanences are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Repr {
+    /// As generated: learning never touched it.
+    Lazy,
+    /// Logged: `young[y]`, at `slot`.
+    Young { slot: usize, y: usize },
+    /// Lanes stored: block `d` of `perms`, at `slot`.
+    Dense { slot: usize, d: usize },
+}
+
+/// The columns learning modified, each in a slot (in the order they were first modified):
+/// either a log of its first few learning steps, replayed on its regenerated initial lanes
+/// when needed, or `stride` stored lanes (the input rounded up to whole 64-bit words). Lane
+/// `i` is the permanence of the synapse from input `i`, or [`NOT_IN_POOL`].
+///
+/// The connected bits of every stored column are kept word-major over slots (word `w` of slot
+/// `s` at `w * row_cap + s`), beside the shared initial bits of the lazy columns. For stored
+/// lanes they are derived (rebuilt on restore); for logs they are state (regenerating them on
+/// restore would cost a column's generation each).
 #[derive(Clone, Debug, Default)]
 struct ColumnStore {
     num_columns: u32,
@@ -270,16 +309,43 @@ struct ColumnStore {
     columns: Vec<u32>,
     /// Column → slot, [`NO_SLOT`] while the column is lazy. Derived from `columns`.
     slot_of: Vec<u32>,
+    /// Slot → index of its lanes in `perms`, or [`YOUNG`] | index in `young`.
+    repr: Vec<u32>,
     perms: Vec<u16>,
+    young: Vec<Young>,
+    /// Logged input bitsets, `stride / 64` words a step, each log contiguous.
+    steps: Vec<u64>,
+    /// Words of `steps` no log uses (left by a log moved to the end, or stored as lanes).
+    free_words: usize,
+    rows: Vec<u64>,
+    row_cap: usize,
 }
 
-/// `slot_of` is derived from `columns`.
+/// Content equality: slots, their lanes or logs, and the logs' connected bits.
 impl PartialEq for ColumnStore {
     fn eq(&self, other: &Self) -> bool {
+        let wire = |s: &ColumnStore| {
+            let w = s.to_wire();
+            (
+                w.young_steps,
+                w.young_raises,
+                w.young_bits,
+                w.tags,
+                w.values,
+            )
+        };
         self.num_columns == other.num_columns
             && self.stride == other.stride
             && self.columns == other.columns
-            && self.perms == other.perms
+            && wire(self) == wire(other)
+    }
+}
+
+/// Grows `v` to hold `extra` more elements, by a sixteenth at least rather than by doubling:
+/// resident memory should follow use, and a pooler's store grows ever more slowly as it ages.
+fn reserve_sixteenth<T>(v: &mut Vec<T>, extra: usize, min_extra: usize) {
+    if v.len() + extra > v.capacity() {
+        v.reserve_exact(extra.max(v.len() / 16).max(min_extra));
     }
 }
 
@@ -288,77 +354,193 @@ impl ColumnStore {
         ColumnStore {
             num_columns: num_columns as u32,
             stride: stride as u32,
-            columns: Vec::new(),
             slot_of: vec![NO_SLOT; num_columns],
-            perms: Vec::new(),
+            ..ColumnStore::default()
         }
     }
 
-    fn slot(&self, column: u32) -> Option<usize> {
+    fn words(&self) -> usize {
+        self.stride as usize / 64
+    }
+
+    fn repr(&self, column: u32) -> Repr {
         match self.slot_of[column as usize] {
-            NO_SLOT => None,
-            s => Some(s as usize),
+            NO_SLOT => Repr::Lazy,
+            s => {
+                let (slot, r) = (s as usize, self.repr[s as usize]);
+                if r & YOUNG != 0 {
+                    Repr::Young {
+                        slot,
+                        y: (r & !YOUNG) as usize,
+                    }
+                } else {
+                    Repr::Dense {
+                        slot,
+                        d: r as usize,
+                    }
+                }
+            }
         }
     }
 
-    fn lanes(&self, slot: usize) -> &[u16] {
+    fn lanes(&self, d: usize) -> &[u16] {
         let s = self.stride as usize;
-        &self.perms[slot * s..(slot + 1) * s]
+        &self.perms[d * s..(d + 1) * s]
     }
 
-    fn lanes_mut(&mut self, slot: usize) -> &mut [u16] {
+    fn lanes_mut(&mut self, d: usize) -> &mut [u16] {
         let s = self.stride as usize;
-        &mut self.perms[slot * s..(slot + 1) * s]
+        &mut self.perms[d * s..(d + 1) * s]
     }
 
-    /// The slot of `column`, generating its initial lanes first (from `stream`, the
-    /// constructor's stream at the start of the column) if it is still lazy.
-    fn materialise(
-        &mut self,
-        column: u32,
-        params: &SpatialPoolerParams,
-        potential_radius: u32,
-        k: &Consts,
-        stream: &Random,
-    ) -> usize {
-        if let Some(slot) = self.slot(column) {
-            return slot;
-        }
+    /// Young `y`'s logged steps: `words` per step, raises as zeros.
+    fn steps_of(&self, y: usize) -> &[u64] {
+        let g = self.young[y];
+        let start = g.start as usize;
+        &self.steps[start..start + usize::from(g.len) * self.words()]
+    }
+
+    /// A new slot for `column` (lazy until now), its connected row zero.
+    fn add_slot(&mut self, column: u32, repr: u32) -> usize {
         let slot = self.columns.len();
-        let stride = self.stride as usize;
-        let start = self.perms.len();
-        if start + stride > self.perms.capacity() {
-            // Grow by a sixteenth, not by doubling: resident memory should follow use, and
-            // columns materialise ever more rarely as a pooler ages.
-            self.perms
-                .reserve_exact(stride + (start / 16).max(8 * stride));
+        if slot == self.row_cap {
+            // Re-lay the planes with room for more slots.
+            let words = self.words();
+            let cap = self.row_cap + (self.row_cap / 16).max(8);
+            let mut rows = vec![0u64; words * cap];
+            for w in 0..words {
+                rows[w * cap..w * cap + slot]
+                    .copy_from_slice(&self.rows[w * self.row_cap..w * self.row_cap + slot]);
+            }
+            self.rows = rows;
+            self.row_cap = cap;
         }
-        self.perms.resize(start + stride, NOT_IN_POOL);
-        generate_column(
-            params,
-            potential_radius,
-            k,
-            column,
-            &mut stream.clone(),
-            &mut self.perms[start..],
-        );
         self.columns.push(column);
+        self.repr.push(repr);
         self.slot_of[column as usize] = slot as u32;
         slot
     }
 
-    fn heap_bytes(&self) -> usize {
-        4 * (self.columns.capacity() + self.slot_of.capacity()) + 2 * self.perms.capacity()
+    fn row(&self, slot: usize, row: &mut [u64]) {
+        gather_row(&self.rows, self.row_cap, slot, row);
+    }
+
+    fn set_row(&mut self, slot: usize, row: &[u64]) {
+        scatter_row(&mut self.rows, self.row_cap, slot, row);
+    }
+
+    /// Stores `lanes` as block `d` of `perms`, which must be the next block.
+    fn push_lanes(&mut self, lanes: &[u16]) -> usize {
+        let stride = self.stride as usize;
+        reserve_sixteenth(&mut self.perms, stride, 8 * stride);
+        self.perms.extend_from_slice(lanes);
+        self.perms.len() / stride - 1
+    }
+
+    /// Logs a step for `column`: a new log if it is lazy, else appended to log `y`. `bits` is
+    /// the input, `None` a weak-column raise.
+    fn log_step(&mut self, column: u32, y: Option<usize>, bits: Option<&[u64]>) {
+        let words = self.words();
+        let y = match y {
+            Some(y) => y,
+            None => {
+                let y = self.young.len();
+                let slot = self.add_slot(column, YOUNG | y as u32);
+                let start = self.steps.len() as u32;
+                self.young.push(Young {
+                    slot: slot as u32,
+                    start,
+                    len: 0,
+                    raises: 0,
+                });
+                y
+            }
+        };
+        let g = self.young[y];
+        let (start, used) = (g.start as usize, usize::from(g.len) * words);
+        reserve_sixteenth(&mut self.steps, used + words, 8 * words);
+        if start + used != self.steps.len() {
+            // Not at the end: move the log there, leaving its old words free.
+            self.steps.extend_from_within(start..start + used);
+            self.free_words += used;
+            self.young[y].start = (self.steps.len() - used) as u32;
+        }
+        match bits {
+            Some(bits) => self.steps.extend_from_slice(bits),
+            None => {
+                self.steps.resize(self.steps.len() + words, 0);
+                self.young[y].raises |= 1 << g.len;
+            }
+        }
+        self.young[y].len += 1;
+        self.compact_steps();
+    }
+
+    /// Turns log `y` into stored `lanes` (same slot).
+    fn promote(&mut self, y: usize, lanes: &[u16]) {
+        let g = self.young.swap_remove(y);
+        self.free_words += usize::from(g.len) * self.words();
+        if let Some(moved) = self.young.get(y) {
+            self.repr[moved.slot as usize] = YOUNG | y as u32;
+        }
+        let d = self.push_lanes(lanes);
+        self.repr[g.slot as usize] = d as u32;
+        self.compact_steps();
+    }
+
+    /// Closes up the free words of `steps` once they are an eighth of it.
+    fn compact_steps(&mut self) {
+        if self.free_words * 8 <= self.steps.len() {
+            return;
+        }
+        let words = self.words();
+        let used = self.steps.len() - self.free_words;
+        let mut steps = Vec::with_capacity(used + used / 16);
+        for g in &mut self.young {
+            let start = g.start as usize;
+            g.start = steps.len() as u32;
+            steps.extend_from_slice(&self.steps[start..start + usize::from(g.len) * words]);
+        }
+        self.steps = steps;
+        self.free_words = 0;
     }
 
     fn to_wire(&self) -> StoreWireRef<'_> {
+        let words = self.words();
+        let mut young_steps = Vec::with_capacity(self.columns.len());
+        let mut young_raises = Vec::new();
+        let mut young_bits = Vec::new();
+        let mut young_rows = Vec::new();
+        let mut dense = Vec::new();
+        let mut row = vec![0u64; words];
+        for slot in 0..self.columns.len() {
+            let r = self.repr[slot];
+            if r & YOUNG == 0 {
+                young_steps.push(0u8);
+                dense.push(r as usize);
+                continue;
+            }
+            let y = (r & !YOUNG) as usize;
+            let g = self.young[y];
+            young_steps.push(g.len as u8);
+            young_raises.push(g.raises);
+            for &w in self.steps_of(y) {
+                young_bits.extend_from_slice(&w.to_le_bytes());
+            }
+            self.row(slot, &mut row);
+            for &w in &row {
+                young_rows.extend_from_slice(&w.to_le_bytes());
+            }
+        }
         // Branch-free: each lane's value is written at the cursor, which only advances past
         // values (a restore-and-evict cycle serialises and parses every stored column).
-        let n = self.perms.len();
+        let n = dense.len() * self.stride as usize;
         let mut tags = vec![0u8; n.div_ceil(4)];
         let mut values = vec![0u8; 2 * n];
         let mut w = 0;
-        for (t, quad) in tags.iter_mut().zip(self.perms.chunks(4)) {
+        // A stride is whole words, so every column's lanes fill whole tag bytes.
+        let quads = dense.iter().flat_map(|&d| self.lanes(d).chunks_exact(4));
+        for (t, quad) in tags.iter_mut().zip(quads) {
             let mut byte = 0;
             for (j, &p) in quad.iter().enumerate() {
                 let tag = match p {
@@ -378,6 +560,10 @@ impl ColumnStore {
             num_columns: self.num_columns,
             stride: self.stride,
             columns: &self.columns,
+            young_steps,
+            young_raises,
+            young_bits,
+            young_rows,
             tags,
             values,
         }
@@ -388,13 +574,59 @@ impl ColumnStore {
             return Err(format!("column stride {} is not whole words", w.stride));
         }
         let mut store = ColumnStore::new(w.num_columns as usize, w.stride as usize);
-        for (slot, &col) in w.columns.iter().enumerate() {
-            match store.slot_of.get_mut(col as usize) {
-                Some(s) if *s == NO_SLOT => *s = slot as u32,
-                _ => return Err(format!("column {col} out of range or listed twice")),
-            }
+        let words = store.words();
+        if w.young_steps.len() != w.columns.len() {
+            return Err("step counts do not match the stored columns".into());
         }
-        let lanes = w.columns.len() * w.stride as usize;
+        let (mut logged, mut n_young, mut n_dense) = (0usize, 0usize, 0usize);
+        for &n in &w.young_steps {
+            if usize::from(n) > YOUNG_STEPS {
+                return Err(format!("{n} logged steps, at most {YOUNG_STEPS} are kept"));
+            }
+            logged += usize::from(n);
+            n_young += usize::from(n > 0);
+            n_dense += usize::from(n == 0);
+        }
+        if w.young_raises.len() != n_young
+            || w.young_bits.len() != 8 * logged * words
+            || w.young_rows.len() != 8 * n_young * words
+        {
+            return Err("logged steps do not match their counts".into());
+        }
+        let to_words = |bytes: &[u8]| -> Vec<u64> {
+            bytes
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect()
+        };
+        let (bits, rows) = (to_words(&w.young_bits), to_words(&w.young_rows));
+        let mut ys = w.young_raises.iter();
+        for (&col, &n) in w.columns.iter().zip(&w.young_steps) {
+            if store.slot_of.get(col as usize) != Some(&NO_SLOT) {
+                return Err(format!("column {col} out of range or listed twice"));
+            }
+            if n == 0 {
+                // Its lanes come below; the index is fixed up there.
+                store.add_slot(col, 0);
+                continue;
+            }
+            let y = store.young.len();
+            let slot = store.add_slot(col, YOUNG | y as u32);
+            let start = store.steps.len();
+            let raises = *ys.next().expect("counted above");
+            let n = usize::from(n);
+            store
+                .steps
+                .extend_from_slice(&bits[start..start + n * words]);
+            store.young.push(Young {
+                slot: slot as u32,
+                start: start as u32,
+                len: n as u16,
+                raises,
+            });
+            store.set_row(slot, &rows[y * words..(y + 1) * words]);
+        }
+        let lanes = n_dense * w.stride as usize;
         if w.tags.len() != lanes.div_ceil(4) {
             return Err("permanence tags do not match the stored columns".into());
         }
@@ -436,26 +668,41 @@ impl ColumnStore {
         if r != bytes.len() {
             return Err("more permanences than tags".into());
         }
-        store.columns = w.columns;
+        let mut d = 0;
+        for (slot, &n) in w.young_steps.iter().enumerate() {
+            if n == 0 {
+                store.repr[slot] = d;
+                d += 1;
+            }
+        }
         Ok(store)
     }
 }
 
-// Checkpoint form of the store: 2 bits per lane say 0, the maximum, not in the pool, or "next
-// explicit value". Long-trained columns are mostly 0 and the maximum, so a stored column
-// costs far less than its 2 bytes per lane.
+// Checkpoint form of stored lanes: 2 bits per lane say 0, the maximum, not in the pool, or
+// "next explicit value". Long-trained columns are mostly 0 and the maximum, so a stored
+// column costs far less than its 2 bytes per lane.
 const TAG_ZERO: u8 = 0;
 const TAG_MAX: u8 = 1;
 const TAG_VALUE: u8 = 2;
 const TAG_NOT_IN_POOL: u8 = 3;
 
 // The explicit values are `u16` little-endian byte pairs: as integers, bincode's varint
-// encoding would spend 3 bytes on every value of 251 units or more.
+// encoding would spend 3 bytes on every value of 251 units or more (and the logs' words, as
+// integers, up to 10 bytes each).
 #[derive(Serialize)]
 struct StoreWireRef<'a> {
     num_columns: u32,
     stride: u32,
     columns: &'a [u32],
+    /// Per slot: its logged steps, 0 where its lanes are stored.
+    young_steps: Vec<u8>,
+    /// Per log, in slot order: which steps were raises.
+    young_raises: Vec<u16>,
+    /// The logs' steps, then their connected rows, as little-endian words.
+    young_bits: Vec<u8>,
+    young_rows: Vec<u8>,
+    /// Stored lanes of the other slots, in slot order.
     tags: Vec<u8>,
     values: Vec<u8>,
 }
@@ -465,6 +712,10 @@ struct StoreWire {
     num_columns: u32,
     stride: u32,
     columns: Vec<u32>,
+    young_steps: Vec<u8>,
+    young_raises: Vec<u16>,
+    young_bits: Vec<u8>,
+    young_rows: Vec<u8>,
     tags: Vec<u8>,
     values: Vec<u8>,
 }
@@ -582,12 +833,10 @@ struct Cache {
     consts: Consts,
     /// `u64` words per column row and per input bitset.
     words: usize,
-    /// Connected-synapse bits over the input, word-major: word `w` of column `c` is at
-    /// `w * column_count + c`, so an input word is ANDed with one contiguous plane of all
-    /// columns (vector code) instead of one word gathered from every row.
-    connected: Vec<u64>,
     /// One column's row of connected bits, gathered or to be scattered.
     row: Vec<u64>,
+    /// One column's lanes, regenerated and replayed from its log.
+    lanes: Vec<u16>,
     input_bits: Vec<u64>,
     /// Indices of the non-zero words of `input_bits`, ascending.
     nonzero_words: Vec<usize>,
@@ -595,20 +844,25 @@ struct Cache {
     delta: Delta,
     /// Per input lane, the raise of a weak column's synapses.
     bump: Delta,
+    /// Per input lane, the change of a logged step being replayed.
+    replay: Delta,
     overlaps: Vec<u32>,
+    /// Overlaps of the stored columns, by slot.
+    slot_overlaps: Vec<u32>,
+    /// Boosted overlaps, and the active flags of local inhibition: sized on first use, so a
+    /// pooler without boosting and with global inhibition (NAB's) holds neither.
     boosted: Vec<f32>,
+    active_flags: Vec<bool>,
+    /// Sort keys of boosted global inhibition (empty until used).
     keys: Vec<u64>,
     histogram: Vec<u32>,
     winners: Vec<u32>,
-    active_flags: Vec<bool>,
+    /// The winners' new active duty cycles, during their update.
+    winner_duty: Vec<f32>,
     /// The constructor's random stream at the start of each column, and more.
     layout: Arc<InitialLayout>,
-    has_popcnt: bool,
     vectors: Vectors,
-    has_avx2_popcnt: bool,
-    /// AVX-512 with its vector popcount (`vpopcntq`): the overlap kernel counts eight words
-    /// per instruction instead of emulating popcount with nibble lookups.
-    has_avx512_popcnt: bool,
+    overlap_kernel: OverlapKernel,
 }
 
 /// Caches compare equal: they are a function of the persistent state.
@@ -630,8 +884,10 @@ pub struct SpatialPooler {
     overlap_duty_cycles: Vec<f32>,
     #[serde(with = "rle_f32")]
     active_duty_cycles: Vec<f32>,
+    /// Per column; a single value shared by all columns under global inhibition.
     #[serde(with = "rle_f32")]
     min_overlap_duty_cycles: Vec<f32>,
+    /// Per column; empty without boosting (`boost_strength` 0), where every factor is 1.
     #[serde(with = "rle_f32")]
     boost_factors: Vec<f32>,
     /// Permanences of the columns learning has modified; the others are regenerated.
@@ -649,7 +905,18 @@ fn neighborhood(center: u32, radius: u32, dim: u32, wrap: bool) -> impl Iterator
     } else {
         ((c - r).max(0), (c + r).min(d - 1))
     };
-    (lo..=hi).map(move |v| v.rem_euclid(d) as u32)
+    // `lo > -d` and `hi < 2d`: one correction instead of a division (columns are
+    // regenerated often enough for it to show).
+    (lo..=hi).map(move |v| {
+        let v = if v < 0 {
+            v + d
+        } else if v >= d {
+            v - d
+        } else {
+            v
+        };
+        v as u32
+    })
 }
 
 fn neighborhood_len(center: u32, radius: u32, dim: u32, wrap: bool) -> usize {
@@ -696,19 +963,28 @@ fn generate_column(
         p.wrap_around,
     )
     .collect();
-    let mut pool = rng.sample(&candidates, pool_size(candidates.len(), p.potential_pct));
-    pool.sort_unstable();
+    let pool = rng.sample(&candidates, pool_size(candidates.len(), p.potential_pct));
+    // The permanences are drawn in ascending input order, as NuPIC does: pool members are
+    // marked in their lanes and the lanes read in order, cheaper than sorting the pool (a
+    // column is generated again each time a logged column learns).
     lanes.fill(NOT_IN_POOL);
+    for &input in &pool {
+        lanes[input as usize] = 0;
+    }
     let connected = f64::from(k.connected);
     let above = f64::from(PERMANENCE_MAX - k.connected);
-    for &input in &pool {
+    for lane in lanes.iter_mut().filter(|p| **p != NOT_IN_POOL) {
         // The draws are NuPIC's; truncation to whole units stands in for its 5 decimals.
-        let v = if rng.real() <= INIT_CONNECTED_PCT {
-            k.connected + (above * rng.real()) as u16
+        // Either way one more value is drawn: both are computed and one kept, as the choice
+        // is a coin flip no branch predictor guesses.
+        let (choice, r) = (rng.real(), rng.real());
+        let (on, off) = (k.connected + (above * r) as u16, (connected * r) as u16);
+        let v = if choice <= INIT_CONNECTED_PCT {
+            on
         } else {
-            (connected * rng.real()) as u16
+            off
         };
-        lanes[input as usize] = if v < k.trim { 0 } else { v };
+        *lane = if v < k.trim { 0 } else { v };
     }
     if k.stimulus_threshold > 0 {
         adapt_raising(lanes, k, |_| 0);
@@ -896,6 +1172,116 @@ fn adapt_lanes_best(
     adapt_lanes(lanes, delta, trim, connected, row);
 }
 
+/// One learning step on a column's `lanes`: a winner's `delta`, or with `raise` the weak-column
+/// raise, then its connected bits into `row`.
+fn apply_step(
+    vectors: Vectors,
+    lanes: &mut [u16],
+    delta: &Delta,
+    raise: bool,
+    k: &Consts,
+    row: &mut [u64],
+) {
+    if raise || k.stimulus_threshold == 0 {
+        adapt_lanes_best(vectors, lanes, delta, k.trim, k.connected, row);
+    } else {
+        adapt_raising(lanes, k, |i| {
+            i32::from(delta.inc[i]) - i32::from(delta.dec[i])
+        });
+        connected_bits(lanes, k.connected, row);
+    }
+}
+
+/// A winner's change on input `bits`: `+active_inc` on active inputs, `-inactive_dec` on the
+/// others.
+fn fill_delta(delta: &mut Delta, bits: &[u64], k: &Consts) {
+    let lanes = delta
+        .inc
+        .chunks_exact_mut(64)
+        .zip(delta.dec.chunks_exact_mut(64));
+    for ((inc, dec), &word) in lanes.zip(bits) {
+        for j in 0..64 {
+            let on = (word >> j) & 1 == 1;
+            inc[j] = if on { k.active_inc } else { 0 };
+            dec[j] = if on { 0 } else { k.inactive_dec };
+        }
+    }
+}
+
+/// Replays log `y` of `store` on `lanes` (its column's generated lanes), with `replay` as
+/// scratch; `row` ends as the connected bits.
+#[allow(clippy::too_many_arguments)]
+fn replay_log(
+    store: &ColumnStore,
+    y: usize,
+    lanes: &mut [u16],
+    replay: &mut Delta,
+    bump: &Delta,
+    k: &Consts,
+    vectors: Vectors,
+    row: &mut [u64],
+) {
+    let raises = store.young[y].raises;
+    for (i, bits) in store.steps_of(y).chunks_exact(store.words()).enumerate() {
+        if (raises >> i) & 1 == 1 {
+            apply_step(vectors, lanes, bump, true, k, row);
+        } else {
+            fill_delta(replay, bits, k);
+            apply_step(vectors, lanes, replay, false, k, row);
+        }
+    }
+}
+
+/// The fastest overlap kernel the CPU runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum OverlapKernel {
+    #[default]
+    Portable,
+    Popcnt,
+    Avx2,
+    /// AVX-512 with its vector popcount (`vpopcntq`): eight words counted per instruction
+    /// instead of popcount emulated with nibble lookups.
+    Avx512,
+}
+
+impl OverlapKernel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512vpopcntdq") && has!("avx2") && has!("popcnt") {
+                return OverlapKernel::Avx512;
+            }
+            if has!("avx2") && has!("popcnt") {
+                return OverlapKernel::Avx2;
+            }
+            if has!("popcnt") {
+                return OverlapKernel::Popcnt;
+            }
+        }
+        OverlapKernel::Portable
+    }
+
+    /// [`overlaps_kernel`] with this kernel's instructions.
+    fn run(self, connected: &[u64], input: &[u64], nonzero: &[usize], out: &mut [u32]) {
+        #[cfg(target_arch = "x86_64")]
+        match self {
+            // SAFETY (all three): `self` comes from runtime CPU feature detection.
+            OverlapKernel::Avx512 => {
+                return unsafe { overlaps_kernel_avx512(connected, input, nonzero, out) }
+            }
+            OverlapKernel::Avx2 => {
+                return unsafe { overlaps_kernel_avx2(connected, input, nonzero, out) }
+            }
+            OverlapKernel::Popcnt => {
+                return unsafe { overlaps_kernel_popcnt(connected, input, nonzero, out) }
+            }
+            OverlapKernel::Portable => {}
+        }
+        overlaps_kernel(connected, input, nonzero, out);
+    }
+}
+
 /// Connected-synapse overlap of every column with the input bitset, from the word-major
 /// `connected` planes of `out.len()` columns. `nonzero` lists the input words with an active
 /// bit: encoders leave some words empty, and those planes need not be read. Columns go in
@@ -1005,8 +1391,12 @@ impl SpatialPooler {
             iteration: 0,
             overlap_duty_cycles: vec![0.0; n_col],
             active_duty_cycles: vec![0.0; n_col],
-            min_overlap_duty_cycles: vec![0.0; n_col],
-            boost_factors: vec![1.0; n_col],
+            min_overlap_duty_cycles: vec![0.0; if params.global_inhibition { 1 } else { n_col }],
+            boost_factors: if params.boost_strength == 0.0 {
+                Vec::new()
+            } else {
+                vec![1.0; n_col]
+            },
             cache: Cache::default(),
             params,
         };
@@ -1025,51 +1415,49 @@ impl SpatialPooler {
         let n_col = self.num_columns();
         let words = self.input_size().div_ceil(64);
         let stride = words * 64;
+        let p = &self.params;
         assert!(
-            self.columns.stride as usize == stride && self.columns.num_columns as usize == n_col,
+            self.columns.stride as usize == stride
+                && self.columns.num_columns as usize == n_col
+                && self.overlap_duty_cycles.len() == n_col
+                && self.active_duty_cycles.len() == n_col
+                && self.min_overlap_duty_cycles.len()
+                    == if p.global_inhibition { 1 } else { n_col }
+                && self.boost_factors.len() == if p.boost_strength == 0.0 { 0 } else { n_col },
             "spatial pooler state does not match its parameters"
         );
         let consts = Consts::new(&self.params);
         let layout = initial_layout(&self.params, self.potential_radius, &consts, words);
-        // Lazy columns are as generated; stored ones have learnt since.
-        let mut connected = layout.connected.clone();
+        // Stored lanes have learnt since they were generated: their connected rows are derived
+        // here (the logs' are state).
         let mut row = vec![0u64; words];
-        for (slot, &col) in self.columns.columns.iter().enumerate() {
-            connected_bits(self.columns.lanes(slot), consts.connected, &mut row);
-            scatter_row(&mut connected, n_col, col as usize, &row);
+        for slot in 0..self.columns.columns.len() {
+            let r = self.columns.repr[slot];
+            if r & YOUNG == 0 {
+                connected_bits(self.columns.lanes(r as usize), consts.connected, &mut row);
+                self.columns.set_row(slot, &row);
+            }
         }
-        #[cfg(target_arch = "x86_64")]
-        let (has_popcnt, has_avx2_popcnt) = (
-            std::arch::is_x86_feature_detected!("popcnt"),
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("popcnt"),
-        );
-        #[cfg(not(target_arch = "x86_64"))]
-        let (has_popcnt, has_avx2_popcnt) = (false, false);
-        #[cfg(target_arch = "x86_64")]
-        let has_avx512_popcnt = std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vpopcntdq");
-        #[cfg(not(target_arch = "x86_64"))]
-        let has_avx512_popcnt = false;
         self.cache = Cache {
             words,
-            connected,
             row,
+            lanes: vec![NOT_IN_POOL; stride],
             input_bits: vec![0; words],
             nonzero_words: Vec::with_capacity(words),
             delta: Delta::new(stride, 0, 0),
             bump: Delta::new(stride, consts.below_stimulus_inc, 0),
+            replay: Delta::new(stride, 0, 0),
             overlaps: vec![0; n_col],
-            boosted: vec![0.0; n_col],
-            keys: Vec::with_capacity(n_col),
+            slot_overlaps: Vec::new(),
+            boosted: Vec::new(),
+            active_flags: Vec::new(),
+            keys: Vec::new(),
             histogram: vec![0; 4 * (self.input_size() + 1)],
-            winners: Vec::with_capacity(n_col),
-            active_flags: vec![false; n_col],
+            winners: Vec::new(),
+            winner_duty: Vec::new(),
             layout,
-            has_popcnt,
             vectors: Vectors::detect(),
-            has_avx2_popcnt,
-            has_avx512_popcnt,
+            overlap_kernel: OverlapKernel::detect(),
             consts,
         };
     }
@@ -1104,9 +1492,13 @@ impl SpatialPooler {
         &self.cache.overlaps
     }
 
-    /// Per-column boost factors.
-    pub fn boost_factors(&self) -> &[f32] {
-        &self.boost_factors
+    /// Per-column boost factors (all 1 without boosting).
+    pub fn boost_factors(&self) -> std::borrow::Cow<'_, [f32]> {
+        if self.boost_factors.is_empty() {
+            std::borrow::Cow::Owned(vec![1.0; self.num_columns()])
+        } else {
+            std::borrow::Cow::Borrowed(&self.boost_factors)
+        }
     }
 
     /// Per-column active duty cycles.
@@ -1121,16 +1513,33 @@ impl SpatialPooler {
 
     /// Number of connected synapses of `column`.
     pub fn connected_count(&self, column: u32) -> u32 {
-        let n = self.num_columns();
-        (0..self.cache.words)
-            .map(|w| self.cache.connected[w * n + column as usize].count_ones())
-            .sum()
+        let mut row = vec![0u64; self.cache.words];
+        self.connected_row(column, &mut row);
+        row.iter().map(|w| w.count_ones()).sum()
+    }
+
+    /// `column`'s connected bits: stored, or the shared initial ones of a lazy column.
+    fn connected_row(&self, column: u32, row: &mut [u64]) {
+        match self.columns.repr(column) {
+            Repr::Lazy => gather_row(
+                &self.cache.layout.connected,
+                self.num_columns(),
+                column as usize,
+                row,
+            ),
+            Repr::Young { slot, .. } | Repr::Dense { slot, .. } => self.columns.row(slot, row),
+        }
+    }
+
+    /// Number of stored columns kept as logs of their learning steps.
+    pub fn num_logged(&self) -> usize {
+        self.columns.young.len()
     }
 
     /// Whether learning has modified `column` (so its permanences are stored, not
     /// regenerated).
     pub fn is_materialised(&self, column: u32) -> bool {
-        self.columns.slot(column).is_some()
+        self.columns.repr(column) != Repr::Lazy
     }
 
     /// Number of columns whose permanences are stored.
@@ -1138,42 +1547,55 @@ impl SpatialPooler {
         self.columns.columns.len()
     }
 
-    /// `column`'s lanes: stored, or regenerated if the column is lazy.
+    /// `column`'s lanes: stored, or regenerated (and its logged steps replayed).
     fn column_lanes(&self, column: u32) -> std::borrow::Cow<'_, [u16]> {
-        match self.columns.slot(column) {
-            Some(slot) => std::borrow::Cow::Borrowed(self.columns.lanes(slot)),
+        let y = match self.columns.repr(column) {
+            Repr::Dense { d, .. } => return std::borrow::Cow::Borrowed(self.columns.lanes(d)),
+            Repr::Young { y, .. } => Some(y),
+            Repr::Lazy => None,
+        };
+        let mut lanes = vec![NOT_IN_POOL; self.columns.stride as usize];
+        let k = Consts::new(&self.params);
+        let mut rng = match self.cache.layout.streams.get(column as usize) {
+            Some(stream) => stream.clone(),
             None => {
-                let mut lanes = vec![NOT_IN_POOL; self.columns.stride as usize];
-                let k = Consts::new(&self.params);
-                let mut rng = match self.cache.layout.streams.get(column as usize) {
-                    Some(stream) => stream.clone(),
-                    None => {
-                        // Not rebuilt yet (just deserialised): replay the earlier columns.
-                        let mut rng = Random::new(self.params.seed);
-                        for col in 0..column {
-                            generate_column(
-                                &self.params,
-                                self.potential_radius,
-                                &k,
-                                col,
-                                &mut rng,
-                                &mut lanes,
-                            );
-                        }
-                        rng
-                    }
-                };
-                generate_column(
-                    &self.params,
-                    self.potential_radius,
-                    &k,
-                    column,
-                    &mut rng,
-                    &mut lanes,
-                );
-                std::borrow::Cow::Owned(lanes)
+                // Not rebuilt yet (just deserialised): replay the earlier columns.
+                let mut rng = Random::new(self.params.seed);
+                for col in 0..column {
+                    generate_column(
+                        &self.params,
+                        self.potential_radius,
+                        &k,
+                        col,
+                        &mut rng,
+                        &mut lanes,
+                    );
+                }
+                rng
             }
+        };
+        generate_column(
+            &self.params,
+            self.potential_radius,
+            &k,
+            column,
+            &mut rng,
+            &mut lanes,
+        );
+        if let Some(y) = y {
+            let stride = lanes.len();
+            replay_log(
+                &self.columns,
+                y,
+                &mut lanes,
+                &mut Delta::new(stride, 0, 0),
+                &Delta::new(stride, k.below_stimulus_inc, 0),
+                &k,
+                Vectors::detect(),
+                &mut vec![0; stride / 64],
+            );
         }
+        std::borrow::Cow::Owned(lanes)
     }
 
     /// The potential pool of `column`: input indices, ascending.
@@ -1197,27 +1619,54 @@ impl SpatialPooler {
 
     /// Heap bytes held (capacity-based), including the derived caches.
     pub fn heap_bytes(&self) -> usize {
+        self.heap_breakdown().iter().map(|&(_, b)| b).sum()
+    }
+
+    /// [`SpatialPooler::heap_bytes`] part by part, for memory reporting.
+    pub fn heap_breakdown(&self) -> Vec<(&'static str, usize)> {
         use std::mem::size_of;
         let c = &self.cache;
-        self.columns.heap_bytes()
-            + 4 * (self.overlap_duty_cycles.capacity()
-                + self.active_duty_cycles.capacity()
-                + self.min_overlap_duty_cycles.capacity()
-                + self.boost_factors.capacity())
-            + size_of::<u64>()
-                * (c.connected.capacity()
-                    + c.row.capacity()
-                    + c.input_bits.capacity()
-                    + c.keys.capacity())
-            + size_of::<usize>() * c.nonzero_words.capacity()
-            + c.delta.heap_bytes()
-            + c.bump.heap_bytes()
-            + 4 * (c.overlaps.capacity()
-                + c.boosted.capacity()
-                + c.histogram.capacity()
-                + c.winners.capacity())
-            + c.active_flags.capacity()
-        // The shared `layout` belongs to no single pooler.
+        let f32s = |v: &Vec<f32>| 4 * v.capacity();
+        vec![
+            ("stored_perms", 2 * self.columns.perms.capacity()),
+            (
+                "logged_steps",
+                size_of::<u64>() * self.columns.steps.capacity()
+                    + size_of::<Young>() * self.columns.young.capacity(),
+            ),
+            (
+                "store_index",
+                4 * (self.columns.columns.capacity()
+                    + self.columns.slot_of.capacity()
+                    + self.columns.repr.capacity()),
+            ),
+            (
+                "duty_boost",
+                f32s(&self.overlap_duty_cycles)
+                    + f32s(&self.active_duty_cycles)
+                    + f32s(&self.min_overlap_duty_cycles)
+                    + f32s(&self.boost_factors),
+            ),
+            ("connected", size_of::<u64>() * self.columns.rows.capacity()),
+            (
+                "deltas",
+                c.delta.heap_bytes() + c.bump.heap_bytes() + c.replay.heap_bytes(),
+            ),
+            (
+                "scratch",
+                size_of::<u64>() * (c.row.capacity() + c.input_bits.capacity() + c.keys.capacity())
+                    + 2 * c.lanes.capacity()
+                    + size_of::<usize>() * c.nonzero_words.capacity()
+                    + 4 * (c.overlaps.capacity()
+                        + c.slot_overlaps.capacity()
+                        + c.boosted.capacity()
+                        + c.histogram.capacity()
+                        + c.winners.capacity()
+                        + c.winner_duty.capacity())
+                    + c.active_flags.capacity(),
+            ),
+            // The shared `layout` belongs to no single pooler.
+        ]
     }
 
     /// NuPIC's inhibition density: `local_area_density`, or the configured number of winners
@@ -1254,6 +1703,7 @@ impl SpatialPooler {
         let boosted = learn && self.params.boost_strength != 0.0;
         if boosted {
             let c = &mut self.cache;
+            c.boosted.resize(c.overlaps.len(), 0.0);
             for ((b, &o), &f) in c
                 .boosted
                 .iter_mut()
@@ -1265,7 +1715,7 @@ impl SpatialPooler {
         }
         self.inhibit_columns(boosted);
         if learn {
-            self.adapt_synapses(input);
+            self.adapt_synapses();
             self.update_duty_cycles();
             self.bump_up_weak_columns();
             self.update_boost_factors();
@@ -1291,26 +1741,20 @@ impl SpatialPooler {
             }
             c.input_bits[w] |= 1 << (i & 63);
         }
-        let (conn, bits, nz) = (&c.connected, &c.input_bits, &c.nonzero_words);
-        #[cfg(target_arch = "x86_64")]
-        if c.has_avx512_popcnt {
-            // SAFETY: `has_avx512_popcnt` was set from runtime CPU feature detection.
-            unsafe { overlaps_kernel_avx512(conn, bits, nz, &mut c.overlaps) };
-            return;
+        let (bits, nz) = (&c.input_bits, &c.nonzero_words);
+        // Every column as generated, then the stored ones as they are now. The planes of the
+        // lazy columns are shared by every pooler with these parameters.
+        c.overlap_kernel
+            .run(&c.layout.connected, bits, nz, &mut c.overlaps);
+        let store = &self.columns;
+        if !store.columns.is_empty() {
+            c.slot_overlaps.resize(store.row_cap, 0);
+            c.overlap_kernel
+                .run(&store.rows, bits, nz, &mut c.slot_overlaps);
+            for (&col, &o) in store.columns.iter().zip(&c.slot_overlaps) {
+                c.overlaps[col as usize] = o;
+            }
         }
-        #[cfg(target_arch = "x86_64")]
-        if c.has_avx2_popcnt {
-            // SAFETY: `has_avx2_popcnt` was set from runtime CPU feature detection.
-            unsafe { overlaps_kernel_avx2(conn, bits, nz, &mut c.overlaps) };
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if c.has_popcnt {
-            // SAFETY: `has_popcnt` was set from runtime CPU feature detection.
-            unsafe { overlaps_kernel_popcnt(conn, bits, nz, &mut c.overlaps) };
-            return;
-        }
-        overlaps_kernel(conn, bits, nz, &mut c.overlaps);
     }
 
     /// Fills `cache.winners` (sorted) from the raw or boosted overlaps.
@@ -1326,6 +1770,7 @@ impl SpatialPooler {
         } else {
             if !boosted {
                 let c = &mut self.cache;
+                c.boosted.resize(c.overlaps.len(), 0.0);
                 for (b, &o) in c.boosted.iter_mut().zip(&c.overlaps) {
                     *b = o as f32;
                 }
@@ -1426,7 +1871,8 @@ impl SpatialPooler {
         let (radius, wrap) = (self.inhibition_radius, self.params.wrap_around);
         let threshold = self.params.stimulus_threshold as f32;
         let c = &mut self.cache;
-        c.active_flags.fill(false);
+        c.active_flags.clear();
+        c.active_flags.resize(n_col as usize, false);
         c.winners.clear();
         for col in 0..n_col {
             let overlap = c.boosted[col as usize];
@@ -1447,39 +1893,52 @@ impl SpatialPooler {
         }
     }
 
-    /// NuPIC `_adaptSynapses`: winners' synapses on active inputs +inc, others -dec. A
-    /// winner still lazy is materialised first.
-    fn adapt_synapses(&mut self, input: &Sdr) {
+    /// NuPIC `_adaptSynapses`: winners' synapses on active inputs +inc, others -dec.
+    fn adapt_synapses(&mut self) {
+        let c = &mut self.cache;
+        fill_delta(&mut c.delta, &c.input_bits, &c.consts);
+        let winners = std::mem::take(&mut c.winners);
+        for &col in &winners {
+            self.learn_column(col, false);
+        }
+        self.cache.winners = winners;
+    }
+
+    /// One learning step of `column`: the current input's, or with `raise` a weak-column
+    /// raise. A lazy column starts a log of its steps; a logged one is regenerated, replayed
+    /// and logs the step too, or has its lanes stored once its log is full.
+    fn learn_column(&mut self, column: u32, raise: bool) {
         let c = &mut self.cache;
         let k = &c.consts;
-        c.delta.inc.fill(0);
-        c.delta.dec.fill(k.inactive_dec);
-        for &i in input.sparse() {
-            c.delta.inc[i as usize] = k.active_inc;
-            c.delta.dec[i as usize] = 0;
-        }
-        let n = self.params.column_count as usize;
-        for &col in &c.winners {
-            let slot = self.columns.materialise(
-                col,
-                &self.params,
-                self.potential_radius,
-                k,
-                &c.layout.streams[col as usize],
-            );
-            let lanes = self.columns.lanes_mut(slot);
-            let row = &mut c.row;
-            if k.stimulus_threshold == 0 {
-                adapt_lanes_best(c.vectors, lanes, &c.delta, k.trim, k.connected, row);
-            } else {
-                let delta = &c.delta;
-                adapt_raising(lanes, k, |i| {
-                    i32::from(delta.inc[i]) - i32::from(delta.dec[i])
-                });
-                connected_bits(lanes, k.connected, row);
+        let delta = if raise { &c.bump } else { &c.delta };
+        let y = match self.columns.repr(column) {
+            Repr::Dense { slot, d } => {
+                let lanes = self.columns.lanes_mut(d);
+                apply_step(c.vectors, lanes, delta, raise, k, &mut c.row);
+                self.columns.set_row(slot, &c.row);
+                return;
             }
-            scatter_row(&mut c.connected, n, col as usize, row);
+            Repr::Young { y, .. } => Some(y),
+            Repr::Lazy => None,
+        };
+        let mut stream = c.layout.streams[column as usize].clone();
+        let (params, radius) = (&self.params, self.potential_radius);
+        generate_column(params, radius, k, column, &mut stream, &mut c.lanes);
+        if let Some(y) = y {
+            let (lanes, replay, row) = (&mut c.lanes, &mut c.replay, &mut c.row);
+            replay_log(&self.columns, y, lanes, replay, &c.bump, k, c.vectors, row);
         }
+        apply_step(c.vectors, &mut c.lanes, delta, raise, k, &mut c.row);
+        match y {
+            Some(y) if usize::from(self.columns.young[y].len) == YOUNG_STEPS => {
+                self.columns.promote(y, &c.lanes)
+            }
+            _ => self
+                .columns
+                .log_step(column, y, (!raise).then_some(&c.input_bits[..])),
+        }
+        let slot = self.columns.slot_of[column as usize] as usize;
+        self.columns.set_row(slot, &c.row);
     }
 
     fn update_duty_cycles(&mut self) {
@@ -1489,49 +1948,50 @@ impl SpatialPooler {
         for (d, &o) in self.overlap_duty_cycles.iter_mut().zip(&c.overlaps) {
             *d = (*d * keep + f32::from(u8::from(o > 0))) / period;
         }
-        c.active_flags.fill(false);
-        for &w in &c.winners {
-            c.active_flags[w as usize] = true;
+        // Every column as inactive (vector code), the winners' values computed first from
+        // their old ones and put back after: no per-column flags to keep.
+        let duty = &mut self.active_duty_cycles;
+        c.winner_duty.clear();
+        c.winner_duty.extend(
+            c.winners
+                .iter()
+                .map(|&w| (duty[w as usize] * keep + 1.0) / period),
+        );
+        for d in duty.iter_mut() {
+            *d = (*d * keep + 0.0) / period;
         }
-        for (d, &a) in self.active_duty_cycles.iter_mut().zip(&c.active_flags) {
-            *d = (*d * keep + f32::from(u8::from(a))) / period;
+        for (&w, &d) in c.winners.iter().zip(&c.winner_duty) {
+            duty[w as usize] = d;
         }
     }
 
     /// NuPIC `_bumpUpWeakColumns`: columns whose overlap duty cycle fell below the minimum
     /// get every potential synapse raised by `syn_perm_connected / 10` (materialising them).
     fn bump_up_weak_columns(&mut self) {
-        let c = &mut self.cache;
         let n = self.params.column_count as usize;
         // Weak columns are rare: test blocks of columns branch-free (vector code) and look
         // closer only at blocks holding one.
         const BLOCK: usize = 32;
+        let mins = &self.min_overlap_duty_cycles;
+        let min_at = |i: usize| if mins.len() == 1 { mins[0] } else { mins[i] };
+        let mut weak = Vec::new();
         for start in (0..n).step_by(BLOCK) {
             let end = (start + BLOCK).min(n);
-            let (odc, min) = (
-                &self.overlap_duty_cycles[start..end],
-                &self.min_overlap_duty_cycles[start..end],
-            );
-            let any_weak = odc.iter().zip(min).fold(false, |w, (d, m)| w | (d < m));
-            if !any_weak {
-                continue;
-            }
-            for i in (start..end)
-                .filter(|&i| self.overlap_duty_cycles[i] < self.min_overlap_duty_cycles[i])
-            {
-                let col = i as u32;
-                let k = &c.consts;
-                let slot = self.columns.materialise(
-                    col,
-                    &self.params,
-                    self.potential_radius,
-                    k,
-                    &c.layout.streams[i],
+            let odc = &self.overlap_duty_cycles[start..end];
+            let any_weak = odc
+                .iter()
+                .enumerate()
+                .fold(false, |w, (j, &d)| w | (d < min_at(start + j)));
+            if any_weak {
+                weak.extend(
+                    (start..end)
+                        .filter(|&i| self.overlap_duty_cycles[i] < min_at(i))
+                        .map(|i| i as u32),
                 );
-                let lanes = self.columns.lanes_mut(slot);
-                adapt_lanes_best(c.vectors, lanes, &c.bump, k.trim, k.connected, &mut c.row);
-                scatter_row(&mut c.connected, n, i, &c.row);
             }
+        }
+        for col in weak {
+            self.learn_column(col, true);
         }
     }
 
@@ -1573,7 +2033,7 @@ impl SpatialPooler {
         let mut span_sum = 0u64;
         let mut row = std::mem::take(&mut self.cache.row);
         for col in 0..n {
-            gather_row(&self.cache.connected, n, col, &mut row);
+            self.connected_row(col as u32, &mut row);
             let first = row.iter().position(|&w| w != 0);
             let last = row.iter().rposition(|&w| w != 0);
             if let (Some(f), Some(l)) = (first, last) {
@@ -1775,7 +2235,13 @@ mod tests {
                 // The portable kernel agrees with the one the CPU selected.
                 let c = &sp.cache;
                 let mut portable = vec![0; 300];
-                overlaps_kernel(&c.connected, &c.input_bits, &c.nonzero_words, &mut portable);
+                let (bits, nz) = (&c.input_bits, &c.nonzero_words);
+                overlaps_kernel(&c.layout.connected, bits, nz, &mut portable);
+                let mut slots = vec![0; sp.columns.row_cap];
+                overlaps_kernel(&sp.columns.rows, bits, nz, &mut slots);
+                for (&col, &o) in sp.columns.columns.iter().zip(&slots) {
+                    portable[col as usize] = o;
+                }
                 assert_eq!(portable, c.overlaps, "input {i}");
                 let thr = to_fraction(sp.cache.consts.connected);
                 for col in 0..300u32 {
@@ -1956,6 +2422,84 @@ mod tests {
     }
 
     #[test]
+    fn logged_and_stored_columns_follow_the_per_synapse_rule() {
+        // Inputs confined to part of the field, so that some columns never overlap and are
+        // raised as weak once the minimum duty cycles are first set (iteration 50); some
+        // columns win often enough to have their lanes stored, most a few times only.
+        let p = SpatialPoolerParams {
+            min_pct_overlap_duty_cycle: 0.2,
+            potential_radius: Some(40),
+            wrap_around: false,
+            ..params(454, 600, 20)
+        };
+        let mut sp = SpatialPooler::new(p).unwrap();
+        let k = sp.cache.consts.clone();
+        let mut pools: Vec<Vec<u32>> = (0..600).map(|c| sp.potential_pool(c)).collect();
+        let mut perms: Vec<Vec<u16>> = (0..600).map(|c| units(&sp, c)).collect();
+        let mut rng = Random::new(9);
+        let field: Vec<u32> = (0..300).collect();
+        let (mut wins, mut raises) = (0, 0);
+        for step in 0..130 {
+            let x = if step % 3 == 0 {
+                block(454, 10, 30) // a recurring input: its winners' lanes get stored
+            } else {
+                Sdr::from_sparse(454, rng.sample(&field, 40))
+            };
+            let min_before = sp.min_overlap_duty_cycles.clone();
+            let out = run(&mut sp, &x, true);
+            for &col in out.sparse() {
+                wins += 1;
+                for (&i, p) in pools[col as usize].iter().zip(&mut perms[col as usize]) {
+                    *p = if x.contains(i) {
+                        (*p + k.active_inc).min(PERMANENCE_MAX)
+                    } else {
+                        p.saturating_sub(k.inactive_dec)
+                    };
+                    *p = if *p < k.trim { 0 } else { *p };
+                }
+            }
+            for col in 0..600 {
+                let min = min_before[if min_before.len() == 1 { 0 } else { col }];
+                if sp.overlap_duty_cycles()[col] < min {
+                    raises += 1;
+                    for p in &mut perms[col] {
+                        *p = (*p + k.below_stimulus_inc).min(PERMANENCE_MAX);
+                        *p = if *p < k.trim { 0 } else { *p };
+                    }
+                }
+            }
+            if step % 13 == 0 || step == 129 {
+                for col in 0..600u32 {
+                    assert_eq!(
+                        units(&sp, col),
+                        perms[col as usize],
+                        "step {step} col {col}"
+                    );
+                    assert_eq!(
+                        sp.connected_count(col),
+                        perms[col as usize]
+                            .iter()
+                            .filter(|&&p| p >= k.connected)
+                            .count() as u32
+                    );
+                }
+            }
+        }
+        pools.clear();
+        let dense = sp.num_materialised() - sp.num_logged();
+        assert!(wins > 0 && raises > 0, "{wins} wins, {raises} raises");
+        assert!(
+            dense > 0 && sp.num_logged() > dense,
+            "{dense} stored, {} logged",
+            sp.num_logged()
+        );
+        assert!(
+            sp.columns.young.iter().any(|g| g.raises != 0),
+            "no logged raise"
+        );
+    }
+
+    #[test]
     fn inference_leaves_the_pooler_unchanged() {
         let mut sp = SpatialPooler::new(params(454, 2048, 40)).unwrap();
         let mut rng = Random::new(11);
@@ -1977,9 +2521,16 @@ mod tests {
         };
         let mut sp = SpatialPooler::new(p).unwrap();
         let mut rng = Random::new(21);
-        for _ in 0..60 {
-            run(&mut sp, &random_sdr(&mut rng, 454, 40), true);
+        for step in 0..60 {
+            // A recurring input too, so that some columns have their lanes stored.
+            let x = if step % 3 == 0 {
+                block(454, 200, 40)
+            } else {
+                random_sdr(&mut rng, 454, 40)
+            };
+            run(&mut sp, &x, true);
         }
+        assert!(sp.num_logged() > 0 && sp.num_logged() < sp.num_materialised());
         let cfg = bincode::config::standard();
         let bytes = bincode::serde::encode_to_vec(&sp, cfg).unwrap();
         let (mut back, _): (SpatialPooler, _) =
@@ -2142,6 +2693,10 @@ mod tests {
             num_columns: 2,
             stride: 64,
             columns: vec![1],
+            young_steps: vec![0],
+            young_raises: vec![],
+            young_bits: vec![],
+            young_rows: vec![],
             tags,
             values,
         };

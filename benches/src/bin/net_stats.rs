@@ -254,10 +254,11 @@ fn main() -> Result<()> {
         args.repeat
     );
     println!(
-        "sp: heap_bytes={} serialized_bytes={} stored_columns={}",
+        "sp: heap_bytes={} serialized_bytes={} stored_columns={} logged_columns={}",
         sp.heap_bytes(),
         bincode_len(&sp),
-        sp.num_materialised()
+        sp.num_materialised(),
+        sp.num_logged()
     );
     if std::env::var_os("NET_STATS_PERMS").is_some() {
         let (mut zero, mut one, mut other, mut total) = (0, 0, 0, 0);
@@ -300,6 +301,30 @@ fn main() -> Result<()> {
     println!(
         "tm: heap_bytes={tm_heap} serialized_bytes={tm_ser} segments={tm_segs} synapses={tm_syns}"
     );
+    // Where the whole network's heap goes, then its spatial pooler's part by part.
+    let parts = |list: Vec<(&str, usize)>| -> String {
+        list.iter()
+            .map(|(name, bytes)| format!("{name}={bytes}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let non_tm: usize = net
+        .heap_breakdown()
+        .iter()
+        .filter(|(name, _)| *name != "tm")
+        .map(|&(_, b)| b)
+        .sum();
+    println!(
+        "network heap: {} non_tm={non_tm}",
+        parts(net.heap_breakdown())
+    );
+    println!(
+        "network sp heap: {}",
+        parts(net.spatial_pooler().heap_breakdown())
+    );
+    if let Some(c) = net.classifier() {
+        println!("network classifier heap: {}", parts(c.heap_breakdown()));
+    }
     if let Tm::Backtracking(tm) = &tm {
         let parts: Vec<String> = tm
             .heap_breakdown()
