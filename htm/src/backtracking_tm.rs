@@ -105,6 +105,7 @@ mod cell_state;
 mod heads;
 mod params;
 mod permanence;
+mod recency;
 mod slots;
 mod store;
 #[cfg(test)]
@@ -114,8 +115,8 @@ pub use params::{BacktrackingTmParams, Eviction, OutputType, ParamError};
 pub use permanence::{Code, FIXED_SCALE};
 pub use store::{SegmentId, Synapse};
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::cell::Cell;
+use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
@@ -123,6 +124,7 @@ use crate::random::Random;
 use arena::SynapseArena;
 use cell_state::CellState;
 use permanence::{Codec, LearningSteps, DROPPED};
+use recency::Recency;
 use slots::CellSlots;
 use store::{Entry, Lists, OutIndex, SINK};
 
@@ -321,6 +323,21 @@ struct Clearing {
     dirty: usize,
 }
 
+impl Clearing {
+    /// Zeroes the counters of `counts` a pass left non-zero.
+    fn clear<C: Counter>(&mut self, counts: &mut [C]) {
+        if self.tracked {
+            for &seg in &self.touched {
+                counts[seg as usize] = C::default();
+            }
+        } else {
+            counts[..self.dirty].fill(C::default());
+        }
+        self.touched.clear();
+        self.dirty = 0;
+    }
+}
+
 /// Which counter word [`Activity`] uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 enum Width {
@@ -401,17 +418,23 @@ const CELL_BITS: u32 = u64::BITS - MAX_CELLS.leading_zeros();
 
 impl Activity {
     /// Sizes the counters for segments of at most `max_synapses` synapses.
-    fn new(max_synapses: u64) -> Self {
-        let width = if max_synapses < 1 << 8 {
+    fn set_width(&mut self, max_synapses: u64) {
+        self.width = if max_synapses < 1 << 8 {
             Width::W16
         } else if max_synapses < 1 << 16 {
             Width::W32
         } else {
             Width::W64
         };
-        Activity {
-            width,
-            ..Activity::default()
+    }
+
+    /// Zeroes the counters the last pass left non-zero, so that the buffers can serve
+    /// another TM (whose passes may use another width) as they are.
+    fn clear(&mut self) {
+        match self.width {
+            Width::W16 => self.clearing.clear(&mut self.counts16),
+            Width::W32 => self.clearing.clear(&mut self.counts32),
+            Width::W64 => self.clearing.clear(&mut self.counts64),
         }
     }
 
@@ -463,14 +486,7 @@ impl Activity {
         qualified: &mut Vec<SegmentId>,
         (index, segment_capacity, active_cells, threshold): (&Lists<E>, usize, &[u32], u32),
     ) {
-        if clearing.tracked {
-            for &seg in &clearing.touched {
-                counts[seg as usize] = C::default();
-            }
-        } else {
-            counts[..clearing.dirty].fill(C::default());
-        }
-        clearing.touched.clear();
+        clearing.clear(counts);
         // A power-of-two table lets the index be masked instead of bounds-checked; segment
         // ids stay below `segment_capacity`, so only that prefix is ever written.
         let len = segment_capacity.next_power_of_two();
@@ -761,89 +777,10 @@ fn best_per_column(
     out.sort_unstable_by_key(|b| b.0);
 }
 
-/// Live segments ordered by `(last_active_iteration, id)` for the `max_segments` budget:
-/// min-heaps of keys pushed whenever a segment is created or reinforced, one per eviction
-/// class — with [`Eviction::UnreinforcedFirst`], segments never reinforced since their
-/// creation form a class evicted before the others; with [`Eviction::LeastRecentlyActive`]
-/// every segment is in the second heap. A key whose segment has since been reinforced again
-/// or freed is stale and skipped when popped; the heaps are rebuilt from the live segments
-/// when stale keys outnumber live ones, so every operation is O(log n) amortised. Derived
-/// from the segment metadata: not serialised.
-#[derive(Clone, Debug, Default)]
-struct RecencyHeap {
-    heaps: [BinaryHeap<Reverse<u64>>; 2],
-}
-
-impl RecencyHeap {
-    #[inline]
-    fn key(iteration: u32, seg: SegmentId) -> u64 {
-        (iteration as u64) << 32 | seg as u64
-    }
-
-    /// The heap of `m`: 0 evicts first.
-    #[inline]
-    fn class(m: &SegmentMeta, policy: Eviction) -> usize {
-        match policy {
-            Eviction::UnreinforcedFirst if m.positive_activations <= 1 => 0,
-            _ => 1,
-        }
-    }
-
-    fn touch(&mut self, seg: SegmentId, segments: &[SegmentMeta], live: usize, policy: Eviction) {
-        if self.heaps[0].len() + self.heaps[1].len() > live + live / 2 + 64 {
-            self.rebuild(segments, policy);
-        }
-        let m = &segments[seg as usize];
-        self.heaps[Self::class(m, policy)].push(Reverse(Self::key(m.last_active_iteration, seg)));
-    }
-
-    fn rebuild(&mut self, segments: &[SegmentMeta], policy: Eviction) {
-        let mut keys = [Vec::new(), Vec::new()];
-        for (id, m) in segments.iter().enumerate().filter(|(_, m)| m.alive()) {
-            let key = Reverse(Self::key(m.last_active_iteration, id as SegmentId));
-            keys[Self::class(m, policy)].push(key);
-        }
-        // Room for the keys pushed until the next rebuild, so the heaps never double.
-        for k in &mut keys {
-            let room = k.len() + k.len() / 2 + 32;
-            if k.capacity() > room {
-                k.shrink_to(room);
-            } else {
-                k.reserve_exact(room - k.len());
-            }
-        }
-        let [first, rest] = keys;
-        self.heaps = [BinaryHeap::from(first), BinaryHeap::from(rest)];
-    }
-
-    fn heap_bytes(&self) -> usize {
-        self.heaps.iter().map(|h| h.capacity() * 8).sum()
-    }
-
-    /// The segment to evict: the live one with the oldest `last_active_iteration` (lowest id
-    /// on ties) of the first non-empty class.
-    fn pop_oldest(&mut self, segments: &[SegmentMeta], policy: Eviction) -> Option<SegmentId> {
-        for (class, heap) in self.heaps.iter_mut().enumerate() {
-            while let Some(Reverse(key)) = heap.pop() {
-                let (iteration, seg) = ((key >> 32) as u32, key as u32);
-                let m = &segments[seg as usize];
-                if m.alive()
-                    && m.last_active_iteration == iteration
-                    && Self::class(m, policy) == class
-                {
-                    return Some(seg);
-                }
-            }
-        }
-        None
-    }
-}
-
-/// Buffers reused across steps; they carry no state from one call to the next.
+/// Buffers reused across steps; they carry no state from one call to the next. A TM holds
+/// them only while it computes (see [`SCRATCH`]).
 #[derive(Clone, Debug, Default)]
 struct Scratch {
-    /// False after deserialisation until derived data is rebuilt.
-    ready: bool,
     activity: Activity,
     pow: PowCache,
     ranking: Ranking,
@@ -869,8 +806,13 @@ struct Scratch {
     active_columns: Vec<u64>,
     phase2: Phase2Result,
     spare_patterns: Vec<Vec<u32>>,
-    /// Eviction order under `max_segments` (kept only when that budget is set).
-    recency: RecencyHeap,
+}
+
+thread_local! {
+    /// The scratch buffers of the TMs computing on this thread, lent to each for the length
+    /// of a call: a process holds many networks but computes on few threads, and an idle TM
+    /// then holds no buffers (a quarter of a grown TM's heap otherwise).
+    static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
 }
 
 /// What inference phase 2 leaves besides the active state.
@@ -883,6 +825,55 @@ struct Phase2Result {
 
 /// Scratch space is not state: two TMs are equal whatever their buffers hold.
 impl PartialEq for Scratch {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Scratch {
+    fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let spare = self.spare_patterns.capacity() * size_of::<Vec<u32>>()
+            + self
+                .spare_patterns
+                .iter()
+                .map(|x| x.capacity() * 4)
+                .sum::<usize>();
+        self.activity.heap_bytes()
+            + self.ranking.ranked.capacity() * size_of::<Ranked>()
+            + self.ranking.packed.capacity() * 8
+            + self.best.capacity() * 12
+            + self.best_by_column.capacity() * 4
+            + (self.cells.capacity()
+                + self.pruned.capacity()
+                + self.update.capacity()
+                + self.backup_active.capacity()
+                + self.backup_predicted.capacity()
+                + self.phase2.predicted.capacity())
+                * 4
+            + (self.phase2.cell_confidence.capacity() + self.phase2.col_confidence.capacity()) * 8
+            + self.active_columns.capacity() * 8
+            + self.in_update.capacity()
+            + self.new_cells.capacity() * 4
+            + self.free_candidates.capacity() * 12
+            + self.changed.capacity() * 8
+            + self.seg_synapses.capacity() * size_of::<Synapse>()
+            + spare
+            + self.pow.table.capacity() * 4
+    }
+}
+
+/// Data derived from the serialised state, rebuilt after a restore.
+#[derive(Clone, Debug, Default)]
+struct Derived {
+    /// False after deserialisation until derived data is rebuilt.
+    ready: bool,
+    /// Eviction order under `max_segments` (kept only when that budget is set).
+    recency: Recency,
+}
+
+/// Derived data: equal whenever the state it is derived from is.
+impl PartialEq for Derived {
     fn eq(&self, _: &Self) -> bool {
         true
     }
@@ -938,6 +929,9 @@ pub struct BacktrackingTm {
 
     stats: BacktrackStats,
     #[serde(skip)]
+    derived: Derived,
+    /// Empty except during a call that borrowed the thread's buffers ([`SCRATCH`]).
+    #[serde(skip)]
     scratch: Scratch,
 }
 
@@ -983,11 +977,11 @@ impl BacktrackingTm {
             updates: Vec::new(),
             update_pool: Vec::new(),
             stats: BacktrackStats::default(),
+            derived: Derived::default(),
             scratch: Scratch::default(),
             params,
         };
-        tm.scratch.ready = true;
-        tm.scratch.activity = Activity::new(tm.params.max_segment_size());
+        tm.rebuild_after_restore();
         Ok(tm)
     }
 
@@ -999,6 +993,10 @@ impl BacktrackingTm {
     /// If `active_columns` is unsorted, has duplicates or a column out of range.
     pub fn compute(&mut self, active_columns: &[u32], learn: bool) -> f32 {
         self.ensure_ready();
+        self.with_scratch(|tm| tm.compute_step(active_columns, learn))
+    }
+
+    fn compute_step(&mut self, active_columns: &[u32], learn: bool) -> f32 {
         assert!(
             active_columns.windows(2).all(|w| w[0] < w[1]),
             "active columns must be sorted and distinct"
@@ -1049,6 +1047,37 @@ impl BacktrackingTm {
     /// queued updates and input history; the next input activates start cells.
     pub fn reset(&mut self) {
         self.ensure_ready();
+        self.with_scratch(Self::reset_state);
+    }
+
+    /// Runs `f` with this thread's scratch buffers in [`Self::scratch`], and gives them back
+    /// with no trace of this TM: the next TM to borrow them finds the counters clear.
+    fn with_scratch<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        let mut scratch = SCRATCH.try_with(Cell::take).unwrap_or_default();
+        scratch.activity.set_width(self.params.max_segment_size());
+        self.scratch = scratch;
+        let result = f(self);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.activity.clear();
+        // During thread teardown the buffers are simply dropped.
+        let _ = SCRATCH.try_with(|s| s.set(scratch));
+        result
+    }
+
+    /// Bytes of this thread's scratch buffers ([`SCRATCH`]), shared by every TM computing on
+    /// it and so not in any TM's [`Self::heap_bytes`].
+    pub fn thread_scratch_bytes() -> usize {
+        SCRATCH
+            .try_with(|s| {
+                let scratch = s.take();
+                let bytes = scratch.heap_bytes();
+                s.set(scratch);
+                bytes
+            })
+            .unwrap_or(0)
+    }
+
+    fn reset_state(&mut self) {
         self.inf_active.reset();
         self.inf_predicted.reset();
         self.inf_predicted_prev.reset();
@@ -1206,16 +1235,15 @@ impl BacktrackingTm {
         ] {
             s.rebuild(n);
         }
-        self.scratch = Scratch {
+        self.derived = Derived {
             ready: true,
-            activity: Activity::new(self.params.max_segment_size()),
-            ..Scratch::default()
+            recency: if self.params.max_segments > 0 {
+                let policy = self.params.max_segments_eviction;
+                Recency::new(&self.segments, self.params.max_segments, policy)
+            } else {
+                Recency::default()
+            },
         };
-        if self.params.max_segments > 0 {
-            self.scratch
-                .recency
-                .rebuild(&self.segments, self.params.max_segments_eviction);
-        }
     }
 
     /// Heap bytes held (capacity-based), for memory reporting.
@@ -1226,15 +1254,10 @@ impl BacktrackingTm {
     /// [`Self::heap_bytes`] by part, to see where memory goes.
     pub fn heap_breakdown(&self) -> [(&'static str, usize); 6] {
         use std::mem::size_of;
-        let nested = |v: &Vec<Vec<u32>>| {
-            v.capacity() * size_of::<Vec<u32>>() + v.iter().map(|x| x.capacity() * 4).sum::<usize>()
-        };
         let patterns = |q: &VecDeque<Vec<u32>>| {
             q.capacity() * size_of::<Vec<u32>>() + q.iter().map(|x| x.capacity() * 4).sum::<usize>()
         };
-        let s = &self.scratch;
-        let synapses =
-            self.synapses.heap_bytes() + s.seg_synapses.capacity() * size_of::<Synapse>();
+        let synapses = self.synapses.heap_bytes();
         let segments = self.free_segments.capacity() * 4
             + self.segments.capacity() * size_of::<SegmentMeta>()
             + self.cell_slots.heap_bytes();
@@ -1256,27 +1279,8 @@ impl BacktrackingTm {
             + patterns(&self.prev_lrn_patterns);
         let updates =
             self.updates.capacity() * size_of::<PendingUpdate>() + self.update_pool.capacity() * 4;
-        let scratch = s.activity.heap_bytes()
-            + s.ranking.ranked.capacity() * size_of::<Ranked>()
-            + s.ranking.packed.capacity() * 8
-            + s.best.capacity() * 12
-            + s.best_by_column.capacity() * 4
-            + (s.cells.capacity()
-                + s.pruned.capacity()
-                + s.update.capacity()
-                + s.backup_active.capacity()
-                + s.backup_predicted.capacity()
-                + s.phase2.predicted.capacity())
-                * 4
-            + (s.phase2.cell_confidence.capacity() + s.phase2.col_confidence.capacity()) * 8
-            + s.active_columns.capacity() * 8
-            + s.in_update.capacity()
-            + s.new_cells.capacity() * 4
-            + s.free_candidates.capacity() * 12
-            + s.changed.capacity() * 8
-            + nested(&s.spare_patterns)
-            + s.pow.table.capacity() * 4
-            + s.recency.heap_bytes();
+        // Buffers lent for a call, if any, and the eviction order.
+        let scratch = self.scratch.heap_bytes() + self.derived.recency.heap_bytes();
         [
             ("synapses", synapses),
             ("out_index", self.out_index.heap_bytes()),
@@ -1288,7 +1292,7 @@ impl BacktrackingTm {
     }
 
     fn ensure_ready(&mut self) {
-        if !self.scratch.ready {
+        if !self.derived.ready {
             self.rebuild_after_restore();
         }
     }
@@ -2039,11 +2043,10 @@ impl BacktrackingTm {
         meta.positive_activations += 1;
         meta.duty_cycle(it, true, false, &mut self.scratch.pow);
         if self.params.max_segments > 0 {
-            let live = self.num_segments();
+            let budget = self.params.max_segments as usize;
             let policy = self.params.max_segments_eviction;
-            self.scratch
-                .recency
-                .touch(seg, &self.segments, live, policy);
+            let m = &self.segments[seg as usize];
+            self.derived.recency.touch(seg, m, budget, policy);
         }
         true
     }
@@ -2110,9 +2113,9 @@ impl BacktrackingTm {
         let budget = self.params.max_segments as usize;
         if budget > 0 && self.num_segments() >= budget {
             let victim = self
-                .scratch
+                .derived
                 .recency
-                .pop_oldest(&self.segments, self.params.max_segments_eviction)
+                .oldest(&self.segments)
                 .expect("a live segment at the budget");
             self.release_segment(victim);
             self.stats.evictions += 1;
@@ -2136,11 +2139,9 @@ impl BacktrackingTm {
         debug_assert!(self.synapses[seg as usize].is_empty());
         self.update_synapses(seg, presyn);
         if budget > 0 {
-            let live = self.num_segments();
             let policy = self.params.max_segments_eviction;
-            self.scratch
-                .recency
-                .touch(seg, &self.segments, live, policy);
+            let m = &self.segments[seg as usize];
+            self.derived.recency.push(seg, m, budget, policy);
         }
         seg
     }
@@ -2221,6 +2222,9 @@ impl BacktrackingTm {
         self.num_synapses -= self.synapses[s].len();
         self.synapses.clear(s);
         self.free_segments.push(seg);
+        if self.params.max_segments > 0 {
+            self.derived.recency.unlink(seg);
+        }
         let meta = &mut self.segments[s];
         meta.cell_flags &= !SegmentMeta::ALIVE;
         self.cell_slots.release(meta.cell(), meta.slot);

@@ -938,20 +938,27 @@ fn budgeted_runs_are_deterministic_and_survive_a_round_trip() {
     check_invariants(&restored);
 }
 
+/// Segments on cells 5 (created at 10, reinforced at 11), 9 (at 20) and 13 (at 30).
+fn history(tm: &mut BacktrackingTm) {
+    tm.lrn_iteration = 10;
+    let seg = tm.create_segment(5, &[105, 205], true);
+    tm.lrn_iteration = 11;
+    tm.adapt_segment(5, Some(seg), &[105, 205], false);
+    for (it, cell) in [(20, 9), (30, 13)] {
+        tm.lrn_iteration = it;
+        tm.create_segment(cell, &[100 + cell, 200 + cell], true);
+    }
+}
+
 #[test]
 fn unreinforced_first_eviction_spares_reinforced_segments() {
     let mut tm = tm(BacktrackingTmParams {
         max_segments_eviction: Eviction::UnreinforcedFirst,
         ..budget_params(3)
     });
-    let mut made = Vec::new();
-    for (it, cell) in [(10, 5), (20, 9), (30, 13)] {
-        tm.lrn_iteration = it;
-        made.push(tm.create_segment(cell, &[100 + cell, 200 + cell], true));
-    }
-    // The oldest is reinforced once (but long ago, at 11); the others never are.
-    tm.lrn_iteration = 11;
-    tm.adapt_segment(5, Some(made[0]), &[105, 205], false);
+    // The oldest is reinforced once (but long ago, at 11); the others never are. (Learning
+    // iterations only go up, as the eviction order relies on.)
+    history(&mut tm);
     let live_on = |tm: &BacktrackingTm, cell: u32| tm.segments_on_cell(cell).count();
     // Plain recency would free cell 5's segment (active at 11); this frees the oldest
     // never-reinforced one, on cell 9 (created at 20), then the one on cell 13.
@@ -975,13 +982,7 @@ fn unreinforced_first_eviction_spares_reinforced_segments() {
 
     // The same history under plain recency frees cell 5's segment first.
     let mut lru = BacktrackingTm::new(budget_params(3)).unwrap();
-    let mut made = Vec::new();
-    for (it, cell) in [(10, 5), (20, 9), (30, 13)] {
-        lru.lrn_iteration = it;
-        made.push(lru.create_segment(cell, &[100 + cell, 200 + cell], true));
-    }
-    lru.lrn_iteration = 11;
-    lru.adapt_segment(5, Some(made[0]), &[105, 205], false);
+    history(&mut lru);
     lru.lrn_iteration = 40;
     lru.create_segment(17, &[117], true);
     assert_eq!((live_on(&lru, 5), live_on(&lru, 9)), (0, 1));
@@ -1015,11 +1016,11 @@ fn forward_pass_counts_match_a_direct_count(mut index: OutIndex) {
             _ => {}
         }
     }
-    let mut activities = [
-        Activity::new(200),
-        Activity::new(1000),
-        Activity::new(1 << 20),
-    ];
+    let mut activities = [200, 1000, 1 << 20].map(|max_synapses| {
+        let mut a = Activity::default();
+        a.set_width(max_synapses);
+        a
+    });
     let widths: Vec<Width> = activities.iter().map(|a| a.width).collect();
     assert_eq!(widths, [Width::W16, Width::W32, Width::W64]);
     let mut modes = [false; 2];
@@ -1082,4 +1083,49 @@ fn vector_scan_matches_the_portable_scan() {
             assert_eq!(best, portable, "len {len} threshold {threshold}");
         }
     }
+}
+
+/// TMs taking turns on one thread share its scratch buffers (of different counter widths
+/// here) and compute exactly as each does alone; none of them holds the buffers between
+/// calls.
+#[test]
+fn tms_sharing_a_thread_compute_as_alone() {
+    let stream = nab_like_stream(200, 61);
+    let narrow = BacktrackingTmParams {
+        max_segments: 300,
+        ..BacktrackingTmParams::default()
+    };
+    let wide = BacktrackingTmParams {
+        max_synapses_per_segment: -1,
+        max_segments_per_cell: -1,
+        ..BacktrackingTmParams::default()
+    };
+    let alone = |params: &BacktrackingTmParams| {
+        let params = params.clone();
+        let stream = stream.clone();
+        std::thread::spawn(move || {
+            let mut tm = tm(params);
+            let scores: Vec<u32> = stream
+                .iter()
+                .map(|c| tm.compute(c, true).to_bits())
+                .collect();
+            (scores, tm)
+        })
+        .join()
+        .unwrap()
+    };
+    let (a_alone, tm_a_alone) = alone(&narrow);
+    let (b_alone, tm_b_alone) = alone(&wide);
+    let (mut a, mut b) = (tm(narrow), tm(wide));
+    let (mut a_scores, mut b_scores) = (Vec::new(), Vec::new());
+    for cols in &stream {
+        a_scores.push(a.compute(cols, true).to_bits());
+        b_scores.push(b.compute(cols, true).to_bits());
+    }
+    assert_eq!(a_scores, a_alone);
+    assert_eq!(b_scores, b_alone);
+    assert_eq!(a, tm_a_alone);
+    assert_eq!(b, tm_b_alone);
+    assert!(a.scratch.heap_bytes() == 0 && b.scratch.heap_bytes() == 0);
+    assert!(BacktrackingTm::thread_scratch_bytes() > 0);
 }
