@@ -121,7 +121,7 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 use crate::random::Random;
-use arena::SynapseArena;
+use arena::{CodeWord, SynapseArena, SynsMut};
 use cell_state::CellState;
 use permanence::{Codec, LearningSteps, DROPPED};
 use recency::Recency;
@@ -1188,8 +1188,8 @@ impl BacktrackingTm {
     }
 
     /// The synapses of a live segment, ascending presynaptic cells.
-    pub fn segment_synapses(&self, seg: SegmentId) -> &[Synapse] {
-        &self.synapses[seg as usize]
+    pub fn segment_synapses(&self, seg: SegmentId) -> Vec<Synapse> {
+        self.synapses.get(seg as usize).iter().collect()
     }
 
     /// The permanence of `syn`, one of this TM's synapses.
@@ -1222,6 +1222,8 @@ impl BacktrackingTm {
         let n = self.params.num_cells();
         self.out_index = OutIndex::new(n, self.params.max_segments);
         self.codec = Codec::new(&self.params);
+        let narrow = n <= 1 << 16 && self.codec.num_codes() <= usize::from(u8::MAX);
+        self.synapses.set_layout(narrow);
         self.out_index.rebuild(&self.synapses, self.codec.connected);
         self.cell_slots.rebuild(n);
         for s in [
@@ -1679,7 +1681,7 @@ impl BacktrackingTm {
         }
         // Segments are scattered over the heap: ask for all of them before walking any.
         for u in &updates {
-            prefetch_slice(&self.synapses[u.segment as usize]);
+            self.synapses.get(u.segment as usize).prefetch();
         }
         for u in &updates {
             let range = u.start as usize..(u.start + u.len) as usize;
@@ -1839,17 +1841,15 @@ impl BacktrackingTm {
             &self.lrn_active
         };
         out.clear();
-        let on_segment: &[Synapse] = match seg {
-            Some(seg) => &self.synapses[seg as usize],
-            None => &[],
-        };
-        // Ascending, as the synapses are.
-        out.extend(
-            on_segment
-                .iter()
-                .map(|s| s.presyn())
-                .filter(|&p| state.is_set(p)),
-        );
+        if let Some(seg) = seg {
+            // Ascending, as the synapses are.
+            let syns = self.synapses.get(seg as usize);
+            out.extend(
+                (0..syns.len())
+                    .map(|k| syns.presyn(k))
+                    .filter(|&p| state.is_set(p)),
+            );
+        }
         let mut active = std::mem::take(&mut self.scratch.new_cells);
         active.clear();
         active.extend_from_slice(&out);
@@ -1947,10 +1947,10 @@ impl BacktrackingTm {
         new_cells.clear();
         // Walk the segment and the update together (both ascending): active synapses up,
         // the others down (those reaching zero go), update cells not on the segment are new.
-        let mut alive = self.synapses[s].len();
+        let mut alive = self.synapses.get(s).len();
         let mut j = 0;
-        for k in 0..self.synapses[s].len() {
-            let syn = self.synapses[s][k];
+        for k in 0..alive {
+            let syn = self.synapses.get(s).get(k);
             while j < update.len() && update[j] < syn.presyn() {
                 new_cells.push(update[j]);
                 j += 1;
@@ -1992,23 +1992,23 @@ impl BacktrackingTm {
             &self.lrn_active
         };
         let cp = self.codec.connected;
-        let syns = &mut self.synapses[seg as usize];
         let walk = (&mut in_update, &mut active, &mut changed);
-        // One arm per kind, so the loop runs that kind's step without a match per synapse.
-        match self.codec.learning_steps() {
-            steps @ LearningSteps::Table { .. } => {
-                adapt_walk(syns, state, cp, |c, on| steps.step(c, on), walk);
+        let steps = self.codec.learning_steps();
+        match self.synapses.get_mut(seg as usize) {
+            SynsMut::Narrow(presyn, codes) => {
+                adapt_walk_steps((presyn, codes), state, cp, steps, walk);
             }
-            steps @ LearningSteps::Fixed { .. } => {
-                adapt_walk(syns, state, cp, |c, on| steps.step(c, on), walk);
+            SynsMut::Wide(presyn, codes) => {
+                adapt_walk_steps((presyn, codes), state, cp, steps, walk);
             }
         }
         // The out index follows the few synapses that were dropped or crossed the connected
         // threshold (each from a different cell, so the order of these changes is free).
         let out = &mut self.out_index;
+        let syns = self.synapses.get(seg as usize);
         let mut dropped = 0;
         for &(k, was) in &changed {
-            let syn = syns[k as usize];
+            let syn = syns.get(k as usize);
             if syn.code() == DROPPED {
                 out.remove(syn.presyn(), seg, was >= cp);
                 dropped += 1;
@@ -2069,7 +2069,7 @@ impl BacktrackingTm {
             let to_free = n_new + alive - max_synapses as usize;
             let mut candidates = std::mem::take(&mut self.scratch.free_candidates);
             candidates.clear();
-            let syns = &self.synapses[s];
+            let syns = self.synapses.get(s);
             for (k, syn) in syns.iter().enumerate() {
                 if syn.code() != DROPPED && !in_update[k] {
                     let perm = self.codec.value(syn.code());
@@ -2094,7 +2094,7 @@ impl BacktrackingTm {
             self.scratch.free_candidates = candidates;
         }
         // Nothing dropped and nothing new (the usual reinforcement): the synapses are final.
-        if n_new > 0 || alive < self.synapses[s].len() {
+        if n_new > 0 || alive < self.synapses.get(s).len() {
             self.update_synapses(seg, &new_cells);
         }
         alive += n_new;
@@ -2136,7 +2136,7 @@ impl BacktrackingTm {
                 .resize(seg as usize + 1, SegmentMeta::default());
         }
         self.segments[seg as usize] = SegmentMeta::new(cell, slot, sequence, it);
-        debug_assert!(self.synapses[seg as usize].is_empty());
+        debug_assert!(self.synapses.get(seg as usize).is_empty());
         self.update_synapses(seg, presyn);
         if budget > 0 {
             let policy = self.params.max_segments_eviction;
@@ -2155,7 +2155,8 @@ impl BacktrackingTm {
         let mut syns = std::mem::take(&mut self.scratch.seg_synapses);
         syns.clear();
         syns.extend(
-            self.synapses[seg as usize]
+            self.synapses
+                .get(seg as usize)
                 .iter()
                 .filter(|s| s.code() != DROPPED),
         );
@@ -2194,18 +2195,18 @@ impl BacktrackingTm {
     /// Unlists synapse `k` of `seg` and marks it [`DROPPED`]; [`Self::update_synapses`] removes it
     /// from the segment.
     fn drop_synapse(&mut self, seg: SegmentId, k: usize) {
-        let syn = &mut self.synapses[seg as usize][k];
+        let syn = self.synapses.get(seg as usize).get(k);
         let connected = syn.code() >= self.codec.connected;
         self.out_index.remove(syn.presyn(), seg, connected);
-        syn.set_code(DROPPED);
+        self.synapses.set_code(seg as usize, k, DROPPED);
         self.num_synapses -= 1;
     }
 
     fn set_code(&mut self, seg: SegmentId, k: usize, code: Code) {
         let cp = self.codec.connected;
-        let syn = &mut self.synapses[seg as usize][k];
+        let syn = self.synapses.get(seg as usize).get(k);
         let was = syn.code() >= cp;
-        syn.set_code(code);
+        self.synapses.set_code(seg as usize, k, code);
         let is = code >= cp;
         if was != is {
             self.out_index.set_connected(syn.presyn(), seg, is);
@@ -2216,10 +2217,10 @@ impl BacktrackingTm {
     fn release_segment(&mut self, seg: SegmentId) {
         let s = seg as usize;
         let cp = self.codec.connected;
-        for syn in &self.synapses[s] {
+        for syn in self.synapses.get(s).iter() {
             self.out_index.remove(syn.presyn(), seg, syn.code() >= cp);
         }
-        self.num_synapses -= self.synapses[s].len();
+        self.num_synapses -= self.synapses.get(s).len();
         self.synapses.clear(s);
         self.free_segments.push(seg);
         if self.params.max_segments > 0 {
@@ -2290,8 +2291,8 @@ impl BacktrackingTm {
             .filter(|&seg| it - self.segments[seg as usize].last_active_iteration > max_age)
             .collect();
         for seg in stale {
-            for k in 0..self.synapses[seg as usize].len() {
-                let perm = self.codec.decay(self.synapses[seg as usize][k].code());
+            for k in 0..self.synapses.get(seg as usize).len() {
+                let perm = self.codec.decay(self.synapses.get(seg as usize).code(k));
                 if perm == 0 {
                     self.drop_synapse(seg, k);
                 } else {
@@ -2299,7 +2300,7 @@ impl BacktrackingTm {
                 }
             }
             self.update_synapses(seg, &[]);
-            if self.synapses[seg as usize].is_empty() {
+            if self.synapses.get(seg as usize).is_empty() {
                 self.release_segment(seg);
             }
         }
@@ -2343,35 +2344,62 @@ pub(crate) fn prefetch_slice<T>(items: &[T]) {
 /// of each synapse dropped or moved across the `connected` code). Nothing here calls out of
 /// the loop, so its counters stay in registers; the out index is updated afterwards.
 #[inline(always)]
-fn adapt_walk(
-    syns: &mut [Synapse],
+fn adapt_walk<P: Entry, C: CodeWord>(
+    (presyn, codes): (&[P], &mut [C]),
     state: &CellState,
     connected: Code,
     step: impl Fn(Code, bool) -> Code,
-    (in_update, active, changed): (&mut Vec<bool>, &mut Vec<u32>, &mut Vec<(u32, Code)>),
+    (in_update, active, changed): Walk,
 ) {
     // Written by index with the counts in locals: pushes would keep each vector's length in
     // memory, a load and a store on every synapse's critical path.
     in_update.clear();
-    in_update.resize(syns.len(), false);
+    in_update.resize(presyn.len(), false);
     active.clear();
-    active.resize(syns.len(), 0);
+    active.resize(presyn.len(), 0);
     changed.clear();
     let mut on_count = 0;
-    for (k, (syn, flag)) in syns.iter_mut().zip(in_update.iter_mut()).enumerate() {
-        let (presyn, code) = (syn.presyn(), syn.code());
+    let synapses = presyn.iter().zip(codes.iter_mut());
+    for (k, ((presyn, c), flag)) in synapses.zip(in_update.iter_mut()).enumerate() {
+        let (presyn, code) = (presyn.get() as u32, c.get());
         let on = state.is_set(presyn);
         *flag = on;
         // Written either way, kept only when on: no branch on the (data-dependent) state.
         active[on_count] = presyn;
         on_count += usize::from(on);
         let perm = step(code, on);
-        syn.set_code(if perm == 0 { DROPPED } else { perm });
+        *c = C::new(if perm == 0 { DROPPED } else { perm });
         if perm == 0 || (code >= connected) != (perm >= connected) {
             changed.push((k as u32, code));
         }
     }
     active.truncate(on_count);
+}
+
+/// The outputs of [`adapt_walk`]: `in_update`, `active` and `changed`.
+type Walk<'a> = (
+    &'a mut Vec<bool>,
+    &'a mut Vec<u32>,
+    &'a mut Vec<(u32, Code)>,
+);
+
+/// [`adapt_walk`] with one instance per kind of learning step, so the loop runs that kind's
+/// step without a match per synapse.
+fn adapt_walk_steps<P: Entry, C: CodeWord>(
+    synapses: (&[P], &mut [C]),
+    state: &CellState,
+    connected: Code,
+    steps: LearningSteps,
+    walk: Walk,
+) {
+    match steps {
+        steps @ LearningSteps::Table { .. } => {
+            adapt_walk(synapses, state, connected, |c, on| steps.step(c, on), walk);
+        }
+        steps @ LearningSteps::Fixed { .. } => {
+            adapt_walk(synapses, state, connected, |c, on| steps.step(c, on), walk);
+        }
+    }
 }
 
 /// Fraction of `active` columns absent from `predicted` (both sorted); 0 for no input.

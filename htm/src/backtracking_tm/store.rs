@@ -73,12 +73,6 @@ impl Synapse {
     pub fn code(&self) -> Code {
         (self.0 >> PRESYN_BITS) as Code
     }
-
-    #[inline]
-    pub(super) fn set_code(&mut self, code: Code) {
-        debug_assert!(code <= DROPPED);
-        self.0 = self.presyn() | u32::from(code) << PRESYN_BITS;
-    }
 }
 
 impl std::fmt::Debug for Synapse {
@@ -416,7 +410,7 @@ impl<E: Entry> Lists<E> {
         // Per cell: connected and total counts, then where the next entries of each go.
         self.heads = CellHeads::new(self.heads.len());
         let mut at = vec![[0u32; 2]; self.heads.len()];
-        for syn in synapses.iter().flatten() {
+        for syn in synapses.iter().flat_map(|s| s.iter()) {
             let c = &mut at[syn.presyn() as usize];
             c[0] += u32::from(syn.code() >= connected);
             c[1] += 1;
@@ -443,7 +437,7 @@ impl<E: Entry> Lists<E> {
             *c = [e, e + nc as u32];
         }
         for (seg, syns) in synapses.iter().enumerate() {
-            for syn in syns {
+            for syn in syns.iter() {
                 let c = &mut at[syn.presyn() as usize];
                 let list = &mut c[usize::from(syn.code() < connected)];
                 arena[*list as usize] = E::new(seg);

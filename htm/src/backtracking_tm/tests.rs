@@ -86,7 +86,7 @@ fn check_invariants(tm: &BacktrackingTm) {
                 "synapses sorted by distinct presynaptic cells"
             );
             for syn in syns {
-                let perm = tm.permanence(syn);
+                let perm = tm.permanence(&syn);
                 assert!(perm > 0.0 && perm <= p.permanence_max);
                 let connected = perm >= p.connected_perm;
                 expected.push((syn.presyn(), connected, seg));
@@ -95,10 +95,10 @@ fn check_invariants(tm: &BacktrackingTm) {
     }
     assert_eq!(live, tm.num_segments());
     assert_eq!(synapses, tm.num_synapses());
-    assert!(!tm.segments[SINK as usize].alive() && tm.synapses[SINK as usize].is_empty());
+    assert!(!tm.segments[SINK as usize].alive() && tm.synapses.get(SINK as usize).is_empty());
     for (seg, meta) in tm.segments.iter().enumerate().skip(1) {
         if !meta.alive() {
-            assert!(tm.synapses[seg].is_empty());
+            assert!(tm.synapses.get(seg).is_empty());
             assert!(tm.free_segments.contains(&(seg as u32)));
         }
     }
