@@ -1225,7 +1225,9 @@ impl BacktrackingTm {
         let narrow = n <= 1 << 16 && self.codec.num_codes() <= usize::from(u8::MAX);
         self.synapses.set_layout(narrow);
         self.out_index.rebuild(&self.synapses, self.codec.connected);
-        self.cell_slots.rebuild(n);
+        let p = &self.params;
+        let narrow = CellSlots::narrow_fits(p.max_segments, p.max_segments_per_cell);
+        self.cell_slots.rebuild(n, narrow);
         for s in [
             &mut self.inf_active,
             &mut self.inf_predicted,
