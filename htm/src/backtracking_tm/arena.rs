@@ -6,7 +6,7 @@
 //! a segment owns a block of a size class (its length rounded up to 4, or to a power of
 //! two past 64) and a freed block waits in its class's free list for the next segment of
 //! that class. Segments change class as they learn, so free blocks of classes out of demand
-//! pile up: when they make up a sixteenth of the arena, the blocks are laid out again.
+//! pile up: when they make up a thirty-second of the arena, the blocks are laid out again.
 
 use serde::de::Deserializer;
 use serde::{Deserialize, Serialize, Serializer};
@@ -96,7 +96,7 @@ impl<P: Entry, C: CodeWord> Planes<P, C> {
         }
     }
 
-    /// Grows to `len` synapses (zero ones), the capacity by an eighth at a time.
+    /// Grows to `len` synapses (zero ones), the capacity a sixteenth at a time.
     fn grow_to(&mut self, len: usize) {
         let extra = len.saturating_sub(self.len());
         reserve_gradually(&mut self.presyn, extra);
@@ -350,7 +350,7 @@ impl SynapseArena {
         each!(&mut self.layout, p => p.write(start, synapses));
         self.spans[seg] = (start as u32, synapses.len() as u32);
         let used = each!(&self.layout, p => p.len());
-        if self.free_words > 2048 && self.free_words * 16 > used {
+        if self.free_words > 2048 && self.free_words * 32 > used {
             self.compact();
         }
     }

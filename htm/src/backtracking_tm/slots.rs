@@ -93,7 +93,7 @@ impl Words {
     }
 
     /// A copy of `len` words from `from` at the end, then `extra` zero words, the capacity
-    /// growing by an eighth at a time.
+    /// growing a sixteenth at a time.
     fn append_copy(&mut self, from: usize, len: usize, extra: usize) {
         match self {
             Words::Narrow(w) => append_copy(w, from, len, extra),
