@@ -135,12 +135,28 @@ const DUTY_CYCLE_ALPHAS: [f32; 9] = [
     0.0, 0.0032, 0.0010, 0.00032, 0.00010, 0.000032, 0.000010, 0.0000032, 0.0000010,
 ];
 
-/// Per-segment bookkeeping of `Cells4::Segment`, indexed by [`SegmentId`], in six words.
+/// Per-segment bookkeeping of `Cells4::Segment`, indexed by [`SegmentId`], in five words.
 /// (`Cells4`'s `totalActivations` only feeds its statistics, so it is not kept.)
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "MetaWire", into = "MetaWire")]
 struct SegmentMeta {
-    /// The owner cell in the low 24 bits (cells are fewer than 2^24), then
-    /// [`SegmentMeta::ALIVE`] and [`SegmentMeta::SEQUENCE`].
+    /// The owner cell in the low [`CELL_BITS`] bits, then [`SegmentMeta::ALIVE`],
+    /// [`SegmentMeta::SEQUENCE`] and the low bits of the slot.
+    cell_flags: u32,
+    /// The high bits of the slot above [`SegmentMeta::ACTIVATION_BITS`], and below them
+    /// `positiveActivations`, saturating: it is read as a number only while the learning
+    /// iteration is at most 100 (the first duty-cycle tier), which keeps it far below the
+    /// bound, and after that only compared with 1.
+    slot_activations: u32,
+    last_active_iteration: u32,
+    last_pos_duty_cycle: f32,
+    last_pos_duty_cycle_iteration: u32,
+}
+
+/// The serialised form of [`SegmentMeta`]: one field each.
+#[derive(Serialize, Deserialize)]
+struct MetaWire {
+    /// The owner cell, then [`MetaWire::ALIVE`] and [`MetaWire::SEQUENCE`].
     cell_flags: u32,
     slot: u32,
     positive_activations: u32,
@@ -149,16 +165,65 @@ struct SegmentMeta {
     last_pos_duty_cycle_iteration: u32,
 }
 
-impl SegmentMeta {
+impl MetaWire {
     const ALIVE: u32 = 1 << 24;
     const SEQUENCE: u32 = 1 << 25;
+}
+
+impl TryFrom<MetaWire> for SegmentMeta {
+    type Error = String;
+
+    fn try_from(w: MetaWire) -> Result<Self, String> {
+        let cell = w.cell_flags & (MetaWire::ALIVE - 1);
+        if u64::from(cell) > MAX_CELLS || w.slot > SegmentMeta::MAX_SLOT {
+            return Err(format!("segment of cell {cell} in slot {}", w.slot));
+        }
+        let mut m = SegmentMeta::new(cell, w.slot, w.cell_flags & MetaWire::SEQUENCE != 0, 0);
+        if w.cell_flags & MetaWire::ALIVE == 0 {
+            m.cell_flags &= !SegmentMeta::ALIVE;
+        }
+        m.set_positive_activations(w.positive_activations);
+        m.last_active_iteration = w.last_active_iteration;
+        m.last_pos_duty_cycle = w.last_pos_duty_cycle;
+        m.last_pos_duty_cycle_iteration = w.last_pos_duty_cycle_iteration;
+        Ok(m)
+    }
+}
+
+impl From<SegmentMeta> for MetaWire {
+    fn from(m: SegmentMeta) -> Self {
+        let flags = if m.alive() { MetaWire::ALIVE } else { 0 }
+            | if m.sequence() { MetaWire::SEQUENCE } else { 0 };
+        MetaWire {
+            cell_flags: m.cell() | flags,
+            slot: m.slot(),
+            positive_activations: m.positive_activations(),
+            last_active_iteration: m.last_active_iteration,
+            last_pos_duty_cycle: m.last_pos_duty_cycle,
+            last_pos_duty_cycle_iteration: m.last_pos_duty_cycle_iteration,
+        }
+    }
+}
+
+impl SegmentMeta {
+    const ALIVE: u32 = 1 << CELL_BITS;
+    const SEQUENCE: u32 = 1 << (CELL_BITS + 1);
+    /// Where the slot's low bits start in `cell_flags`.
+    const SLOT_SHIFT: u32 = CELL_BITS + 2;
+    const ACTIVATION_BITS: u32 = 16;
+    /// Slots take the rest of both words: 26 bits, far more than a cell can have.
+    const MAX_SLOT: u32 = (1 << (2 * u32::BITS - Self::SLOT_SHIFT - Self::ACTIVATION_BITS)) - 1;
 
     fn new(cell: u32, slot: u32, sequence: bool, iteration: u32) -> Self {
         debug_assert!(u64::from(cell) <= MAX_CELLS);
+        assert!(slot <= Self::MAX_SLOT, "segment slot {slot} of cell {cell}");
+        let low_slot_bits = u32::BITS - Self::SLOT_SHIFT;
         SegmentMeta {
-            cell_flags: cell | Self::ALIVE | if sequence { Self::SEQUENCE } else { 0 },
-            slot,
-            positive_activations: 1,
+            cell_flags: cell
+                | Self::ALIVE
+                | if sequence { Self::SEQUENCE } else { 0 }
+                | slot << Self::SLOT_SHIFT,
+            slot_activations: slot >> low_slot_bits << Self::ACTIVATION_BITS | 1,
             last_active_iteration: iteration,
             last_pos_duty_cycle: (1.0f64 / iteration.max(1) as f64) as f32,
             last_pos_duty_cycle_iteration: iteration,
@@ -180,6 +245,28 @@ impl SegmentMeta {
         self.cell_flags & Self::SEQUENCE != 0
     }
 
+    /// The segment's slot on its cell.
+    #[inline]
+    fn slot(&self) -> u32 {
+        let low_slot_bits = u32::BITS - Self::SLOT_SHIFT;
+        self.cell_flags >> Self::SLOT_SHIFT
+            | self.slot_activations >> Self::ACTIVATION_BITS << low_slot_bits
+    }
+
+    fn release(&mut self) {
+        self.cell_flags &= !Self::ALIVE;
+    }
+
+    #[inline]
+    fn positive_activations(&self) -> u32 {
+        self.slot_activations & ((1 << Self::ACTIVATION_BITS) - 1)
+    }
+
+    fn set_positive_activations(&mut self, n: u32) {
+        let max = (1 << Self::ACTIVATION_BITS) - 1;
+        self.slot_activations = self.slot_activations & !max | n.min(max);
+    }
+
     /// `Segment::dutyCycle`: how often this segment predicted correctly, as a tiered moving
     /// average. Unless `read_only`, the result is cached, which changes later rounding, so it
     /// is called exactly where `Cells4` calls it.
@@ -192,7 +279,7 @@ impl SegmentMeta {
     ) -> f32 {
         debug_assert!(iteration > 0, "duty cycles need a learning iteration");
         if iteration <= DUTY_CYCLE_TIERS[1] {
-            let dc = self.positive_activations as f32 / iteration.max(1) as f32;
+            let dc = self.positive_activations() as f32 / iteration.max(1) as f32;
             if !read_only {
                 self.last_pos_duty_cycle_iteration = iteration;
                 self.last_pos_duty_cycle = dc;
@@ -699,14 +786,14 @@ impl Ranking {
         let slots = activity
             .qualified
             .iter()
-            .fold(0, |m, &seg| m | segments[seg as usize].slot);
+            .fold(0, |m, &seg| m | segments[seg as usize].slot());
         let slot_bits = u32::BITS - slots.leading_zeros();
         if CELL_BITS + slot_bits + id_bits <= 64 {
             let packed = &mut self.packed;
             packed.clear();
             packed.extend(activity.qualified.iter().map(|&seg| {
                 let meta = &segments[seg as usize];
-                (u64::from(meta.cell()) << slot_bits | u64::from(meta.slot)) << id_bits
+                (u64::from(meta.cell()) << slot_bits | u64::from(meta.slot())) << id_bits
                     | u64::from(seg)
             }));
             packed.sort_unstable();
@@ -722,7 +809,7 @@ impl Ranking {
         for &seg in &activity.qualified {
             let meta = &segments[seg as usize];
             self.ranked.push(Ranked {
-                key: (meta.cell() as u64) << 32 | meta.slot as u64,
+                key: (meta.cell() as u64) << 32 | meta.slot() as u64,
                 seg,
             });
         }
@@ -766,7 +853,8 @@ fn best_per_column(
         let (potential, best_potential) = (activity.potential(seg), activity.potential(best.2));
         let better = potential > best_potential
             || potential == best_potential
-                && (cell > best.1 || cell == best.1 && meta.slot < segments[best.2 as usize].slot);
+                && (cell > best.1
+                    || cell == best.1 && meta.slot() < segments[best.2 as usize].slot());
         if better {
             *best = (col, cell, seg);
         }
@@ -2042,7 +2130,7 @@ impl BacktrackingTm {
         }
         let it = self.lrn_iteration;
         meta.last_active_iteration = it;
-        meta.positive_activations += 1;
+        meta.set_positive_activations(meta.positive_activations() + 1);
         meta.duty_cycle(it, true, false, &mut self.scratch.pow);
         if self.params.max_segments > 0 {
             let budget = self.params.max_segments as usize;
@@ -2229,8 +2317,8 @@ impl BacktrackingTm {
             self.derived.recency.unlink(seg);
         }
         let meta = &mut self.segments[s];
-        meta.cell_flags &= !SegmentMeta::ALIVE;
-        self.cell_slots.release(meta.cell(), meta.slot);
+        meta.release();
+        self.cell_slots.release(meta.cell(), meta.slot());
         self.updates.retain(|u| u.segment != seg);
     }
 

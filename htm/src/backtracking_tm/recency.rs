@@ -92,7 +92,7 @@ impl Recency {
 #[inline]
 fn class(m: &SegmentMeta, policy: Eviction) -> usize {
     match policy {
-        Eviction::UnreinforcedFirst if m.positive_activations <= 1 => 0,
+        Eviction::UnreinforcedFirst if m.positive_activations() <= 1 => 0,
         _ => 1,
     }
 }
@@ -187,7 +187,7 @@ mod tests {
 
     fn meta(iteration: u32, reinforced: bool) -> SegmentMeta {
         let mut m = SegmentMeta::new(3, 0, true, iteration);
-        m.positive_activations += u32::from(reinforced);
+        m.set_positive_activations(1 + u32::from(reinforced));
         m
     }
 
@@ -218,7 +218,7 @@ mod tests {
                     }
                     (true, 0) => {
                         r.unlink(seg as u32);
-                        segments[seg].cell_flags &= !SegmentMeta::ALIVE;
+                        segments[seg].release();
                     }
                     (true, _) => {
                         segments[seg] = meta(now, true);

@@ -74,7 +74,7 @@ fn check_invariants(tm: &BacktrackingTm) {
             assert!(p.cells_per_column == 1 || cell % p.cells_per_column != 0);
             let meta = &tm.segments[seg as usize];
             assert!(meta.alive());
-            assert_eq!((meta.cell(), meta.slot), (cell, slot as u32));
+            assert_eq!((meta.cell(), meta.slot()), (cell, slot as u32));
             let syns = tm.segment_synapses(seg);
             assert!(!syns.is_empty());
             synapses += syns.len();
@@ -278,11 +278,11 @@ fn invalid_params_are_rejected_with_the_parameter_named() {
 fn duty_cycle_follows_cells4_tiers() {
     let mut pow = PowCache::default();
     let mut m = SegmentMeta {
-        positive_activations: 5,
         last_pos_duty_cycle: 1.0,
         last_pos_duty_cycle_iteration: 1,
         ..Default::default()
     };
+    m.set_positive_activations(5);
     // Tier 0: positive activations over iterations, cached.
     assert_eq!(m.duty_cycle(50, false, false, &mut pow), 5.0 / 50.0);
     assert_eq!(m.duty_cycle(100, false, false, &mut pow), 0.05);
@@ -590,7 +590,7 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
     check_invariants(&tm);
     assert_eq!(tm.segment_slots_on_cell(5), 1, "the slot stays, empty");
     let again = tm.create_segment(5, &[1, 2], true);
-    assert_eq!(tm.segments[again as usize].slot, 0, "freed slot reused");
+    assert_eq!(tm.segments[again as usize].slot(), 0, "freed slot reused");
     assert_eq!(tm.segment_slots_on_cell(5), 1);
 }
 
@@ -606,9 +606,9 @@ fn full_column_releases_its_lowest_duty_cycle_segment() {
         }
     }
     for (i, &s) in segs.iter().enumerate() {
-        tm.segments[s as usize].positive_activations = 10 + i as u32;
+        tm.segments[s as usize].set_positive_activations(10 + i as u32);
     }
-    tm.segments[segs[3] as usize].positive_activations = 2; // cell 10, slot 1
+    tm.segments[segs[3] as usize].set_positive_activations(2); // cell 10, slot 1
     let cell = tm.cell_for_new_segment(2);
     assert_eq!(cell, 10);
     assert!(!tm.segments[segs[3] as usize].alive());
@@ -1128,4 +1128,43 @@ fn tms_sharing_a_thread_compute_as_alone() {
     assert_eq!(b, tm_b_alone);
     assert!(a.scratch.heap_bytes() == 0 && b.scratch.heap_bytes() == 0);
     assert!(BacktrackingTm::thread_scratch_bytes() > 0);
+}
+
+/// Segment metadata packs into five words and keeps every field through its serialised
+/// form (positive activations saturating), and a slot beyond the packing is refused.
+#[test]
+fn segment_meta_packs_and_round_trips() {
+    assert_eq!(std::mem::size_of::<SegmentMeta>(), 20);
+    let cfg = bincode::config::standard();
+    for (cell, slot, sequence, alive) in [
+        (0, 0, false, true),
+        (MAX_CELLS as u32, SegmentMeta::MAX_SLOT, true, false),
+        (12345, 1023, true, true),
+        (7, 1024, false, true),
+    ] {
+        let mut m = SegmentMeta::new(cell, slot, sequence, 77);
+        m.set_positive_activations(70_000);
+        m.last_active_iteration = 99;
+        if !alive {
+            m.release();
+        }
+        assert_eq!(
+            (m.cell(), m.slot(), m.sequence(), m.alive()),
+            (cell, slot, sequence, alive)
+        );
+        assert_eq!(m.positive_activations(), u32::from(u16::MAX));
+        let bytes = bincode::serde::encode_to_vec(m, cfg).unwrap();
+        let (back, _): (SegmentMeta, _) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+        assert_eq!(back, m);
+    }
+    let wire = MetaWire {
+        cell_flags: 3 | MetaWire::ALIVE,
+        slot: SegmentMeta::MAX_SLOT + 1,
+        positive_activations: 1,
+        last_active_iteration: 0,
+        last_pos_duty_cycle: 0.0,
+        last_pos_duty_cycle_iteration: 0,
+    };
+    let bytes = bincode::serde::encode_to_vec(&wire, cfg).unwrap();
+    assert!(bincode::serde::decode_from_slice::<SegmentMeta, _>(&bytes, cfg).is_err());
 }
