@@ -556,40 +556,10 @@ impl Activity {
         let (clearing, qualified) = (&mut self.clearing, &mut self.qualified);
         let pass = (lists, segment_capacity, active_cells, threshold);
         match self.width {
-            Width::W16 => Self::walk_best(&mut self.counts16, clearing, qualified, pass),
-            Width::W32 => Self::walk_best(&mut self.counts32, clearing, qualified, pass),
-            Width::W64 => Self::walk_best(&mut self.counts64, clearing, qualified, pass),
+            Width::W16 => Self::walk(&mut self.counts16, clearing, qualified, pass),
+            Width::W32 => Self::walk(&mut self.counts32, clearing, qualified, pass),
+            Width::W64 => Self::walk(&mut self.counts64, clearing, qualified, pass),
         }
-    }
-
-    /// [`Self::walk`] with the `popcnt` instruction where the CPU has it: finding a cell's
-    /// out lists counts bits (see [`heads`]), which the x86-64 baseline does in a dozen
-    /// instructions.
-    fn walk_best<C: Counter, E: Entry>(
-        counts: &mut Vec<C>,
-        clearing: &mut Clearing,
-        qualified: &mut Vec<SegmentId>,
-        pass: (&Lists<E>, usize, &[u32], u32),
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("popcnt") {
-                // SAFETY: the feature was detected at run time.
-                return unsafe { Self::walk_popcnt(counts, clearing, qualified, pass) };
-            }
-        }
-        Self::walk(counts, clearing, qualified, pass);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "popcnt")]
-    fn walk_popcnt<C: Counter, E: Entry>(
-        counts: &mut Vec<C>,
-        clearing: &mut Clearing,
-        qualified: &mut Vec<SegmentId>,
-        pass: (&Lists<E>, usize, &[u32], u32),
-    ) {
-        Self::walk(counts, clearing, qualified, pass);
     }
 
     /// Clears the previous pass's counts and counts this one's into `counts`.
@@ -597,7 +567,6 @@ impl Activity {
     /// Clearing the used part of the table costs less than finding the non-zero counters
     /// when the pass walks a fair share of the table's size; for a pass much smaller than the
     /// table (a large unbounded TM), the counters a pass raises from zero are listed instead.
-    #[inline(always)]
     fn walk<C: Counter, E: Entry>(
         counts: &mut Vec<C>,
         clearing: &mut Clearing,
