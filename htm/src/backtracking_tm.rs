@@ -2244,12 +2244,7 @@ impl BacktrackingTm {
     fn update_synapses(&mut self, seg: SegmentId, cells: &[u32]) {
         let mut syns = std::mem::take(&mut self.scratch.seg_synapses);
         syns.clear();
-        syns.extend(
-            self.synapses
-                .get(seg as usize)
-                .iter()
-                .filter(|s| s.code() != DROPPED),
-        );
+        self.synapses.extend_live(seg as usize, &mut syns);
         self.merge_synapses(seg, &mut syns, cells);
         self.synapses.set(seg as usize, &syns);
         self.scratch.seg_synapses = syns;

@@ -6,7 +6,7 @@
 //! a segment owns a block of a size class (its length rounded up to 4, or to a power of
 //! two past 64) and a freed block waits in its class's free list for the next segment of
 //! that class. Segments change class as they learn, so free blocks of classes out of demand
-//! pile up: when they make up a thirty-second of the arena, the blocks are laid out again.
+//! pile up: when they make up a sixteenth of the arena, the blocks are laid out again.
 
 use serde::de::Deserializer;
 use serde::{Deserialize, Serialize, Serializer};
@@ -114,17 +114,14 @@ impl<P: Entry, C: CodeWord> Planes<P, C> {
         }
     }
 
-    fn copy_within(&mut self, from: usize, len: usize, to: usize) {
-        self.presyn.copy_within(from..from + len, to);
-        self.codes.copy_within(from..from + len, to);
-    }
-
-    /// Keeps the first `len` synapses, in vectors of exactly that size.
-    fn shrink_to(&mut self, len: usize) {
-        self.presyn.truncate(len);
-        self.codes.truncate(len);
-        self.presyn.shrink_to_fit();
-        self.codes.shrink_to_fit();
+    /// Appends `other`'s `len` synapses from `from`, padded with zero ones to `cap`.
+    fn append_from(&mut self, other: &Self, from: usize, len: usize, cap: usize) {
+        let at = self.len();
+        self.presyn
+            .extend_from_slice(&other.presyn[from..from + len]);
+        self.codes.extend_from_slice(&other.codes[from..from + len]);
+        self.presyn.resize(at + cap, P::default());
+        self.codes.resize(at + cap, C::default());
     }
 
     fn synapses(&self, r: std::ops::Range<usize>) -> impl Iterator<Item = Synapse> + '_ {
@@ -350,29 +347,40 @@ impl SynapseArena {
         each!(&mut self.layout, p => p.write(start, synapses));
         self.spans[seg] = (start as u32, synapses.len() as u32);
         let used = each!(&self.layout, p => p.len());
-        if self.free_words > 2048 && self.free_words * 32 > used {
+        if self.free_words > 2048 && self.free_words * 16 > used {
             self.compact();
         }
     }
 
     /// Lays the blocks out again in segment order, without free ones, in vectors of exactly
-    /// their size (so the memory goes back). In place: blocks only move towards the front.
+    /// their size (so the memory goes back).
     fn compact(&mut self) {
-        let mut order: Vec<u32> = (0..self.spans.len() as u32)
-            .filter(|&s| self.spans[s as usize].1 > 0)
-            .collect();
-        order.sort_unstable_by_key(|&s| self.spans[s as usize].0);
-        let mut at = 0;
-        for s in order {
-            let span = &mut self.spans[s as usize];
-            let (start, len) = (span.0 as usize, span.1 as usize);
-            each!(&mut self.layout, p => p.copy_within(start, len, at));
-            span.0 = at as u32;
-            at += class(len).1;
-        }
-        each!(&mut self.layout, p => p.shrink_to(at));
+        let live: usize = self.spans.iter().map(|&(_, n)| class(n as usize).1).sum();
+        each!(&mut self.layout, p => {
+            let mut packed = Planes::default();
+            packed.reserve_exact(live);
+            for span in &mut self.spans {
+                let (start, len) = (span.0 as usize, span.1 as usize);
+                if len == 0 {
+                    continue;
+                }
+                let at = packed.len();
+                packed.append_from(p, start, len, class(len).1);
+                span.0 = at as u32;
+            }
+            *p = packed;
+        });
         self.free.iter_mut().for_each(Vec::clear);
         self.free_words = 0;
+    }
+
+    /// Appends `seg`'s synapses but those marked [`DROPPED`] to `out`.
+    pub(super) fn extend_live(&self, seg: usize, out: &mut Vec<Synapse>) {
+        let (start, len) = self.spans[seg];
+        let r = start as usize..(start + len) as usize;
+        each!(&self.layout, p => out.extend(
+            p.synapses(r).filter(|s| s.code() != DROPPED)
+        ));
     }
 
     /// Frees `seg`'s block.
