@@ -105,6 +105,7 @@ mod cell_state;
 mod heads;
 mod params;
 mod permanence;
+mod recency;
 mod slots;
 mod store;
 #[cfg(test)]
@@ -114,15 +115,16 @@ pub use params::{BacktrackingTmParams, Eviction, OutputType, ParamError};
 pub use permanence::{Code, FIXED_SCALE};
 pub use store::{SegmentId, Synapse};
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::cell::Cell;
+use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
 use crate::random::Random;
-use arena::SynapseArena;
+use arena::{CodeWord, SynapseArena, SynsMut};
 use cell_state::CellState;
 use permanence::{Codec, LearningSteps, DROPPED};
+use recency::Recency;
 use slots::CellSlots;
 use store::{Entry, Lists, OutIndex, SINK};
 
@@ -133,12 +135,28 @@ const DUTY_CYCLE_ALPHAS: [f32; 9] = [
     0.0, 0.0032, 0.0010, 0.00032, 0.00010, 0.000032, 0.000010, 0.0000032, 0.0000010,
 ];
 
-/// Per-segment bookkeeping of `Cells4::Segment`, indexed by [`SegmentId`], in six words.
+/// Per-segment bookkeeping of `Cells4::Segment`, indexed by [`SegmentId`], in five words.
 /// (`Cells4`'s `totalActivations` only feeds its statistics, so it is not kept.)
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "MetaWire", into = "MetaWire")]
 struct SegmentMeta {
-    /// The owner cell in the low 24 bits (cells are fewer than 2^24), then
-    /// [`SegmentMeta::ALIVE`] and [`SegmentMeta::SEQUENCE`].
+    /// The owner cell in the low [`CELL_BITS`] bits, then [`SegmentMeta::ALIVE`],
+    /// [`SegmentMeta::SEQUENCE`] and the low bits of the slot.
+    cell_flags: u32,
+    /// The high bits of the slot above [`SegmentMeta::ACTIVATION_BITS`], and below them
+    /// `positiveActivations`, saturating: it is read as a number only while the learning
+    /// iteration is at most 100 (the first duty-cycle tier), which keeps it far below the
+    /// bound, and after that only compared with 1.
+    slot_activations: u32,
+    last_active_iteration: u32,
+    last_pos_duty_cycle: f32,
+    last_pos_duty_cycle_iteration: u32,
+}
+
+/// The serialised form of [`SegmentMeta`]: one field each.
+#[derive(Serialize, Deserialize)]
+struct MetaWire {
+    /// The owner cell, then [`MetaWire::ALIVE`] and [`MetaWire::SEQUENCE`].
     cell_flags: u32,
     slot: u32,
     positive_activations: u32,
@@ -147,16 +165,65 @@ struct SegmentMeta {
     last_pos_duty_cycle_iteration: u32,
 }
 
-impl SegmentMeta {
+impl MetaWire {
     const ALIVE: u32 = 1 << 24;
     const SEQUENCE: u32 = 1 << 25;
+}
+
+impl TryFrom<MetaWire> for SegmentMeta {
+    type Error = String;
+
+    fn try_from(w: MetaWire) -> Result<Self, String> {
+        let cell = w.cell_flags & (MetaWire::ALIVE - 1);
+        if u64::from(cell) > MAX_CELLS || w.slot > SegmentMeta::MAX_SLOT {
+            return Err(format!("segment of cell {cell} in slot {}", w.slot));
+        }
+        let mut m = SegmentMeta::new(cell, w.slot, w.cell_flags & MetaWire::SEQUENCE != 0, 0);
+        if w.cell_flags & MetaWire::ALIVE == 0 {
+            m.cell_flags &= !SegmentMeta::ALIVE;
+        }
+        m.set_positive_activations(w.positive_activations);
+        m.last_active_iteration = w.last_active_iteration;
+        m.last_pos_duty_cycle = w.last_pos_duty_cycle;
+        m.last_pos_duty_cycle_iteration = w.last_pos_duty_cycle_iteration;
+        Ok(m)
+    }
+}
+
+impl From<SegmentMeta> for MetaWire {
+    fn from(m: SegmentMeta) -> Self {
+        let flags = if m.alive() { MetaWire::ALIVE } else { 0 }
+            | if m.sequence() { MetaWire::SEQUENCE } else { 0 };
+        MetaWire {
+            cell_flags: m.cell() | flags,
+            slot: m.slot(),
+            positive_activations: m.positive_activations(),
+            last_active_iteration: m.last_active_iteration,
+            last_pos_duty_cycle: m.last_pos_duty_cycle,
+            last_pos_duty_cycle_iteration: m.last_pos_duty_cycle_iteration,
+        }
+    }
+}
+
+impl SegmentMeta {
+    const ALIVE: u32 = 1 << CELL_BITS;
+    const SEQUENCE: u32 = 1 << (CELL_BITS + 1);
+    /// Where the slot's low bits start in `cell_flags`.
+    const SLOT_SHIFT: u32 = CELL_BITS + 2;
+    const ACTIVATION_BITS: u32 = 16;
+    /// Slots take the rest of both words: 26 bits, far more than a cell can have.
+    const MAX_SLOT: u32 = (1 << (2 * u32::BITS - Self::SLOT_SHIFT - Self::ACTIVATION_BITS)) - 1;
 
     fn new(cell: u32, slot: u32, sequence: bool, iteration: u32) -> Self {
         debug_assert!(u64::from(cell) <= MAX_CELLS);
+        assert!(slot <= Self::MAX_SLOT, "segment slot {slot} of cell {cell}");
+        let low_slot_bits = u32::BITS - Self::SLOT_SHIFT;
         SegmentMeta {
-            cell_flags: cell | Self::ALIVE | if sequence { Self::SEQUENCE } else { 0 },
-            slot,
-            positive_activations: 1,
+            cell_flags: cell
+                | Self::ALIVE
+                | if sequence { Self::SEQUENCE } else { 0 }
+                | slot << Self::SLOT_SHIFT,
+            slot_activations: slot >> low_slot_bits << Self::ACTIVATION_BITS | 1,
             last_active_iteration: iteration,
             last_pos_duty_cycle: (1.0f64 / iteration.max(1) as f64) as f32,
             last_pos_duty_cycle_iteration: iteration,
@@ -178,6 +245,28 @@ impl SegmentMeta {
         self.cell_flags & Self::SEQUENCE != 0
     }
 
+    /// The segment's slot on its cell.
+    #[inline]
+    fn slot(&self) -> u32 {
+        let low_slot_bits = u32::BITS - Self::SLOT_SHIFT;
+        self.cell_flags >> Self::SLOT_SHIFT
+            | self.slot_activations >> Self::ACTIVATION_BITS << low_slot_bits
+    }
+
+    fn release(&mut self) {
+        self.cell_flags &= !Self::ALIVE;
+    }
+
+    #[inline]
+    fn positive_activations(&self) -> u32 {
+        self.slot_activations & ((1 << Self::ACTIVATION_BITS) - 1)
+    }
+
+    fn set_positive_activations(&mut self, n: u32) {
+        let max = (1 << Self::ACTIVATION_BITS) - 1;
+        self.slot_activations = self.slot_activations & !max | n.min(max);
+    }
+
     /// `Segment::dutyCycle`: how often this segment predicted correctly, as a tiered moving
     /// average. Unless `read_only`, the result is cached, which changes later rounding, so it
     /// is called exactly where `Cells4` calls it.
@@ -190,7 +279,7 @@ impl SegmentMeta {
     ) -> f32 {
         debug_assert!(iteration > 0, "duty cycles need a learning iteration");
         if iteration <= DUTY_CYCLE_TIERS[1] {
-            let dc = self.positive_activations as f32 / iteration.max(1) as f32;
+            let dc = self.positive_activations() as f32 / iteration.max(1) as f32;
             if !read_only {
                 self.last_pos_duty_cycle_iteration = iteration;
                 self.last_pos_duty_cycle = dc;
@@ -321,6 +410,21 @@ struct Clearing {
     dirty: usize,
 }
 
+impl Clearing {
+    /// Zeroes the counters of `counts` a pass left non-zero.
+    fn clear<C: Counter>(&mut self, counts: &mut [C]) {
+        if self.tracked {
+            for &seg in &self.touched {
+                counts[seg as usize] = C::default();
+            }
+        } else {
+            counts[..self.dirty].fill(C::default());
+        }
+        self.touched.clear();
+        self.dirty = 0;
+    }
+}
+
 /// Which counter word [`Activity`] uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 enum Width {
@@ -401,17 +505,23 @@ const CELL_BITS: u32 = u64::BITS - MAX_CELLS.leading_zeros();
 
 impl Activity {
     /// Sizes the counters for segments of at most `max_synapses` synapses.
-    fn new(max_synapses: u64) -> Self {
-        let width = if max_synapses < 1 << 8 {
+    fn set_width(&mut self, max_synapses: u64) {
+        self.width = if max_synapses < 1 << 8 {
             Width::W16
         } else if max_synapses < 1 << 16 {
             Width::W32
         } else {
             Width::W64
         };
-        Activity {
-            width,
-            ..Activity::default()
+    }
+
+    /// Zeroes the counters the last pass left non-zero, so that the buffers can serve
+    /// another TM (whose passes may use another width) as they are.
+    fn clear(&mut self) {
+        match self.width {
+            Width::W16 => self.clearing.clear(&mut self.counts16),
+            Width::W32 => self.clearing.clear(&mut self.counts32),
+            Width::W64 => self.clearing.clear(&mut self.counts64),
         }
     }
 
@@ -463,14 +573,7 @@ impl Activity {
         qualified: &mut Vec<SegmentId>,
         (index, segment_capacity, active_cells, threshold): (&Lists<E>, usize, &[u32], u32),
     ) {
-        if clearing.tracked {
-            for &seg in &clearing.touched {
-                counts[seg as usize] = C::default();
-            }
-        } else {
-            counts[..clearing.dirty].fill(C::default());
-        }
-        clearing.touched.clear();
+        clearing.clear(counts);
         // A power-of-two table lets the index be masked instead of bounds-checked; segment
         // ids stay below `segment_capacity`, so only that prefix is ever written.
         let len = segment_capacity.next_power_of_two();
@@ -683,14 +786,14 @@ impl Ranking {
         let slots = activity
             .qualified
             .iter()
-            .fold(0, |m, &seg| m | segments[seg as usize].slot);
+            .fold(0, |m, &seg| m | segments[seg as usize].slot());
         let slot_bits = u32::BITS - slots.leading_zeros();
         if CELL_BITS + slot_bits + id_bits <= 64 {
             let packed = &mut self.packed;
             packed.clear();
             packed.extend(activity.qualified.iter().map(|&seg| {
                 let meta = &segments[seg as usize];
-                (u64::from(meta.cell()) << slot_bits | u64::from(meta.slot)) << id_bits
+                (u64::from(meta.cell()) << slot_bits | u64::from(meta.slot())) << id_bits
                     | u64::from(seg)
             }));
             packed.sort_unstable();
@@ -706,7 +809,7 @@ impl Ranking {
         for &seg in &activity.qualified {
             let meta = &segments[seg as usize];
             self.ranked.push(Ranked {
-                key: (meta.cell() as u64) << 32 | meta.slot as u64,
+                key: (meta.cell() as u64) << 32 | meta.slot() as u64,
                 seg,
             });
         }
@@ -750,7 +853,8 @@ fn best_per_column(
         let (potential, best_potential) = (activity.potential(seg), activity.potential(best.2));
         let better = potential > best_potential
             || potential == best_potential
-                && (cell > best.1 || cell == best.1 && meta.slot < segments[best.2 as usize].slot);
+                && (cell > best.1
+                    || cell == best.1 && meta.slot() < segments[best.2 as usize].slot());
         if better {
             *best = (col, cell, seg);
         }
@@ -761,89 +865,10 @@ fn best_per_column(
     out.sort_unstable_by_key(|b| b.0);
 }
 
-/// Live segments ordered by `(last_active_iteration, id)` for the `max_segments` budget:
-/// min-heaps of keys pushed whenever a segment is created or reinforced, one per eviction
-/// class — with [`Eviction::UnreinforcedFirst`], segments never reinforced since their
-/// creation form a class evicted before the others; with [`Eviction::LeastRecentlyActive`]
-/// every segment is in the second heap. A key whose segment has since been reinforced again
-/// or freed is stale and skipped when popped; the heaps are rebuilt from the live segments
-/// when stale keys outnumber live ones, so every operation is O(log n) amortised. Derived
-/// from the segment metadata: not serialised.
-#[derive(Clone, Debug, Default)]
-struct RecencyHeap {
-    heaps: [BinaryHeap<Reverse<u64>>; 2],
-}
-
-impl RecencyHeap {
-    #[inline]
-    fn key(iteration: u32, seg: SegmentId) -> u64 {
-        (iteration as u64) << 32 | seg as u64
-    }
-
-    /// The heap of `m`: 0 evicts first.
-    #[inline]
-    fn class(m: &SegmentMeta, policy: Eviction) -> usize {
-        match policy {
-            Eviction::UnreinforcedFirst if m.positive_activations <= 1 => 0,
-            _ => 1,
-        }
-    }
-
-    fn touch(&mut self, seg: SegmentId, segments: &[SegmentMeta], live: usize, policy: Eviction) {
-        if self.heaps[0].len() + self.heaps[1].len() > live + live / 2 + 64 {
-            self.rebuild(segments, policy);
-        }
-        let m = &segments[seg as usize];
-        self.heaps[Self::class(m, policy)].push(Reverse(Self::key(m.last_active_iteration, seg)));
-    }
-
-    fn rebuild(&mut self, segments: &[SegmentMeta], policy: Eviction) {
-        let mut keys = [Vec::new(), Vec::new()];
-        for (id, m) in segments.iter().enumerate().filter(|(_, m)| m.alive()) {
-            let key = Reverse(Self::key(m.last_active_iteration, id as SegmentId));
-            keys[Self::class(m, policy)].push(key);
-        }
-        // Room for the keys pushed until the next rebuild, so the heaps never double.
-        for k in &mut keys {
-            let room = k.len() + k.len() / 2 + 32;
-            if k.capacity() > room {
-                k.shrink_to(room);
-            } else {
-                k.reserve_exact(room - k.len());
-            }
-        }
-        let [first, rest] = keys;
-        self.heaps = [BinaryHeap::from(first), BinaryHeap::from(rest)];
-    }
-
-    fn heap_bytes(&self) -> usize {
-        self.heaps.iter().map(|h| h.capacity() * 8).sum()
-    }
-
-    /// The segment to evict: the live one with the oldest `last_active_iteration` (lowest id
-    /// on ties) of the first non-empty class.
-    fn pop_oldest(&mut self, segments: &[SegmentMeta], policy: Eviction) -> Option<SegmentId> {
-        for (class, heap) in self.heaps.iter_mut().enumerate() {
-            while let Some(Reverse(key)) = heap.pop() {
-                let (iteration, seg) = ((key >> 32) as u32, key as u32);
-                let m = &segments[seg as usize];
-                if m.alive()
-                    && m.last_active_iteration == iteration
-                    && Self::class(m, policy) == class
-                {
-                    return Some(seg);
-                }
-            }
-        }
-        None
-    }
-}
-
-/// Buffers reused across steps; they carry no state from one call to the next.
+/// Buffers reused across steps; they carry no state from one call to the next. A TM holds
+/// them only while it computes (see [`SCRATCH`]).
 #[derive(Clone, Debug, Default)]
 struct Scratch {
-    /// False after deserialisation until derived data is rebuilt.
-    ready: bool,
     activity: Activity,
     pow: PowCache,
     ranking: Ranking,
@@ -869,8 +894,13 @@ struct Scratch {
     active_columns: Vec<u64>,
     phase2: Phase2Result,
     spare_patterns: Vec<Vec<u32>>,
-    /// Eviction order under `max_segments` (kept only when that budget is set).
-    recency: RecencyHeap,
+}
+
+thread_local! {
+    /// The scratch buffers of the TMs computing on this thread, lent to each for the length
+    /// of a call: a process holds many networks but computes on few threads, and an idle TM
+    /// then holds no buffers (a quarter of a grown TM's heap otherwise).
+    static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
 }
 
 /// What inference phase 2 leaves besides the active state.
@@ -883,6 +913,55 @@ struct Phase2Result {
 
 /// Scratch space is not state: two TMs are equal whatever their buffers hold.
 impl PartialEq for Scratch {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Scratch {
+    fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let spare = self.spare_patterns.capacity() * size_of::<Vec<u32>>()
+            + self
+                .spare_patterns
+                .iter()
+                .map(|x| x.capacity() * 4)
+                .sum::<usize>();
+        self.activity.heap_bytes()
+            + self.ranking.ranked.capacity() * size_of::<Ranked>()
+            + self.ranking.packed.capacity() * 8
+            + self.best.capacity() * 12
+            + self.best_by_column.capacity() * 4
+            + (self.cells.capacity()
+                + self.pruned.capacity()
+                + self.update.capacity()
+                + self.backup_active.capacity()
+                + self.backup_predicted.capacity()
+                + self.phase2.predicted.capacity())
+                * 4
+            + (self.phase2.cell_confidence.capacity() + self.phase2.col_confidence.capacity()) * 8
+            + self.active_columns.capacity() * 8
+            + self.in_update.capacity()
+            + self.new_cells.capacity() * 4
+            + self.free_candidates.capacity() * 12
+            + self.changed.capacity() * 8
+            + self.seg_synapses.capacity() * size_of::<Synapse>()
+            + spare
+            + self.pow.table.capacity() * 4
+    }
+}
+
+/// Data derived from the serialised state, rebuilt after a restore.
+#[derive(Clone, Debug, Default)]
+struct Derived {
+    /// False after deserialisation until derived data is rebuilt.
+    ready: bool,
+    /// Eviction order under `max_segments` (kept only when that budget is set).
+    recency: Recency,
+}
+
+/// Derived data: equal whenever the state it is derived from is.
+impl PartialEq for Derived {
     fn eq(&self, _: &Self) -> bool {
         true
     }
@@ -938,6 +1017,9 @@ pub struct BacktrackingTm {
 
     stats: BacktrackStats,
     #[serde(skip)]
+    derived: Derived,
+    /// Empty except during a call that borrowed the thread's buffers ([`SCRATCH`]).
+    #[serde(skip)]
     scratch: Scratch,
 }
 
@@ -983,11 +1065,11 @@ impl BacktrackingTm {
             updates: Vec::new(),
             update_pool: Vec::new(),
             stats: BacktrackStats::default(),
+            derived: Derived::default(),
             scratch: Scratch::default(),
             params,
         };
-        tm.scratch.ready = true;
-        tm.scratch.activity = Activity::new(tm.params.max_segment_size());
+        tm.rebuild_after_restore();
         Ok(tm)
     }
 
@@ -999,6 +1081,10 @@ impl BacktrackingTm {
     /// If `active_columns` is unsorted, has duplicates or a column out of range.
     pub fn compute(&mut self, active_columns: &[u32], learn: bool) -> f32 {
         self.ensure_ready();
+        self.with_scratch(|tm| tm.compute_step(active_columns, learn))
+    }
+
+    fn compute_step(&mut self, active_columns: &[u32], learn: bool) -> f32 {
         assert!(
             active_columns.windows(2).all(|w| w[0] < w[1]),
             "active columns must be sorted and distinct"
@@ -1049,6 +1135,37 @@ impl BacktrackingTm {
     /// queued updates and input history; the next input activates start cells.
     pub fn reset(&mut self) {
         self.ensure_ready();
+        self.with_scratch(Self::reset_state);
+    }
+
+    /// Runs `f` with this thread's scratch buffers in [`Self::scratch`], and gives them back
+    /// with no trace of this TM: the next TM to borrow them finds the counters clear.
+    fn with_scratch<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        let mut scratch = SCRATCH.try_with(Cell::take).unwrap_or_default();
+        scratch.activity.set_width(self.params.max_segment_size());
+        self.scratch = scratch;
+        let result = f(self);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.activity.clear();
+        // During thread teardown the buffers are simply dropped.
+        let _ = SCRATCH.try_with(|s| s.set(scratch));
+        result
+    }
+
+    /// Bytes of this thread's scratch buffers ([`SCRATCH`]), shared by every TM computing on
+    /// it and so not in any TM's [`Self::heap_bytes`].
+    pub fn thread_scratch_bytes() -> usize {
+        SCRATCH
+            .try_with(|s| {
+                let scratch = s.take();
+                let bytes = scratch.heap_bytes();
+                s.set(scratch);
+                bytes
+            })
+            .unwrap_or(0)
+    }
+
+    fn reset_state(&mut self) {
         self.inf_active.reset();
         self.inf_predicted.reset();
         self.inf_predicted_prev.reset();
@@ -1159,8 +1276,8 @@ impl BacktrackingTm {
     }
 
     /// The synapses of a live segment, ascending presynaptic cells.
-    pub fn segment_synapses(&self, seg: SegmentId) -> &[Synapse] {
-        &self.synapses[seg as usize]
+    pub fn segment_synapses(&self, seg: SegmentId) -> Vec<Synapse> {
+        self.synapses.get(seg as usize).iter().collect()
     }
 
     /// The permanence of `syn`, one of this TM's synapses.
@@ -1193,8 +1310,12 @@ impl BacktrackingTm {
         let n = self.params.num_cells();
         self.out_index = OutIndex::new(n, self.params.max_segments);
         self.codec = Codec::new(&self.params);
+        let narrow = n <= 1 << 16 && self.codec.num_codes() <= usize::from(u8::MAX);
+        self.synapses.set_layout(narrow);
         self.out_index.rebuild(&self.synapses, self.codec.connected);
-        self.cell_slots.rebuild(n);
+        let p = &self.params;
+        let narrow = CellSlots::narrow_fits(p.max_segments, p.max_segments_per_cell);
+        self.cell_slots.rebuild(n, narrow);
         for s in [
             &mut self.inf_active,
             &mut self.inf_predicted,
@@ -1206,16 +1327,15 @@ impl BacktrackingTm {
         ] {
             s.rebuild(n);
         }
-        self.scratch = Scratch {
+        self.derived = Derived {
             ready: true,
-            activity: Activity::new(self.params.max_segment_size()),
-            ..Scratch::default()
+            recency: if self.params.max_segments > 0 {
+                let policy = self.params.max_segments_eviction;
+                Recency::new(&self.segments, self.params.max_segments, policy)
+            } else {
+                Recency::default()
+            },
         };
-        if self.params.max_segments > 0 {
-            self.scratch
-                .recency
-                .rebuild(&self.segments, self.params.max_segments_eviction);
-        }
     }
 
     /// Heap bytes held (capacity-based), for memory reporting.
@@ -1226,15 +1346,10 @@ impl BacktrackingTm {
     /// [`Self::heap_bytes`] by part, to see where memory goes.
     pub fn heap_breakdown(&self) -> [(&'static str, usize); 6] {
         use std::mem::size_of;
-        let nested = |v: &Vec<Vec<u32>>| {
-            v.capacity() * size_of::<Vec<u32>>() + v.iter().map(|x| x.capacity() * 4).sum::<usize>()
-        };
         let patterns = |q: &VecDeque<Vec<u32>>| {
             q.capacity() * size_of::<Vec<u32>>() + q.iter().map(|x| x.capacity() * 4).sum::<usize>()
         };
-        let s = &self.scratch;
-        let synapses =
-            self.synapses.heap_bytes() + s.seg_synapses.capacity() * size_of::<Synapse>();
+        let synapses = self.synapses.heap_bytes();
         let segments = self.free_segments.capacity() * 4
             + self.segments.capacity() * size_of::<SegmentMeta>()
             + self.cell_slots.heap_bytes();
@@ -1256,27 +1371,8 @@ impl BacktrackingTm {
             + patterns(&self.prev_lrn_patterns);
         let updates =
             self.updates.capacity() * size_of::<PendingUpdate>() + self.update_pool.capacity() * 4;
-        let scratch = s.activity.heap_bytes()
-            + s.ranking.ranked.capacity() * size_of::<Ranked>()
-            + s.ranking.packed.capacity() * 8
-            + s.best.capacity() * 12
-            + s.best_by_column.capacity() * 4
-            + (s.cells.capacity()
-                + s.pruned.capacity()
-                + s.update.capacity()
-                + s.backup_active.capacity()
-                + s.backup_predicted.capacity()
-                + s.phase2.predicted.capacity())
-                * 4
-            + (s.phase2.cell_confidence.capacity() + s.phase2.col_confidence.capacity()) * 8
-            + s.active_columns.capacity() * 8
-            + s.in_update.capacity()
-            + s.new_cells.capacity() * 4
-            + s.free_candidates.capacity() * 12
-            + s.changed.capacity() * 8
-            + nested(&s.spare_patterns)
-            + s.pow.table.capacity() * 4
-            + s.recency.heap_bytes();
+        // Buffers lent for a call, if any, and the eviction order.
+        let scratch = self.scratch.heap_bytes() + self.derived.recency.heap_bytes();
         [
             ("synapses", synapses),
             ("out_index", self.out_index.heap_bytes()),
@@ -1288,7 +1384,7 @@ impl BacktrackingTm {
     }
 
     fn ensure_ready(&mut self) {
-        if !self.scratch.ready {
+        if !self.derived.ready {
             self.rebuild_after_restore();
         }
     }
@@ -1675,7 +1771,7 @@ impl BacktrackingTm {
         }
         // Segments are scattered over the heap: ask for all of them before walking any.
         for u in &updates {
-            prefetch_slice(&self.synapses[u.segment as usize]);
+            self.synapses.get(u.segment as usize).prefetch();
         }
         for u in &updates {
             let range = u.start as usize..(u.start + u.len) as usize;
@@ -1835,17 +1931,15 @@ impl BacktrackingTm {
             &self.lrn_active
         };
         out.clear();
-        let on_segment: &[Synapse] = match seg {
-            Some(seg) => &self.synapses[seg as usize],
-            None => &[],
-        };
-        // Ascending, as the synapses are.
-        out.extend(
-            on_segment
-                .iter()
-                .map(|s| s.presyn())
-                .filter(|&p| state.is_set(p)),
-        );
+        if let Some(seg) = seg {
+            // Ascending, as the synapses are.
+            let syns = self.synapses.get(seg as usize);
+            out.extend(
+                (0..syns.len())
+                    .map(|k| syns.presyn(k))
+                    .filter(|&p| state.is_set(p)),
+            );
+        }
         let mut active = std::mem::take(&mut self.scratch.new_cells);
         active.clear();
         active.extend_from_slice(&out);
@@ -1943,10 +2037,10 @@ impl BacktrackingTm {
         new_cells.clear();
         // Walk the segment and the update together (both ascending): active synapses up,
         // the others down (those reaching zero go), update cells not on the segment are new.
-        let mut alive = self.synapses[s].len();
+        let mut alive = self.synapses.get(s).len();
         let mut j = 0;
-        for k in 0..self.synapses[s].len() {
-            let syn = self.synapses[s][k];
+        for k in 0..alive {
+            let syn = self.synapses.get(s).get(k);
             while j < update.len() && update[j] < syn.presyn() {
                 new_cells.push(update[j]);
                 j += 1;
@@ -1988,23 +2082,23 @@ impl BacktrackingTm {
             &self.lrn_active
         };
         let cp = self.codec.connected;
-        let syns = &mut self.synapses[seg as usize];
         let walk = (&mut in_update, &mut active, &mut changed);
-        // One arm per kind, so the loop runs that kind's step without a match per synapse.
-        match self.codec.learning_steps() {
-            steps @ LearningSteps::Table { .. } => {
-                adapt_walk(syns, state, cp, |c, on| steps.step(c, on), walk);
+        let steps = self.codec.learning_steps();
+        match self.synapses.get_mut(seg as usize) {
+            SynsMut::Narrow(presyn, codes) => {
+                adapt_walk_steps((presyn, codes), state, cp, steps, walk);
             }
-            steps @ LearningSteps::Fixed { .. } => {
-                adapt_walk(syns, state, cp, |c, on| steps.step(c, on), walk);
+            SynsMut::Wide(presyn, codes) => {
+                adapt_walk_steps((presyn, codes), state, cp, steps, walk);
             }
         }
         // The out index follows the few synapses that were dropped or crossed the connected
         // threshold (each from a different cell, so the order of these changes is free).
         let out = &mut self.out_index;
+        let syns = self.synapses.get(seg as usize);
         let mut dropped = 0;
         for &(k, was) in &changed {
-            let syn = syns[k as usize];
+            let syn = syns.get(k as usize);
             if syn.code() == DROPPED {
                 out.remove(syn.presyn(), seg, was >= cp);
                 dropped += 1;
@@ -2036,14 +2130,13 @@ impl BacktrackingTm {
         }
         let it = self.lrn_iteration;
         meta.last_active_iteration = it;
-        meta.positive_activations += 1;
+        meta.set_positive_activations(meta.positive_activations() + 1);
         meta.duty_cycle(it, true, false, &mut self.scratch.pow);
         if self.params.max_segments > 0 {
-            let live = self.num_segments();
+            let budget = self.params.max_segments as usize;
             let policy = self.params.max_segments_eviction;
-            self.scratch
-                .recency
-                .touch(seg, &self.segments, live, policy);
+            let m = &self.segments[seg as usize];
+            self.derived.recency.touch(seg, m, budget, policy);
         }
         true
     }
@@ -2066,7 +2159,7 @@ impl BacktrackingTm {
             let to_free = n_new + alive - max_synapses as usize;
             let mut candidates = std::mem::take(&mut self.scratch.free_candidates);
             candidates.clear();
-            let syns = &self.synapses[s];
+            let syns = self.synapses.get(s);
             for (k, syn) in syns.iter().enumerate() {
                 if syn.code() != DROPPED && !in_update[k] {
                     let perm = self.codec.value(syn.code());
@@ -2091,7 +2184,7 @@ impl BacktrackingTm {
             self.scratch.free_candidates = candidates;
         }
         // Nothing dropped and nothing new (the usual reinforcement): the synapses are final.
-        if n_new > 0 || alive < self.synapses[s].len() {
+        if n_new > 0 || alive < self.synapses.get(s).len() {
             self.update_synapses(seg, &new_cells);
         }
         alive += n_new;
@@ -2110,9 +2203,9 @@ impl BacktrackingTm {
         let budget = self.params.max_segments as usize;
         if budget > 0 && self.num_segments() >= budget {
             let victim = self
-                .scratch
+                .derived
                 .recency
-                .pop_oldest(&self.segments, self.params.max_segments_eviction)
+                .oldest(&self.segments)
                 .expect("a live segment at the budget");
             self.release_segment(victim);
             self.stats.evictions += 1;
@@ -2133,14 +2226,12 @@ impl BacktrackingTm {
                 .resize(seg as usize + 1, SegmentMeta::default());
         }
         self.segments[seg as usize] = SegmentMeta::new(cell, slot, sequence, it);
-        debug_assert!(self.synapses[seg as usize].is_empty());
+        debug_assert!(self.synapses.get(seg as usize).is_empty());
         self.update_synapses(seg, presyn);
         if budget > 0 {
-            let live = self.num_segments();
             let policy = self.params.max_segments_eviction;
-            self.scratch
-                .recency
-                .touch(seg, &self.segments, live, policy);
+            let m = &self.segments[seg as usize];
+            self.derived.recency.push(seg, m, budget, policy);
         }
         seg
     }
@@ -2153,11 +2244,7 @@ impl BacktrackingTm {
     fn update_synapses(&mut self, seg: SegmentId, cells: &[u32]) {
         let mut syns = std::mem::take(&mut self.scratch.seg_synapses);
         syns.clear();
-        syns.extend(
-            self.synapses[seg as usize]
-                .iter()
-                .filter(|s| s.code() != DROPPED),
-        );
+        self.synapses.extend_live(seg as usize, &mut syns);
         self.merge_synapses(seg, &mut syns, cells);
         self.synapses.set(seg as usize, &syns);
         self.scratch.seg_synapses = syns;
@@ -2193,18 +2280,18 @@ impl BacktrackingTm {
     /// Unlists synapse `k` of `seg` and marks it [`DROPPED`]; [`Self::update_synapses`] removes it
     /// from the segment.
     fn drop_synapse(&mut self, seg: SegmentId, k: usize) {
-        let syn = &mut self.synapses[seg as usize][k];
+        let syn = self.synapses.get(seg as usize).get(k);
         let connected = syn.code() >= self.codec.connected;
         self.out_index.remove(syn.presyn(), seg, connected);
-        syn.set_code(DROPPED);
+        self.synapses.set_code(seg as usize, k, DROPPED);
         self.num_synapses -= 1;
     }
 
     fn set_code(&mut self, seg: SegmentId, k: usize, code: Code) {
         let cp = self.codec.connected;
-        let syn = &mut self.synapses[seg as usize][k];
+        let syn = self.synapses.get(seg as usize).get(k);
         let was = syn.code() >= cp;
-        syn.set_code(code);
+        self.synapses.set_code(seg as usize, k, code);
         let is = code >= cp;
         if was != is {
             self.out_index.set_connected(syn.presyn(), seg, is);
@@ -2215,15 +2302,18 @@ impl BacktrackingTm {
     fn release_segment(&mut self, seg: SegmentId) {
         let s = seg as usize;
         let cp = self.codec.connected;
-        for syn in &self.synapses[s] {
+        for syn in self.synapses.get(s).iter() {
             self.out_index.remove(syn.presyn(), seg, syn.code() >= cp);
         }
-        self.num_synapses -= self.synapses[s].len();
+        self.num_synapses -= self.synapses.get(s).len();
         self.synapses.clear(s);
         self.free_segments.push(seg);
+        if self.params.max_segments > 0 {
+            self.derived.recency.unlink(seg);
+        }
         let meta = &mut self.segments[s];
-        meta.cell_flags &= !SegmentMeta::ALIVE;
-        self.cell_slots.release(meta.cell(), meta.slot);
+        meta.release();
+        self.cell_slots.release(meta.cell(), meta.slot());
         self.updates.retain(|u| u.segment != seg);
     }
 
@@ -2286,8 +2376,8 @@ impl BacktrackingTm {
             .filter(|&seg| it - self.segments[seg as usize].last_active_iteration > max_age)
             .collect();
         for seg in stale {
-            for k in 0..self.synapses[seg as usize].len() {
-                let perm = self.codec.decay(self.synapses[seg as usize][k].code());
+            for k in 0..self.synapses.get(seg as usize).len() {
+                let perm = self.codec.decay(self.synapses.get(seg as usize).code(k));
                 if perm == 0 {
                     self.drop_synapse(seg, k);
                 } else {
@@ -2295,7 +2385,7 @@ impl BacktrackingTm {
                 }
             }
             self.update_synapses(seg, &[]);
-            if self.synapses[seg as usize].is_empty() {
+            if self.synapses.get(seg as usize).is_empty() {
                 self.release_segment(seg);
             }
         }
@@ -2339,35 +2429,62 @@ pub(crate) fn prefetch_slice<T>(items: &[T]) {
 /// of each synapse dropped or moved across the `connected` code). Nothing here calls out of
 /// the loop, so its counters stay in registers; the out index is updated afterwards.
 #[inline(always)]
-fn adapt_walk(
-    syns: &mut [Synapse],
+fn adapt_walk<P: Entry, C: CodeWord>(
+    (presyn, codes): (&[P], &mut [C]),
     state: &CellState,
     connected: Code,
     step: impl Fn(Code, bool) -> Code,
-    (in_update, active, changed): (&mut Vec<bool>, &mut Vec<u32>, &mut Vec<(u32, Code)>),
+    (in_update, active, changed): Walk,
 ) {
     // Written by index with the counts in locals: pushes would keep each vector's length in
     // memory, a load and a store on every synapse's critical path.
     in_update.clear();
-    in_update.resize(syns.len(), false);
+    in_update.resize(presyn.len(), false);
     active.clear();
-    active.resize(syns.len(), 0);
+    active.resize(presyn.len(), 0);
     changed.clear();
     let mut on_count = 0;
-    for (k, (syn, flag)) in syns.iter_mut().zip(in_update.iter_mut()).enumerate() {
-        let (presyn, code) = (syn.presyn(), syn.code());
+    let synapses = presyn.iter().zip(codes.iter_mut());
+    for (k, ((presyn, c), flag)) in synapses.zip(in_update.iter_mut()).enumerate() {
+        let (presyn, code) = (presyn.get() as u32, c.get());
         let on = state.is_set(presyn);
         *flag = on;
         // Written either way, kept only when on: no branch on the (data-dependent) state.
         active[on_count] = presyn;
         on_count += usize::from(on);
         let perm = step(code, on);
-        syn.set_code(if perm == 0 { DROPPED } else { perm });
+        *c = C::new(if perm == 0 { DROPPED } else { perm });
         if perm == 0 || (code >= connected) != (perm >= connected) {
             changed.push((k as u32, code));
         }
     }
     active.truncate(on_count);
+}
+
+/// The outputs of [`adapt_walk`]: `in_update`, `active` and `changed`.
+type Walk<'a> = (
+    &'a mut Vec<bool>,
+    &'a mut Vec<u32>,
+    &'a mut Vec<(u32, Code)>,
+);
+
+/// [`adapt_walk`] with one instance per kind of learning step, so the loop runs that kind's
+/// step without a match per synapse.
+fn adapt_walk_steps<P: Entry, C: CodeWord>(
+    synapses: (&[P], &mut [C]),
+    state: &CellState,
+    connected: Code,
+    steps: LearningSteps,
+    walk: Walk,
+) {
+    match steps {
+        steps @ LearningSteps::Table { .. } => {
+            adapt_walk(synapses, state, connected, |c, on| steps.step(c, on), walk);
+        }
+        steps @ LearningSteps::Fixed { .. } => {
+            adapt_walk(synapses, state, connected, |c, on| steps.step(c, on), walk);
+        }
+    }
 }
 
 /// Fraction of `active` columns absent from `predicted` (both sorted); 0 for no input.

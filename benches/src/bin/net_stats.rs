@@ -326,11 +326,16 @@ fn main() -> Result<()> {
         println!("network classifier heap: {}", parts(c.heap_breakdown()));
     }
     if let Tm::Backtracking(tm) = &tm {
-        let parts: Vec<String> = tm
+        let mut parts: Vec<String> = tm
             .heap_breakdown()
             .iter()
             .map(|(name, bytes)| format!("{name}={bytes}"))
             .collect();
+        // Per thread, shared by the TMs computing on it: not in the TM's heap_bytes.
+        parts.push(format!(
+            "thread_scratch={}",
+            BacktrackingTm::thread_scratch_bytes()
+        ));
         println!("tm heap: {}", parts.join(" "));
     }
     Ok(())

@@ -212,6 +212,11 @@ impl Codec {
         self.values.partition_point(|&v| v < threshold) as Code
     }
 
+    /// How many codes there are (codes are below it, but for [`DROPPED`]).
+    pub(crate) fn num_codes(&self) -> usize {
+        self.values.len()
+    }
+
     /// The permanence `code` stands for.
     #[inline]
     pub(crate) fn value(&self, code: Code) -> f32 {

@@ -73,12 +73,6 @@ impl Synapse {
     pub fn code(&self) -> Code {
         (self.0 >> PRESYN_BITS) as Code
     }
-
-    #[inline]
-    pub(super) fn set_code(&mut self, code: Code) {
-        debug_assert!(code <= DROPPED);
-        self.0 = self.presyn() | u32::from(code) << PRESYN_BITS;
-    }
 }
 
 impl std::fmt::Debug for Synapse {
@@ -90,11 +84,11 @@ impl std::fmt::Debug for Synapse {
     }
 }
 
-/// Makes room for `extra` more items, growing by an eighth rather than doubling: arenas
+/// Makes room for `extra` more items, growing by a sixteenth rather than doubling: arenas
 /// live long, and their spare capacity is memory held.
 pub(super) fn reserve_gradually<T>(v: &mut Vec<T>, extra: usize) {
     if v.capacity() - v.len() < extra {
-        v.reserve_exact(extra.max(v.len() / 8));
+        v.reserve_exact(extra.max(v.len() / 16));
     }
 }
 
@@ -165,11 +159,12 @@ impl OutIndex {
         each!(self, l => l.set_connected(presyn, seg, connected))
     }
 
-    /// Lays the lists out again when abandoned blocks make up a tenth of the arena (on NAB
-    /// data, once every few hundred steps: copying the arena costs far less than a step).
+    /// Lays the lists out again when abandoned blocks make up a sixteenth of the arena (on
+    /// NAB data, once every hundred steps or so: copying the arena costs far less than a
+    /// step).
     pub(super) fn compact_if_sparse(&mut self) {
         each!(self, l => {
-            if l.abandoned > 4096 && l.abandoned * 10 > l.arena.len() {
+            if l.abandoned > 4096 && l.abandoned * 16 > l.arena.len() {
                 l.compact();
             }
         })
@@ -305,7 +300,7 @@ impl<E: Entry> Lists<E> {
         let (nc, n, cap) = self.header(h);
         if n == cap {
             // A cell has at most one synapse per segment, so `n` stays below `E::MAX`.
-            h = self.relocate(cell, h, (n + n / 2 + 2).min(E::MAX));
+            h = self.relocate(cell, h, (n + n / 4 + 2).min(E::MAX));
         }
         let e = h + HEADER;
         let seg = E::new(seg as usize);
@@ -377,9 +372,9 @@ impl<E: Entry> Lists<E> {
         }
     }
 
-    /// Room for an eighth more before a list has to move.
+    /// Room for a sixteenth more before a list has to move.
     fn spare_cap(n: usize) -> usize {
-        (n + n / 8 + 1).min(E::MAX)
+        (n + n / 16 + 1).min(E::MAX)
     }
 
     /// Lays every non-empty list out again in cell order, dropping empty blocks.
@@ -416,7 +411,7 @@ impl<E: Entry> Lists<E> {
         // Per cell: connected and total counts, then where the next entries of each go.
         self.heads = CellHeads::new(self.heads.len());
         let mut at = vec![[0u32; 2]; self.heads.len()];
-        for syn in synapses.iter().flatten() {
+        for syn in synapses.iter().flat_map(|s| s.iter()) {
             let c = &mut at[syn.presyn() as usize];
             c[0] += u32::from(syn.code() >= connected);
             c[1] += 1;
@@ -443,7 +438,7 @@ impl<E: Entry> Lists<E> {
             *c = [e, e + nc as u32];
         }
         for (seg, syns) in synapses.iter().enumerate() {
-            for syn in syns {
+            for syn in syns.iter() {
                 let c = &mut at[syn.presyn() as usize];
                 let list = &mut c[usize::from(syn.code() < connected)];
                 arena[*list as usize] = E::new(seg);

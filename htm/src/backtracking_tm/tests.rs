@@ -74,7 +74,7 @@ fn check_invariants(tm: &BacktrackingTm) {
             assert!(p.cells_per_column == 1 || cell % p.cells_per_column != 0);
             let meta = &tm.segments[seg as usize];
             assert!(meta.alive());
-            assert_eq!((meta.cell(), meta.slot), (cell, slot as u32));
+            assert_eq!((meta.cell(), meta.slot()), (cell, slot as u32));
             let syns = tm.segment_synapses(seg);
             assert!(!syns.is_empty());
             synapses += syns.len();
@@ -86,7 +86,7 @@ fn check_invariants(tm: &BacktrackingTm) {
                 "synapses sorted by distinct presynaptic cells"
             );
             for syn in syns {
-                let perm = tm.permanence(syn);
+                let perm = tm.permanence(&syn);
                 assert!(perm > 0.0 && perm <= p.permanence_max);
                 let connected = perm >= p.connected_perm;
                 expected.push((syn.presyn(), connected, seg));
@@ -95,10 +95,10 @@ fn check_invariants(tm: &BacktrackingTm) {
     }
     assert_eq!(live, tm.num_segments());
     assert_eq!(synapses, tm.num_synapses());
-    assert!(!tm.segments[SINK as usize].alive() && tm.synapses[SINK as usize].is_empty());
+    assert!(!tm.segments[SINK as usize].alive() && tm.synapses.get(SINK as usize).is_empty());
     for (seg, meta) in tm.segments.iter().enumerate().skip(1) {
         if !meta.alive() {
-            assert!(tm.synapses[seg].is_empty());
+            assert!(tm.synapses.get(seg).is_empty());
             assert!(tm.free_segments.contains(&(seg as u32)));
         }
     }
@@ -278,11 +278,11 @@ fn invalid_params_are_rejected_with_the_parameter_named() {
 fn duty_cycle_follows_cells4_tiers() {
     let mut pow = PowCache::default();
     let mut m = SegmentMeta {
-        positive_activations: 5,
         last_pos_duty_cycle: 1.0,
         last_pos_duty_cycle_iteration: 1,
         ..Default::default()
     };
+    m.set_positive_activations(5);
     // Tier 0: positive activations over iterations, cached.
     assert_eq!(m.duty_cycle(50, false, false, &mut pow), 5.0 / 50.0);
     assert_eq!(m.duty_cycle(100, false, false, &mut pow), 0.05);
@@ -590,7 +590,7 @@ fn synapse_freeing_drops_weakest_inactive_first_with_presyn_ties() {
     check_invariants(&tm);
     assert_eq!(tm.segment_slots_on_cell(5), 1, "the slot stays, empty");
     let again = tm.create_segment(5, &[1, 2], true);
-    assert_eq!(tm.segments[again as usize].slot, 0, "freed slot reused");
+    assert_eq!(tm.segments[again as usize].slot(), 0, "freed slot reused");
     assert_eq!(tm.segment_slots_on_cell(5), 1);
 }
 
@@ -606,9 +606,9 @@ fn full_column_releases_its_lowest_duty_cycle_segment() {
         }
     }
     for (i, &s) in segs.iter().enumerate() {
-        tm.segments[s as usize].positive_activations = 10 + i as u32;
+        tm.segments[s as usize].set_positive_activations(10 + i as u32);
     }
-    tm.segments[segs[3] as usize].positive_activations = 2; // cell 10, slot 1
+    tm.segments[segs[3] as usize].set_positive_activations(2); // cell 10, slot 1
     let cell = tm.cell_for_new_segment(2);
     assert_eq!(cell, 10);
     assert!(!tm.segments[segs[3] as usize].alive());
@@ -938,20 +938,27 @@ fn budgeted_runs_are_deterministic_and_survive_a_round_trip() {
     check_invariants(&restored);
 }
 
+/// Segments on cells 5 (created at 10, reinforced at 11), 9 (at 20) and 13 (at 30).
+fn history(tm: &mut BacktrackingTm) {
+    tm.lrn_iteration = 10;
+    let seg = tm.create_segment(5, &[105, 205], true);
+    tm.lrn_iteration = 11;
+    tm.adapt_segment(5, Some(seg), &[105, 205], false);
+    for (it, cell) in [(20, 9), (30, 13)] {
+        tm.lrn_iteration = it;
+        tm.create_segment(cell, &[100 + cell, 200 + cell], true);
+    }
+}
+
 #[test]
 fn unreinforced_first_eviction_spares_reinforced_segments() {
     let mut tm = tm(BacktrackingTmParams {
         max_segments_eviction: Eviction::UnreinforcedFirst,
         ..budget_params(3)
     });
-    let mut made = Vec::new();
-    for (it, cell) in [(10, 5), (20, 9), (30, 13)] {
-        tm.lrn_iteration = it;
-        made.push(tm.create_segment(cell, &[100 + cell, 200 + cell], true));
-    }
-    // The oldest is reinforced once (but long ago, at 11); the others never are.
-    tm.lrn_iteration = 11;
-    tm.adapt_segment(5, Some(made[0]), &[105, 205], false);
+    // The oldest is reinforced once (but long ago, at 11); the others never are. (Learning
+    // iterations only go up, as the eviction order relies on.)
+    history(&mut tm);
     let live_on = |tm: &BacktrackingTm, cell: u32| tm.segments_on_cell(cell).count();
     // Plain recency would free cell 5's segment (active at 11); this frees the oldest
     // never-reinforced one, on cell 9 (created at 20), then the one on cell 13.
@@ -975,13 +982,7 @@ fn unreinforced_first_eviction_spares_reinforced_segments() {
 
     // The same history under plain recency frees cell 5's segment first.
     let mut lru = BacktrackingTm::new(budget_params(3)).unwrap();
-    let mut made = Vec::new();
-    for (it, cell) in [(10, 5), (20, 9), (30, 13)] {
-        lru.lrn_iteration = it;
-        made.push(lru.create_segment(cell, &[100 + cell, 200 + cell], true));
-    }
-    lru.lrn_iteration = 11;
-    lru.adapt_segment(5, Some(made[0]), &[105, 205], false);
+    history(&mut lru);
     lru.lrn_iteration = 40;
     lru.create_segment(17, &[117], true);
     assert_eq!((live_on(&lru, 5), live_on(&lru, 9)), (0, 1));
@@ -1015,11 +1016,11 @@ fn forward_pass_counts_match_a_direct_count(mut index: OutIndex) {
             _ => {}
         }
     }
-    let mut activities = [
-        Activity::new(200),
-        Activity::new(1000),
-        Activity::new(1 << 20),
-    ];
+    let mut activities = [200, 1000, 1 << 20].map(|max_synapses| {
+        let mut a = Activity::default();
+        a.set_width(max_synapses);
+        a
+    });
     let widths: Vec<Width> = activities.iter().map(|a| a.width).collect();
     assert_eq!(widths, [Width::W16, Width::W32, Width::W64]);
     let mut modes = [false; 2];
@@ -1082,4 +1083,88 @@ fn vector_scan_matches_the_portable_scan() {
             assert_eq!(best, portable, "len {len} threshold {threshold}");
         }
     }
+}
+
+/// TMs taking turns on one thread share its scratch buffers (of different counter widths
+/// here) and compute exactly as each does alone; none of them holds the buffers between
+/// calls.
+#[test]
+fn tms_sharing_a_thread_compute_as_alone() {
+    let stream = nab_like_stream(200, 61);
+    let narrow = BacktrackingTmParams {
+        max_segments: 300,
+        ..BacktrackingTmParams::default()
+    };
+    let wide = BacktrackingTmParams {
+        max_synapses_per_segment: -1,
+        max_segments_per_cell: -1,
+        ..BacktrackingTmParams::default()
+    };
+    let alone = |params: &BacktrackingTmParams| {
+        let params = params.clone();
+        let stream = stream.clone();
+        std::thread::spawn(move || {
+            let mut tm = tm(params);
+            let scores: Vec<u32> = stream
+                .iter()
+                .map(|c| tm.compute(c, true).to_bits())
+                .collect();
+            (scores, tm)
+        })
+        .join()
+        .unwrap()
+    };
+    let (a_alone, tm_a_alone) = alone(&narrow);
+    let (b_alone, tm_b_alone) = alone(&wide);
+    let (mut a, mut b) = (tm(narrow), tm(wide));
+    let (mut a_scores, mut b_scores) = (Vec::new(), Vec::new());
+    for cols in &stream {
+        a_scores.push(a.compute(cols, true).to_bits());
+        b_scores.push(b.compute(cols, true).to_bits());
+    }
+    assert_eq!(a_scores, a_alone);
+    assert_eq!(b_scores, b_alone);
+    assert_eq!(a, tm_a_alone);
+    assert_eq!(b, tm_b_alone);
+    assert!(a.scratch.heap_bytes() == 0 && b.scratch.heap_bytes() == 0);
+    assert!(BacktrackingTm::thread_scratch_bytes() > 0);
+}
+
+/// Segment metadata packs into five words and keeps every field through its serialised
+/// form (positive activations saturating), and a slot beyond the packing is refused.
+#[test]
+fn segment_meta_packs_and_round_trips() {
+    assert_eq!(std::mem::size_of::<SegmentMeta>(), 20);
+    let cfg = bincode::config::standard();
+    for (cell, slot, sequence, alive) in [
+        (0, 0, false, true),
+        (MAX_CELLS as u32, SegmentMeta::MAX_SLOT, true, false),
+        (12345, 1023, true, true),
+        (7, 1024, false, true),
+    ] {
+        let mut m = SegmentMeta::new(cell, slot, sequence, 77);
+        m.set_positive_activations(70_000);
+        m.last_active_iteration = 99;
+        if !alive {
+            m.release();
+        }
+        assert_eq!(
+            (m.cell(), m.slot(), m.sequence(), m.alive()),
+            (cell, slot, sequence, alive)
+        );
+        assert_eq!(m.positive_activations(), u32::from(u16::MAX));
+        let bytes = bincode::serde::encode_to_vec(m, cfg).unwrap();
+        let (back, _): (SegmentMeta, _) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+        assert_eq!(back, m);
+    }
+    let wire = MetaWire {
+        cell_flags: 3 | MetaWire::ALIVE,
+        slot: SegmentMeta::MAX_SLOT + 1,
+        positive_activations: 1,
+        last_active_iteration: 0,
+        last_pos_duty_cycle: 0.0,
+        last_pos_duty_cycle_iteration: 0,
+    };
+    let bytes = bincode::serde::encode_to_vec(&wire, cfg).unwrap();
+    assert!(bincode::serde::decode_from_slice::<SegmentMeta, _>(&bytes, cfg).is_err());
 }
