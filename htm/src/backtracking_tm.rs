@@ -2037,9 +2037,12 @@ impl BacktrackingTm {
         new_cells.clear();
         // Walk the segment and the update together (both ascending): active synapses up,
         // the others down (those reaching zero go), update cells not on the segment are new.
-        let mut alive = self.synapses.get(s).len();
+        // Dropped synapses stay in place until the segment is rewritten: walk them all, and
+        // count the survivors apart.
+        let len = self.synapses.get(s).len();
+        let mut alive = len;
         let mut j = 0;
-        for k in 0..alive {
+        for k in 0..len {
             let syn = self.synapses.get(s).get(k);
             while j < update.len() && update[j] < syn.presyn() {
                 new_cells.push(update[j]);

@@ -49,7 +49,7 @@ impl CodeWord for u8 {
 
     #[inline]
     fn get(self) -> Code {
-        Code::from(self) | Code::from(self == u8::MAX) * (DROPPED & !0xff)
+        Code::from(self) | (Code::from(self == u8::MAX) * (DROPPED & !0xff))
     }
 }
 
