@@ -100,6 +100,17 @@
 //! Everything else (ranking, duty cycles, updates) works on the few hundred segments a pass
 //! qualifies.
 
+/// Runs `$body` with `$x` bound to the payload of whichever variant `$value` (an `$enum` with
+/// `Narrow` and `Wide` variants holding the same generic structure at two word widths) is.
+macro_rules! by_width {
+    ($enum:ident, $value:expr, $x:ident => $body:expr) => {
+        match $value {
+            $enum::Narrow($x) => $body,
+            $enum::Wide($x) => $body,
+        }
+    };
+}
+
 mod arena;
 mod cell_state;
 mod heads;

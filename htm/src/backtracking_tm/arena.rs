@@ -145,15 +145,6 @@ enum Layout {
     Wide(Planes<u32, u16>),
 }
 
-macro_rules! each {
-    ($layout:expr, $planes:ident => $body:expr) => {
-        match $layout {
-            Layout::Narrow($planes) => $body,
-            Layout::Wide($planes) => $body,
-        }
-    };
-}
-
 /// One segment's synapses, read-only.
 #[derive(Clone, Copy)]
 pub(super) enum Syns<'a> {
@@ -294,7 +285,7 @@ impl SynapseArena {
         let (start, len) = self.spans[seg];
         debug_assert!(k < len as usize);
         let at = start as usize + k;
-        each!(&mut self.layout, p => p.codes[at] = CodeWord::new(code))
+        by_width!(Layout, &mut self.layout, p => p.codes[at] = CodeWord::new(code))
     }
 
     /// Takes the narrow layout if `narrow` and every synapse fits it, else the wide one.
@@ -344,9 +335,9 @@ impl SynapseArena {
             }
             self.take_block(new_class, cap)
         };
-        each!(&mut self.layout, p => p.write(start, synapses));
+        by_width!(Layout, &mut self.layout, p => p.write(start, synapses));
         self.spans[seg] = (start as u32, synapses.len() as u32);
-        let used = each!(&self.layout, p => p.len());
+        let used = by_width!(Layout, &self.layout, p => p.len());
         if self.free_words > 2048 && self.free_words * 16 > used {
             self.compact();
         }
@@ -356,7 +347,7 @@ impl SynapseArena {
     /// their size (so the memory goes back).
     fn compact(&mut self) {
         let live: usize = self.spans.iter().map(|&(_, n)| class(n as usize).1).sum();
-        each!(&mut self.layout, p => {
+        by_width!(Layout, &mut self.layout, p => {
             let mut packed = Planes::default();
             packed.reserve_exact(live);
             for span in &mut self.spans {
@@ -378,7 +369,7 @@ impl SynapseArena {
     pub(super) fn extend_live(&self, seg: usize, out: &mut Vec<Synapse>) {
         let (start, len) = self.spans[seg];
         let r = start as usize..(start + len) as usize;
-        each!(&self.layout, p => out.extend(
+        by_width!(Layout, &self.layout, p => out.extend(
             p.synapses(r).filter(|s| s.code() != DROPPED)
         ));
     }
@@ -401,9 +392,9 @@ impl SynapseArena {
             self.free_words -= cap;
             return start as usize;
         }
-        let start = each!(&self.layout, p => p.len());
+        let start = by_width!(Layout, &self.layout, p => p.len());
         assert!(start + cap <= u32::MAX as usize, "synapse arena within u32");
-        each!(&mut self.layout, p => p.grow_to(start + cap));
+        by_width!(Layout, &mut self.layout, p => p.grow_to(start + cap));
         start
     }
 
@@ -414,7 +405,7 @@ impl SynapseArena {
 
     pub(super) fn heap_bytes(&self) -> usize {
         self.spans.capacity() * 8
-            + each!(&self.layout, p => p.heap_bytes())
+            + by_width!(Layout, &self.layout, p => p.heap_bytes())
             + self.free.capacity() * std::mem::size_of::<Vec<u32>>()
             + self.free.iter().map(|f| f.capacity() * 4).sum::<usize>()
     }
@@ -460,7 +451,7 @@ impl<'de> Deserialize<'de> for SynapseArena {
         // The parameters (not known here) may want the other layout: see `set_layout`.
         let mut arena = SynapseArena::new(Planes::<u16, u8>::fits(synapses()));
         let capacity: usize = wire.lens.iter().map(|&n| class(n as usize).1).sum();
-        each!(&mut arena.layout, p => p.reserve_exact(capacity));
+        by_width!(Layout, &mut arena.layout, p => p.reserve_exact(capacity));
         arena.spans.reserve_exact(wire.lens.len());
         let mut words = synapses();
         for &n in &wire.lens {
@@ -468,8 +459,8 @@ impl<'de> Deserialize<'de> for SynapseArena {
                 arena.spans.push((0, 0));
                 continue;
             }
-            let start = each!(&arena.layout, p => p.len());
-            each!(&mut arena.layout, p => {
+            let start = by_width!(Layout, &arena.layout, p => p.len());
+            by_width!(Layout, &mut arena.layout, p => {
                 p.extend(words.by_ref().take(n as usize));
                 p.grow_to(start + class(n as usize).1);
             });
@@ -492,11 +483,11 @@ mod tests {
     }
 
     fn used_len(a: &SynapseArena) -> usize {
-        each!(&a.layout, p => p.len())
+        by_width!(Layout, &a.layout, p => p.len())
     }
 
     fn capacity(a: &SynapseArena) -> usize {
-        each!(&a.layout, p => p.presyn.capacity())
+        by_width!(Layout, &a.layout, p => p.presyn.capacity())
     }
 
     #[test]

@@ -28,15 +28,6 @@ impl Default for Recency {
     }
 }
 
-macro_rules! each {
-    ($recency:expr, $chains:ident => $body:expr) => {
-        match $recency {
-            Recency::Narrow($chains) => $body,
-            Recency::Wide($chains) => $body,
-        }
-    };
-}
-
 impl Recency {
     /// The order of the live segments of `segments` under a budget of `max_segments` (ids
     /// up to it): 16-bit links when they fit.
@@ -46,7 +37,7 @@ impl Recency {
         } else {
             Recency::Wide(Chains::default())
         };
-        each!(&mut r, c => c.rebuild(segments, max_segments as usize, policy));
+        by_width!(Recency, &mut r, c => c.rebuild(segments, max_segments as usize, policy));
         r
     }
 
@@ -58,12 +49,12 @@ impl Recency {
         budget: usize,
         policy: Eviction,
     ) {
-        each!(self, c => c.push(seg, class(m, policy), budget))
+        by_width!(Recency, self, c => c.push(seg, class(m, policy), budget))
     }
 
     /// Takes a listed `seg` out of its list.
     pub(super) fn unlink(&mut self, seg: SegmentId) {
-        each!(self, c => c.unlink(seg))
+        by_width!(Recency, self, c => c.unlink(seg))
     }
 
     /// Moves a listed `seg` to the tail of its (possibly new) class's list.
@@ -80,11 +71,11 @@ impl Recency {
 
     /// The segment to evict, if any is listed.
     pub(super) fn oldest(&self, segments: &[SegmentMeta]) -> Option<SegmentId> {
-        each!(self, c => c.oldest(segments))
+        by_width!(Recency, self, c => c.oldest(segments))
     }
 
     pub(super) fn heap_bytes(&self) -> usize {
-        each!(self, c => c.links.capacity() * std::mem::size_of_val(&c.ends[0]))
+        by_width!(Recency, self, c => c.links.capacity() * std::mem::size_of_val(&c.ends[0]))
     }
 }
 

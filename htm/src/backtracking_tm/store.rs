@@ -124,15 +124,6 @@ impl Default for OutIndex {
     }
 }
 
-macro_rules! each {
-    ($index:expr, $lists:ident => $body:expr) => {
-        match $index {
-            OutIndex::Narrow($lists) => $body,
-            OutIndex::Wide($lists) => $body,
-        }
-    };
-}
-
 impl OutIndex {
     /// An empty index for `num_cells` cells and segment ids up to `max_segments` (0: no
     /// bound).
@@ -146,24 +137,24 @@ impl OutIndex {
 
     /// Lists a synapse of `seg` from `presyn`.
     pub(super) fn add(&mut self, presyn: u32, seg: SegmentId, connected: bool) {
-        each!(self, l => l.add(presyn, seg, connected))
+        by_width!(OutIndex, self, l => l.add(presyn, seg, connected))
     }
 
     /// Unlists the synapse of `seg` from `presyn` (in the list of `connected`).
     pub(super) fn remove(&mut self, presyn: u32, seg: SegmentId, connected: bool) {
-        each!(self, l => l.remove(presyn, seg, connected))
+        by_width!(OutIndex, self, l => l.remove(presyn, seg, connected))
     }
 
     /// Moves the synapse of `seg` from `presyn` to the list of its new `connected` state.
     pub(super) fn set_connected(&mut self, presyn: u32, seg: SegmentId, connected: bool) {
-        each!(self, l => l.set_connected(presyn, seg, connected))
+        by_width!(OutIndex, self, l => l.set_connected(presyn, seg, connected))
     }
 
     /// Lays the lists out again when abandoned blocks make up a sixteenth of the arena (on
     /// NAB data, once every hundred steps or so: copying the arena costs far less than a
     /// step).
     pub(super) fn compact_if_sparse(&mut self) {
-        each!(self, l => {
+        by_width!(OutIndex, self, l => {
             if l.abandoned > 4096 && l.abandoned * 16 > l.arena.len() {
                 l.compact();
             }
@@ -172,17 +163,17 @@ impl OutIndex {
 
     /// Lists every synapse of `synapses` (by segment id).
     pub(super) fn rebuild(&mut self, synapses: &SynapseArena, connected: Code) {
-        each!(self, l => l.rebuild(synapses, connected))
+        by_width!(OutIndex, self, l => l.rebuild(synapses, connected))
     }
 
     /// `cell`'s connected list and its other list.
     #[cfg(test)]
     pub(super) fn lists(&self, cell: u32) -> [Vec<SegmentId>; 2] {
-        each!(self, l => l.lists(cell).map(|x| x.iter().map(|e| e.id()).collect()))
+        by_width!(OutIndex, self, l => l.lists(cell).map(|x| x.iter().map(|e| e.id()).collect()))
     }
 
     pub(super) fn heap_bytes(&self) -> usize {
-        each!(self, l => l.heap_bytes())
+        by_width!(OutIndex, self, l => l.heap_bytes())
     }
 }
 
