@@ -50,19 +50,12 @@ pub fn record(i: usize, devices: usize, rng: &mut Random) -> InputRecord {
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`), if known.
 pub fn peak_rss_mb() -> Option<f64> {
-    status_mb("VmHWM:")
+    detector::allocator::peak_resident_bytes().map(|b| b as f64 / 1048576.0)
 }
 
 /// Resident set size of this process now, MiB (Linux `VmRSS`), if known.
 pub fn rss_mb() -> Option<f64> {
-    status_mb("VmRSS:")
-}
-
-fn status_mb(field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    detector::allocator::resident_bytes().map(|b| b as f64 / 1048576.0)
 }
 
 /// MiB held by C `malloc` (librdkafka and its mock broker: the Rust heap is mimalloc's), if

@@ -40,8 +40,18 @@ pub fn collect_freed_by_other_threads() {
 
 /// The resident set of this process in bytes (Linux `VmRSS`), if the system tells.
 pub fn resident_bytes() -> Option<usize> {
+    proc_status_bytes("VmRSS:")
+}
+
+/// The largest resident set of this process so far in bytes (Linux `VmHWM`), if known.
+pub fn peak_resident_bytes() -> Option<usize> {
+    proc_status_bytes("VmHWM:")
+}
+
+/// A `kB` field of `/proc/self/status`, in bytes.
+fn proc_status_bytes(field: &str) -> Option<usize> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib << 10)
 }
