@@ -156,6 +156,12 @@ pub struct BatchConfig {
     pub max_records: usize,
     /// Longest wait for a batch to fill, in milliseconds.
     pub max_wait_ms: u64,
+    /// Most records of a batch under memory pressure: after a full batch in which a quarter of
+    /// the records or more needed their network restored (devices interleave beyond the memory
+    /// bounds), batches grow to this so each restored network serves several records. Back to
+    /// `max_records` once the backlog is read or the networks fit. At most `max_records` turns
+    /// it off.
+    pub pressure_max_records: usize,
 }
 
 /// Prometheus endpoint.
@@ -232,6 +238,7 @@ impl Default for BatchConfig {
         BatchConfig {
             max_records: 5000,
             max_wait_ms: 200,
+            pressure_max_records: 100_000,
         }
     }
 }

@@ -26,7 +26,7 @@ use htm::network::{Inference, Network};
 use rayon::prelude::*;
 use serde_json::{Map, Value};
 
-use crate::config::{Config, Processing};
+use crate::config::{BatchConfig, Config, Processing};
 use crate::store::{DeviceCheckpoint, DirStore};
 
 /// One input message, as consumed.
@@ -36,6 +36,21 @@ pub struct InMessage {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
+}
+
+/// How the next batch is read (see [`Engine::batch_limits`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchLimits {
+    pub max_records: usize,
+    /// Longest wait for the batch to fill.
+    pub max_wait: Duration,
+    /// Once a record came, the batch ends when no other comes within this.
+    pub gap: Duration,
+}
+
+impl BatchLimits {
+    /// The gap of a normal batch: it takes what is already buffered.
+    pub const GAP: Duration = Duration::from_millis(5);
 }
 
 /// What becomes of one input message.
@@ -144,9 +159,11 @@ pub struct Engine {
     /// snapshots instead (`restore_partition`): there the directory is only a spill area for
     /// networks evicted by the memory bounds, trusted only through `spilled`.
     lazy_restore: bool,
-    /// Exactly once: devices evicted to the spill area during this process's life, with the
-    /// offset their spilled network reflects. A spill file not listed here (left by an earlier
-    /// process, or of a partition rewound since) may hold uncommitted state and is never read.
+    /// Devices evicted during this process's life, with the offset their written network
+    /// reflects: reopening one must find exactly that, never a missing or older file (which
+    /// would silently start the device over). Exactly once, a spill file not listed here (left
+    /// by an earlier process, or of a partition rewound since) may hold uncommitted state and
+    /// is never read.
     spilled: HashMap<(i32, String), i64>,
     /// Devices of the checkpoint in progress not serialised yet (`None`: none in progress).
     round: Option<VecDeque<(i32, String)>>,
@@ -159,6 +176,8 @@ pub struct Engine {
     /// Bytes the process gained beyond its networks' own (pages the allocator keeps around
     /// freed blocks, buffers), as of the last batch: taken out of `memory.max_mb`.
     overhead: usize,
+    /// Whether the next batch may grow to `batch.pressure_max_records` (see [`Engine::batch_limits`]).
+    pressure: bool,
 }
 
 impl Engine {
@@ -193,6 +212,7 @@ impl Engine {
             written: None,
             rss_baseline: crate::allocator::resident_bytes(),
             overhead: 0,
+            pressure: false,
         })
     }
 
@@ -230,6 +250,7 @@ impl Engine {
     /// partition's outcomes are in offset order).
     pub fn process(&mut self, batch: &[InMessage]) -> Result<Vec<Outcome>> {
         let threshold = self.config.likelihood_threshold;
+        let restored_before = self.restored;
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
         // Decode, and group record indices by device, keeping batch (= offset) order.
         let mut groups: HashMap<(i32, String), DeviceRecords> = HashMap::new();
@@ -255,6 +276,9 @@ impl Engine {
                 }
             }
         }
+        // Networks in memory go first: a later wave's restores may evict them.
+        group_order
+            .sort_by_key(|(p, d)| !self.partitions.get(p).is_some_and(|m| m.contains_key(d)));
         // Devices are computed in waves small enough for the memory bounds; a device's records
         // of the batch all fall in one wave, so its order is kept.
         let wave = self.wave_size();
@@ -290,10 +314,37 @@ impl Engine {
                     .saturating_sub(self.resident_bytes());
             }
         }
+        self.pressure = under_pressure(
+            self.pressure,
+            batch.len(),
+            self.restored - restored_before,
+            &self.config.batch,
+        );
         Ok(outcomes
             .into_iter()
             .map(|o| o.expect("every message has an outcome"))
             .collect())
+    }
+
+    /// Limits for the next batch: `batch.max_records`, or under memory pressure the larger
+    /// `batch.pressure_max_records`, with waits to fill it that prefer a full batch.
+    pub fn batch_limits(&self) -> BatchLimits {
+        let normal = &self.config.batch;
+        if !self.pressure {
+            return BatchLimits {
+                max_records: normal.max_records,
+                max_wait: Duration::from_millis(normal.max_wait_ms),
+                gap: BatchLimits::GAP,
+            };
+        }
+        let scale = normal.pressure_max_records as f64 / normal.max_records as f64;
+        let wait = (normal.max_wait_ms as f64 * scale).clamp(normal.max_wait_ms as f64, 10_000.0);
+        BatchLimits {
+            max_records: normal.pressure_max_records,
+            max_wait: Duration::from_millis(wait as u64),
+            // Rides over the pause between two fetches of a backlog.
+            gap: Duration::from_millis(100),
+        }
     }
 
     /// How many devices one wave may hold: all of them without memory bounds, else half of what
@@ -438,11 +489,13 @@ impl Engine {
         } else {
             None
         };
-        if let (Some(expected), Some(cp)) = (spilled, &stored) {
+        if let Some(expected) = spilled {
+            let found = stored.as_ref().map(|cp| cp.offset);
             anyhow::ensure!(
-                cp.offset == expected,
-                "spilled network of device {device:?} reflects offset {}, expected {expected}",
-                cp.offset
+                found == Some(expected),
+                "evicted network of device {device:?} of partition {partition} should reflect \
+                 offset {expected}, found {}",
+                found.map_or("no network".into(), |o| format!("offset {o}"))
             );
         }
         let restored = stored.is_some();
@@ -722,9 +775,7 @@ impl Engine {
             if self.writing.iter().any(|w| w.devices.contains(&key)) {
                 self.join_writing();
             }
-            if !self.lazy_restore {
-                self.spilled.insert(key.clone(), state.offset);
-            }
+            self.spilled.insert(key.clone(), state.offset);
             count -= 1;
             bytes -= state.bytes;
             self.evicted += 1;
@@ -881,6 +932,23 @@ impl Engine {
     }
 }
 
+/// Whether the batch after one of `records` that restored `restores` networks may grow. It
+/// starts after a full batch in which a quarter of the records or more needed a restore (a
+/// restore costs about ten records' compute): devices interleave beyond the memory bounds while
+/// a backlog is read, and a batch of many records per device restores each network once for
+/// all of them. It ends when a batch comes back short of even
+/// `max_records` (the backlog is read) or needs no restore (the networks fit).
+fn under_pressure(was: bool, records: usize, restores: u64, limits: &BatchConfig) -> bool {
+    if limits.pressure_max_records <= limits.max_records {
+        return false;
+    }
+    if was {
+        records >= limits.max_records && restores > 0
+    } else {
+        records >= limits.max_records && restores.saturating_mul(4) >= records as u64
+    }
+}
+
 fn writer_panicked() -> anyhow::Error {
     anyhow::anyhow!("a checkpoint writer panicked")
 }
@@ -988,6 +1056,18 @@ mod tests {
         c.htm.probation = 30;
         c.workers = 2;
         Arc::new(c)
+    }
+
+    /// An engine holding at most `max_networks` networks, with further config edits.
+    fn bounded_engine(
+        dir: &std::path::Path,
+        max_networks: usize,
+        edit: impl FnOnce(&mut Config),
+    ) -> Engine {
+        let mut c = (*config(dir)).clone();
+        c.memory.max_networks = max_networks;
+        edit(&mut c);
+        Engine::new(Arc::new(c)).unwrap()
     }
 
     fn message(partition: i32, offset: i64, device: &str, i: i64, value: f64) -> InMessage {
@@ -1135,9 +1215,7 @@ mod tests {
         let reference = uninterrupted(&data);
 
         let dir = tempfile::tempdir().unwrap();
-        let mut c = (*config(dir.path())).clone();
-        c.memory.max_networks = 2;
-        let mut engine = Engine::new(Arc::new(c)).unwrap();
+        let mut engine = bounded_engine(dir.path(), 2, |_| {});
         let mut got = Vec::new();
         // Every batch holds all three devices: they are computed one per wave, and the bound
         // holds after every batch.
@@ -1145,10 +1223,85 @@ mod tests {
             got.extend(enriched(&engine.process(chunk).unwrap()));
             assert!(engine.devices() <= 2);
         }
-        assert!(engine.evicted() > 15, "evictions: {}", engine.evicted());
+        // One eviction per batch: the two networks in memory are computed first, then the
+        // third is restored in place of the least recently used.
+        assert_eq!(engine.evicted(), 10);
         // Every evicted network that saw records again came back from its checkpoint.
         assert!(engine.restored() > 0 && engine.restored() + 3 >= engine.evicted());
         assert_eq!(got, reference);
+    }
+
+    #[test]
+    fn batches_grow_while_interleaved_devices_thrash_and_scores_stay_bit_identical() {
+        let data = stream(31);
+        let reference = uninterrupted(&data);
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine = bounded_engine(dir.path(), 1, |c| {
+            c.batch.max_records = 3;
+            c.batch.pressure_max_records = 30;
+        });
+        let (mut got, mut sizes) = (Vec::new(), Vec::new());
+        let mut rest = &data[..90];
+        while !rest.is_empty() {
+            let n = engine.batch_limits().max_records.min(rest.len());
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
+            sizes.push(n);
+            got.extend(enriched(&engine.process(chunk).unwrap()));
+        }
+        // The first batch creates the networks; the second restores two of its three: pressure.
+        assert_eq!(sizes, [3, 3, 30, 30, 24]);
+        // Each big batch restores the two networks it does not hold once, not once per record.
+        assert_eq!(engine.restored(), 8);
+        // A batch short of max_records: the backlog is read, batches shrink back.
+        got.extend(enriched(&engine.process(&data[90..92]).unwrap()));
+        assert_eq!(engine.batch_limits().max_records, 3);
+        got.extend(enriched(&engine.process(&data[92..]).unwrap()));
+        assert_eq!(got, reference);
+    }
+
+    #[test]
+    fn an_evicted_network_whose_file_went_missing_is_an_error_not_a_fresh_start() {
+        let data = stream(4);
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine = bounded_engine(dir.path(), 1, |_| {});
+        engine.process(&data[..3]).unwrap();
+        assert_eq!(engine.evicted(), 2);
+        // Device "a" (partition 0) was evicted first; its file disappears.
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("telemetry-0"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap() == "a.ckpt")
+            .collect();
+        assert_eq!(files.len(), 1);
+        std::fs::remove_file(&files[0]).unwrap();
+        let err = engine.process(&data[3..]).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("\"a\"") && msg.contains("no network"), "{msg}");
+    }
+
+    #[test]
+    fn pressure_needs_full_thrashing_batches_and_ends_when_short_or_fitting() {
+        let limits = BatchConfig {
+            max_records: 100,
+            max_wait_ms: 200,
+            pressure_max_records: 1000,
+        };
+        assert!(!under_pressure(false, 100, 24, &limits), "few restores");
+        assert!(under_pressure(false, 100, 25, &limits));
+        assert!(
+            !under_pressure(false, 99, 99, &limits),
+            "a short batch is no backlog"
+        );
+        assert!(under_pressure(true, 1000, 1, &limits));
+        assert!(under_pressure(true, 100, 1, &limits));
+        assert!(!under_pressure(true, 99, 50, &limits), "backlog read");
+        assert!(!under_pressure(true, 1000, 0, &limits), "networks fit");
+        let off = BatchConfig {
+            pressure_max_records: 100,
+            ..limits
+        };
+        assert!(!under_pressure(false, 100, 100, &off));
     }
 
     #[test]

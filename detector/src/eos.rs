@@ -569,7 +569,8 @@ fn main_loop(
     let mut aborts_in_a_row = 0;
     let mut batch: Vec<InMessage> = Vec::with_capacity(config.batch.max_records);
     while !stop.load(Ordering::SeqCst) {
-        let polled = poll_batch(consumer, &config.batch, &mut batch, |batch| {
+        let limits = shared.state.lock().unwrap().engine.batch_limits();
+        let polled = poll_batch(consumer, &limits, &mut batch, |batch| {
             let mut st = shared.state.lock().unwrap();
             if let Some(e) = st.fatal.take() {
                 return Err(e);

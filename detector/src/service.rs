@@ -36,8 +36,8 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
-use crate::config::{is_secret_property, BatchConfig, Config, Processing};
-use crate::engine::{CheckpointStats, Engine, InMessage, Outcome};
+use crate::config::{is_secret_property, Config, Processing};
+use crate::engine::{BatchLimits, CheckpointStats, Engine, InMessage, Outcome};
 
 /// Counters a caller (the demo, tests, metrics) can watch while the service runs.
 #[derive(Debug, Default)]
@@ -401,7 +401,8 @@ fn run_at_least_once(
     let mut last_commit = Instant::now();
     let mut batch: Vec<InMessage> = Vec::with_capacity(config.batch.max_records);
     while !stop.load(Ordering::SeqCst) {
-        poll_batch(&consumer, &config.batch, &mut batch, |_| Ok(()))?;
+        let limits = shared.state.lock().unwrap().engine.batch_limits();
+        poll_batch(&consumer, &limits, &mut batch, |_| Ok(()))?;
         if !batch.is_empty() {
             if progress.first_record_ms.load(Ordering::Relaxed) == 0 {
                 let ms = service_started.elapsed().as_millis().max(1) as u64;
@@ -432,24 +433,24 @@ fn is_fatal(e: &KafkaError) -> bool {
     matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal))
 }
 
-/// Fills `batch` (cleared first) with up to `max_records` messages: waits up to `max_wait_ms`
-/// for the first, then takes what is already buffered. `after_poll` runs after every poll,
+/// Fills `batch` (cleared first) with up to `max_records` messages: waits up to `max_wait` for
+/// the first, then takes what comes with no gap longer than `gap`. `after_poll` runs after every poll,
 /// where rebalance callbacks have just run. A fatal consumer error is an error; others are
 /// logged and end the batch.
 pub(crate) fn poll_batch<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
-    limits: &BatchConfig,
+    limits: &BatchLimits,
     batch: &mut Vec<InMessage>,
     mut after_poll: impl FnMut(&mut Vec<InMessage>) -> Result<()>,
 ) -> Result<()> {
     batch.clear();
-    let deadline = Instant::now() + Duration::from_millis(limits.max_wait_ms);
+    let deadline = Instant::now() + limits.max_wait;
     while batch.len() < limits.max_records {
         let left = deadline.saturating_duration_since(Instant::now());
         let wait = if batch.is_empty() {
             left
         } else {
-            left.min(Duration::from_millis(5))
+            left.min(limits.gap)
         };
         let polled = consumer.poll(wait);
         after_poll(batch)?;

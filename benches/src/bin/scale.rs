@@ -1,6 +1,6 @@
 //! Scale bench: many devices through one detector instance under a memory budget, on the
-//! in-process mock cluster. Networks beyond the budget are checkpointed, dropped and restored
-//! on their next record.
+//! librdkafka mock cluster (served by a child process). Networks beyond the budget are
+//! checkpointed, dropped and restored on their next record.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use benches::counting::{live_bytes, peak_live_bytes, Counting};
-use benches::synthetic::{libc_heap_mb, mock_setup, peak_rss_mb, record, rss_mb};
+use benches::synthetic::{
+    bench_config, libc_heap_mb, peak_rss_mb, record, rss_mb, serve_broker, BrokerProcess,
+};
 use clap::Parser;
 use detector::service::{self, Progress};
 use generator::LoadOptions;
@@ -42,6 +44,9 @@ struct Args {
     /// More consumer properties, `key=value` (repeatable), e.g. `debug=fetch`.
     #[arg(long)]
     consumer: Vec<String>,
+    /// Serve the broker for a parent run (see `BrokerProcess`).
+    #[arg(long, hide = true)]
+    serve_broker: bool,
 }
 
 fn main() -> Result<()> {
@@ -56,8 +61,15 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
-    let setup = mock_setup(args.partitions, args.workers)?;
-    let (bootstrap, mut config) = (setup.bootstrap.clone(), setup.config.clone());
+    if args.serve_broker {
+        return serve_broker(args.partitions);
+    }
+    // The broker holds every input and output record: in its own process, the resident set
+    // measured here is the detector's.
+    let broker = BrokerProcess::spawn(args.partitions)?;
+    let bootstrap = broker.bootstrap.clone();
+    let checkpoints = tempfile::tempdir()?;
+    let mut config = bench_config(&bootstrap, checkpoints.path(), args.workers);
     config.htm.probation = 100;
     config.checkpoint.interval_secs = 10.0;
     config.memory.max_mb = args.budget_mb;
@@ -77,17 +89,10 @@ fn main() -> Result<()> {
         config.kafka_consumer.insert(k.into(), v.into());
     }
     let total = args.devices * args.records_per_device;
-    let mut rng = htm::random::Random::new(3);
     let mut load = LoadOptions::new(bootstrap.clone(), config.topics.input.clone());
     load.create_topic = false;
     load.progress = false;
     let devices = args.devices;
-    generator::load(
-        &load,
-        (0..total).map(|i| Ok(record(i, devices, &mut rng))),
-        Some(total as u64),
-    )?;
-    eprintln!("loaded {total} records for {devices} devices");
 
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(Progress::default());
@@ -95,6 +100,31 @@ fn main() -> Result<()> {
         let (c, s, p) = (Arc::new(config), stop.clone(), progress.clone());
         std::thread::spawn(move || service::run(c, s, p))
     };
+    // The mock broker keeps only the newest 5 MiB of each partition, so the records are sent
+    // while the detector reads, never more than 4 MiB per partition ahead of it: a backlog as
+    // deep as the broker can hold.
+    let record_bytes = record(0, devices, &mut htm::random::Random::new(0))
+        .to_json()
+        .len()
+        + 48;
+    let ahead = (args.partitions as usize * (4 << 20) / record_bytes) as u64;
+    let mut loader = Some({
+        let progress = progress.clone();
+        std::thread::spawn(move || -> Result<()> {
+            let mut rng = htm::random::Random::new(3);
+            let paced = (0..total).map(move |i| {
+                while i as u64 > progress.consumed.load(Ordering::SeqCst) + ahead {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(record(i, devices, &mut rng))
+            });
+            generator::load(&load, paced, Some(total as u64))?;
+            Ok(())
+        })
+    });
+    eprintln!(
+        "sending {total} records for {devices} devices, at most {ahead} ahead of the detector"
+    );
     let started = Instant::now();
     let mut last_report = Instant::now();
     let mut max_resident = 0u64;
@@ -110,6 +140,11 @@ fn main() -> Result<()> {
             stop.store(true, Ordering::SeqCst);
             detector.join().expect("detector thread")?;
             bail!("detector stopped after {done} of {total} records");
+        }
+        if loader.as_ref().is_some_and(|l| l.is_finished()) {
+            // A failed load would leave the detector waiting for ever.
+            let sent = loader.take().expect("loader").join();
+            sent.expect("loader thread")?;
         }
         if last_report.elapsed() > Duration::from_secs(10) {
             last_report = Instant::now();
@@ -133,6 +168,9 @@ fn main() -> Result<()> {
     let seconds = started.elapsed().saturating_sub(first).as_secs_f64();
     stop.store(true, Ordering::SeqCst);
     detector.join().expect("detector thread")?;
+    if let Some(l) = loader {
+        l.join().expect("loader thread")?;
+    }
     let bytes_per_network = max_resident / max_networks.max(1);
     eprintln!(
         "networks' own estimate at most {:.0} MiB; heap allocated at most {:.0} MiB",
