@@ -133,7 +133,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::random::Random;
 use arena::{CodeWord, SynapseArena, SynsMut};
-use cell_state::CellState;
+use cell_state::{CellList, CellState};
 use permanence::{Codec, LearningSteps, DROPPED};
 use recency::Recency;
 use slots::CellSlots;
@@ -1005,9 +1005,9 @@ pub struct BacktrackingTm {
     avg_input_density: f32,
     reset_called: bool,
 
-    inf_active: CellState,
-    inf_predicted: CellState,
-    inf_predicted_prev: CellState,
+    inf_active: CellList,
+    inf_predicted: CellList,
+    inf_predicted_prev: CellList,
     /// Non-zero cell confidences, ascending cells.
     cell_confidence: Vec<(u32, f32)>,
     /// Non-zero-candidate column confidences, ascending columns.
@@ -1017,8 +1017,8 @@ pub struct BacktrackingTm {
 
     lrn_active: CellState,
     lrn_active_prev: CellState,
-    lrn_predicted: CellState,
-    lrn_predicted_prev: CellState,
+    lrn_predicted: CellList,
+    lrn_predicted_prev: CellList,
     prev_lrn_patterns: VecDeque<Vec<u32>>,
     pam_counter: u32,
     learned_seq_length: u32,
@@ -1058,17 +1058,17 @@ impl BacktrackingTm {
             lrn_iteration: 0,
             avg_input_density: 0.0,
             reset_called: false,
-            inf_active: state(),
-            inf_predicted: state(),
-            inf_predicted_prev: state(),
+            inf_active: CellList::default(),
+            inf_predicted: CellList::default(),
+            inf_predicted_prev: CellList::default(),
             cell_confidence: Vec::new(),
             col_confidence: Vec::new(),
             predicted_columns: Vec::new(),
             prev_inf_patterns: VecDeque::new(),
             lrn_active: state(),
             lrn_active_prev: state(),
-            lrn_predicted: state(),
-            lrn_predicted_prev: state(),
+            lrn_predicted: CellList::default(),
+            lrn_predicted_prev: CellList::default(),
             prev_lrn_patterns: VecDeque::new(),
             pam_counter: params.pam_length,
             learned_seq_length: 0,
@@ -1327,15 +1327,7 @@ impl BacktrackingTm {
         let p = &self.params;
         let narrow = CellSlots::narrow_fits(p.max_segments, p.max_segments_per_cell);
         self.cell_slots.rebuild(n, narrow);
-        for s in [
-            &mut self.inf_active,
-            &mut self.inf_predicted,
-            &mut self.inf_predicted_prev,
-            &mut self.lrn_active,
-            &mut self.lrn_active_prev,
-            &mut self.lrn_predicted,
-            &mut self.lrn_predicted_prev,
-        ] {
+        for s in [&mut self.lrn_active, &mut self.lrn_active_prev] {
             s.rebuild(n);
         }
         self.derived = Derived {
@@ -1368,14 +1360,14 @@ impl BacktrackingTm {
             &self.inf_active,
             &self.inf_predicted,
             &self.inf_predicted_prev,
-            &self.lrn_active,
-            &self.lrn_active_prev,
             &self.lrn_predicted,
             &self.lrn_predicted_prev,
         ]
         .iter()
         .map(|c| c.heap_bytes())
         .sum::<usize>()
+            + self.lrn_active.heap_bytes()
+            + self.lrn_active_prev.heap_bytes()
             + (self.cell_confidence.capacity() + self.col_confidence.capacity()) * 8
             + self.predicted_columns.capacity() * 4
             + patterns(&self.prev_inf_patterns)
@@ -1650,17 +1642,13 @@ impl BacktrackingTm {
         self.lrn_active.reset();
         let mut unpredicted = 0usize;
         let mut matches_ready = false;
+        let lrn_predicted_prev = std::mem::take(&mut self.lrn_predicted_prev);
+        let mut predicted_prev = lrn_predicted_prev.cursor();
         for &col in cols {
             let base = col * cpc;
             // At most one cell per column is learn-predicted; Cells4 keeps the last.
-            let predicting = if cpc <= 64 {
-                let bits = self.lrn_predicted_prev.bits(base, cpc);
-                (bits != 0).then(|| 63 - bits.leading_zeros())
-            } else {
-                (0..cpc).rfind(|&i| self.lrn_predicted_prev.is_set(base + i))
-            };
-            if let Some(i) = predicting {
-                self.lrn_active.set(base + i);
+            if let Some(&cell) = predicted_prev.range(base, base + cpc).last() {
+                self.lrn_active.set(cell);
                 continue;
             }
             unpredicted += 1;
@@ -1709,6 +1697,7 @@ impl BacktrackingTm {
                 }
             }
         }
+        self.lrn_predicted_prev = lrn_predicted_prev;
         unpredicted < cols.len() / 2
     }
 
@@ -2525,8 +2514,8 @@ fn infer_phase1(
     cols: &[u32],
     use_start_cells: bool,
     cpc: u32,
-    predicted_prev: &CellState,
-    active: &mut CellState,
+    predicted_prev: &CellList,
+    active: &mut CellList,
 ) -> bool {
     active.reset();
     if use_start_cells {
@@ -2536,27 +2525,15 @@ fn infer_phase1(
         return true;
     }
     let mut predicted_cols = 0usize;
+    let mut predicted_prev = predicted_prev.cursor();
     for &c in cols {
         let base = c * cpc;
-        let mut any = false;
-        if cpc <= 64 {
-            let predicted = predicted_prev.bits(base, cpc);
-            active.set_bits(base, predicted);
-            any = predicted != 0;
+        let predicted = predicted_prev.range(base, base + cpc);
+        if predicted.is_empty() {
+            active.set_range(base, base + cpc);
         } else {
-            for cell in base..base + cpc {
-                if predicted_prev.is_set(cell) {
-                    active.set(cell);
-                    any = true;
-                }
-            }
-        }
-        if any {
+            active.extend(predicted);
             predicted_cols += 1;
-        } else {
-            for cell in base..base + cpc {
-                active.set(cell);
-            }
         }
     }
     predicted_cols as f64 >= 0.5 * cols.len() as f64

@@ -1,10 +1,12 @@
-//! A binary per-cell state kept both as a list of on cells and as a dense lookup table.
+//! Binary per-cell states: kept both as a list of on cells and as a dense lookup table
+//! ([`CellState`]), or as the ascending list alone ([`CellList`]).
 
 use serde::{Deserialize, Serialize};
 
-/// NuPIC's `CStateIndexed`: a dense table for O(1) membership plus the list of on cells, so
-/// clearing and copying cost the number of on cells rather than the number of cells. The
-/// table is a bitset (8 KiB for 65,536 cells) so that lookups stay in L1.
+/// NuPIC's `CStateIndexed`, for the states looked up cell by cell: a dense table for O(1)
+/// membership plus the list of on cells, so clearing and copying cost the number of on cells
+/// rather than the number of cells. The table is a bitset (8 KiB for 65,536 cells) so that
+/// lookups stay in L1.
 ///
 /// Only the list is serialised; the table is rebuilt by [`CellState::rebuild`].
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -56,31 +58,6 @@ impl CellState {
         }
     }
 
-    /// The states of cells `start..start + len` (`len <= 64`) as the low bits of a word.
-    #[inline]
-    pub(crate) fn bits(&self, start: u32, len: u32) -> u64 {
-        debug_assert!((1..=64).contains(&len));
-        let (w, b) = ((start >> 6) as usize, start & 63);
-        let mut v = self.dense[w] >> b;
-        if b + len > 64 {
-            v |= self.dense[w + 1] << (64 - b);
-        }
-        if len == 64 {
-            v
-        } else {
-            v & ((1u64 << len) - 1)
-        }
-    }
-
-    /// Sets cell `start + i` for every bit `i` of `mask`, ascending.
-    #[inline]
-    pub(crate) fn set_bits(&mut self, start: u32, mut mask: u64) {
-        while mask != 0 {
-            self.set(start + mask.trailing_zeros());
-            mask &= mask - 1;
-        }
-    }
-
     pub(crate) fn reset(&mut self) {
         for &c in &self.on {
             self.dense[(c >> 6) as usize] = 0;
@@ -116,6 +93,113 @@ impl CellState {
     }
 }
 
+/// A binary per-cell state kept only as its on cells, ascending: for the states that are
+/// listed, copied, and asked about whole columns in ascending column order, which a cursor
+/// over the list answers (a dense table costs 8 KiB per state for 65,536 cells, and keeping
+/// it costs a clear and a set per cell on every copy).
+///
+/// Serialises as [`CellState`] does (the list); a list that is not strictly ascending is
+/// refused.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "CellStateWire")]
+pub(crate) struct CellList {
+    on: Vec<u32>,
+}
+
+/// The serialised form of both states.
+#[derive(Deserialize)]
+struct CellStateWire {
+    on: Vec<u32>,
+}
+
+impl TryFrom<CellStateWire> for CellList {
+    type Error = String;
+
+    fn try_from(w: CellStateWire) -> Result<Self, String> {
+        if !w.on.windows(2).all(|p| p[0] < p[1]) {
+            return Err("a cell list is not strictly ascending".into());
+        }
+        Ok(CellList { on: w.on })
+    }
+}
+
+impl CellList {
+    /// Sets `cell`, which must not be below any cell set since the last reset (setting the
+    /// last one again changes nothing).
+    #[inline]
+    pub(crate) fn set(&mut self, cell: u32) {
+        match self.on.last() {
+            Some(&last) if last >= cell => debug_assert_eq!(last, cell, "cells out of order"),
+            _ => self.on.push(cell),
+        }
+    }
+
+    /// Sets every cell of `start..end` (above any cell set since the last reset).
+    #[inline]
+    pub(crate) fn set_range(&mut self, start: u32, end: u32) {
+        debug_assert!(self.on.last().is_none_or(|&last| last < start));
+        self.on.extend(start..end);
+    }
+
+    /// Sets `cells` (strictly ascending, above any cell set since the last reset).
+    #[inline]
+    pub(crate) fn extend(&mut self, cells: &[u32]) {
+        debug_assert!(cells.windows(2).all(|p| p[0] < p[1]));
+        debug_assert!(match (self.on.last(), cells.first()) {
+            (Some(last), Some(first)) => last < first,
+            _ => true,
+        });
+        self.on.extend_from_slice(cells);
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.on.clear();
+    }
+
+    /// Makes this state equal to `cells` (strictly ascending).
+    pub(crate) fn assign(&mut self, cells: &[u32]) {
+        debug_assert!(cells.windows(2).all(|p| p[0] < p[1]));
+        self.on.clear();
+        self.on.extend_from_slice(cells);
+    }
+
+    pub(crate) fn copy_from(&mut self, other: &CellList) {
+        self.assign(&other.on);
+    }
+
+    /// On cells, ascending.
+    pub(crate) fn cells(&self) -> &[u32] {
+        &self.on
+    }
+
+    /// A cursor answering for ranges of cells asked in ascending order.
+    pub(crate) fn cursor(&self) -> Cursor<'_> {
+        Cursor { rest: &self.on }
+    }
+
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.on.capacity() * 4
+    }
+}
+
+/// Reads a [`CellList`] range by range, each starting at or past the end of the one before.
+pub(crate) struct Cursor<'a> {
+    rest: &'a [u32],
+}
+
+impl<'a> Cursor<'a> {
+    /// The on cells of `start..end`.
+    #[inline]
+    pub(crate) fn range(&mut self, start: u32, end: u32) -> &'a [u32] {
+        let skip = self.rest.iter().take_while(|&&c| c < start).count();
+        let rest = &self.rest[skip..];
+        let n = rest.iter().take_while(|&&c| c < end).count();
+        let (range, rest) = rest.split_at(n);
+        self.rest = rest;
+        range
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,25 +228,58 @@ mod tests {
         assert_eq!(c, b);
     }
 
+    /// A list and a cursor over it answer as a dense state set with the same cells would,
+    /// whatever the cells and the ranges asked.
     #[test]
-    fn bit_ranges_match_single_cells() {
-        let mut a = CellState::new(300);
-        for c in [0, 5, 63, 64, 100, 127, 128, 200, 255, 299] {
-            a.set(c);
-        }
-        for start in [0u32, 1, 30, 60, 63, 64, 99, 120, 236] {
-            for len in [1u32, 7, 32, 33, 64] {
-                if start + len > 300 {
-                    continue;
+    fn lists_and_cursors_agree_with_dense_states() {
+        let mut rng = crate::random::Random::new(11);
+        for _ in 0..200 {
+            let n = 1 + rng.below(400);
+            let mut dense = CellState::new(n as usize);
+            let mut list = CellList::default();
+            for c in 0..n {
+                if rng.below(4) == 0 {
+                    dense.set(c);
+                    list.set(c);
+                    if rng.below(2) == 0 {
+                        list.set(c);
+                    }
                 }
-                let expected = (0..len)
-                    .filter(|&i| a.is_set(start + i))
-                    .fold(0u64, |m, i| m | 1 << i);
-                assert_eq!(a.bits(start, len), expected, "start {start} len {len}");
             }
+            assert_eq!(list.cells(), dense.cells());
+            let len = 1 + rng.below(n);
+            let mut cursor = list.cursor();
+            let mut start = rng.below(len);
+            while start + len <= n {
+                let expected: Vec<u32> =
+                    (start..start + len).filter(|&c| dense.is_set(c)).collect();
+                assert_eq!(cursor.range(start, start + len), expected);
+                start += len + rng.below(3 * len);
+            }
+            let mut rebuilt = CellList::default();
+            let mut cursor = list.cursor();
+            for start in (0..n).step_by(len as usize) {
+                let end = (start + len).min(n);
+                match cursor.range(start, end) {
+                    [] => {}
+                    on if on.len() == (end - start) as usize => rebuilt.set_range(start, end),
+                    on => rebuilt.extend(on),
+                }
+            }
+            assert_eq!(rebuilt, list);
+            let mut copy = CellList::default();
+            copy.set(n + 5);
+            copy.copy_from(&list);
+            assert_eq!(copy, list);
+            let cfg = bincode::config::standard();
+            let bytes = bincode::serde::encode_to_vec(&list, cfg).unwrap();
+            assert_eq!(bytes, bincode::serde::encode_to_vec(&dense, cfg).unwrap());
+            let (back, _): (CellList, _) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+            assert_eq!(back, list);
         }
-        let mut b = CellState::new(300);
-        b.set_bits(60, 0b1011 | 1 << 40);
-        assert_eq!(b.cells(), &[60, 61, 63, 100]);
+        let cfg = bincode::config::standard();
+        let unsorted = bincode::serde::encode_to_vec(vec![3u32, 2], cfg).unwrap();
+        let err = bincode::serde::decode_from_slice::<CellList, _>(&unsorted, cfg).unwrap_err();
+        assert!(err.to_string().contains("not strictly ascending"), "{err}");
     }
 }
