@@ -6,9 +6,10 @@
 //! column (16 bytes a column, derived, shared by the poolers with the same parameters), so any
 //! column can be regenerated alone. A column that learning never touched is regenerated on
 //! demand instead of stored. A column that learning modified (winners, bumped weak columns)
-//! is first kept as the log of its learning steps (the input bits of each, 64 bytes for NAB's
-//! input), replayed on its regenerated lanes when it learns again; with NAB-like inputs most of
-//! the few hundred columns that ever win do so a handful of times only. A column that keeps
+//! is first kept as the log of its learning steps (an index into the inputs of logged steps,
+//! each held once for all the columns that won on it), replayed on its regenerated lanes when
+//! it learns again; with NAB-like inputs most of the few hundred columns that ever win do so
+//! a handful of times only. A column that keeps
 //! learning has its permanences stored: one dense row of `u16` fixed-point permanences over
 //! the input, a sentinel outside the pool, so a learning step is straight-line integer vector
 //! code over contiguous memory.
@@ -263,22 +264,25 @@ const NOT_IN_POOL: u16 = u16::MAX;
 const NO_SLOT: u32 = u32::MAX;
 
 /// Most learning steps a column is kept as a log of (its lanes regenerated and the steps
-/// replayed whenever it learns again) before its lanes are stored. A logged step costs one
-/// input bitset (64 bytes for NAB's 454 inputs) against 1 KiB of lanes, and most columns
-/// that ever win do so a handful of times only.
-const YOUNG_STEPS: usize = 12;
+/// replayed whenever it learns again) before its lanes are stored. A logged step costs a
+/// 4-byte index, and its input (64 bytes for NAB's 454 inputs) is shared by the winners of
+/// its step, against 1 KiB of lanes; most columns that ever win do so a few times only.
+/// Replaying grows with the square of this, on columns that win rarely.
+const YOUNG_STEPS: usize = 24;
+// Checkpoints count a log's steps in a byte.
+const _: () = assert!(YOUNG_STEPS <= u8::MAX as usize);
 /// Marks a slot's representation as a log (low bits: index into `ColumnStore::young`).
 const YOUNG: u32 = 1 << 31;
+/// A logged weak-column raise (a step without an input).
+const RAISE: u32 = u32::MAX;
 
 /// A column kept as the log of its learning steps.
 #[derive(Clone, Copy, Debug, Default)]
 struct Young {
     slot: u32,
-    /// Start of its steps in [`ColumnStore::steps`], `words` each.
+    /// Start of its steps in [`ColumnStore::log`].
     start: u32,
     len: u16,
-    /// Bit `i`: step `i` was a weak-column raise (its words are unused zeros), not an input.
-    raises: u16,
 }
 
 /// Where a column's permanences are.
@@ -313,10 +317,19 @@ struct ColumnStore {
     repr: Vec<u32>,
     perms: Vec<u16>,
     young: Vec<Young>,
-    /// Logged input bitsets, `stride / 64` words a step, each log contiguous.
-    steps: Vec<u64>,
-    /// Words of `steps` no log uses (left by a log moved to the end, or stored as lanes).
-    free_words: usize,
+    /// The logs' steps, each log contiguous: an index into `inputs`, or [`RAISE`].
+    log: Vec<u32>,
+    /// Entries of `log` no log uses (left by a log moved to the end, or stored as lanes).
+    free_entries: usize,
+    /// Inputs of logged steps, `stride / 64` words each.
+    inputs: Vec<u64>,
+    /// Per input, how many logged steps refer to it; 0 for a free one.
+    input_refs: Vec<u32>,
+    /// Free inputs, the next to be taken last.
+    free_inputs: Vec<u32>,
+    /// The input of the current learning step, once a winner has logged it: the other
+    /// winners share it. Not state: cleared by [`ColumnStore::begin_step`].
+    current_input: Option<u32>,
     rows: Vec<u64>,
     row_cap: usize,
 }
@@ -326,13 +339,7 @@ impl PartialEq for ColumnStore {
     fn eq(&self, other: &Self) -> bool {
         let wire = |s: &ColumnStore| {
             let w = s.to_wire();
-            (
-                w.young_steps,
-                w.young_raises,
-                w.young_bits,
-                w.tags,
-                w.values,
-            )
+            (w.young_steps, w.young_inputs, w.inputs, w.tags, w.values)
         };
         self.num_columns == other.num_columns
             && self.stride == other.stride
@@ -393,11 +400,60 @@ impl ColumnStore {
         &mut self.perms[d * s..(d + 1) * s]
     }
 
-    /// Young `y`'s logged steps: `words` per step, raises as zeros.
-    fn steps_of(&self, y: usize) -> &[u64] {
+    /// Young `y`'s logged steps: indices into `inputs`, or [`RAISE`].
+    fn steps_of(&self, y: usize) -> &[u32] {
         let g = self.young[y];
         let start = g.start as usize;
-        &self.steps[start..start + usize::from(g.len) * self.words()]
+        &self.log[start..start + usize::from(g.len)]
+    }
+
+    /// Logged input `i`'s words.
+    fn input(&self, i: u32) -> &[u64] {
+        let words = self.words();
+        &self.inputs[i as usize * words..(i as usize + 1) * words]
+    }
+
+    /// Starts a learning step: its input is not logged yet.
+    fn begin_step(&mut self) {
+        self.current_input = None;
+    }
+
+    /// The index of `bits`, the current step's input, among the logged inputs, counting one
+    /// more step referring to it.
+    fn intern_input(&mut self, bits: &[u64]) -> u32 {
+        if let Some(i) = self.current_input {
+            self.input_refs[i as usize] += 1;
+            return i;
+        }
+        let words = self.words();
+        let i = match self.free_inputs.pop() {
+            Some(i) => {
+                self.inputs[i as usize * words..(i as usize + 1) * words].copy_from_slice(bits);
+                i
+            }
+            None => {
+                reserve_sixteenth(&mut self.inputs, words, 8 * words);
+                reserve_sixteenth(&mut self.input_refs, 1, 8);
+                self.inputs.extend_from_slice(bits);
+                self.input_refs.push(0);
+                (self.input_refs.len() - 1) as u32
+            }
+        };
+        self.input_refs[i as usize] = 1;
+        self.current_input = Some(i);
+        i
+    }
+
+    /// One step referring to input `i` fewer; an input no step refers to is freed.
+    fn release_input(&mut self, i: u32) {
+        let refs = &mut self.input_refs[i as usize];
+        *refs -= 1;
+        if *refs == 0 {
+            self.free_inputs.push(i);
+            if self.current_input == Some(i) {
+                self.current_input = None;
+            }
+        }
     }
 
     /// A new slot for `column` (lazy until now), its connected row zero.
@@ -438,81 +494,117 @@ impl ColumnStore {
     }
 
     /// Logs a step for `column`: a new log if it is lazy, else appended to log `y`. `bits` is
-    /// the input, `None` a weak-column raise.
+    /// the current step's input, `None` a weak-column raise.
     fn log_step(&mut self, column: u32, y: Option<usize>, bits: Option<&[u64]>) {
-        let words = self.words();
         let y = match y {
             Some(y) => y,
             None => {
                 let y = self.young.len();
                 let slot = self.add_slot(column, YOUNG | y as u32);
-                let start = self.steps.len() as u32;
+                let start = self.log.len() as u32;
                 self.young.push(Young {
                     slot: slot as u32,
                     start,
                     len: 0,
-                    raises: 0,
                 });
                 y
             }
         };
+        let entry = bits.map_or(RAISE, |bits| self.intern_input(bits));
         let g = self.young[y];
-        let (start, used) = (g.start as usize, usize::from(g.len) * words);
-        reserve_sixteenth(&mut self.steps, used + words, 8 * words);
-        if start + used != self.steps.len() {
-            // Not at the end: move the log there, leaving its old words free.
-            self.steps.extend_from_within(start..start + used);
-            self.free_words += used;
-            self.young[y].start = (self.steps.len() - used) as u32;
+        let (start, used) = (g.start as usize, usize::from(g.len));
+        reserve_sixteenth(&mut self.log, used + 1, 64);
+        if start + used != self.log.len() {
+            // Not at the end: move the log there, leaving its old entries free.
+            self.log.extend_from_within(start..start + used);
+            self.free_entries += used;
+            self.young[y].start = (self.log.len() - used) as u32;
         }
-        match bits {
-            Some(bits) => self.steps.extend_from_slice(bits),
-            None => {
-                self.steps.resize(self.steps.len() + words, 0);
-                self.young[y].raises |= 1 << g.len;
-            }
-        }
+        self.log.push(entry);
         self.young[y].len += 1;
-        self.compact_steps();
+        self.compact_log();
     }
 
     /// Turns log `y` into stored `lanes` (same slot).
     fn promote(&mut self, y: usize, lanes: &[u16]) {
         let g = self.young.swap_remove(y);
-        self.free_words += usize::from(g.len) * self.words();
+        let start = g.start as usize;
+        for k in start..start + usize::from(g.len) {
+            if self.log[k] != RAISE {
+                self.release_input(self.log[k]);
+            }
+        }
+        self.free_entries += usize::from(g.len);
         if let Some(moved) = self.young.get(y) {
             self.repr[moved.slot as usize] = YOUNG | y as u32;
         }
         let d = self.push_lanes(lanes);
         self.repr[g.slot as usize] = d as u32;
-        self.compact_steps();
+        self.compact_log();
+        self.compact_inputs();
     }
 
-    /// Closes up the free words of `steps` once they are an eighth of it.
-    fn compact_steps(&mut self) {
-        if self.free_words * 8 <= self.steps.len() {
+    /// Closes up the free entries of `log` once they are an eighth of it.
+    fn compact_log(&mut self) {
+        if self.free_entries * 8 <= self.log.len() {
+            return;
+        }
+        let used = self.log.len() - self.free_entries;
+        let mut log = Vec::with_capacity(used + used / 16);
+        for g in &mut self.young {
+            let start = g.start as usize;
+            g.start = log.len() as u32;
+            log.extend_from_slice(&self.log[start..start + usize::from(g.len)]);
+        }
+        self.log = log;
+        self.free_entries = 0;
+    }
+
+    /// Renumbers the inputs in use without the free ones once these are a quarter of them
+    /// (the inputs in use were all logged at once, by the winners of a few steps, and are
+    /// freed as unevenly).
+    fn compact_inputs(&mut self) {
+        let n = self.input_refs.len();
+        if self.free_inputs.len() * 4 <= n || n < 64 {
             return;
         }
         let words = self.words();
-        let used = self.steps.len() - self.free_words;
-        let mut steps = Vec::with_capacity(used + used / 16);
-        for g in &mut self.young {
-            let start = g.start as usize;
-            g.start = steps.len() as u32;
-            steps.extend_from_slice(&self.steps[start..start + usize::from(g.len) * words]);
+        let mut new_index = vec![RAISE; n];
+        let live = n - self.free_inputs.len();
+        let mut inputs = Vec::with_capacity((live + live / 16) * words);
+        let mut refs = Vec::with_capacity(live + live / 16);
+        for (i, &r) in self.input_refs.iter().enumerate() {
+            if r > 0 {
+                new_index[i] = refs.len() as u32;
+                refs.push(r);
+                inputs.extend_from_slice(&self.inputs[i * words..(i + 1) * words]);
+            }
         }
-        self.steps = steps;
-        self.free_words = 0;
+        for g in &self.young {
+            let start = g.start as usize;
+            for e in &mut self.log[start..start + usize::from(g.len)] {
+                if *e != RAISE {
+                    *e = new_index[*e as usize];
+                }
+            }
+        }
+        self.current_input = self.current_input.map(|i| new_index[i as usize]);
+        self.inputs = inputs;
+        self.input_refs = refs;
+        self.free_inputs = Vec::new();
     }
 
     fn to_wire(&self) -> StoreWireRef<'_> {
         let words = self.words();
         let mut young_steps = Vec::with_capacity(self.columns.len());
-        let mut young_raises = Vec::new();
-        let mut young_bits = Vec::new();
+        let mut young_inputs = Vec::new();
+        let mut inputs = Vec::new();
         let mut young_rows = Vec::new();
         let mut dense = Vec::new();
         let mut row = vec![0u64; words];
+        // Inputs numbered from 1 in order of first use (0 is a raise), whatever their places.
+        let mut number = vec![0u32; self.input_refs.len()];
+        let mut numbered = 0;
         for slot in 0..self.columns.len() {
             let r = self.repr[slot];
             if r & YOUNG == 0 {
@@ -521,11 +613,21 @@ impl ColumnStore {
                 continue;
             }
             let y = (r & !YOUNG) as usize;
-            let g = self.young[y];
-            young_steps.push(g.len as u8);
-            young_raises.push(g.raises);
-            for &w in self.steps_of(y) {
-                young_bits.extend_from_slice(&w.to_le_bytes());
+            young_steps.push(self.young[y].len as u8);
+            for &e in self.steps_of(y) {
+                if e == RAISE {
+                    young_inputs.push(0);
+                    continue;
+                }
+                let k = &mut number[e as usize];
+                if *k == 0 {
+                    numbered += 1;
+                    *k = numbered;
+                    for &w in self.input(e) {
+                        inputs.extend_from_slice(&w.to_le_bytes());
+                    }
+                }
+                young_inputs.push(*k);
             }
             self.row(slot, &mut row);
             for &w in &row {
@@ -561,8 +663,8 @@ impl ColumnStore {
             stride: self.stride,
             columns: &self.columns,
             young_steps,
-            young_raises,
-            young_bits,
+            young_inputs,
+            inputs,
             young_rows,
             tags,
             values,
@@ -587,8 +689,8 @@ impl ColumnStore {
             n_young += usize::from(n > 0);
             n_dense += usize::from(n == 0);
         }
-        if w.young_raises.len() != n_young
-            || w.young_bits.len() != 8 * logged * words
+        if w.young_inputs.len() != logged
+            || !w.inputs.len().is_multiple_of(8 * words)
             || w.young_rows.len() != 8 * n_young * words
         {
             return Err("logged steps do not match their counts".into());
@@ -599,8 +701,25 @@ impl ColumnStore {
                 .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
                 .collect()
         };
-        let (bits, rows) = (to_words(&w.young_bits), to_words(&w.young_rows));
-        let mut ys = w.young_raises.iter();
+        let rows = to_words(&w.young_rows);
+        store.inputs = to_words(&w.inputs);
+        let n_inputs = w.inputs.len() / (8 * words);
+        store.input_refs = vec![0; n_inputs];
+        store.log.reserve_exact(logged);
+        for &k in &w.young_inputs {
+            let entry = match k {
+                0 => RAISE,
+                k if k as usize <= n_inputs => {
+                    store.input_refs[k as usize - 1] += 1;
+                    k - 1
+                }
+                _ => return Err(format!("logged step of input {k}, of {n_inputs}")),
+            };
+            store.log.push(entry);
+        }
+        if store.input_refs.contains(&0) {
+            return Err("a logged input no step refers to".into());
+        }
         for (&col, &n) in w.columns.iter().zip(&w.young_steps) {
             if store.slot_of.get(col as usize) != Some(&NO_SLOT) {
                 return Err(format!("column {col} out of range or listed twice"));
@@ -612,17 +731,11 @@ impl ColumnStore {
             }
             let y = store.young.len();
             let slot = store.add_slot(col, YOUNG | y as u32);
-            let start = store.steps.len();
-            let raises = *ys.next().expect("counted above");
-            let n = usize::from(n);
-            store
-                .steps
-                .extend_from_slice(&bits[start..start + n * words]);
+            let start = store.young.last().map_or(0, |g| g.start + u32::from(g.len));
             store.young.push(Young {
                 slot: slot as u32,
-                start: start as u32,
-                len: n as u16,
-                raises,
+                start,
+                len: u16::from(n),
             });
             store.set_row(slot, &rows[y * words..(y + 1) * words]);
         }
@@ -697,10 +810,11 @@ struct StoreWireRef<'a> {
     columns: &'a [u32],
     /// Per slot: its logged steps, 0 where its lanes are stored.
     young_steps: Vec<u8>,
-    /// Per log, in slot order: which steps were raises.
-    young_raises: Vec<u16>,
-    /// The logs' steps, then their connected rows, as little-endian words.
-    young_bits: Vec<u8>,
+    /// The logs' steps in slot order: 0 for a raise, else which of `inputs` (from 1).
+    young_inputs: Vec<u32>,
+    /// The logged inputs, each once, in order of first use; then the logs' connected rows:
+    /// little-endian words.
+    inputs: Vec<u8>,
     young_rows: Vec<u8>,
     /// Stored lanes of the other slots, in slot order.
     tags: Vec<u8>,
@@ -713,8 +827,8 @@ struct StoreWire {
     stride: u32,
     columns: Vec<u32>,
     young_steps: Vec<u8>,
-    young_raises: Vec<u16>,
-    young_bits: Vec<u8>,
+    young_inputs: Vec<u32>,
+    inputs: Vec<u8>,
     young_rows: Vec<u8>,
     tags: Vec<u8>,
     values: Vec<u8>,
@@ -1221,12 +1335,11 @@ fn replay_log(
     vectors: Vectors,
     row: &mut [u64],
 ) {
-    let raises = store.young[y].raises;
-    for (i, bits) in store.steps_of(y).chunks_exact(store.words()).enumerate() {
-        if (raises >> i) & 1 == 1 {
+    for &e in store.steps_of(y) {
+        if e == RAISE {
             apply_step(vectors, lanes, bump, true, k, row);
         } else {
-            fill_delta(replay, bits, k);
+            fill_delta(replay, store.input(e), k);
             apply_step(vectors, lanes, replay, false, k, row);
         }
     }
@@ -1631,7 +1744,10 @@ impl SpatialPooler {
             ("stored_perms", 2 * self.columns.perms.capacity()),
             (
                 "logged_steps",
-                size_of::<u64>() * self.columns.steps.capacity()
+                4 * (self.columns.log.capacity()
+                    + self.columns.input_refs.capacity()
+                    + self.columns.free_inputs.capacity())
+                    + size_of::<u64>() * self.columns.inputs.capacity()
                     + size_of::<Young>() * self.columns.young.capacity(),
             ),
             (
@@ -1897,6 +2013,7 @@ impl SpatialPooler {
     fn adapt_synapses(&mut self) {
         let c = &mut self.cache;
         fill_delta(&mut c.delta, &c.input_bits, &c.consts);
+        self.columns.begin_step();
         let winners = std::mem::take(&mut c.winners);
         for &col in &winners {
             self.learn_column(col, false);
@@ -2494,7 +2611,7 @@ mod tests {
             sp.num_logged()
         );
         assert!(
-            sp.columns.young.iter().any(|g| g.raises != 0),
+            (0..sp.columns.young.len()).any(|y| sp.columns.steps_of(y).contains(&RAISE)),
             "no logged raise"
         );
     }
@@ -2521,7 +2638,7 @@ mod tests {
         };
         let mut sp = SpatialPooler::new(p).unwrap();
         let mut rng = Random::new(21);
-        for step in 0..60 {
+        for step in 0..90 {
             // A recurring input too, so that some columns have their lanes stored.
             let x = if step % 3 == 0 {
                 block(454, 200, 40)
@@ -2687,6 +2804,135 @@ mod tests {
         .is_ok());
     }
 
+    /// What a column's log holds in the model: its steps' inputs (`None`: a raise), or
+    /// `Stored` once its lanes would be.
+    #[derive(Clone, Debug, PartialEq)]
+    enum ModelColumn {
+        Logged(Vec<Option<Vec<u64>>>),
+        Stored,
+    }
+
+    /// The store's logs, expanded as the model keeps them, with the input reference counts
+    /// checked against the logs.
+    fn expand_logs(store: &ColumnStore) -> Vec<Option<ModelColumn>> {
+        let mut out = vec![None; store.num_columns as usize];
+        let mut refs = vec![0u32; store.input_refs.len()];
+        for (slot, &col) in store.columns.iter().enumerate() {
+            let r = store.repr[slot];
+            out[col as usize] = Some(if r & YOUNG == 0 {
+                ModelColumn::Stored
+            } else {
+                let steps = store.steps_of((r & !YOUNG) as usize);
+                for &e in steps.iter().filter(|&&e| e != RAISE) {
+                    refs[e as usize] += 1;
+                }
+                ModelColumn::Logged(
+                    steps
+                        .iter()
+                        .map(|&e| (e != RAISE).then(|| store.input(e).to_vec()))
+                        .collect(),
+                )
+            });
+        }
+        assert_eq!(refs, store.input_refs, "reference counts");
+        let mut free: Vec<u32> = (0..refs.len() as u32)
+            .filter(|&i| refs[i as usize] == 0)
+            .collect();
+        let mut listed = store.free_inputs.clone();
+        listed.sort_unstable();
+        free.sort_unstable();
+        assert_eq!(listed, free, "free inputs");
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 64, ..proptest::prelude::ProptestConfig::default()
+        })]
+        /// Logs hold each step's input or raise in order whatever the sharing, promotion and
+        /// compaction, and survive a checkpoint round trip.
+        #[test]
+        fn logs_hold_their_steps_through_sharing_and_compaction(
+            steps in proptest::collection::vec(
+                (
+                    proptest::collection::vec(0u32..12, 0..8),
+                    proptest::collection::vec(0u32..12, 0..2),
+                    proptest::prelude::any::<u64>(),
+                ),
+                1..160,
+            )
+        ) {
+            let (columns, stride) = (12usize, 128usize);
+            let mut store = ColumnStore::new(columns, stride);
+            let mut model: Vec<Option<ModelColumn>> = vec![None; columns];
+            let lanes = vec![7u16; stride];
+            for (winners, weak, seed) in steps {
+                let input = [seed, seed.rotate_left(17) ^ 5];
+                store.begin_step();
+                let mut winners = winners;
+                winners.sort_unstable();
+                winners.dedup();
+                let weak = weak.into_iter().map(|c| (c, None));
+                for (col, bits) in winners.into_iter().map(|c| (c, Some(&input[..]))).chain(weak) {
+                    let m = &mut model[col as usize];
+                    match (store.repr(col), m.as_mut()) {
+                        (Repr::Young { y, .. }, Some(ModelColumn::Logged(log)))
+                            if log.len() == YOUNG_STEPS =>
+                        {
+                            store.promote(y, &lanes);
+                            *m = Some(ModelColumn::Stored);
+                        }
+                        (Repr::Dense { .. }, _) => {}
+                        (repr, _) => {
+                            let y = match repr {
+                                Repr::Young { y, .. } => Some(y),
+                                _ => None,
+                            };
+                            store.log_step(col, y, bits);
+                            let log = match m.get_or_insert(ModelColumn::Logged(Vec::new())) {
+                                ModelColumn::Logged(log) => log,
+                                ModelColumn::Stored => unreachable!(),
+                            };
+                            log.push(bits.map(<[u64]>::to_vec));
+                        }
+                    }
+                }
+                proptest::prop_assert_eq!(&expand_logs(&store), &model);
+            }
+            let cfg = bincode::config::standard();
+            let bytes = bincode::serde::encode_to_vec(&store, cfg).unwrap();
+            let (back, _): (ColumnStore, _) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+            proptest::prop_assert_eq!(&expand_logs(&back), &model);
+            proptest::prop_assert!(back == store);
+            // Each input once in the checkpoint, however many steps share it.
+            let distinct: std::collections::HashSet<u32> =
+                back.log.iter().copied().filter(|&e| e != RAISE).collect();
+            proptest::prop_assert_eq!(back.input_refs.len(), distinct.len());
+        }
+    }
+
+    #[test]
+    fn logged_inputs_out_of_range_or_unused_are_rejected() {
+        let wire = |young_inputs: Vec<u32>, inputs: usize| StoreWire {
+            num_columns: 2,
+            stride: 64,
+            columns: vec![1],
+            young_steps: vec![young_inputs.len() as u8],
+            young_inputs,
+            inputs: vec![0; 8 * inputs],
+            young_rows: vec![0; 8],
+            tags: vec![],
+            values: vec![],
+        };
+        let store = ColumnStore::from_wire(wire(vec![1, 0, 2, 1], 2)).unwrap();
+        assert_eq!(store.steps_of(0), [0, RAISE, 1, 0]);
+        assert_eq!(store.input_refs, [2, 1]);
+        let err = ColumnStore::from_wire(wire(vec![1, 3], 2)).unwrap_err();
+        assert!(err.contains("of input 3"), "{err}");
+        let err = ColumnStore::from_wire(wire(vec![1, 0], 2)).unwrap_err();
+        assert!(err.contains("no step refers to"), "{err}");
+    }
+
     #[test]
     fn corrupt_stored_permanences_are_rejected() {
         let wire = |tags: Vec<u8>, values: Vec<u8>| StoreWire {
@@ -2694,8 +2940,8 @@ mod tests {
             stride: 64,
             columns: vec![1],
             young_steps: vec![0],
-            young_raises: vec![],
-            young_bits: vec![],
+            young_inputs: vec![],
+            inputs: vec![],
             young_rows: vec![],
             tags,
             values,
