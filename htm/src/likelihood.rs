@@ -333,23 +333,58 @@ impl AnomalyLikelihood {
     }
 }
 
-/// One column of the history: in `f32` while every value it holds is one exactly (an HTM's raw
-/// scores always are, and so are integer metrics), half the memory of `f64`, in which it is
-/// kept from the first value that is not. Values read back bit for bit either way.
+/// One column of the history: as a byte per value indexing the distinct values seen, while
+/// there are at most [`Column::MAX_DISTINCT`] of them (an HTM's raw scores are fractions of
+/// its active columns, a few dozen values), an eighth of the memory of `f64`; then in `f32`
+/// while every value it holds is one exactly (integer metrics are), half the memory of `f64`,
+/// in which it is kept from the first value that is not. Values read back bit for bit
+/// whatever the form.
 #[derive(Clone, Debug)]
 enum Column {
+    /// Per value, its index in the distinct values (which are never dropped: they are few).
+    Coded(VecDeque<u8>, Vec<f64>),
     Narrow(VecDeque<f32>),
     Wide(VecDeque<f64>),
 }
 
 impl Default for Column {
     fn default() -> Self {
-        Column::Narrow(VecDeque::new())
+        Column::Coded(VecDeque::new(), Vec::new())
     }
 }
 
 impl Column {
+    const MAX_DISTINCT: usize = 1 << u8::BITS;
+
     fn push_back(&mut self, x: f64) {
+        if let Column::Coded(codes, distinct) = self {
+            let code = match distinct.iter().position(|d| d.to_bits() == x.to_bits()) {
+                Some(i) => Some(i),
+                None if distinct.len() < Self::MAX_DISTINCT => {
+                    distinct.push(x);
+                    Some(distinct.len() - 1)
+                }
+                None => None,
+            };
+            if let Some(code) = code {
+                codes.push_back(code as u8);
+                return;
+            }
+            // One distinct value too many: plain numbers from now on, as narrow as they fit.
+            let values = codes.iter().map(|&c| distinct[usize::from(c)]);
+            let narrow = values
+                .clone()
+                .all(|v| f64::from(v as f32).to_bits() == v.to_bits());
+            *self = if narrow {
+                let mut v = VecDeque::with_capacity(codes.capacity());
+                v.extend(values.map(|v| v as f32));
+                Column::Narrow(v)
+            } else {
+                let mut v = VecDeque::with_capacity(codes.capacity());
+                v.extend(values);
+                Column::Wide(v)
+            };
+        }
         if let Column::Narrow(v) = self {
             let narrow = x as f32;
             if f64::from(narrow).to_bits() == x.to_bits() {
@@ -367,6 +402,7 @@ impl Column {
 
     fn pop_front(&mut self) {
         match self {
+            Column::Coded(v, _) => drop(v.pop_front()),
             Column::Narrow(v) => drop(v.pop_front()),
             Column::Wide(v) => drop(v.pop_front()),
         }
@@ -374,6 +410,7 @@ impl Column {
 
     fn reserve_exact(&mut self, extra: usize) {
         match self {
+            Column::Coded(v, _) => v.reserve_exact(extra),
             Column::Narrow(v) => v.reserve_exact(extra),
             Column::Wide(v) => v.reserve_exact(extra),
         }
@@ -381,6 +418,7 @@ impl Column {
 
     fn capacity(&self) -> usize {
         match self {
+            Column::Coded(v, _) => v.capacity(),
             Column::Narrow(v) => v.capacity(),
             Column::Wide(v) => v.capacity(),
         }
@@ -388,6 +426,7 @@ impl Column {
 
     fn heap_bytes(&self) -> usize {
         match self {
+            Column::Coded(v, distinct) => v.capacity() + 8 * distinct.capacity(),
             Column::Narrow(v) => 4 * v.capacity(),
             Column::Wide(v) => 8 * v.capacity(),
         }
@@ -396,6 +435,7 @@ impl Column {
     /// Appends the values, oldest first, to `out`.
     fn extend_into(&self, out: &mut Vec<f64>) {
         match self {
+            Column::Coded(v, distinct) => out.extend(v.iter().map(|&c| distinct[usize::from(c)])),
             Column::Narrow(v) => out.extend(v.iter().map(|&x| f64::from(x))),
             Column::Wide(v) => out.extend(v.iter().copied()),
         }
@@ -403,6 +443,7 @@ impl Column {
 
     fn get(&self, i: usize) -> Option<f64> {
         match self {
+            Column::Coded(v, distinct) => v.get(i).map(|&c| distinct[usize::from(c)]),
             Column::Narrow(v) => v.get(i).map(|&x| f64::from(x)),
             Column::Wide(v) => v.get(i).copied(),
         }
@@ -799,8 +840,8 @@ mod tests {
         }
         let scores: Vec<f64> = l.history.iter().map(|h| h.1).collect();
         assert!(
-            matches!(l.history.scores, Column::Wide(_)),
-            "random scores need f64"
+            matches!(l.history.scores, Column::Coded(..)),
+            "a few random scores are coded, exactly"
         );
         l.anomaly_probability(27.0, 0.5);
         // Window-2 moving averages of the 6 stored scores (the first one alone).
@@ -914,6 +955,48 @@ mod tests {
         assert!((li - 0.5).abs() < 1e-3);
     }
 
+    /// A column holds what a plain `f64` queue does through every change of form.
+    #[test]
+    fn columns_read_back_as_plain_queues_through_every_form() {
+        let mut rng = Random::new(5);
+        for (distinct, wide_after) in [(40, None), (300, None), (300, Some(900))] {
+            let mut c = Column::default();
+            let mut model = VecDeque::new();
+            for i in 0..2000 {
+                let k = rng.below(distinct);
+                let v = match wide_after {
+                    Some(n) if i >= n => f64::from(k) + 0.1,
+                    _ => f64::from(k) / 32.0,
+                };
+                c.push_back(v);
+                model.push_back(v);
+                if i % 3 == 0 {
+                    c.pop_front();
+                    model.pop_front();
+                }
+                let mut out = Vec::new();
+                c.extend_into(&mut out);
+                assert!(out
+                    .iter()
+                    .zip(&model)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()));
+                assert_eq!(out.len(), model.len());
+                assert_eq!(c.get(out.len() / 2), model.get(out.len() / 2).copied());
+            }
+            let form = match c {
+                Column::Coded(..) => "coded",
+                Column::Narrow(_) => "narrow",
+                Column::Wide(_) => "wide",
+            };
+            let expected = match (distinct, wide_after) {
+                (40, _) => "coded",
+                (_, None) => "narrow",
+                _ => "wide",
+            };
+            assert_eq!(form, expected);
+        }
+    }
+
     #[test]
     fn history_is_narrow_while_exact_and_reads_back_bit_for_bit() {
         let mut h = History::default();
@@ -924,6 +1007,14 @@ mod tests {
             (0.1, 0.5),
             (2.0, 0.1),
         ];
+        // More distinct values than a byte indexes: plain numbers from then on.
+        for i in 0..=Column::MAX_DISTINCT {
+            h.push_back(i as f64, i as f64 / 1024.0);
+        }
+        for _ in 0..=Column::MAX_DISTINCT {
+            h.pop_front();
+        }
+        assert!(matches!(h.values, Column::Narrow(_)) && matches!(h.scores, Column::Narrow(_)));
         for (i, &(v, s)) in pairs.iter().enumerate() {
             h.push_back(v, s);
             // 0.1 is no f32: the values widen at the fourth pair, the scores at the fifth.
@@ -943,14 +1034,15 @@ mod tests {
         );
         let (back, _): (History, _) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
         assert_eq!(back, h);
-        // A narrow history takes half the memory of pairs of f64.
+        // Integer values take 4 bytes, raw scores as an HTM gives them (fractions of its
+        // active columns) a byte: 5 of the 16 bytes of a pair of f64.
         let mut n = History::default();
-        n.reserve_exact(100);
-        for i in 0..100 {
-            // Raw scores as an HTM gives them: f32 fractions of the active columns.
+        n.reserve_exact(8640);
+        for i in 0..8640 {
             n.push_back(f64::from(i), f64::from((i % 41) as f32 / 40.0));
         }
-        assert!(n.heap_bytes() <= 8 * 100 + 64, "{}", n.heap_bytes());
+        assert!(matches!(n.scores, Column::Coded(..)));
+        assert!(n.heap_bytes() <= 5 * 8640 + 2048, "{}", n.heap_bytes());
     }
 
     #[test]
