@@ -1322,7 +1322,9 @@ impl BacktrackingTm {
         self.out_index = OutIndex::new(n, self.params.max_segments);
         self.codec = Codec::new(&self.params);
         let narrow = n <= 1 << 16 && self.codec.num_codes() <= usize::from(u8::MAX);
-        self.synapses.set_layout(narrow);
+        let p = &self.params;
+        self.synapses
+            .set_layout(narrow, p.max_segments, p.max_segment_size());
         self.out_index.rebuild(&self.synapses, self.codec.connected);
         let p = &self.params;
         let narrow = CellSlots::narrow_fits(p.max_segments, p.max_segments_per_cell);
@@ -2216,7 +2218,7 @@ impl BacktrackingTm {
         let seg = match self.free_segments.pop() {
             Some(id) => id,
             None => {
-                reserve_for_ids(self.synapses.spans_mut(), budget);
+                self.synapses.reserve_for_ids(budget);
                 reserve_for_ids(&mut self.segments, budget);
                 self.synapses.push_empty();
                 (self.synapses.len() - 1) as SegmentId
