@@ -1052,7 +1052,7 @@ impl BacktrackingTm {
             out_index: OutIndex::new(n, params.max_segments),
             codec: Codec::new(&params),
             segments: vec![SegmentMeta::default()],
-            cell_slots: CellSlots::new(n),
+            cell_slots: CellSlots::new(n, params.cells_per_column),
             rng: Random::new(params.seed),
             iteration: 0,
             lrn_iteration: 0,
@@ -1327,8 +1327,9 @@ impl BacktrackingTm {
             .set_layout(narrow, p.max_segments, p.max_segment_size());
         self.out_index.rebuild(&self.synapses, self.codec.connected);
         let p = &self.params;
-        let narrow = CellSlots::narrow_fits(p.max_segments, p.max_segments_per_cell);
-        self.cell_slots.rebuild(n, narrow);
+        let cpc = p.cells_per_column;
+        let narrow = CellSlots::narrow_fits(p.max_segments, p.max_segments_per_cell, cpc);
+        self.cell_slots.rebuild(n, cpc, narrow);
         for s in [&mut self.lrn_active, &mut self.lrn_active_prev] {
             s.rebuild(n);
         }
