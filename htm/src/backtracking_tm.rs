@@ -1867,10 +1867,21 @@ impl BacktrackingTm {
         }
         let candidates = &mut self.scratch.cells;
         candidates.clear();
-        candidates.extend(
-            (base + lo..=base + hi)
-                .filter(|&cell| self.cell_slots.len(cell) < max_segments as usize),
-        );
+        {
+            // One walk of the column's slot counts, merged with its cells.
+            let mut lens = self.cell_slots.column_lens(col).peekable();
+            for cell in base + lo..=base + hi {
+                let mut len = 0;
+                while let Some((c, n)) = lens.next_if(|&(c, _)| c <= cell) {
+                    if c == cell {
+                        len = n;
+                    }
+                }
+                if len < max_segments as usize {
+                    candidates.push(cell);
+                }
+            }
+        }
         if !candidates.is_empty() {
             return candidates[self.rng.below(candidates.len() as u32) as usize];
         }
