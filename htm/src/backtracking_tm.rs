@@ -1152,28 +1152,20 @@ impl BacktrackingTm {
     /// Runs `f` with this thread's scratch buffers in [`Self::scratch`], and gives them back
     /// with no trace of this TM: the next TM to borrow them finds the counters clear.
     fn with_scratch<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
-        let mut scratch = SCRATCH.try_with(Cell::take).unwrap_or_default();
+        let mut scratch = crate::scratch::take(&SCRATCH);
         scratch.activity.set_width(self.params.max_segment_size());
         self.scratch = scratch;
         let result = f(self);
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.activity.clear();
-        // During thread teardown the buffers are simply dropped.
-        let _ = SCRATCH.try_with(|s| s.set(scratch));
+        crate::scratch::give_back(&SCRATCH, scratch);
         result
     }
 
     /// Bytes of this thread's scratch buffers ([`SCRATCH`]), shared by every TM computing on
     /// it and so not in any TM's [`Self::heap_bytes`].
     pub fn thread_scratch_bytes() -> usize {
-        SCRATCH
-            .try_with(|s| {
-                let scratch = s.take();
-                let bytes = scratch.heap_bytes();
-                s.set(scratch);
-                bytes
-            })
-            .unwrap_or(0)
+        crate::scratch::thread_bytes(&SCRATCH, Scratch::heap_bytes)
     }
 
     fn reset_state(&mut self) {

@@ -21,6 +21,7 @@
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use std::cell::Cell;
 use std::sync::{Arc, Mutex};
 
 use crate::random::Random;
@@ -941,12 +942,11 @@ fn initial_layout(
     layout
 }
 
-/// Derived data and scratch buffers: rebuilt from the persistent state, never serialised.
+/// The scratch buffers of [`Cache`], lent by the thread for the length of a compute: a
+/// process holds many poolers but computes on few threads, and an idle pooler then holds none
+/// of them (a tenth of a grown NAB pooler's heap otherwise).
 #[derive(Clone, Debug, Default)]
-struct Cache {
-    consts: Consts,
-    /// `u64` words per column row and per input bitset.
-    words: usize,
+struct Scratch {
     /// One column's row of connected bits, gathered or to be scattered.
     row: Vec<u64>,
     /// One column's lanes, regenerated and replayed from its log.
@@ -960,19 +960,52 @@ struct Cache {
     bump: Delta,
     /// Per input lane, the change of a logged step being replayed.
     replay: Delta,
-    overlaps: Vec<u32>,
     /// Overlaps of the stored columns, by slot.
     slot_overlaps: Vec<u32>,
     /// Boosted overlaps, and the active flags of local inhibition: sized on first use, so a
-    /// pooler without boosting and with global inhibition (NAB's) holds neither.
+    /// pooler without boosting and with global inhibition (NAB's) uses neither.
     boosted: Vec<f32>,
     active_flags: Vec<bool>,
     /// Sort keys of boosted global inhibition (empty until used).
     keys: Vec<u64>,
     histogram: Vec<u32>,
-    winners: Vec<u32>,
     /// The winners' new active duty cycles, during their update.
     winner_duty: Vec<f32>,
+}
+
+thread_local! {
+    /// The scratch buffers of the poolers computing on this thread (see [`Scratch`]).
+    static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
+}
+
+impl Scratch {
+    fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        size_of::<u64>() * (self.row.capacity() + self.input_bits.capacity() + self.keys.capacity())
+            + 2 * self.lanes.capacity()
+            + size_of::<usize>() * self.nonzero_words.capacity()
+            + self.delta.heap_bytes()
+            + self.bump.heap_bytes()
+            + self.replay.heap_bytes()
+            + 4 * (self.slot_overlaps.capacity()
+                + self.boosted.capacity()
+                + self.histogram.capacity()
+                + self.winner_duty.capacity())
+            + self.active_flags.capacity()
+    }
+}
+
+/// Derived data, and scratch buffers while a compute has them (see [`Scratch`]): rebuilt from
+/// the persistent state, never serialised.
+#[derive(Clone, Debug, Default)]
+struct Cache {
+    /// Lent by the thread during a compute, empty otherwise.
+    scratch: Scratch,
+    consts: Consts,
+    /// `u64` words per column row and per input bitset.
+    words: usize,
+    overlaps: Vec<u32>,
+    winners: Vec<u32>,
     /// The constructor's random stream at the start of each column, and more.
     layout: Arc<InitialLayout>,
     vectors: Vectors,
@@ -1163,6 +1196,11 @@ impl Delta {
             inc: vec![inc; lanes],
             dec: vec![dec; lanes],
         }
+    }
+
+    fn resize(&mut self, lanes: usize) {
+        self.inc.resize(lanes, 0);
+        self.dec.resize(lanes, 0);
     }
 
     fn heap_bytes(&self) -> usize {
@@ -1553,25 +1591,12 @@ impl SpatialPooler {
         }
         self.cache = Cache {
             words,
-            row,
-            lanes: vec![NOT_IN_POOL; stride],
-            input_bits: vec![0; words],
-            nonzero_words: Vec::with_capacity(words),
-            delta: Delta::new(stride, 0, 0),
-            bump: Delta::new(stride, consts.below_stimulus_inc, 0),
-            replay: Delta::new(stride, 0, 0),
             overlaps: vec![0; n_col],
-            slot_overlaps: Vec::new(),
-            boosted: Vec::new(),
-            active_flags: Vec::new(),
-            keys: Vec::new(),
-            histogram: vec![0; 4 * (self.input_size() + 1)],
-            winners: Vec::new(),
-            winner_duty: Vec::new(),
             layout,
             vectors: Vectors::detect(),
             overlap_kernel: OverlapKernel::detect(),
             consts,
+            ..Cache::default()
         };
     }
 
@@ -1766,20 +1791,25 @@ impl SpatialPooler {
             ("connected", size_of::<u64>() * self.columns.rows.capacity()),
             (
                 "deltas",
-                c.delta.heap_bytes() + c.bump.heap_bytes() + c.replay.heap_bytes(),
+                c.scratch.delta.heap_bytes()
+                    + c.scratch.bump.heap_bytes()
+                    + c.scratch.replay.heap_bytes(),
             ),
             (
                 "scratch",
-                size_of::<u64>() * (c.row.capacity() + c.input_bits.capacity() + c.keys.capacity())
-                    + 2 * c.lanes.capacity()
-                    + size_of::<usize>() * c.nonzero_words.capacity()
+                size_of::<u64>()
+                    * (c.scratch.row.capacity()
+                        + c.scratch.input_bits.capacity()
+                        + c.scratch.keys.capacity())
+                    + 2 * c.scratch.lanes.capacity()
+                    + size_of::<usize>() * c.scratch.nonzero_words.capacity()
                     + 4 * (c.overlaps.capacity()
-                        + c.slot_overlaps.capacity()
-                        + c.boosted.capacity()
-                        + c.histogram.capacity()
+                        + c.scratch.slot_overlaps.capacity()
+                        + c.scratch.boosted.capacity()
+                        + c.scratch.histogram.capacity()
                         + c.winners.capacity()
-                        + c.winner_duty.capacity())
-                    + c.active_flags.capacity(),
+                        + c.scratch.winner_duty.capacity())
+                    + c.scratch.active_flags.capacity(),
             ),
             // The shared `layout` belongs to no single pooler.
         ]
@@ -1812,6 +1842,38 @@ impl SpatialPooler {
         if self.cache.words == 0 {
             self.rebuild_after_restore();
         }
+        self.cache.scratch = crate::scratch::take(&SCRATCH);
+        self.size_scratch();
+        self.compute_step(input, learn, active);
+        crate::scratch::give_back(&SCRATCH, std::mem::take(&mut self.cache.scratch));
+    }
+
+    /// Bytes of this thread's pooler scratch buffers ([`SCRATCH`]), shared by every pooler
+    /// computing on it and so not in any pooler's [`Self::heap_bytes`].
+    pub fn thread_scratch_bytes() -> usize {
+        crate::scratch::thread_bytes(&SCRATCH, Scratch::heap_bytes)
+    }
+
+    /// Sizes the lent buffers for this pooler (they may come from another).
+    fn size_scratch(&mut self) {
+        let (words, stride) = (self.cache.words, self.columns.stride as usize);
+        let raise = self.cache.consts.below_stimulus_inc;
+        let c = &mut self.cache;
+        c.scratch.row.resize(words, 0);
+        c.scratch.input_bits.resize(words, 0);
+        c.scratch.lanes.resize(stride, NOT_IN_POOL);
+        c.scratch.delta.resize(stride);
+        c.scratch.replay.resize(stride);
+        c.scratch.bump.inc.clear();
+        c.scratch.bump.inc.resize(stride, raise);
+        c.scratch.bump.dec.clear();
+        c.scratch.bump.dec.resize(stride, 0);
+        c.scratch
+            .histogram
+            .resize(4 * (self.params.input_size as usize + 1), 0);
+    }
+
+    fn compute_step(&mut self, input: &Sdr, learn: bool, active: &mut Sdr) {
         if learn {
             self.iteration += 1;
         }
@@ -1819,8 +1881,9 @@ impl SpatialPooler {
         let boosted = learn && self.params.boost_strength != 0.0;
         if boosted {
             let c = &mut self.cache;
-            c.boosted.resize(c.overlaps.len(), 0.0);
+            c.scratch.boosted.resize(c.overlaps.len(), 0.0);
             for ((b, &o), &f) in c
+                .scratch
                 .boosted
                 .iter_mut()
                 .zip(&c.overlaps)
@@ -1848,26 +1911,26 @@ impl SpatialPooler {
 
     fn calculate_overlaps(&mut self, input: &Sdr) {
         let c = &mut self.cache;
-        c.input_bits.fill(0);
-        c.nonzero_words.clear();
+        c.scratch.input_bits.fill(0);
+        c.scratch.nonzero_words.clear();
         for &i in input.sparse() {
             let w = (i >> 6) as usize;
-            if c.nonzero_words.last() != Some(&w) {
-                c.nonzero_words.push(w); // sparse bits are sorted: words come in order
+            if c.scratch.nonzero_words.last() != Some(&w) {
+                c.scratch.nonzero_words.push(w); // sparse bits are sorted: words come in order
             }
-            c.input_bits[w] |= 1 << (i & 63);
+            c.scratch.input_bits[w] |= 1 << (i & 63);
         }
-        let (bits, nz) = (&c.input_bits, &c.nonzero_words);
+        let (bits, nz) = (&c.scratch.input_bits, &c.scratch.nonzero_words);
         // Every column as generated, then the stored ones as they are now. The planes of the
         // lazy columns are shared by every pooler with these parameters.
         c.overlap_kernel
             .run(&c.layout.connected, bits, nz, &mut c.overlaps);
         let store = &self.columns;
         if !store.columns.is_empty() {
-            c.slot_overlaps.resize(store.row_cap, 0);
+            c.scratch.slot_overlaps.resize(store.row_cap, 0);
             c.overlap_kernel
-                .run(&store.rows, bits, nz, &mut c.slot_overlaps);
-            for (&col, &o) in store.columns.iter().zip(&c.slot_overlaps) {
+                .run(&store.rows, bits, nz, &mut c.scratch.slot_overlaps);
+            for (&col, &o) in store.columns.iter().zip(&c.scratch.slot_overlaps) {
                 c.overlaps[col as usize] = o;
             }
         }
@@ -1886,8 +1949,8 @@ impl SpatialPooler {
         } else {
             if !boosted {
                 let c = &mut self.cache;
-                c.boosted.resize(c.overlaps.len(), 0.0);
-                for (b, &o) in c.boosted.iter_mut().zip(&c.overlaps) {
+                c.scratch.boosted.resize(c.overlaps.len(), 0.0);
+                for (b, &o) in c.scratch.boosted.iter_mut().zip(&c.overlaps) {
                     *b = o as f32;
                 }
             }
@@ -1905,9 +1968,9 @@ impl SpatialPooler {
         }
         // Four interleaved histograms: overlaps cluster on few values, and a single one
         // would chain every increment of a popular bin through store-to-load forwarding.
-        let bins = c.histogram.len() / 4;
-        c.histogram.fill(0);
-        let (h0, rest) = c.histogram.split_at_mut(bins);
+        let bins = c.scratch.histogram.len() / 4;
+        c.scratch.histogram.fill(0);
+        let (h0, rest) = c.scratch.histogram.split_at_mut(bins);
         let (h1, rest) = rest.split_at_mut(bins);
         let (h2, h3) = rest.split_at_mut(bins);
         let mut chunks = c.overlaps.chunks_exact(4);
@@ -1959,39 +2022,42 @@ impl SpatialPooler {
         if k == 0 {
             return;
         }
-        c.keys.clear();
+        c.scratch.keys.clear();
         // Non-negative floats order like their bit patterns; the index breaks ties upward.
-        c.keys.extend(
-            c.boosted
+        c.scratch.keys.extend(
+            c.scratch
+                .boosted
                 .iter()
                 .enumerate()
                 .map(|(i, b)| (u64::from(b.to_bits()) << 32) | i as u64),
         );
-        if k < c.keys.len() {
-            c.keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        if k < c.scratch.keys.len() {
+            c.scratch
+                .keys
+                .select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
         }
         let threshold = self.params.stimulus_threshold as f32;
-        for &key in &c.keys[..k.min(c.keys.len())] {
+        for &key in &c.scratch.keys[..k.min(c.scratch.keys.len())] {
             let col = key as u32;
-            if c.boosted[col as usize] >= threshold {
+            if c.scratch.boosted[col as usize] >= threshold {
                 c.winners.push(col);
             }
         }
         c.winners.sort_unstable();
     }
 
-    /// NuPIC `_inhibitColumnsLocal` over `cache.boosted`: a column wins when fewer than the
+    /// NuPIC `_inhibitColumnsLocal` over `cache.scratch.boosted`: a column wins when fewer than the
     /// neighbourhood's quota beat it, ties lost to neighbours already chosen.
     fn inhibit_local(&mut self, density: f64) {
         let n_col = self.params.column_count;
         let (radius, wrap) = (self.inhibition_radius, self.params.wrap_around);
         let threshold = self.params.stimulus_threshold as f32;
         let c = &mut self.cache;
-        c.active_flags.clear();
-        c.active_flags.resize(n_col as usize, false);
+        c.scratch.active_flags.clear();
+        c.scratch.active_flags.resize(n_col as usize, false);
         c.winners.clear();
         for col in 0..n_col {
-            let overlap = c.boosted[col as usize];
+            let overlap = c.scratch.boosted[col as usize];
             if overlap < threshold {
                 continue;
             }
@@ -1999,11 +2065,13 @@ impl SpatialPooler {
             let num_active = (0.5 + density * len as f64) as usize;
             let mut beaten = 0usize;
             for n in neighborhood(col, radius, n_col, wrap) {
-                let o = c.boosted[n as usize];
-                beaten += usize::from(o > overlap || (o == overlap && c.active_flags[n as usize]));
+                let o = c.scratch.boosted[n as usize];
+                beaten += usize::from(
+                    o > overlap || (o == overlap && c.scratch.active_flags[n as usize]),
+                );
             }
             if beaten < num_active {
-                c.active_flags[col as usize] = true;
+                c.scratch.active_flags[col as usize] = true;
                 c.winners.push(col);
             }
         }
@@ -2012,7 +2080,7 @@ impl SpatialPooler {
     /// NuPIC `_adaptSynapses`: winners' synapses on active inputs +inc, others -dec.
     fn adapt_synapses(&mut self) {
         let c = &mut self.cache;
-        fill_delta(&mut c.delta, &c.input_bits, &c.consts);
+        fill_delta(&mut c.scratch.delta, &c.scratch.input_bits, &c.consts);
         self.columns.begin_step();
         let winners = std::mem::take(&mut c.winners);
         for &col in &winners {
@@ -2027,12 +2095,16 @@ impl SpatialPooler {
     fn learn_column(&mut self, column: u32, raise: bool) {
         let c = &mut self.cache;
         let k = &c.consts;
-        let delta = if raise { &c.bump } else { &c.delta };
+        let delta = if raise {
+            &c.scratch.bump
+        } else {
+            &c.scratch.delta
+        };
         let y = match self.columns.repr(column) {
             Repr::Dense { slot, d } => {
                 let lanes = self.columns.lanes_mut(d);
-                apply_step(c.vectors, lanes, delta, raise, k, &mut c.row);
-                self.columns.set_row(slot, &c.row);
+                apply_step(c.vectors, lanes, delta, raise, k, &mut c.scratch.row);
+                self.columns.set_row(slot, &c.scratch.row);
                 return;
             }
             Repr::Young { y, .. } => Some(y),
@@ -2040,22 +2112,42 @@ impl SpatialPooler {
         };
         let mut stream = c.layout.streams[column as usize].clone();
         let (params, radius) = (&self.params, self.potential_radius);
-        generate_column(params, radius, k, column, &mut stream, &mut c.lanes);
+        generate_column(params, radius, k, column, &mut stream, &mut c.scratch.lanes);
         if let Some(y) = y {
-            let (lanes, replay, row) = (&mut c.lanes, &mut c.replay, &mut c.row);
-            replay_log(&self.columns, y, lanes, replay, &c.bump, k, c.vectors, row);
+            let (lanes, replay, row) = (
+                &mut c.scratch.lanes,
+                &mut c.scratch.replay,
+                &mut c.scratch.row,
+            );
+            replay_log(
+                &self.columns,
+                y,
+                lanes,
+                replay,
+                &c.scratch.bump,
+                k,
+                c.vectors,
+                row,
+            );
         }
-        apply_step(c.vectors, &mut c.lanes, delta, raise, k, &mut c.row);
+        apply_step(
+            c.vectors,
+            &mut c.scratch.lanes,
+            delta,
+            raise,
+            k,
+            &mut c.scratch.row,
+        );
         match y {
             Some(y) if usize::from(self.columns.young[y].len) == YOUNG_STEPS => {
-                self.columns.promote(y, &c.lanes)
+                self.columns.promote(y, &c.scratch.lanes)
             }
             _ => self
                 .columns
-                .log_step(column, y, (!raise).then_some(&c.input_bits[..])),
+                .log_step(column, y, (!raise).then_some(&c.scratch.input_bits[..])),
         }
         let slot = self.columns.slot_of[column as usize] as usize;
-        self.columns.set_row(slot, &c.row);
+        self.columns.set_row(slot, &c.scratch.row);
     }
 
     fn update_duty_cycles(&mut self) {
@@ -2068,8 +2160,8 @@ impl SpatialPooler {
         // Every column as inactive (vector code), the winners' values computed first from
         // their old ones and put back after: no per-column flags to keep.
         let duty = &mut self.active_duty_cycles;
-        c.winner_duty.clear();
-        c.winner_duty.extend(
+        c.scratch.winner_duty.clear();
+        c.scratch.winner_duty.extend(
             c.winners
                 .iter()
                 .map(|&w| (duty[w as usize] * keep + 1.0) / period),
@@ -2077,7 +2169,7 @@ impl SpatialPooler {
         for d in duty.iter_mut() {
             *d = (*d * keep + 0.0) / period;
         }
-        for (&w, &d) in c.winners.iter().zip(&c.winner_duty) {
+        for (&w, &d) in c.winners.iter().zip(&c.scratch.winner_duty) {
             duty[w as usize] = d;
         }
     }
@@ -2148,7 +2240,9 @@ impl SpatialPooler {
         }
         let n = self.num_columns();
         let mut span_sum = 0u64;
-        let mut row = std::mem::take(&mut self.cache.row);
+        // Also called outside a compute, without the lent buffers.
+        let mut row = std::mem::take(&mut self.cache.scratch.row);
+        row.resize(self.cache.words, 0);
         for col in 0..n {
             self.connected_row(col as u32, &mut row);
             let first = row.iter().position(|&w| w != 0);
@@ -2159,7 +2253,7 @@ impl SpatialPooler {
                 span_sum += (hi - lo + 1) as u64;
             }
         }
-        self.cache.row = row;
+        self.cache.scratch.row = row;
         let avg_span = span_sum as f64 / self.num_columns() as f64;
         let columns_per_input =
             f64::from(self.params.column_count) / f64::from(self.params.input_size);
@@ -2352,7 +2446,12 @@ mod tests {
                 // The portable kernel agrees with the one the CPU selected.
                 let c = &sp.cache;
                 let mut portable = vec![0; 300];
-                let (bits, nz) = (&c.input_bits, &c.nonzero_words);
+                let mut bits = vec![0u64; c.words];
+                for &i in x.sparse() {
+                    bits[i as usize / 64] |= 1 << (i % 64);
+                }
+                let nz: Vec<usize> = (0..c.words).filter(|&w| bits[w] != 0).collect();
+                let (bits, nz) = (&bits, &nz);
                 overlaps_kernel(&c.layout.connected, bits, nz, &mut portable);
                 let mut slots = vec![0; sp.columns.row_cap];
                 overlaps_kernel(&sp.columns.rows, bits, nz, &mut slots);
@@ -2614,6 +2713,37 @@ mod tests {
             (0..sp.columns.young.len()).any(|y| sp.columns.steps_of(y).contains(&RAISE)),
             "no logged raise"
         );
+    }
+
+    /// Poolers of other sizes computing in turn on one thread, on the thread's buffers,
+    /// compute what each computes alone.
+    #[test]
+    fn poolers_sharing_a_thread_compute_as_alone() {
+        let make = || {
+            [
+                SpatialPooler::new(params(454, 600, 20)).unwrap(),
+                SpatialPooler::new(SpatialPoolerParams {
+                    global_inhibition: false,
+                    boost_strength: 1.0,
+                    ..params(100, 128, 6)
+                })
+                .unwrap(),
+            ]
+        };
+        let (mut shared, mut alone) = (make(), make());
+        let mut rng = Random::new(4);
+        for step in 0..120 {
+            let x = [random_sdr(&mut rng, 454, 40), random_sdr(&mut rng, 100, 12)];
+            let learn = step % 4 != 3;
+            let together: Vec<Sdr> = (0..2).map(|i| run(&mut shared[i], &x[i], learn)).collect();
+            for i in 0..2 {
+                let out =
+                    std::thread::scope(|s| s.spawn(|| run(&mut alone[i], &x[i], learn)).join())
+                        .unwrap();
+                assert_eq!(together[i].sparse(), out.sparse(), "step {step} pooler {i}");
+            }
+        }
+        assert!(shared == alone);
     }
 
     #[test]
