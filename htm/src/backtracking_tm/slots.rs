@@ -114,9 +114,9 @@ fn append_copy<T: Copy + Default>(w: &mut Vec<T>, from: usize, len: usize, extra
 
 /// Words of a column block's header: words its runs use, words it has room for.
 const HEADER: usize = 2;
-/// Words of a run's header: the cell's index in its column, its slot count, its most
-/// recently freed slot (or [`NONE`]).
-const RUN: usize = 3;
+/// Words of a run's header: the cell's index in its column plus its slot count times the
+/// column's size, then its most recently freed slot (or [`NONE`]).
+const RUN: usize = 2;
 
 /// `Cells4`'s per-cell segment slots: per cell, its segments in slot order with free slots
 /// in between, and its freed slots, most recently freed first to be taken by the cell's next
@@ -194,6 +194,13 @@ impl PartialEq for CellSlots {
     }
 }
 
+/// The first word of a run: cell index `idx` in a column of `cpc` cells, `n` slots.
+fn run_word(cpc: u32, idx: u32, n: usize) -> u32 {
+    let word = u64::from(idx) + u64::from(cpc) * n as u64;
+    assert!(word < u64::from(NONE), "{n} slots on a cell");
+    word as u32
+}
+
 /// Where a cell's run is in its column's block, or where it would go.
 enum Run {
     At(usize),
@@ -224,7 +231,7 @@ impl CellSlots {
             heads[col as usize] = u32::try_from(h).expect("slot arena within u32");
             arena.extend_from_slice(&[0, 0]);
             while let Some((cell, top, slots)) = lists.next_if(|l| l.0 / cpc == col) {
-                arena.extend_from_slice(&[cell % cpc, slots.len() as u32, top]);
+                arena.extend_from_slice(&[run_word(cpc, cell % cpc, slots.len()), top]);
                 arena.extend_from_slice(&slots);
             }
             let used = (arena.len() - h - HEADER) as u32;
@@ -278,6 +285,7 @@ impl CellSlots {
         let block = i64::from(cells_per_column) * (RUN as i64 + i64::from(max_segments_per_cell));
         (1..bound).contains(&i64::from(max_segments))
             && (1..bound).contains(&i64::from(max_segments_per_cell))
+            && i64::from(cells_per_column) * (i64::from(max_segments_per_cell) + 1) < bound
             && Self::grown(block as usize) < bound as usize
     }
 
@@ -285,6 +293,16 @@ impl CellSlots {
     /// time, and every move abandons the whole block.
     fn grown(words: usize) -> usize {
         words + words / 8 + 4
+    }
+
+    /// The cell index and slot count of the run at `pos`.
+    #[inline]
+    fn run_head(&self, pos: usize) -> (u32, usize) {
+        let w = self.arena.get(pos);
+        (
+            w % self.cells_per_column,
+            (w / self.cells_per_column) as usize,
+        )
     }
 
     /// Where `cell`'s column block starts (0 for the empty one).
@@ -300,14 +318,14 @@ impl CellSlots {
         let mut pos = h + HEADER;
         let end = pos + self.arena.get(h) as usize;
         while pos < end {
-            let i = self.arena.get(pos);
+            let (i, n) = self.run_head(pos);
             if i == idx {
                 return Run::At(pos);
             }
             if i > idx {
                 return Run::Missing(pos);
             }
-            pos += RUN + self.arena.get(pos + 1) as usize;
+            pos += RUN + n;
         }
         Run::Missing(end)
     }
@@ -316,8 +334,8 @@ impl CellSlots {
     fn block(&self, cell: u32) -> (u32, impl Iterator<Item = u32> + '_) {
         let (top, range) = match self.find(self.head(cell), cell) {
             Run::At(pos) => {
-                let n = self.arena.get(pos + 1) as usize;
-                (self.arena.get(pos + 2), pos + RUN..pos + RUN + n)
+                let n = self.run_head(pos).1;
+                (self.arena.get(pos + 1), pos + RUN..pos + RUN + n)
             }
             Run::Missing(_) => (NONE, 0..0),
         };
@@ -327,7 +345,7 @@ impl CellSlots {
     /// Slots of `cell`, empty ones included.
     pub(super) fn len(&self, cell: u32) -> usize {
         match self.find(self.head(cell), cell) {
-            Run::At(pos) => self.arena.get(pos + 1) as usize,
+            Run::At(pos) => self.run_head(pos).1,
             Run::Missing(_) => 0,
         }
     }
@@ -340,7 +358,7 @@ impl CellSlots {
         let mut pos = h + HEADER;
         std::iter::from_fn(move || {
             (pos < end).then(|| {
-                let (idx, n) = (self.arena.get(pos), self.arena.get(pos + 1) as usize);
+                let (idx, n) = self.run_head(pos);
                 pos += RUN + n;
                 (col * self.cells_per_column + idx, n)
             })
@@ -386,22 +404,23 @@ impl CellSlots {
         let h = self.head(cell);
         match self.find(h, cell) {
             Run::At(pos) => {
-                let top = self.arena.get(pos + 2);
+                let top = self.arena.get(pos + 1);
                 if top != NONE {
                     let w = pos + RUN + top as usize;
-                    self.arena.set(pos + 2, self.arena.get(w) & !FREE);
+                    self.arena.set(pos + 1, self.arena.get(w) & !FREE);
                     self.arena.set(w, seg);
                     return top;
                 }
-                let n = self.arena.get(pos + 1);
-                let moved = self.insert(cell, pos + RUN + n as usize - h, &[seg]);
+                let (idx, n) = self.run_head(pos);
+                let moved = self.insert(cell, pos + RUN + n - h, &[seg]);
                 // The run is where it was in the block, which may have moved.
-                self.arena.set(moved + (pos - h) + 1, n + 1);
-                n
+                let word = run_word(self.cells_per_column, idx, n + 1);
+                self.arena.set(moved + (pos - h), word);
+                n as u32
             }
             Run::Missing(pos) => {
-                let idx = cell % self.cells_per_column;
-                self.insert(cell, pos - h, &[idx, 1, NONE, seg]);
+                let word = run_word(self.cells_per_column, cell % self.cells_per_column, 1);
+                self.insert(cell, pos - h, &[word, NONE, seg]);
                 0
             }
         }
@@ -412,10 +431,10 @@ impl CellSlots {
         let Run::At(pos) = self.find(self.head(cell), cell) else {
             unreachable!("cell {cell} has no slots");
         };
-        debug_assert!(slot < self.arena.get(pos + 1));
+        debug_assert!((slot as usize) < self.run_head(pos).1);
         self.arena
-            .set(pos + RUN + slot as usize, FREE | self.arena.get(pos + 2));
-        self.arena.set(pos + 2, slot);
+            .set(pos + RUN + slot as usize, FREE | self.arena.get(pos + 1));
+        self.arena.set(pos + 1, slot);
     }
 }
 
