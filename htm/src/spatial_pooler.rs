@@ -917,6 +917,7 @@ fn initial_layout(
     let mut streams = Vec::with_capacity(n_col);
     let mut rng = Random::new(params.seed);
     let mut row = vec![0u64; words];
+    let mut pool = Vec::new();
     for col in 0..n_col {
         streams.push(rng.clone());
         generate_column(
@@ -926,6 +927,7 @@ fn initial_layout(
             col as u32,
             &mut rng,
             &mut scratch,
+            &mut pool,
         );
         connected_bits(&scratch, k.connected, &mut row);
         scatter_row(&mut connected, n_col, col, &row);
@@ -951,6 +953,8 @@ struct Scratch {
     row: Vec<u64>,
     /// One column's lanes, regenerated and replayed from its log.
     lanes: Vec<u16>,
+    /// A generated column's potential pool.
+    pool: Vec<u32>,
     input_bits: Vec<u64>,
     /// Indices of the non-zero words of `input_bits`, ascending.
     nonzero_words: Vec<usize>,
@@ -987,7 +991,8 @@ impl Scratch {
             + self.delta.heap_bytes()
             + self.bump.heap_bytes()
             + self.replay.heap_bytes()
-            + 4 * (self.slot_overlaps.capacity()
+            + 4 * (self.pool.capacity()
+                + self.slot_overlaps.capacity()
                 + self.boosted.capacity()
                 + self.histogram.capacity()
                 + self.winner_duty.capacity())
@@ -1102,20 +1107,22 @@ fn generate_column(
     column: u32,
     rng: &mut Random,
     lanes: &mut [u16],
+    pool: &mut Vec<u32>,
 ) {
-    let candidates: Vec<u32> = neighborhood(
+    // The candidates, then the sample drawn from them in place: no allocation per column.
+    pool.clear();
+    pool.extend(neighborhood(
         map_column(p, column),
         potential_radius,
         p.input_size,
         p.wrap_around,
-    )
-    .collect();
-    let pool = rng.sample(&candidates, pool_size(candidates.len(), p.potential_pct));
+    ));
+    rng.sample_in_place(pool, pool_size(pool.len(), p.potential_pct));
     // The permanences are drawn in ascending input order, as NuPIC does: pool members are
     // marked in their lanes and the lanes read in order, cheaper than sorting the pool (a
     // column is generated again each time a logged column learns).
     lanes.fill(NOT_IN_POOL);
-    for &input in &pool {
+    for &input in pool.iter() {
         lanes[input as usize] = 0;
     }
     let connected = f64::from(k.connected);
@@ -1707,6 +1714,7 @@ impl SpatialPooler {
                         col,
                         &mut rng,
                         &mut lanes,
+                        &mut Vec::new(),
                     );
                 }
                 rng
@@ -1719,6 +1727,7 @@ impl SpatialPooler {
             column,
             &mut rng,
             &mut lanes,
+            &mut Vec::new(),
         );
         if let Some(y) = y {
             let stride = lanes.len();
@@ -1790,27 +1799,11 @@ impl SpatialPooler {
             ),
             ("connected", size_of::<u64>() * self.columns.rows.capacity()),
             (
-                "deltas",
-                c.scratch.delta.heap_bytes()
-                    + c.scratch.bump.heap_bytes()
-                    + c.scratch.replay.heap_bytes(),
-            ),
-            (
                 "scratch",
-                size_of::<u64>()
-                    * (c.scratch.row.capacity()
-                        + c.scratch.input_bits.capacity()
-                        + c.scratch.keys.capacity())
-                    + 2 * c.scratch.lanes.capacity()
-                    + size_of::<usize>() * c.scratch.nonzero_words.capacity()
-                    + 4 * (c.overlaps.capacity()
-                        + c.scratch.slot_overlaps.capacity()
-                        + c.scratch.boosted.capacity()
-                        + c.scratch.histogram.capacity()
-                        + c.winners.capacity()
-                        + c.scratch.winner_duty.capacity())
-                    + c.scratch.active_flags.capacity(),
+                4 * (c.overlaps.capacity() + c.winners.capacity()),
             ),
+            // Buffers lent for a call, if any.
+            ("lent", c.scratch.heap_bytes()),
             // The shared `layout` belongs to no single pooler.
         ]
     }
@@ -2112,7 +2105,8 @@ impl SpatialPooler {
         };
         let mut stream = c.layout.streams[column as usize].clone();
         let (params, radius) = (&self.params, self.potential_radius);
-        generate_column(params, radius, k, column, &mut stream, &mut c.scratch.lanes);
+        let (lanes, pool) = (&mut c.scratch.lanes, &mut c.scratch.pool);
+        generate_column(params, radius, k, column, &mut stream, lanes, pool);
         if let Some(y) = y {
             let (lanes, replay, row) = (
                 &mut c.scratch.lanes,
