@@ -133,7 +133,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::random::Random;
 use arena::{CodeWord, SynapseArena, SynsMut};
-use cell_state::{CellList, CellState};
+use cell_state::{is_set, size_bits, Bits, CellList, CellState};
 use permanence::{Codec, LearningSteps, DROPPED};
 use recency::Recency;
 use slots::CellSlots;
@@ -901,6 +901,9 @@ struct Scratch {
     seg_synapses: Vec<Synapse>,
     backup_active: Vec<u32>,
     backup_predicted: Vec<u32>,
+    /// The dense tables of [`BacktrackingTm::lrn_active`] and
+    /// [`BacktrackingTm::lrn_active_prev`], marked while a TM computes, all clear otherwise.
+    lrn_bits: [Bits; 2],
     /// One bit per column, all clear between uses.
     active_columns: Vec<u64>,
     phase2: Phase2Result,
@@ -951,7 +954,9 @@ impl Scratch {
                 + self.phase2.predicted.capacity())
                 * 4
             + (self.phase2.cell_confidence.capacity() + self.phase2.col_confidence.capacity()) * 8
-            + self.active_columns.capacity() * 8
+            + (self.active_columns.capacity()
+                + self.lrn_bits.iter().map(Vec::capacity).sum::<usize>())
+                * 8
             + self.in_update.capacity()
             + self.new_cells.capacity() * 4
             + self.free_candidates.capacity() * 12
@@ -1039,7 +1044,6 @@ impl BacktrackingTm {
     pub fn new(params: BacktrackingTmParams) -> Result<Self, ParamError> {
         params.validate()?;
         let n = params.num_cells();
-        let state = || CellState::new(n);
         let mut tm = BacktrackingTm {
             // Id 0 is never a live segment (see `SINK`).
             synapses: {
@@ -1065,8 +1069,8 @@ impl BacktrackingTm {
             col_confidence: Vec::new(),
             predicted_columns: Vec::new(),
             prev_inf_patterns: VecDeque::new(),
-            lrn_active: state(),
-            lrn_active_prev: state(),
+            lrn_active: CellState::default(),
+            lrn_active_prev: CellState::default(),
             lrn_predicted: CellList::default(),
             lrn_predicted_prev: CellList::default(),
             prev_lrn_patterns: VecDeque::new(),
@@ -1154,10 +1158,18 @@ impl BacktrackingTm {
     fn with_scratch<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
         let mut scratch = crate::scratch::take(&SCRATCH);
         scratch.activity.set_width(self.params.max_segment_size());
+        let n = self.params.num_cells();
+        for (bits, state) in scratch.lrn_bits.iter_mut().zip(self.lrn_states()) {
+            size_bits(bits, n);
+            state.mark(bits);
+        }
         self.scratch = scratch;
         let result = f(self);
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.activity.clear();
+        for (bits, state) in scratch.lrn_bits.iter_mut().zip(self.lrn_states()) {
+            state.unmark(bits);
+        }
         crate::scratch::give_back(&SCRATCH, scratch);
         result
     }
@@ -1168,12 +1180,19 @@ impl BacktrackingTm {
         crate::scratch::thread_bytes(&SCRATCH, Scratch::heap_bytes)
     }
 
+    /// The learning states whose tables are lent with the scratch, in [`Scratch::lrn_bits`]
+    /// order.
+    fn lrn_states(&self) -> [&CellState; 2] {
+        [&self.lrn_active, &self.lrn_active_prev]
+    }
+
     fn reset_state(&mut self) {
         self.inf_active.reset();
         self.inf_predicted.reset();
         self.inf_predicted_prev.reset();
-        self.lrn_active.reset();
-        self.lrn_active_prev.reset();
+        let [active, prev] = &mut self.scratch.lrn_bits;
+        self.lrn_active.reset(active);
+        self.lrn_active_prev.reset(prev);
         self.lrn_predicted.reset();
         self.lrn_predicted_prev.reset();
         self.cell_confidence.clear();
@@ -1322,9 +1341,6 @@ impl BacktrackingTm {
         let cpc = p.cells_per_column;
         let narrow = CellSlots::narrow_fits(p.max_segments, p.max_segments_per_cell, cpc);
         self.cell_slots.rebuild(n, cpc, narrow);
-        for s in [&mut self.lrn_active, &mut self.lrn_active_prev] {
-            s.rebuild(n);
-        }
         self.derived = Derived {
             ready: true,
             recency: if self.params.max_segments > 0 {
@@ -1567,7 +1583,8 @@ impl BacktrackingTm {
 
     fn update_learning_state(&mut self, cols: &[u32]) {
         let cpc = self.params.cells_per_column;
-        self.lrn_active_prev.copy_from(&self.lrn_active);
+        self.lrn_active_prev
+            .copy_from(&mut self.scratch.lrn_bits[1], &self.lrn_active);
         self.lrn_predicted_prev.copy_from(&self.lrn_predicted);
         let max = self.params.max_lrn_backtrack as usize;
         if max > 0 {
@@ -1613,9 +1630,9 @@ impl BacktrackingTm {
                 backsteps = self.learn_backtrack();
             }
             if self.reset_called || backsteps == 0 {
-                self.lrn_active.reset();
+                self.lrn_active.reset(&mut self.scratch.lrn_bits[0]);
                 for &c in cols {
-                    self.lrn_active.set(c * cpc);
+                    self.lrn_active.set(&mut self.scratch.lrn_bits[0], c * cpc);
                 }
                 let spare = &mut self.scratch.spare_patterns;
                 spare.extend(self.prev_lrn_patterns.drain(..));
@@ -1634,7 +1651,7 @@ impl BacktrackingTm {
     /// segment or grow a new one. Returns whether the input counts as in sequence.
     fn learn_phase1(&mut self, cols: &[u32], read_only: bool) -> bool {
         let cpc = self.params.cells_per_column;
-        self.lrn_active.reset();
+        self.lrn_active.reset(&mut self.scratch.lrn_bits[0]);
         let mut unpredicted = 0usize;
         let mut matches_ready = false;
         let lrn_predicted_prev = std::mem::take(&mut self.lrn_predicted_prev);
@@ -1643,7 +1660,7 @@ impl BacktrackingTm {
             let base = col * cpc;
             // At most one cell per column is learn-predicted; Cells4 keeps the last.
             if let Some(&cell) = predicted_prev.range(base, base + cpc).last() {
-                self.lrn_active.set(cell);
+                self.lrn_active.set(&mut self.scratch.lrn_bits[0], cell);
                 continue;
             }
             unpredicted += 1;
@@ -1677,13 +1694,13 @@ impl BacktrackingTm {
                         && self.segments[seg as usize].cell() == cell
                         && self.segments[seg as usize].sequence() =>
                 {
-                    self.lrn_active.set(cell);
+                    self.lrn_active.set(&mut self.scratch.lrn_bits[0], cell);
                     // The match has synapses from the state, so the update is not empty.
                     self.reinforce(cell, seg, true, Choices::Draw);
                 }
                 _ => {
                     let cell = self.cell_for_new_segment(col);
-                    self.lrn_active.set(cell);
+                    self.lrn_active.set(&mut self.scratch.lrn_bits[0], cell);
                     let update = self.build_update(None, true, Choices::Draw);
                     if !update.is_empty() {
                         self.adapt_segment(cell, None, &update, true);
@@ -1825,15 +1842,16 @@ impl BacktrackingTm {
         }
         let mut in_sequence = true;
         for (offset, pattern) in patterns.iter().enumerate().skip(start) {
-            self.lrn_active_prev.copy_from(&self.lrn_active);
+            self.lrn_active_prev
+                .copy_from(&mut self.scratch.lrn_bits[1], &self.lrn_active);
             self.lrn_predicted_prev.copy_from(&self.lrn_predicted);
             if !read_only {
                 self.process_segment_updates(pattern);
             }
             if offset == start {
-                self.lrn_active.reset();
+                self.lrn_active.reset(&mut self.scratch.lrn_bits[0]);
                 for &c in pattern {
-                    self.lrn_active.set(c * cpc);
+                    self.lrn_active.set(&mut self.scratch.lrn_bits[0], c * cpc);
                 }
                 in_sequence = true;
             } else {
@@ -1931,11 +1949,7 @@ impl BacktrackingTm {
         choices: Choices,
     ) -> Vec<u32> {
         let mut out = std::mem::take(&mut self.scratch.update);
-        let state = if from_prev {
-            &self.lrn_active_prev
-        } else {
-            &self.lrn_active
-        };
+        let bits = &self.scratch.lrn_bits[usize::from(from_prev)];
         out.clear();
         if let Some(seg) = seg {
             // Ascending, as the synapses are.
@@ -1943,7 +1957,7 @@ impl BacktrackingTm {
             out.extend(
                 (0..syns.len())
                     .map(|k| syns.presyn(k))
-                    .filter(|&p| state.is_set(p)),
+                    .filter(|&p| is_set(bits, p)),
             );
         }
         let mut active = std::mem::take(&mut self.scratch.new_cells);
@@ -2085,11 +2099,7 @@ impl BacktrackingTm {
         let mut in_update = std::mem::take(&mut self.scratch.in_update);
         let mut active = std::mem::take(&mut self.scratch.new_cells);
         let mut changed = std::mem::take(&mut self.scratch.changed);
-        let state = if from_prev {
-            &self.lrn_active_prev
-        } else {
-            &self.lrn_active
-        };
+        let state = &self.scratch.lrn_bits[usize::from(from_prev)];
         let cp = self.codec.connected;
         let walk = (&mut in_update, &mut active, &mut changed);
         let steps = self.codec.learning_steps();
@@ -2440,7 +2450,7 @@ pub(crate) fn prefetch_slice<T>(items: &[T]) {
 #[inline(always)]
 fn adapt_walk<P: Entry, C: CodeWord>(
     (presyn, codes): (&[P], &mut [C]),
-    state: &CellState,
+    state: &[u64],
     connected: Code,
     step: impl Fn(Code, bool) -> Code,
     (in_update, active, changed): Walk,
@@ -2456,7 +2466,7 @@ fn adapt_walk<P: Entry, C: CodeWord>(
     let synapses = presyn.iter().zip(codes.iter_mut());
     for (k, ((presyn, c), flag)) in synapses.zip(in_update.iter_mut()).enumerate() {
         let (presyn, code) = (presyn.get() as u32, c.get());
-        let on = state.is_set(presyn);
+        let on = is_set(state, presyn);
         *flag = on;
         // Written either way, kept only when on: no branch on the (data-dependent) state.
         active[on_count] = presyn;
@@ -2481,7 +2491,7 @@ type Walk<'a> = (
 /// step without a match per synapse.
 fn adapt_walk_steps<P: Entry, C: CodeWord>(
     synapses: (&[P], &mut [C]),
-    state: &CellState,
+    state: &[u64],
     connected: Code,
     steps: LearningSteps,
     walk: Walk,

@@ -3,54 +3,50 @@
 
 use serde::{Deserialize, Serialize};
 
-/// NuPIC's `CStateIndexed`, for the states looked up cell by cell: a dense table for O(1)
-/// membership plus the list of on cells, so clearing and copying cost the number of on cells
-/// rather than the number of cells. The table is a bitset (8 KiB for 65,536 cells) so that
-/// lookups stay in L1.
+/// NuPIC's `CStateIndexed`, for the states looked up cell by cell: the list of on cells and a
+/// dense table for O(1) membership, so clearing and copying cost the number of on cells rather
+/// than the number of cells. The table is a bitset (8 KiB for 65,536 cells) so that lookups
+/// stay in L1; it is not kept here but passed in (see [`Bits`]): the TM keeps its tables with
+/// its thread's scratch, all clear between computes, and marks them from the lists when it
+/// starts computing.
 ///
-/// Only the list is serialised; the table is rebuilt by [`CellState::rebuild`].
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// Only the list is serialised.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct CellState {
     on: Vec<u32>,
-    #[serde(skip)]
-    dense: Vec<u64>,
 }
 
-fn words(num_cells: usize) -> usize {
-    num_cells.div_ceil(64)
+/// A dense table of cells, as bits.
+pub(crate) type Bits = Vec<u64>;
+
+/// Sizes `bits` for `num_cells` cells (all clear if it was).
+pub(crate) fn size_bits(bits: &mut Bits, num_cells: usize) {
+    bits.resize(num_cells.div_ceil(64), 0);
 }
 
-/// The table is derived from the list, so equality is the list's.
-impl PartialEq for CellState {
-    fn eq(&self, other: &Self) -> bool {
-        self.on == other.on
-    }
+#[inline]
+pub(crate) fn is_set(bits: &[u64], cell: u32) -> bool {
+    bits[(cell >> 6) as usize] >> (cell & 63) & 1 != 0
 }
 
 impl CellState {
-    pub(crate) fn new(num_cells: usize) -> Self {
-        CellState {
-            on: Vec::new(),
-            dense: vec![0; words(num_cells)],
-        }
-    }
-
-    /// Restores the dense table after deserialisation.
-    pub(crate) fn rebuild(&mut self, num_cells: usize) {
-        self.dense = vec![0; words(num_cells)];
+    /// Sets this state's bits in `bits` (clear, or marked from this state).
+    pub(crate) fn mark(&self, bits: &mut [u64]) {
         for &c in &self.on {
-            self.dense[(c >> 6) as usize] |= 1 << (c & 63);
+            bits[(c >> 6) as usize] |= 1 << (c & 63);
+        }
+    }
+
+    /// Clears this state's bits in `bits`, which leaves them all clear.
+    pub(crate) fn unmark(&self, bits: &mut [u64]) {
+        for &c in &self.on {
+            bits[(c >> 6) as usize] = 0;
         }
     }
 
     #[inline]
-    pub(crate) fn is_set(&self, cell: u32) -> bool {
-        self.dense[(cell >> 6) as usize] >> (cell & 63) & 1 != 0
-    }
-
-    #[inline]
-    pub(crate) fn set(&mut self, cell: u32) {
-        let w = &mut self.dense[(cell >> 6) as usize];
+    pub(crate) fn set(&mut self, bits: &mut [u64], cell: u32) {
+        let w = &mut bits[(cell >> 6) as usize];
         let bit = 1u64 << (cell & 63);
         if *w & bit == 0 {
             *w |= bit;
@@ -58,24 +54,16 @@ impl CellState {
         }
     }
 
-    pub(crate) fn reset(&mut self) {
-        for &c in &self.on {
-            self.dense[(c >> 6) as usize] = 0;
-        }
+    pub(crate) fn reset(&mut self, bits: &mut [u64]) {
+        self.unmark(bits);
         self.on.clear();
     }
 
-    /// Makes this state equal to `cells` (which must be free of duplicates).
-    pub(crate) fn assign(&mut self, cells: &[u32]) {
-        self.reset();
-        for &c in cells {
-            self.dense[(c >> 6) as usize] |= 1 << (c & 63);
-        }
-        self.on.extend_from_slice(cells);
-    }
-
-    pub(crate) fn copy_from(&mut self, other: &CellState) {
-        self.assign(&other.on);
+    /// Makes this state (with `bits`) equal to `other`.
+    pub(crate) fn copy_from(&mut self, bits: &mut [u64], other: &CellState) {
+        self.reset(bits);
+        self.on.extend_from_slice(&other.on);
+        self.mark(bits);
     }
 
     /// On cells, in the order they were set (ascending everywhere this module sets them).
@@ -83,13 +71,8 @@ impl CellState {
         &self.on
     }
 
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.on.len()
-    }
-
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.on.capacity() * 4 + self.dense.capacity() * 8
+        self.on.capacity() * 4
     }
 }
 
@@ -205,27 +188,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn set_reset_copy_and_rebuild() {
-        let mut a = CellState::new(10);
-        a.set(3);
-        a.set(7);
-        a.set(3);
+    fn set_reset_copy_and_mark() {
+        let (mut bits_a, mut bits_b) = (Bits::new(), Bits::new());
+        size_bits(&mut bits_a, 10);
+        size_bits(&mut bits_b, 10);
+        let mut a = CellState::default();
+        a.set(&mut bits_a, 3);
+        a.set(&mut bits_a, 7);
+        a.set(&mut bits_a, 3);
         assert_eq!(a.cells(), &[3, 7]);
-        assert!(a.is_set(7) && !a.is_set(4));
-        let mut b = CellState::new(10);
-        b.set(1);
-        b.copy_from(&a);
-        assert!(!b.is_set(1) && b.is_set(3));
+        assert!(is_set(&bits_a, 7) && !is_set(&bits_a, 4));
+        let mut b = CellState::default();
+        b.set(&mut bits_b, 1);
+        b.copy_from(&mut bits_b, &a);
+        assert!(!is_set(&bits_b, 1) && is_set(&bits_b, 3));
         assert_eq!(b, a);
-        a.reset();
-        assert_eq!(a.len(), 0);
-        assert!(!a.is_set(3));
+        a.reset(&mut bits_a);
+        assert!(a.cells().is_empty() && bits_a.iter().all(|&w| w == 0));
         let bytes = bincode::serde::encode_to_vec(&b, bincode::config::standard()).unwrap();
-        let (mut c, _): (CellState, _) =
+        let (c, _): (CellState, _) =
             bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
-        c.rebuild(10);
-        assert!(c.is_set(7) && !c.is_set(2));
+        let mut bits_c = Bits::new();
+        size_bits(&mut bits_c, 10);
+        c.mark(&mut bits_c);
+        assert!(is_set(&bits_c, 7) && !is_set(&bits_c, 2));
         assert_eq!(c, b);
+        c.unmark(&mut bits_c);
+        assert!(bits_c.iter().all(|&w| w == 0));
     }
 
     /// A list and a cursor over it answer as a dense state set with the same cells would,
@@ -235,11 +224,13 @@ mod tests {
         let mut rng = crate::random::Random::new(11);
         for _ in 0..200 {
             let n = 1 + rng.below(400);
-            let mut dense = CellState::new(n as usize);
+            let mut dense = CellState::default();
+            let mut bits = Bits::new();
+            size_bits(&mut bits, n as usize);
             let mut list = CellList::default();
             for c in 0..n {
                 if rng.below(4) == 0 {
-                    dense.set(c);
+                    dense.set(&mut bits, c);
                     list.set(c);
                     if rng.below(2) == 0 {
                         list.set(c);
@@ -252,7 +243,7 @@ mod tests {
             let mut start = rng.below(len);
             while start + len <= n {
                 let expected: Vec<u32> =
-                    (start..start + len).filter(|&c| dense.is_set(c)).collect();
+                    (start..start + len).filter(|&c| is_set(&bits, c)).collect();
                 assert_eq!(cursor.range(start, start + len), expected);
                 start += len + rng.below(3 * len);
             }
