@@ -133,7 +133,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::random::Random;
 use arena::{CodeWord, SynapseArena, SynsMut};
-use cell_state::CellState;
+use cell_state::{is_set, size_bits, Bits, CellList, CellState};
 use permanence::{Codec, LearningSteps, DROPPED};
 use recency::Recency;
 use slots::CellSlots;
@@ -901,6 +901,9 @@ struct Scratch {
     seg_synapses: Vec<Synapse>,
     backup_active: Vec<u32>,
     backup_predicted: Vec<u32>,
+    /// The dense tables of [`BacktrackingTm::lrn_active`] and
+    /// [`BacktrackingTm::lrn_active_prev`], marked while a TM computes, all clear otherwise.
+    lrn_bits: [Bits; 2],
     /// One bit per column, all clear between uses.
     active_columns: Vec<u64>,
     phase2: Phase2Result,
@@ -951,7 +954,9 @@ impl Scratch {
                 + self.phase2.predicted.capacity())
                 * 4
             + (self.phase2.cell_confidence.capacity() + self.phase2.col_confidence.capacity()) * 8
-            + self.active_columns.capacity() * 8
+            + (self.active_columns.capacity()
+                + self.lrn_bits.iter().map(Vec::capacity).sum::<usize>())
+                * 8
             + self.in_update.capacity()
             + self.new_cells.capacity() * 4
             + self.free_candidates.capacity() * 12
@@ -1005,9 +1010,9 @@ pub struct BacktrackingTm {
     avg_input_density: f32,
     reset_called: bool,
 
-    inf_active: CellState,
-    inf_predicted: CellState,
-    inf_predicted_prev: CellState,
+    inf_active: CellList,
+    inf_predicted: CellList,
+    inf_predicted_prev: CellList,
     /// Non-zero cell confidences, ascending cells.
     cell_confidence: Vec<(u32, f32)>,
     /// Non-zero-candidate column confidences, ascending columns.
@@ -1017,8 +1022,8 @@ pub struct BacktrackingTm {
 
     lrn_active: CellState,
     lrn_active_prev: CellState,
-    lrn_predicted: CellState,
-    lrn_predicted_prev: CellState,
+    lrn_predicted: CellList,
+    lrn_predicted_prev: CellList,
     prev_lrn_patterns: VecDeque<Vec<u32>>,
     pam_counter: u32,
     learned_seq_length: u32,
@@ -1039,7 +1044,6 @@ impl BacktrackingTm {
     pub fn new(params: BacktrackingTmParams) -> Result<Self, ParamError> {
         params.validate()?;
         let n = params.num_cells();
-        let state = || CellState::new(n);
         let mut tm = BacktrackingTm {
             // Id 0 is never a live segment (see `SINK`).
             synapses: {
@@ -1052,23 +1056,23 @@ impl BacktrackingTm {
             out_index: OutIndex::new(n, params.max_segments),
             codec: Codec::new(&params),
             segments: vec![SegmentMeta::default()],
-            cell_slots: CellSlots::new(n),
+            cell_slots: CellSlots::new(n, params.cells_per_column),
             rng: Random::new(params.seed),
             iteration: 0,
             lrn_iteration: 0,
             avg_input_density: 0.0,
             reset_called: false,
-            inf_active: state(),
-            inf_predicted: state(),
-            inf_predicted_prev: state(),
+            inf_active: CellList::default(),
+            inf_predicted: CellList::default(),
+            inf_predicted_prev: CellList::default(),
             cell_confidence: Vec::new(),
             col_confidence: Vec::new(),
             predicted_columns: Vec::new(),
             prev_inf_patterns: VecDeque::new(),
-            lrn_active: state(),
-            lrn_active_prev: state(),
-            lrn_predicted: state(),
-            lrn_predicted_prev: state(),
+            lrn_active: CellState::default(),
+            lrn_active_prev: CellState::default(),
+            lrn_predicted: CellList::default(),
+            lrn_predicted_prev: CellList::default(),
             prev_lrn_patterns: VecDeque::new(),
             pam_counter: params.pam_length,
             learned_seq_length: 0,
@@ -1152,36 +1156,43 @@ impl BacktrackingTm {
     /// Runs `f` with this thread's scratch buffers in [`Self::scratch`], and gives them back
     /// with no trace of this TM: the next TM to borrow them finds the counters clear.
     fn with_scratch<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
-        let mut scratch = SCRATCH.try_with(Cell::take).unwrap_or_default();
+        let mut scratch = crate::scratch::take(&SCRATCH);
         scratch.activity.set_width(self.params.max_segment_size());
+        let n = self.params.num_cells();
+        for (bits, state) in scratch.lrn_bits.iter_mut().zip(self.lrn_states()) {
+            size_bits(bits, n);
+            state.mark(bits);
+        }
         self.scratch = scratch;
         let result = f(self);
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.activity.clear();
-        // During thread teardown the buffers are simply dropped.
-        let _ = SCRATCH.try_with(|s| s.set(scratch));
+        for (bits, state) in scratch.lrn_bits.iter_mut().zip(self.lrn_states()) {
+            state.unmark(bits);
+        }
+        crate::scratch::give_back(&SCRATCH, scratch);
         result
     }
 
     /// Bytes of this thread's scratch buffers ([`SCRATCH`]), shared by every TM computing on
     /// it and so not in any TM's [`Self::heap_bytes`].
     pub fn thread_scratch_bytes() -> usize {
-        SCRATCH
-            .try_with(|s| {
-                let scratch = s.take();
-                let bytes = scratch.heap_bytes();
-                s.set(scratch);
-                bytes
-            })
-            .unwrap_or(0)
+        crate::scratch::thread_bytes(&SCRATCH, Scratch::heap_bytes)
+    }
+
+    /// The learning states whose tables are lent with the scratch, in [`Scratch::lrn_bits`]
+    /// order.
+    fn lrn_states(&self) -> [&CellState; 2] {
+        [&self.lrn_active, &self.lrn_active_prev]
     }
 
     fn reset_state(&mut self) {
         self.inf_active.reset();
         self.inf_predicted.reset();
         self.inf_predicted_prev.reset();
-        self.lrn_active.reset();
-        self.lrn_active_prev.reset();
+        let [active, prev] = &mut self.scratch.lrn_bits;
+        self.lrn_active.reset(active);
+        self.lrn_active_prev.reset(prev);
         self.lrn_predicted.reset();
         self.lrn_predicted_prev.reset();
         self.cell_confidence.clear();
@@ -1322,22 +1333,14 @@ impl BacktrackingTm {
         self.out_index = OutIndex::new(n, self.params.max_segments);
         self.codec = Codec::new(&self.params);
         let narrow = n <= 1 << 16 && self.codec.num_codes() <= usize::from(u8::MAX);
-        self.synapses.set_layout(narrow);
+        let p = &self.params;
+        self.synapses
+            .set_layout(narrow, p.max_segments, p.max_segment_size());
         self.out_index.rebuild(&self.synapses, self.codec.connected);
         let p = &self.params;
-        let narrow = CellSlots::narrow_fits(p.max_segments, p.max_segments_per_cell);
-        self.cell_slots.rebuild(n, narrow);
-        for s in [
-            &mut self.inf_active,
-            &mut self.inf_predicted,
-            &mut self.inf_predicted_prev,
-            &mut self.lrn_active,
-            &mut self.lrn_active_prev,
-            &mut self.lrn_predicted,
-            &mut self.lrn_predicted_prev,
-        ] {
-            s.rebuild(n);
-        }
+        let cpc = p.cells_per_column;
+        let narrow = CellSlots::narrow_fits(p.max_segments, p.max_segments_per_cell, cpc);
+        self.cell_slots.rebuild(n, cpc, narrow);
         self.derived = Derived {
             ready: true,
             recency: if self.params.max_segments > 0 {
@@ -1368,14 +1371,14 @@ impl BacktrackingTm {
             &self.inf_active,
             &self.inf_predicted,
             &self.inf_predicted_prev,
-            &self.lrn_active,
-            &self.lrn_active_prev,
             &self.lrn_predicted,
             &self.lrn_predicted_prev,
         ]
         .iter()
         .map(|c| c.heap_bytes())
         .sum::<usize>()
+            + self.lrn_active.heap_bytes()
+            + self.lrn_active_prev.heap_bytes()
             + (self.cell_confidence.capacity() + self.col_confidence.capacity()) * 8
             + self.predicted_columns.capacity() * 4
             + patterns(&self.prev_inf_patterns)
@@ -1580,7 +1583,8 @@ impl BacktrackingTm {
 
     fn update_learning_state(&mut self, cols: &[u32]) {
         let cpc = self.params.cells_per_column;
-        self.lrn_active_prev.copy_from(&self.lrn_active);
+        self.lrn_active_prev
+            .copy_from(&mut self.scratch.lrn_bits[1], &self.lrn_active);
         self.lrn_predicted_prev.copy_from(&self.lrn_predicted);
         let max = self.params.max_lrn_backtrack as usize;
         if max > 0 {
@@ -1626,9 +1630,9 @@ impl BacktrackingTm {
                 backsteps = self.learn_backtrack();
             }
             if self.reset_called || backsteps == 0 {
-                self.lrn_active.reset();
+                self.lrn_active.reset(&mut self.scratch.lrn_bits[0]);
                 for &c in cols {
-                    self.lrn_active.set(c * cpc);
+                    self.lrn_active.set(&mut self.scratch.lrn_bits[0], c * cpc);
                 }
                 let spare = &mut self.scratch.spare_patterns;
                 spare.extend(self.prev_lrn_patterns.drain(..));
@@ -1647,20 +1651,16 @@ impl BacktrackingTm {
     /// segment or grow a new one. Returns whether the input counts as in sequence.
     fn learn_phase1(&mut self, cols: &[u32], read_only: bool) -> bool {
         let cpc = self.params.cells_per_column;
-        self.lrn_active.reset();
+        self.lrn_active.reset(&mut self.scratch.lrn_bits[0]);
         let mut unpredicted = 0usize;
         let mut matches_ready = false;
+        let lrn_predicted_prev = std::mem::take(&mut self.lrn_predicted_prev);
+        let mut predicted_prev = lrn_predicted_prev.cursor();
         for &col in cols {
             let base = col * cpc;
             // At most one cell per column is learn-predicted; Cells4 keeps the last.
-            let predicting = if cpc <= 64 {
-                let bits = self.lrn_predicted_prev.bits(base, cpc);
-                (bits != 0).then(|| 63 - bits.leading_zeros())
-            } else {
-                (0..cpc).rfind(|&i| self.lrn_predicted_prev.is_set(base + i))
-            };
-            if let Some(i) = predicting {
-                self.lrn_active.set(base + i);
+            if let Some(&cell) = predicted_prev.range(base, base + cpc).last() {
+                self.lrn_active.set(&mut self.scratch.lrn_bits[0], cell);
                 continue;
             }
             unpredicted += 1;
@@ -1694,13 +1694,13 @@ impl BacktrackingTm {
                         && self.segments[seg as usize].cell() == cell
                         && self.segments[seg as usize].sequence() =>
                 {
-                    self.lrn_active.set(cell);
+                    self.lrn_active.set(&mut self.scratch.lrn_bits[0], cell);
                     // The match has synapses from the state, so the update is not empty.
                     self.reinforce(cell, seg, true, Choices::Draw);
                 }
                 _ => {
                     let cell = self.cell_for_new_segment(col);
-                    self.lrn_active.set(cell);
+                    self.lrn_active.set(&mut self.scratch.lrn_bits[0], cell);
                     let update = self.build_update(None, true, Choices::Draw);
                     if !update.is_empty() {
                         self.adapt_segment(cell, None, &update, true);
@@ -1709,6 +1709,7 @@ impl BacktrackingTm {
                 }
             }
         }
+        self.lrn_predicted_prev = lrn_predicted_prev;
         unpredicted < cols.len() / 2
     }
 
@@ -1841,15 +1842,16 @@ impl BacktrackingTm {
         }
         let mut in_sequence = true;
         for (offset, pattern) in patterns.iter().enumerate().skip(start) {
-            self.lrn_active_prev.copy_from(&self.lrn_active);
+            self.lrn_active_prev
+                .copy_from(&mut self.scratch.lrn_bits[1], &self.lrn_active);
             self.lrn_predicted_prev.copy_from(&self.lrn_predicted);
             if !read_only {
                 self.process_segment_updates(pattern);
             }
             if offset == start {
-                self.lrn_active.reset();
+                self.lrn_active.reset(&mut self.scratch.lrn_bits[0]);
                 for &c in pattern {
-                    self.lrn_active.set(c * cpc);
+                    self.lrn_active.set(&mut self.scratch.lrn_bits[0], c * cpc);
                 }
                 in_sequence = true;
             } else {
@@ -1875,10 +1877,21 @@ impl BacktrackingTm {
         }
         let candidates = &mut self.scratch.cells;
         candidates.clear();
-        candidates.extend(
-            (base + lo..=base + hi)
-                .filter(|&cell| self.cell_slots.len(cell) < max_segments as usize),
-        );
+        {
+            // One walk of the column's slot counts, merged with its cells.
+            let mut lens = self.cell_slots.column_lens(col).peekable();
+            for cell in base + lo..=base + hi {
+                let mut len = 0;
+                while let Some((c, n)) = lens.next_if(|&(c, _)| c <= cell) {
+                    if c == cell {
+                        len = n;
+                    }
+                }
+                if len < max_segments as usize {
+                    candidates.push(cell);
+                }
+            }
+        }
         if !candidates.is_empty() {
             return candidates[self.rng.below(candidates.len() as u32) as usize];
         }
@@ -1936,11 +1949,7 @@ impl BacktrackingTm {
         choices: Choices,
     ) -> Vec<u32> {
         let mut out = std::mem::take(&mut self.scratch.update);
-        let state = if from_prev {
-            &self.lrn_active_prev
-        } else {
-            &self.lrn_active
-        };
+        let bits = &self.scratch.lrn_bits[usize::from(from_prev)];
         out.clear();
         if let Some(seg) = seg {
             // Ascending, as the synapses are.
@@ -1948,7 +1957,7 @@ impl BacktrackingTm {
             out.extend(
                 (0..syns.len())
                     .map(|k| syns.presyn(k))
-                    .filter(|&p| state.is_set(p)),
+                    .filter(|&p| is_set(bits, p)),
             );
         }
         let mut active = std::mem::take(&mut self.scratch.new_cells);
@@ -2090,11 +2099,7 @@ impl BacktrackingTm {
         let mut in_update = std::mem::take(&mut self.scratch.in_update);
         let mut active = std::mem::take(&mut self.scratch.new_cells);
         let mut changed = std::mem::take(&mut self.scratch.changed);
-        let state = if from_prev {
-            &self.lrn_active_prev
-        } else {
-            &self.lrn_active
-        };
+        let state = &self.scratch.lrn_bits[usize::from(from_prev)];
         let cp = self.codec.connected;
         let walk = (&mut in_update, &mut active, &mut changed);
         let steps = self.codec.learning_steps();
@@ -2227,7 +2232,7 @@ impl BacktrackingTm {
         let seg = match self.free_segments.pop() {
             Some(id) => id,
             None => {
-                reserve_for_ids(self.synapses.spans_mut(), budget);
+                self.synapses.reserve_for_ids(budget);
                 reserve_for_ids(&mut self.segments, budget);
                 self.synapses.push_empty();
                 (self.synapses.len() - 1) as SegmentId
@@ -2445,7 +2450,7 @@ pub(crate) fn prefetch_slice<T>(items: &[T]) {
 #[inline(always)]
 fn adapt_walk<P: Entry, C: CodeWord>(
     (presyn, codes): (&[P], &mut [C]),
-    state: &CellState,
+    state: &[u64],
     connected: Code,
     step: impl Fn(Code, bool) -> Code,
     (in_update, active, changed): Walk,
@@ -2461,7 +2466,7 @@ fn adapt_walk<P: Entry, C: CodeWord>(
     let synapses = presyn.iter().zip(codes.iter_mut());
     for (k, ((presyn, c), flag)) in synapses.zip(in_update.iter_mut()).enumerate() {
         let (presyn, code) = (presyn.get() as u32, c.get());
-        let on = state.is_set(presyn);
+        let on = is_set(state, presyn);
         *flag = on;
         // Written either way, kept only when on: no branch on the (data-dependent) state.
         active[on_count] = presyn;
@@ -2486,7 +2491,7 @@ type Walk<'a> = (
 /// step without a match per synapse.
 fn adapt_walk_steps<P: Entry, C: CodeWord>(
     synapses: (&[P], &mut [C]),
-    state: &CellState,
+    state: &[u64],
     connected: Code,
     steps: LearningSteps,
     walk: Walk,
@@ -2525,8 +2530,8 @@ fn infer_phase1(
     cols: &[u32],
     use_start_cells: bool,
     cpc: u32,
-    predicted_prev: &CellState,
-    active: &mut CellState,
+    predicted_prev: &CellList,
+    active: &mut CellList,
 ) -> bool {
     active.reset();
     if use_start_cells {
@@ -2536,27 +2541,15 @@ fn infer_phase1(
         return true;
     }
     let mut predicted_cols = 0usize;
+    let mut predicted_prev = predicted_prev.cursor();
     for &c in cols {
         let base = c * cpc;
-        let mut any = false;
-        if cpc <= 64 {
-            let predicted = predicted_prev.bits(base, cpc);
-            active.set_bits(base, predicted);
-            any = predicted != 0;
+        let predicted = predicted_prev.range(base, base + cpc);
+        if predicted.is_empty() {
+            active.set_range(base, base + cpc);
         } else {
-            for cell in base..base + cpc {
-                if predicted_prev.is_set(cell) {
-                    active.set(cell);
-                    any = true;
-                }
-            }
-        }
-        if any {
+            active.extend(predicted);
             predicted_cols += 1;
-        } else {
-            for cell in base..base + cpc {
-                active.set(cell);
-            }
         }
     }
     predicted_cols as f64 >= 0.5 * cols.len() as f64

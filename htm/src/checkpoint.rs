@@ -10,7 +10,7 @@ use serde::{de::DeserializeOwned, Serialize};
 /// Leading bytes of every checkpoint.
 pub const MAGIC: &[u8; 8] = b"HTMCKPT\0";
 /// Version of the serialised network layout written by this build.
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 const HEADER_LEN: usize = 8 + 4 + 8 + 4;
 
 /// Why a checkpoint could not be read.

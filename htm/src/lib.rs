@@ -17,6 +17,7 @@ pub mod encoders;
 pub mod likelihood;
 pub mod network;
 pub mod random;
+mod scratch;
 pub mod sdr;
 pub mod segment_store;
 pub mod spatial_pooler;

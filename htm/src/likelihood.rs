@@ -333,40 +333,79 @@ impl AnomalyLikelihood {
     }
 }
 
-/// One column of the history: in `f32` while every value it holds is one exactly (an HTM's raw
-/// scores always are, and so are integer metrics), half the memory of `f64`, in which it is
-/// kept from the first value that is not. Values read back bit for bit either way.
+/// One column of the history: as a byte per value indexing the distinct values seen, while
+/// there are at most [`Column::MAX_DISTINCT`] of them (an HTM's raw scores are fractions of
+/// its active columns, a few dozen values), an eighth of the memory of `f64`; then as `u16`
+/// while every value it holds is a whole number that fits (counts, as many metrics are); then
+/// in `f32` while every value is one exactly, half the memory of `f64`, in which it is kept
+/// from the first value that is not. Values read back bit for bit whatever the form.
 #[derive(Clone, Debug)]
 enum Column {
+    /// Per value, its index in the distinct values (which are never dropped: they are few).
+    Coded(VecDeque<u8>, Vec<f64>),
+    /// Whole numbers in `0..=65535`.
+    Int(VecDeque<u16>),
     Narrow(VecDeque<f32>),
     Wide(VecDeque<f64>),
 }
 
 impl Default for Column {
     fn default() -> Self {
-        Column::Narrow(VecDeque::new())
+        Column::Coded(VecDeque::new(), Vec::new())
     }
 }
 
 impl Column {
+    const MAX_DISTINCT: usize = 1 << u8::BITS;
+
     fn push_back(&mut self, x: f64) {
-        if let Column::Narrow(v) = self {
-            let narrow = x as f32;
-            if f64::from(narrow).to_bits() == x.to_bits() {
-                v.push_back(narrow);
-                return;
+        match self {
+            Column::Coded(codes, distinct) => {
+                let code = match distinct.iter().position(|d| d.to_bits() == x.to_bits()) {
+                    Some(i) => Some(i),
+                    None if distinct.len() < Self::MAX_DISTINCT => {
+                        distinct.push(x);
+                        Some(distinct.len() - 1)
+                    }
+                    None => None,
+                };
+                if let Some(code) = code {
+                    return codes.push_back(code as u8);
+                }
             }
-            let mut wide = VecDeque::with_capacity(v.capacity());
-            wide.extend(v.iter().map(|&x| f64::from(x)));
-            *self = Column::Wide(wide);
+            Column::Int(v) if is_u16(x) => return v.push_back(x as u16),
+            Column::Narrow(v) if is_f32(x) => return v.push_back(x as f32),
+            Column::Wide(v) => return v.push_back(x),
+            _ => {}
         }
-        if let Column::Wide(v) = self {
-            v.push_back(x);
+        // `x` does not fit this form: the narrowest plain one that holds it and the rest.
+        let mut values = Vec::with_capacity(self.capacity().max(self.len() + 1));
+        self.extend_into(&mut values);
+        values.push(x);
+        let mut plain = if values.iter().all(|&v| is_u16(v)) {
+            Column::Int(values.iter().map(|&v| v as u16).collect())
+        } else if values.iter().all(|&v| is_f32(v)) {
+            Column::Narrow(values.iter().map(|&v| v as f32).collect())
+        } else {
+            Column::Wide(values.into_iter().collect())
+        };
+        plain.reserve_exact(self.capacity().saturating_sub(plain.len()));
+        *self = plain;
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Column::Coded(v, _) => v.len(),
+            Column::Int(v) => v.len(),
+            Column::Narrow(v) => v.len(),
+            Column::Wide(v) => v.len(),
         }
     }
 
     fn pop_front(&mut self) {
         match self {
+            Column::Coded(v, _) => drop(v.pop_front()),
+            Column::Int(v) => drop(v.pop_front()),
             Column::Narrow(v) => drop(v.pop_front()),
             Column::Wide(v) => drop(v.pop_front()),
         }
@@ -374,6 +413,8 @@ impl Column {
 
     fn reserve_exact(&mut self, extra: usize) {
         match self {
+            Column::Coded(v, _) => v.reserve_exact(extra),
+            Column::Int(v) => v.reserve_exact(extra),
             Column::Narrow(v) => v.reserve_exact(extra),
             Column::Wide(v) => v.reserve_exact(extra),
         }
@@ -381,6 +422,8 @@ impl Column {
 
     fn capacity(&self) -> usize {
         match self {
+            Column::Coded(v, _) => v.capacity(),
+            Column::Int(v) => v.capacity(),
             Column::Narrow(v) => v.capacity(),
             Column::Wide(v) => v.capacity(),
         }
@@ -388,6 +431,8 @@ impl Column {
 
     fn heap_bytes(&self) -> usize {
         match self {
+            Column::Coded(v, distinct) => v.capacity() + 8 * distinct.capacity(),
+            Column::Int(v) => 2 * v.capacity(),
             Column::Narrow(v) => 4 * v.capacity(),
             Column::Wide(v) => 8 * v.capacity(),
         }
@@ -396,6 +441,8 @@ impl Column {
     /// Appends the values, oldest first, to `out`.
     fn extend_into(&self, out: &mut Vec<f64>) {
         match self {
+            Column::Coded(v, distinct) => out.extend(v.iter().map(|&c| distinct[usize::from(c)])),
+            Column::Int(v) => out.extend(v.iter().map(|&x| f64::from(x))),
             Column::Narrow(v) => out.extend(v.iter().map(|&x| f64::from(x))),
             Column::Wide(v) => out.extend(v.iter().copied()),
         }
@@ -403,10 +450,22 @@ impl Column {
 
     fn get(&self, i: usize) -> Option<f64> {
         match self {
+            Column::Coded(v, distinct) => v.get(i).map(|&c| distinct[usize::from(c)]),
+            Column::Int(v) => v.get(i).map(|&x| f64::from(x)),
             Column::Narrow(v) => v.get(i).map(|&x| f64::from(x)),
             Column::Wide(v) => v.get(i).copied(),
         }
     }
+}
+
+/// Whether `x` is a whole number that `u16` holds (bit for bit: not -0.0).
+fn is_u16(x: f64) -> bool {
+    f64::from(x as u16).to_bits() == x.to_bits()
+}
+
+/// Whether `x` is an `f32` exactly.
+fn is_f32(x: f64) -> bool {
+    f64::from(x as f32).to_bits() == x.to_bits()
 }
 
 /// The likelihood's sliding history of `(metric value, raw score)`, as two [`Column`]s. Its
@@ -799,8 +858,8 @@ mod tests {
         }
         let scores: Vec<f64> = l.history.iter().map(|h| h.1).collect();
         assert!(
-            matches!(l.history.scores, Column::Wide(_)),
-            "random scores need f64"
+            matches!(l.history.scores, Column::Coded(..)),
+            "a few random scores are coded, exactly"
         );
         l.anomaly_probability(27.0, 0.5);
         // Window-2 moving averages of the 6 stored scores (the first one alone).
@@ -914,6 +973,56 @@ mod tests {
         assert!((li - 0.5).abs() < 1e-3);
     }
 
+    /// A column holds what a plain `f64` queue does through every change of form.
+    #[test]
+    fn columns_read_back_as_plain_queues_through_every_form() {
+        let mut rng = Random::new(5);
+        // (distinct values, scale, when the values stop being f32, the final form)
+        let cases = [
+            (40, 1.0 / 32.0, None, "coded"),
+            (300, 1.0, None, "int"),
+            (300, 1000.0, None, "narrow"),
+            (300, 1.0 / 32.0, None, "narrow"),
+            (300, 1.0, Some(900), "wide"),
+        ];
+        for (distinct, scale, wide_after, expected) in cases {
+            let mut c = Column::default();
+            let mut model = VecDeque::new();
+            for i in 0..2000 {
+                let k = f64::from(rng.below(distinct));
+                let v = match wide_after {
+                    Some(n) if i >= n => k + 0.1,
+                    _ => k * scale,
+                };
+                c.push_back(v);
+                model.push_back(v);
+                if i % 3 == 0 {
+                    c.pop_front();
+                    model.pop_front();
+                }
+                let mut out = Vec::new();
+                c.extend_into(&mut out);
+                assert!(out
+                    .iter()
+                    .zip(&model)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()));
+                assert_eq!(out.len(), model.len());
+                assert_eq!(c.get(out.len() / 2), model.get(out.len() / 2).copied());
+            }
+            let form = match c {
+                Column::Coded(..) => "coded",
+                Column::Int(_) => "int",
+                Column::Narrow(_) => "narrow",
+                Column::Wide(_) => "wide",
+            };
+            assert_eq!(form, expected, "{distinct} values × {scale}");
+        }
+        // -0.0 is no u16.
+        let mut c = Column::Int(VecDeque::new());
+        c.push_back(-0.0);
+        assert!(matches!(c, Column::Narrow(_)) && c.get(0).unwrap().is_sign_negative());
+    }
+
     #[test]
     fn history_is_narrow_while_exact_and_reads_back_bit_for_bit() {
         let mut h = History::default();
@@ -924,6 +1033,14 @@ mod tests {
             (0.1, 0.5),
             (2.0, 0.1),
         ];
+        // More distinct values than a byte indexes: plain numbers from then on.
+        for i in 0..=Column::MAX_DISTINCT {
+            h.push_back(i as f64 + 0.5, i as f64 / 1024.0);
+        }
+        for _ in 0..=Column::MAX_DISTINCT {
+            h.pop_front();
+        }
+        assert!(matches!(h.values, Column::Narrow(_)) && matches!(h.scores, Column::Narrow(_)));
         for (i, &(v, s)) in pairs.iter().enumerate() {
             h.push_back(v, s);
             // 0.1 is no f32: the values widen at the fourth pair, the scores at the fifth.
@@ -943,14 +1060,15 @@ mod tests {
         );
         let (back, _): (History, _) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
         assert_eq!(back, h);
-        // A narrow history takes half the memory of pairs of f64.
+        // Counts take 2 bytes, raw scores as an HTM gives them (fractions of its active
+        // columns) a byte: 3 of the 16 bytes of a pair of f64.
         let mut n = History::default();
-        n.reserve_exact(100);
-        for i in 0..100 {
-            // Raw scores as an HTM gives them: f32 fractions of the active columns.
+        n.reserve_exact(8640);
+        for i in 0..8640 {
             n.push_back(f64::from(i), f64::from((i % 41) as f32 / 40.0));
         }
-        assert!(n.heap_bytes() <= 8 * 100 + 64, "{}", n.heap_bytes());
+        assert!(matches!(n.scores, Column::Coded(..)) && matches!(n.values, Column::Int(_)));
+        assert!(n.heap_bytes() <= 3 * 8640 + 2048, "{}", n.heap_bytes());
     }
 
     #[test]

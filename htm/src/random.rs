@@ -43,6 +43,12 @@ impl Random {
     /// sampling order.
     pub fn sample<T: Copy>(&mut self, population: &[T], n: usize) -> Vec<T> {
         let mut pool: Vec<T> = population.to_vec();
+        self.sample_in_place(&mut pool, n);
+        pool
+    }
+
+    /// [`Random::sample`] of `pool` in place: the same draws, leaving the sample in `pool`.
+    pub fn sample_in_place<T>(&mut self, pool: &mut Vec<T>, n: usize) {
         let n = n.min(pool.len());
         // Partial Fisher–Yates: only the first n slots need to be drawn.
         for i in 0..n {
@@ -50,7 +56,6 @@ impl Random {
             pool.swap(i, j);
         }
         pool.truncate(n);
-        pool
     }
 }
 

@@ -6,9 +6,10 @@
 //! column (16 bytes a column, derived, shared by the poolers with the same parameters), so any
 //! column can be regenerated alone. A column that learning never touched is regenerated on
 //! demand instead of stored. A column that learning modified (winners, bumped weak columns)
-//! is first kept as the log of its learning steps (the input bits of each, 64 bytes for NAB's
-//! input), replayed on its regenerated lanes when it learns again; with NAB-like inputs most of
-//! the few hundred columns that ever win do so a handful of times only. A column that keeps
+//! is first kept as the log of its learning steps (an index into the inputs of logged steps,
+//! each held once for all the columns that won on it), replayed on its regenerated lanes when
+//! it learns again; with NAB-like inputs most of the few hundred columns that ever win do so
+//! a handful of times only. A column that keeps
 //! learning has its permanences stored: one dense row of `u16` fixed-point permanences over
 //! the input, a sentinel outside the pool, so a learning step is straight-line integer vector
 //! code over contiguous memory.
@@ -20,6 +21,7 @@
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use std::cell::Cell;
 use std::sync::{Arc, Mutex};
 
 use crate::random::Random;
@@ -263,22 +265,25 @@ const NOT_IN_POOL: u16 = u16::MAX;
 const NO_SLOT: u32 = u32::MAX;
 
 /// Most learning steps a column is kept as a log of (its lanes regenerated and the steps
-/// replayed whenever it learns again) before its lanes are stored. A logged step costs one
-/// input bitset (64 bytes for NAB's 454 inputs) against 1 KiB of lanes, and most columns
-/// that ever win do so a handful of times only.
-const YOUNG_STEPS: usize = 12;
+/// replayed whenever it learns again) before its lanes are stored. A logged step costs a
+/// 4-byte index, and its input (64 bytes for NAB's 454 inputs) is shared by the winners of
+/// its step, against 1 KiB of lanes; most columns that ever win do so a few times only.
+/// Replaying grows with the square of this, on columns that win rarely.
+const YOUNG_STEPS: usize = 24;
+// Checkpoints count a log's steps in a byte.
+const _: () = assert!(YOUNG_STEPS <= u8::MAX as usize);
 /// Marks a slot's representation as a log (low bits: index into `ColumnStore::young`).
 const YOUNG: u32 = 1 << 31;
+/// A logged weak-column raise (a step without an input).
+const RAISE: u32 = u32::MAX;
 
 /// A column kept as the log of its learning steps.
 #[derive(Clone, Copy, Debug, Default)]
 struct Young {
     slot: u32,
-    /// Start of its steps in [`ColumnStore::steps`], `words` each.
+    /// Start of its steps in [`ColumnStore::log`].
     start: u32,
     len: u16,
-    /// Bit `i`: step `i` was a weak-column raise (its words are unused zeros), not an input.
-    raises: u16,
 }
 
 /// Where a column's permanences are.
@@ -313,10 +318,19 @@ struct ColumnStore {
     repr: Vec<u32>,
     perms: Vec<u16>,
     young: Vec<Young>,
-    /// Logged input bitsets, `stride / 64` words a step, each log contiguous.
-    steps: Vec<u64>,
-    /// Words of `steps` no log uses (left by a log moved to the end, or stored as lanes).
-    free_words: usize,
+    /// The logs' steps, each log contiguous: an index into `inputs`, or [`RAISE`].
+    log: Vec<u32>,
+    /// Entries of `log` no log uses (left by a log moved to the end, or stored as lanes).
+    free_entries: usize,
+    /// Inputs of logged steps, `stride / 64` words each.
+    inputs: Vec<u64>,
+    /// Per input, how many logged steps refer to it; 0 for a free one.
+    input_refs: Vec<u32>,
+    /// Free inputs, the next to be taken last.
+    free_inputs: Vec<u32>,
+    /// The input of the current learning step, once a winner has logged it: the other
+    /// winners share it. Not state: cleared by [`ColumnStore::begin_step`].
+    current_input: Option<u32>,
     rows: Vec<u64>,
     row_cap: usize,
 }
@@ -326,13 +340,7 @@ impl PartialEq for ColumnStore {
     fn eq(&self, other: &Self) -> bool {
         let wire = |s: &ColumnStore| {
             let w = s.to_wire();
-            (
-                w.young_steps,
-                w.young_raises,
-                w.young_bits,
-                w.tags,
-                w.values,
-            )
+            (w.young_steps, w.young_inputs, w.inputs, w.tags, w.values)
         };
         self.num_columns == other.num_columns
             && self.stride == other.stride
@@ -393,11 +401,60 @@ impl ColumnStore {
         &mut self.perms[d * s..(d + 1) * s]
     }
 
-    /// Young `y`'s logged steps: `words` per step, raises as zeros.
-    fn steps_of(&self, y: usize) -> &[u64] {
+    /// Young `y`'s logged steps: indices into `inputs`, or [`RAISE`].
+    fn steps_of(&self, y: usize) -> &[u32] {
         let g = self.young[y];
         let start = g.start as usize;
-        &self.steps[start..start + usize::from(g.len) * self.words()]
+        &self.log[start..start + usize::from(g.len)]
+    }
+
+    /// Logged input `i`'s words.
+    fn input(&self, i: u32) -> &[u64] {
+        let words = self.words();
+        &self.inputs[i as usize * words..(i as usize + 1) * words]
+    }
+
+    /// Starts a learning step: its input is not logged yet.
+    fn begin_step(&mut self) {
+        self.current_input = None;
+    }
+
+    /// The index of `bits`, the current step's input, among the logged inputs, counting one
+    /// more step referring to it.
+    fn intern_input(&mut self, bits: &[u64]) -> u32 {
+        if let Some(i) = self.current_input {
+            self.input_refs[i as usize] += 1;
+            return i;
+        }
+        let words = self.words();
+        let i = match self.free_inputs.pop() {
+            Some(i) => {
+                self.inputs[i as usize * words..(i as usize + 1) * words].copy_from_slice(bits);
+                i
+            }
+            None => {
+                reserve_sixteenth(&mut self.inputs, words, 8 * words);
+                reserve_sixteenth(&mut self.input_refs, 1, 8);
+                self.inputs.extend_from_slice(bits);
+                self.input_refs.push(0);
+                (self.input_refs.len() - 1) as u32
+            }
+        };
+        self.input_refs[i as usize] = 1;
+        self.current_input = Some(i);
+        i
+    }
+
+    /// One step referring to input `i` fewer; an input no step refers to is freed.
+    fn release_input(&mut self, i: u32) {
+        let refs = &mut self.input_refs[i as usize];
+        *refs -= 1;
+        if *refs == 0 {
+            self.free_inputs.push(i);
+            if self.current_input == Some(i) {
+                self.current_input = None;
+            }
+        }
     }
 
     /// A new slot for `column` (lazy until now), its connected row zero.
@@ -438,81 +495,117 @@ impl ColumnStore {
     }
 
     /// Logs a step for `column`: a new log if it is lazy, else appended to log `y`. `bits` is
-    /// the input, `None` a weak-column raise.
+    /// the current step's input, `None` a weak-column raise.
     fn log_step(&mut self, column: u32, y: Option<usize>, bits: Option<&[u64]>) {
-        let words = self.words();
         let y = match y {
             Some(y) => y,
             None => {
                 let y = self.young.len();
                 let slot = self.add_slot(column, YOUNG | y as u32);
-                let start = self.steps.len() as u32;
+                let start = self.log.len() as u32;
                 self.young.push(Young {
                     slot: slot as u32,
                     start,
                     len: 0,
-                    raises: 0,
                 });
                 y
             }
         };
+        let entry = bits.map_or(RAISE, |bits| self.intern_input(bits));
         let g = self.young[y];
-        let (start, used) = (g.start as usize, usize::from(g.len) * words);
-        reserve_sixteenth(&mut self.steps, used + words, 8 * words);
-        if start + used != self.steps.len() {
-            // Not at the end: move the log there, leaving its old words free.
-            self.steps.extend_from_within(start..start + used);
-            self.free_words += used;
-            self.young[y].start = (self.steps.len() - used) as u32;
+        let (start, used) = (g.start as usize, usize::from(g.len));
+        reserve_sixteenth(&mut self.log, used + 1, 64);
+        if start + used != self.log.len() {
+            // Not at the end: move the log there, leaving its old entries free.
+            self.log.extend_from_within(start..start + used);
+            self.free_entries += used;
+            self.young[y].start = (self.log.len() - used) as u32;
         }
-        match bits {
-            Some(bits) => self.steps.extend_from_slice(bits),
-            None => {
-                self.steps.resize(self.steps.len() + words, 0);
-                self.young[y].raises |= 1 << g.len;
-            }
-        }
+        self.log.push(entry);
         self.young[y].len += 1;
-        self.compact_steps();
+        self.compact_log();
     }
 
     /// Turns log `y` into stored `lanes` (same slot).
     fn promote(&mut self, y: usize, lanes: &[u16]) {
         let g = self.young.swap_remove(y);
-        self.free_words += usize::from(g.len) * self.words();
+        let start = g.start as usize;
+        for k in start..start + usize::from(g.len) {
+            if self.log[k] != RAISE {
+                self.release_input(self.log[k]);
+            }
+        }
+        self.free_entries += usize::from(g.len);
         if let Some(moved) = self.young.get(y) {
             self.repr[moved.slot as usize] = YOUNG | y as u32;
         }
         let d = self.push_lanes(lanes);
         self.repr[g.slot as usize] = d as u32;
-        self.compact_steps();
+        self.compact_log();
+        self.compact_inputs();
     }
 
-    /// Closes up the free words of `steps` once they are an eighth of it.
-    fn compact_steps(&mut self) {
-        if self.free_words * 8 <= self.steps.len() {
+    /// Closes up the free entries of `log` once they are an eighth of it.
+    fn compact_log(&mut self) {
+        if self.free_entries * 8 <= self.log.len() {
+            return;
+        }
+        let used = self.log.len() - self.free_entries;
+        let mut log = Vec::with_capacity(used + used / 16);
+        for g in &mut self.young {
+            let start = g.start as usize;
+            g.start = log.len() as u32;
+            log.extend_from_slice(&self.log[start..start + usize::from(g.len)]);
+        }
+        self.log = log;
+        self.free_entries = 0;
+    }
+
+    /// Renumbers the inputs in use without the free ones once these are a quarter of them
+    /// (the inputs in use were all logged at once, by the winners of a few steps, and are
+    /// freed as unevenly).
+    fn compact_inputs(&mut self) {
+        let n = self.input_refs.len();
+        if self.free_inputs.len() * 4 <= n || n < 64 {
             return;
         }
         let words = self.words();
-        let used = self.steps.len() - self.free_words;
-        let mut steps = Vec::with_capacity(used + used / 16);
-        for g in &mut self.young {
-            let start = g.start as usize;
-            g.start = steps.len() as u32;
-            steps.extend_from_slice(&self.steps[start..start + usize::from(g.len) * words]);
+        let mut new_index = vec![RAISE; n];
+        let live = n - self.free_inputs.len();
+        let mut inputs = Vec::with_capacity((live + live / 16) * words);
+        let mut refs = Vec::with_capacity(live + live / 16);
+        for (i, &r) in self.input_refs.iter().enumerate() {
+            if r > 0 {
+                new_index[i] = refs.len() as u32;
+                refs.push(r);
+                inputs.extend_from_slice(&self.inputs[i * words..(i + 1) * words]);
+            }
         }
-        self.steps = steps;
-        self.free_words = 0;
+        for g in &self.young {
+            let start = g.start as usize;
+            for e in &mut self.log[start..start + usize::from(g.len)] {
+                if *e != RAISE {
+                    *e = new_index[*e as usize];
+                }
+            }
+        }
+        self.current_input = self.current_input.map(|i| new_index[i as usize]);
+        self.inputs = inputs;
+        self.input_refs = refs;
+        self.free_inputs = Vec::new();
     }
 
     fn to_wire(&self) -> StoreWireRef<'_> {
         let words = self.words();
         let mut young_steps = Vec::with_capacity(self.columns.len());
-        let mut young_raises = Vec::new();
-        let mut young_bits = Vec::new();
+        let mut young_inputs = Vec::new();
+        let mut inputs = Vec::new();
         let mut young_rows = Vec::new();
         let mut dense = Vec::new();
         let mut row = vec![0u64; words];
+        // Inputs numbered from 1 in order of first use (0 is a raise), whatever their places.
+        let mut number = vec![0u32; self.input_refs.len()];
+        let mut numbered = 0;
         for slot in 0..self.columns.len() {
             let r = self.repr[slot];
             if r & YOUNG == 0 {
@@ -521,11 +614,21 @@ impl ColumnStore {
                 continue;
             }
             let y = (r & !YOUNG) as usize;
-            let g = self.young[y];
-            young_steps.push(g.len as u8);
-            young_raises.push(g.raises);
-            for &w in self.steps_of(y) {
-                young_bits.extend_from_slice(&w.to_le_bytes());
+            young_steps.push(self.young[y].len as u8);
+            for &e in self.steps_of(y) {
+                if e == RAISE {
+                    young_inputs.push(0);
+                    continue;
+                }
+                let k = &mut number[e as usize];
+                if *k == 0 {
+                    numbered += 1;
+                    *k = numbered;
+                    for &w in self.input(e) {
+                        inputs.extend_from_slice(&w.to_le_bytes());
+                    }
+                }
+                young_inputs.push(*k);
             }
             self.row(slot, &mut row);
             for &w in &row {
@@ -561,8 +664,8 @@ impl ColumnStore {
             stride: self.stride,
             columns: &self.columns,
             young_steps,
-            young_raises,
-            young_bits,
+            young_inputs,
+            inputs,
             young_rows,
             tags,
             values,
@@ -587,8 +690,8 @@ impl ColumnStore {
             n_young += usize::from(n > 0);
             n_dense += usize::from(n == 0);
         }
-        if w.young_raises.len() != n_young
-            || w.young_bits.len() != 8 * logged * words
+        if w.young_inputs.len() != logged
+            || !w.inputs.len().is_multiple_of(8 * words)
             || w.young_rows.len() != 8 * n_young * words
         {
             return Err("logged steps do not match their counts".into());
@@ -599,8 +702,25 @@ impl ColumnStore {
                 .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
                 .collect()
         };
-        let (bits, rows) = (to_words(&w.young_bits), to_words(&w.young_rows));
-        let mut ys = w.young_raises.iter();
+        let rows = to_words(&w.young_rows);
+        store.inputs = to_words(&w.inputs);
+        let n_inputs = w.inputs.len() / (8 * words);
+        store.input_refs = vec![0; n_inputs];
+        store.log.reserve_exact(logged);
+        for &k in &w.young_inputs {
+            let entry = match k {
+                0 => RAISE,
+                k if k as usize <= n_inputs => {
+                    store.input_refs[k as usize - 1] += 1;
+                    k - 1
+                }
+                _ => return Err(format!("logged step of input {k}, of {n_inputs}")),
+            };
+            store.log.push(entry);
+        }
+        if store.input_refs.contains(&0) {
+            return Err("a logged input no step refers to".into());
+        }
         for (&col, &n) in w.columns.iter().zip(&w.young_steps) {
             if store.slot_of.get(col as usize) != Some(&NO_SLOT) {
                 return Err(format!("column {col} out of range or listed twice"));
@@ -612,17 +732,11 @@ impl ColumnStore {
             }
             let y = store.young.len();
             let slot = store.add_slot(col, YOUNG | y as u32);
-            let start = store.steps.len();
-            let raises = *ys.next().expect("counted above");
-            let n = usize::from(n);
-            store
-                .steps
-                .extend_from_slice(&bits[start..start + n * words]);
+            let start = store.young.last().map_or(0, |g| g.start + u32::from(g.len));
             store.young.push(Young {
                 slot: slot as u32,
-                start: start as u32,
-                len: n as u16,
-                raises,
+                start,
+                len: u16::from(n),
             });
             store.set_row(slot, &rows[y * words..(y + 1) * words]);
         }
@@ -697,10 +811,11 @@ struct StoreWireRef<'a> {
     columns: &'a [u32],
     /// Per slot: its logged steps, 0 where its lanes are stored.
     young_steps: Vec<u8>,
-    /// Per log, in slot order: which steps were raises.
-    young_raises: Vec<u16>,
-    /// The logs' steps, then their connected rows, as little-endian words.
-    young_bits: Vec<u8>,
+    /// The logs' steps in slot order: 0 for a raise, else which of `inputs` (from 1).
+    young_inputs: Vec<u32>,
+    /// The logged inputs, each once, in order of first use; then the logs' connected rows:
+    /// little-endian words.
+    inputs: Vec<u8>,
     young_rows: Vec<u8>,
     /// Stored lanes of the other slots, in slot order.
     tags: Vec<u8>,
@@ -713,8 +828,8 @@ struct StoreWire {
     stride: u32,
     columns: Vec<u32>,
     young_steps: Vec<u8>,
-    young_raises: Vec<u16>,
-    young_bits: Vec<u8>,
+    young_inputs: Vec<u32>,
+    inputs: Vec<u8>,
     young_rows: Vec<u8>,
     tags: Vec<u8>,
     values: Vec<u8>,
@@ -802,6 +917,7 @@ fn initial_layout(
     let mut streams = Vec::with_capacity(n_col);
     let mut rng = Random::new(params.seed);
     let mut row = vec![0u64; words];
+    let mut pool = Vec::new();
     for col in 0..n_col {
         streams.push(rng.clone());
         generate_column(
@@ -811,6 +927,7 @@ fn initial_layout(
             col as u32,
             &mut rng,
             &mut scratch,
+            &mut pool,
         );
         connected_bits(&scratch, k.connected, &mut row);
         scatter_row(&mut connected, n_col, col, &row);
@@ -827,16 +944,17 @@ fn initial_layout(
     layout
 }
 
-/// Derived data and scratch buffers: rebuilt from the persistent state, never serialised.
+/// The scratch buffers of [`Cache`], lent by the thread for the length of a compute: a
+/// process holds many poolers but computes on few threads, and an idle pooler then holds none
+/// of them (a tenth of a grown NAB pooler's heap otherwise).
 #[derive(Clone, Debug, Default)]
-struct Cache {
-    consts: Consts,
-    /// `u64` words per column row and per input bitset.
-    words: usize,
+struct Scratch {
     /// One column's row of connected bits, gathered or to be scattered.
     row: Vec<u64>,
     /// One column's lanes, regenerated and replayed from its log.
     lanes: Vec<u16>,
+    /// A generated column's potential pool.
+    pool: Vec<u32>,
     input_bits: Vec<u64>,
     /// Indices of the non-zero words of `input_bits`, ascending.
     nonzero_words: Vec<usize>,
@@ -846,19 +964,53 @@ struct Cache {
     bump: Delta,
     /// Per input lane, the change of a logged step being replayed.
     replay: Delta,
-    overlaps: Vec<u32>,
     /// Overlaps of the stored columns, by slot.
     slot_overlaps: Vec<u32>,
     /// Boosted overlaps, and the active flags of local inhibition: sized on first use, so a
-    /// pooler without boosting and with global inhibition (NAB's) holds neither.
+    /// pooler without boosting and with global inhibition (NAB's) uses neither.
     boosted: Vec<f32>,
     active_flags: Vec<bool>,
     /// Sort keys of boosted global inhibition (empty until used).
     keys: Vec<u64>,
     histogram: Vec<u32>,
-    winners: Vec<u32>,
     /// The winners' new active duty cycles, during their update.
     winner_duty: Vec<f32>,
+}
+
+thread_local! {
+    /// The scratch buffers of the poolers computing on this thread (see [`Scratch`]).
+    static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
+}
+
+impl Scratch {
+    fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        size_of::<u64>() * (self.row.capacity() + self.input_bits.capacity() + self.keys.capacity())
+            + 2 * self.lanes.capacity()
+            + size_of::<usize>() * self.nonzero_words.capacity()
+            + self.delta.heap_bytes()
+            + self.bump.heap_bytes()
+            + self.replay.heap_bytes()
+            + 4 * (self.pool.capacity()
+                + self.slot_overlaps.capacity()
+                + self.boosted.capacity()
+                + self.histogram.capacity()
+                + self.winner_duty.capacity())
+            + self.active_flags.capacity()
+    }
+}
+
+/// Derived data, and scratch buffers while a compute has them (see [`Scratch`]): rebuilt from
+/// the persistent state, never serialised.
+#[derive(Clone, Debug, Default)]
+struct Cache {
+    /// Lent by the thread during a compute, empty otherwise.
+    scratch: Scratch,
+    consts: Consts,
+    /// `u64` words per column row and per input bitset.
+    words: usize,
+    overlaps: Vec<u32>,
+    winners: Vec<u32>,
     /// The constructor's random stream at the start of each column, and more.
     layout: Arc<InitialLayout>,
     vectors: Vectors,
@@ -955,20 +1107,22 @@ fn generate_column(
     column: u32,
     rng: &mut Random,
     lanes: &mut [u16],
+    pool: &mut Vec<u32>,
 ) {
-    let candidates: Vec<u32> = neighborhood(
+    // The candidates, then the sample drawn from them in place: no allocation per column.
+    pool.clear();
+    pool.extend(neighborhood(
         map_column(p, column),
         potential_radius,
         p.input_size,
         p.wrap_around,
-    )
-    .collect();
-    let pool = rng.sample(&candidates, pool_size(candidates.len(), p.potential_pct));
+    ));
+    rng.sample_in_place(pool, pool_size(pool.len(), p.potential_pct));
     // The permanences are drawn in ascending input order, as NuPIC does: pool members are
     // marked in their lanes and the lanes read in order, cheaper than sorting the pool (a
     // column is generated again each time a logged column learns).
     lanes.fill(NOT_IN_POOL);
-    for &input in &pool {
+    for &input in pool.iter() {
         lanes[input as usize] = 0;
     }
     let connected = f64::from(k.connected);
@@ -1049,6 +1203,11 @@ impl Delta {
             inc: vec![inc; lanes],
             dec: vec![dec; lanes],
         }
+    }
+
+    fn resize(&mut self, lanes: usize) {
+        self.inc.resize(lanes, 0);
+        self.dec.resize(lanes, 0);
     }
 
     fn heap_bytes(&self) -> usize {
@@ -1221,12 +1380,11 @@ fn replay_log(
     vectors: Vectors,
     row: &mut [u64],
 ) {
-    let raises = store.young[y].raises;
-    for (i, bits) in store.steps_of(y).chunks_exact(store.words()).enumerate() {
-        if (raises >> i) & 1 == 1 {
+    for &e in store.steps_of(y) {
+        if e == RAISE {
             apply_step(vectors, lanes, bump, true, k, row);
         } else {
-            fill_delta(replay, bits, k);
+            fill_delta(replay, store.input(e), k);
             apply_step(vectors, lanes, replay, false, k, row);
         }
     }
@@ -1440,25 +1598,12 @@ impl SpatialPooler {
         }
         self.cache = Cache {
             words,
-            row,
-            lanes: vec![NOT_IN_POOL; stride],
-            input_bits: vec![0; words],
-            nonzero_words: Vec::with_capacity(words),
-            delta: Delta::new(stride, 0, 0),
-            bump: Delta::new(stride, consts.below_stimulus_inc, 0),
-            replay: Delta::new(stride, 0, 0),
             overlaps: vec![0; n_col],
-            slot_overlaps: Vec::new(),
-            boosted: Vec::new(),
-            active_flags: Vec::new(),
-            keys: Vec::new(),
-            histogram: vec![0; 4 * (self.input_size() + 1)],
-            winners: Vec::new(),
-            winner_duty: Vec::new(),
             layout,
             vectors: Vectors::detect(),
             overlap_kernel: OverlapKernel::detect(),
             consts,
+            ..Cache::default()
         };
     }
 
@@ -1569,6 +1714,7 @@ impl SpatialPooler {
                         col,
                         &mut rng,
                         &mut lanes,
+                        &mut Vec::new(),
                     );
                 }
                 rng
@@ -1581,6 +1727,7 @@ impl SpatialPooler {
             column,
             &mut rng,
             &mut lanes,
+            &mut Vec::new(),
         );
         if let Some(y) = y {
             let stride = lanes.len();
@@ -1631,7 +1778,10 @@ impl SpatialPooler {
             ("stored_perms", 2 * self.columns.perms.capacity()),
             (
                 "logged_steps",
-                size_of::<u64>() * self.columns.steps.capacity()
+                4 * (self.columns.log.capacity()
+                    + self.columns.input_refs.capacity()
+                    + self.columns.free_inputs.capacity())
+                    + size_of::<u64>() * self.columns.inputs.capacity()
                     + size_of::<Young>() * self.columns.young.capacity(),
             ),
             (
@@ -1649,22 +1799,11 @@ impl SpatialPooler {
             ),
             ("connected", size_of::<u64>() * self.columns.rows.capacity()),
             (
-                "deltas",
-                c.delta.heap_bytes() + c.bump.heap_bytes() + c.replay.heap_bytes(),
-            ),
-            (
                 "scratch",
-                size_of::<u64>() * (c.row.capacity() + c.input_bits.capacity() + c.keys.capacity())
-                    + 2 * c.lanes.capacity()
-                    + size_of::<usize>() * c.nonzero_words.capacity()
-                    + 4 * (c.overlaps.capacity()
-                        + c.slot_overlaps.capacity()
-                        + c.boosted.capacity()
-                        + c.histogram.capacity()
-                        + c.winners.capacity()
-                        + c.winner_duty.capacity())
-                    + c.active_flags.capacity(),
+                4 * (c.overlaps.capacity() + c.winners.capacity()),
             ),
+            // Buffers lent for a call, if any.
+            ("lent", c.scratch.heap_bytes()),
             // The shared `layout` belongs to no single pooler.
         ]
     }
@@ -1696,6 +1835,38 @@ impl SpatialPooler {
         if self.cache.words == 0 {
             self.rebuild_after_restore();
         }
+        self.cache.scratch = crate::scratch::take(&SCRATCH);
+        self.size_scratch();
+        self.compute_step(input, learn, active);
+        crate::scratch::give_back(&SCRATCH, std::mem::take(&mut self.cache.scratch));
+    }
+
+    /// Bytes of this thread's pooler scratch buffers ([`SCRATCH`]), shared by every pooler
+    /// computing on it and so not in any pooler's [`Self::heap_bytes`].
+    pub fn thread_scratch_bytes() -> usize {
+        crate::scratch::thread_bytes(&SCRATCH, Scratch::heap_bytes)
+    }
+
+    /// Sizes the lent buffers for this pooler (they may come from another).
+    fn size_scratch(&mut self) {
+        let (words, stride) = (self.cache.words, self.columns.stride as usize);
+        let raise = self.cache.consts.below_stimulus_inc;
+        let c = &mut self.cache;
+        c.scratch.row.resize(words, 0);
+        c.scratch.input_bits.resize(words, 0);
+        c.scratch.lanes.resize(stride, NOT_IN_POOL);
+        c.scratch.delta.resize(stride);
+        c.scratch.replay.resize(stride);
+        c.scratch.bump.inc.clear();
+        c.scratch.bump.inc.resize(stride, raise);
+        c.scratch.bump.dec.clear();
+        c.scratch.bump.dec.resize(stride, 0);
+        c.scratch
+            .histogram
+            .resize(4 * (self.params.input_size as usize + 1), 0);
+    }
+
+    fn compute_step(&mut self, input: &Sdr, learn: bool, active: &mut Sdr) {
         if learn {
             self.iteration += 1;
         }
@@ -1703,8 +1874,9 @@ impl SpatialPooler {
         let boosted = learn && self.params.boost_strength != 0.0;
         if boosted {
             let c = &mut self.cache;
-            c.boosted.resize(c.overlaps.len(), 0.0);
+            c.scratch.boosted.resize(c.overlaps.len(), 0.0);
             for ((b, &o), &f) in c
+                .scratch
                 .boosted
                 .iter_mut()
                 .zip(&c.overlaps)
@@ -1732,26 +1904,26 @@ impl SpatialPooler {
 
     fn calculate_overlaps(&mut self, input: &Sdr) {
         let c = &mut self.cache;
-        c.input_bits.fill(0);
-        c.nonzero_words.clear();
+        c.scratch.input_bits.fill(0);
+        c.scratch.nonzero_words.clear();
         for &i in input.sparse() {
             let w = (i >> 6) as usize;
-            if c.nonzero_words.last() != Some(&w) {
-                c.nonzero_words.push(w); // sparse bits are sorted: words come in order
+            if c.scratch.nonzero_words.last() != Some(&w) {
+                c.scratch.nonzero_words.push(w); // sparse bits are sorted: words come in order
             }
-            c.input_bits[w] |= 1 << (i & 63);
+            c.scratch.input_bits[w] |= 1 << (i & 63);
         }
-        let (bits, nz) = (&c.input_bits, &c.nonzero_words);
+        let (bits, nz) = (&c.scratch.input_bits, &c.scratch.nonzero_words);
         // Every column as generated, then the stored ones as they are now. The planes of the
         // lazy columns are shared by every pooler with these parameters.
         c.overlap_kernel
             .run(&c.layout.connected, bits, nz, &mut c.overlaps);
         let store = &self.columns;
         if !store.columns.is_empty() {
-            c.slot_overlaps.resize(store.row_cap, 0);
+            c.scratch.slot_overlaps.resize(store.row_cap, 0);
             c.overlap_kernel
-                .run(&store.rows, bits, nz, &mut c.slot_overlaps);
-            for (&col, &o) in store.columns.iter().zip(&c.slot_overlaps) {
+                .run(&store.rows, bits, nz, &mut c.scratch.slot_overlaps);
+            for (&col, &o) in store.columns.iter().zip(&c.scratch.slot_overlaps) {
                 c.overlaps[col as usize] = o;
             }
         }
@@ -1770,8 +1942,8 @@ impl SpatialPooler {
         } else {
             if !boosted {
                 let c = &mut self.cache;
-                c.boosted.resize(c.overlaps.len(), 0.0);
-                for (b, &o) in c.boosted.iter_mut().zip(&c.overlaps) {
+                c.scratch.boosted.resize(c.overlaps.len(), 0.0);
+                for (b, &o) in c.scratch.boosted.iter_mut().zip(&c.overlaps) {
                     *b = o as f32;
                 }
             }
@@ -1789,9 +1961,9 @@ impl SpatialPooler {
         }
         // Four interleaved histograms: overlaps cluster on few values, and a single one
         // would chain every increment of a popular bin through store-to-load forwarding.
-        let bins = c.histogram.len() / 4;
-        c.histogram.fill(0);
-        let (h0, rest) = c.histogram.split_at_mut(bins);
+        let bins = c.scratch.histogram.len() / 4;
+        c.scratch.histogram.fill(0);
+        let (h0, rest) = c.scratch.histogram.split_at_mut(bins);
         let (h1, rest) = rest.split_at_mut(bins);
         let (h2, h3) = rest.split_at_mut(bins);
         let mut chunks = c.overlaps.chunks_exact(4);
@@ -1843,39 +2015,42 @@ impl SpatialPooler {
         if k == 0 {
             return;
         }
-        c.keys.clear();
+        c.scratch.keys.clear();
         // Non-negative floats order like their bit patterns; the index breaks ties upward.
-        c.keys.extend(
-            c.boosted
+        c.scratch.keys.extend(
+            c.scratch
+                .boosted
                 .iter()
                 .enumerate()
                 .map(|(i, b)| (u64::from(b.to_bits()) << 32) | i as u64),
         );
-        if k < c.keys.len() {
-            c.keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        if k < c.scratch.keys.len() {
+            c.scratch
+                .keys
+                .select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
         }
         let threshold = self.params.stimulus_threshold as f32;
-        for &key in &c.keys[..k.min(c.keys.len())] {
+        for &key in &c.scratch.keys[..k.min(c.scratch.keys.len())] {
             let col = key as u32;
-            if c.boosted[col as usize] >= threshold {
+            if c.scratch.boosted[col as usize] >= threshold {
                 c.winners.push(col);
             }
         }
         c.winners.sort_unstable();
     }
 
-    /// NuPIC `_inhibitColumnsLocal` over `cache.boosted`: a column wins when fewer than the
+    /// NuPIC `_inhibitColumnsLocal` over `cache.scratch.boosted`: a column wins when fewer than the
     /// neighbourhood's quota beat it, ties lost to neighbours already chosen.
     fn inhibit_local(&mut self, density: f64) {
         let n_col = self.params.column_count;
         let (radius, wrap) = (self.inhibition_radius, self.params.wrap_around);
         let threshold = self.params.stimulus_threshold as f32;
         let c = &mut self.cache;
-        c.active_flags.clear();
-        c.active_flags.resize(n_col as usize, false);
+        c.scratch.active_flags.clear();
+        c.scratch.active_flags.resize(n_col as usize, false);
         c.winners.clear();
         for col in 0..n_col {
-            let overlap = c.boosted[col as usize];
+            let overlap = c.scratch.boosted[col as usize];
             if overlap < threshold {
                 continue;
             }
@@ -1883,11 +2058,13 @@ impl SpatialPooler {
             let num_active = (0.5 + density * len as f64) as usize;
             let mut beaten = 0usize;
             for n in neighborhood(col, radius, n_col, wrap) {
-                let o = c.boosted[n as usize];
-                beaten += usize::from(o > overlap || (o == overlap && c.active_flags[n as usize]));
+                let o = c.scratch.boosted[n as usize];
+                beaten += usize::from(
+                    o > overlap || (o == overlap && c.scratch.active_flags[n as usize]),
+                );
             }
             if beaten < num_active {
-                c.active_flags[col as usize] = true;
+                c.scratch.active_flags[col as usize] = true;
                 c.winners.push(col);
             }
         }
@@ -1896,7 +2073,8 @@ impl SpatialPooler {
     /// NuPIC `_adaptSynapses`: winners' synapses on active inputs +inc, others -dec.
     fn adapt_synapses(&mut self) {
         let c = &mut self.cache;
-        fill_delta(&mut c.delta, &c.input_bits, &c.consts);
+        fill_delta(&mut c.scratch.delta, &c.scratch.input_bits, &c.consts);
+        self.columns.begin_step();
         let winners = std::mem::take(&mut c.winners);
         for &col in &winners {
             self.learn_column(col, false);
@@ -1910,12 +2088,16 @@ impl SpatialPooler {
     fn learn_column(&mut self, column: u32, raise: bool) {
         let c = &mut self.cache;
         let k = &c.consts;
-        let delta = if raise { &c.bump } else { &c.delta };
+        let delta = if raise {
+            &c.scratch.bump
+        } else {
+            &c.scratch.delta
+        };
         let y = match self.columns.repr(column) {
             Repr::Dense { slot, d } => {
                 let lanes = self.columns.lanes_mut(d);
-                apply_step(c.vectors, lanes, delta, raise, k, &mut c.row);
-                self.columns.set_row(slot, &c.row);
+                apply_step(c.vectors, lanes, delta, raise, k, &mut c.scratch.row);
+                self.columns.set_row(slot, &c.scratch.row);
                 return;
             }
             Repr::Young { y, .. } => Some(y),
@@ -1923,22 +2105,43 @@ impl SpatialPooler {
         };
         let mut stream = c.layout.streams[column as usize].clone();
         let (params, radius) = (&self.params, self.potential_radius);
-        generate_column(params, radius, k, column, &mut stream, &mut c.lanes);
+        let (lanes, pool) = (&mut c.scratch.lanes, &mut c.scratch.pool);
+        generate_column(params, radius, k, column, &mut stream, lanes, pool);
         if let Some(y) = y {
-            let (lanes, replay, row) = (&mut c.lanes, &mut c.replay, &mut c.row);
-            replay_log(&self.columns, y, lanes, replay, &c.bump, k, c.vectors, row);
+            let (lanes, replay, row) = (
+                &mut c.scratch.lanes,
+                &mut c.scratch.replay,
+                &mut c.scratch.row,
+            );
+            replay_log(
+                &self.columns,
+                y,
+                lanes,
+                replay,
+                &c.scratch.bump,
+                k,
+                c.vectors,
+                row,
+            );
         }
-        apply_step(c.vectors, &mut c.lanes, delta, raise, k, &mut c.row);
+        apply_step(
+            c.vectors,
+            &mut c.scratch.lanes,
+            delta,
+            raise,
+            k,
+            &mut c.scratch.row,
+        );
         match y {
             Some(y) if usize::from(self.columns.young[y].len) == YOUNG_STEPS => {
-                self.columns.promote(y, &c.lanes)
+                self.columns.promote(y, &c.scratch.lanes)
             }
             _ => self
                 .columns
-                .log_step(column, y, (!raise).then_some(&c.input_bits[..])),
+                .log_step(column, y, (!raise).then_some(&c.scratch.input_bits[..])),
         }
         let slot = self.columns.slot_of[column as usize] as usize;
-        self.columns.set_row(slot, &c.row);
+        self.columns.set_row(slot, &c.scratch.row);
     }
 
     fn update_duty_cycles(&mut self) {
@@ -1951,8 +2154,8 @@ impl SpatialPooler {
         // Every column as inactive (vector code), the winners' values computed first from
         // their old ones and put back after: no per-column flags to keep.
         let duty = &mut self.active_duty_cycles;
-        c.winner_duty.clear();
-        c.winner_duty.extend(
+        c.scratch.winner_duty.clear();
+        c.scratch.winner_duty.extend(
             c.winners
                 .iter()
                 .map(|&w| (duty[w as usize] * keep + 1.0) / period),
@@ -1960,7 +2163,7 @@ impl SpatialPooler {
         for d in duty.iter_mut() {
             *d = (*d * keep + 0.0) / period;
         }
-        for (&w, &d) in c.winners.iter().zip(&c.winner_duty) {
+        for (&w, &d) in c.winners.iter().zip(&c.scratch.winner_duty) {
             duty[w as usize] = d;
         }
     }
@@ -2031,7 +2234,9 @@ impl SpatialPooler {
         }
         let n = self.num_columns();
         let mut span_sum = 0u64;
-        let mut row = std::mem::take(&mut self.cache.row);
+        // Also called outside a compute, without the lent buffers.
+        let mut row = std::mem::take(&mut self.cache.scratch.row);
+        row.resize(self.cache.words, 0);
         for col in 0..n {
             self.connected_row(col as u32, &mut row);
             let first = row.iter().position(|&w| w != 0);
@@ -2042,7 +2247,7 @@ impl SpatialPooler {
                 span_sum += (hi - lo + 1) as u64;
             }
         }
-        self.cache.row = row;
+        self.cache.scratch.row = row;
         let avg_span = span_sum as f64 / self.num_columns() as f64;
         let columns_per_input =
             f64::from(self.params.column_count) / f64::from(self.params.input_size);
@@ -2235,7 +2440,12 @@ mod tests {
                 // The portable kernel agrees with the one the CPU selected.
                 let c = &sp.cache;
                 let mut portable = vec![0; 300];
-                let (bits, nz) = (&c.input_bits, &c.nonzero_words);
+                let mut bits = vec![0u64; c.words];
+                for &i in x.sparse() {
+                    bits[i as usize / 64] |= 1 << (i % 64);
+                }
+                let nz: Vec<usize> = (0..c.words).filter(|&w| bits[w] != 0).collect();
+                let (bits, nz) = (&bits, &nz);
                 overlaps_kernel(&c.layout.connected, bits, nz, &mut portable);
                 let mut slots = vec![0; sp.columns.row_cap];
                 overlaps_kernel(&sp.columns.rows, bits, nz, &mut slots);
@@ -2494,9 +2704,40 @@ mod tests {
             sp.num_logged()
         );
         assert!(
-            sp.columns.young.iter().any(|g| g.raises != 0),
+            (0..sp.columns.young.len()).any(|y| sp.columns.steps_of(y).contains(&RAISE)),
             "no logged raise"
         );
+    }
+
+    /// Poolers of other sizes computing in turn on one thread, on the thread's buffers,
+    /// compute what each computes alone.
+    #[test]
+    fn poolers_sharing_a_thread_compute_as_alone() {
+        let make = || {
+            [
+                SpatialPooler::new(params(454, 600, 20)).unwrap(),
+                SpatialPooler::new(SpatialPoolerParams {
+                    global_inhibition: false,
+                    boost_strength: 1.0,
+                    ..params(100, 128, 6)
+                })
+                .unwrap(),
+            ]
+        };
+        let (mut shared, mut alone) = (make(), make());
+        let mut rng = Random::new(4);
+        for step in 0..120 {
+            let x = [random_sdr(&mut rng, 454, 40), random_sdr(&mut rng, 100, 12)];
+            let learn = step % 4 != 3;
+            let together: Vec<Sdr> = (0..2).map(|i| run(&mut shared[i], &x[i], learn)).collect();
+            for i in 0..2 {
+                let out =
+                    std::thread::scope(|s| s.spawn(|| run(&mut alone[i], &x[i], learn)).join())
+                        .unwrap();
+                assert_eq!(together[i].sparse(), out.sparse(), "step {step} pooler {i}");
+            }
+        }
+        assert!(shared == alone);
     }
 
     #[test]
@@ -2521,7 +2762,7 @@ mod tests {
         };
         let mut sp = SpatialPooler::new(p).unwrap();
         let mut rng = Random::new(21);
-        for step in 0..60 {
+        for step in 0..90 {
             // A recurring input too, so that some columns have their lanes stored.
             let x = if step % 3 == 0 {
                 block(454, 200, 40)
@@ -2687,6 +2928,135 @@ mod tests {
         .is_ok());
     }
 
+    /// What a column's log holds in the model: its steps' inputs (`None`: a raise), or
+    /// `Stored` once its lanes would be.
+    #[derive(Clone, Debug, PartialEq)]
+    enum ModelColumn {
+        Logged(Vec<Option<Vec<u64>>>),
+        Stored,
+    }
+
+    /// The store's logs, expanded as the model keeps them, with the input reference counts
+    /// checked against the logs.
+    fn expand_logs(store: &ColumnStore) -> Vec<Option<ModelColumn>> {
+        let mut out = vec![None; store.num_columns as usize];
+        let mut refs = vec![0u32; store.input_refs.len()];
+        for (slot, &col) in store.columns.iter().enumerate() {
+            let r = store.repr[slot];
+            out[col as usize] = Some(if r & YOUNG == 0 {
+                ModelColumn::Stored
+            } else {
+                let steps = store.steps_of((r & !YOUNG) as usize);
+                for &e in steps.iter().filter(|&&e| e != RAISE) {
+                    refs[e as usize] += 1;
+                }
+                ModelColumn::Logged(
+                    steps
+                        .iter()
+                        .map(|&e| (e != RAISE).then(|| store.input(e).to_vec()))
+                        .collect(),
+                )
+            });
+        }
+        assert_eq!(refs, store.input_refs, "reference counts");
+        let mut free: Vec<u32> = (0..refs.len() as u32)
+            .filter(|&i| refs[i as usize] == 0)
+            .collect();
+        let mut listed = store.free_inputs.clone();
+        listed.sort_unstable();
+        free.sort_unstable();
+        assert_eq!(listed, free, "free inputs");
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 64, ..proptest::prelude::ProptestConfig::default()
+        })]
+        /// Logs hold each step's input or raise in order whatever the sharing, promotion and
+        /// compaction, and survive a checkpoint round trip.
+        #[test]
+        fn logs_hold_their_steps_through_sharing_and_compaction(
+            steps in proptest::collection::vec(
+                (
+                    proptest::collection::vec(0u32..12, 0..8),
+                    proptest::collection::vec(0u32..12, 0..2),
+                    proptest::prelude::any::<u64>(),
+                ),
+                1..160,
+            )
+        ) {
+            let (columns, stride) = (12usize, 128usize);
+            let mut store = ColumnStore::new(columns, stride);
+            let mut model: Vec<Option<ModelColumn>> = vec![None; columns];
+            let lanes = vec![7u16; stride];
+            for (winners, weak, seed) in steps {
+                let input = [seed, seed.rotate_left(17) ^ 5];
+                store.begin_step();
+                let mut winners = winners;
+                winners.sort_unstable();
+                winners.dedup();
+                let weak = weak.into_iter().map(|c| (c, None));
+                for (col, bits) in winners.into_iter().map(|c| (c, Some(&input[..]))).chain(weak) {
+                    let m = &mut model[col as usize];
+                    match (store.repr(col), m.as_mut()) {
+                        (Repr::Young { y, .. }, Some(ModelColumn::Logged(log)))
+                            if log.len() == YOUNG_STEPS =>
+                        {
+                            store.promote(y, &lanes);
+                            *m = Some(ModelColumn::Stored);
+                        }
+                        (Repr::Dense { .. }, _) => {}
+                        (repr, _) => {
+                            let y = match repr {
+                                Repr::Young { y, .. } => Some(y),
+                                _ => None,
+                            };
+                            store.log_step(col, y, bits);
+                            let log = match m.get_or_insert(ModelColumn::Logged(Vec::new())) {
+                                ModelColumn::Logged(log) => log,
+                                ModelColumn::Stored => unreachable!(),
+                            };
+                            log.push(bits.map(<[u64]>::to_vec));
+                        }
+                    }
+                }
+                proptest::prop_assert_eq!(&expand_logs(&store), &model);
+            }
+            let cfg = bincode::config::standard();
+            let bytes = bincode::serde::encode_to_vec(&store, cfg).unwrap();
+            let (back, _): (ColumnStore, _) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+            proptest::prop_assert_eq!(&expand_logs(&back), &model);
+            proptest::prop_assert!(back == store);
+            // Each input once in the checkpoint, however many steps share it.
+            let distinct: std::collections::HashSet<u32> =
+                back.log.iter().copied().filter(|&e| e != RAISE).collect();
+            proptest::prop_assert_eq!(back.input_refs.len(), distinct.len());
+        }
+    }
+
+    #[test]
+    fn logged_inputs_out_of_range_or_unused_are_rejected() {
+        let wire = |young_inputs: Vec<u32>, inputs: usize| StoreWire {
+            num_columns: 2,
+            stride: 64,
+            columns: vec![1],
+            young_steps: vec![young_inputs.len() as u8],
+            young_inputs,
+            inputs: vec![0; 8 * inputs],
+            young_rows: vec![0; 8],
+            tags: vec![],
+            values: vec![],
+        };
+        let store = ColumnStore::from_wire(wire(vec![1, 0, 2, 1], 2)).unwrap();
+        assert_eq!(store.steps_of(0), [0, RAISE, 1, 0]);
+        assert_eq!(store.input_refs, [2, 1]);
+        let err = ColumnStore::from_wire(wire(vec![1, 3], 2)).unwrap_err();
+        assert!(err.contains("of input 3"), "{err}");
+        let err = ColumnStore::from_wire(wire(vec![1, 0], 2)).unwrap_err();
+        assert!(err.contains("no step refers to"), "{err}");
+    }
+
     #[test]
     fn corrupt_stored_permanences_are_rejected() {
         let wire = |tags: Vec<u8>, values: Vec<u8>| StoreWire {
@@ -2694,8 +3064,8 @@ mod tests {
             stride: 64,
             columns: vec![1],
             young_steps: vec![0],
-            young_raises: vec![],
-            young_bits: vec![],
+            young_inputs: vec![],
+            inputs: vec![],
             young_rows: vec![],
             tags,
             values,

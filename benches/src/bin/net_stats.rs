@@ -318,9 +318,11 @@ fn main() -> Result<()> {
         "network heap: {} non_tm={non_tm}",
         parts(net.heap_breakdown())
     );
+    // Per thread, shared by the poolers computing on it: not in the pooler's heap_bytes.
     println!(
-        "network sp heap: {}",
-        parts(net.spatial_pooler().heap_breakdown())
+        "network sp heap: {} thread_scratch={}",
+        parts(net.spatial_pooler().heap_breakdown()),
+        SpatialPooler::thread_scratch_bytes()
     );
     if let Some(c) = net.classifier() {
         println!("network classifier heap: {}", parts(c.heap_breakdown()));

@@ -211,11 +211,93 @@ impl<'a> Syns<'a> {
     }
 }
 
+/// Per segment id, where its block starts and how many synapses it holds: in one word
+/// (`start / 4` above 8 bits of length; blocks start at multiples of 4) when the parameters
+/// keep segments below 255 synapses and the arena well below 2^26 (NAB's: 32 synapses, 8192
+/// segments), else in two.
+#[derive(Clone, Debug)]
+enum Spans {
+    Narrow(Vec<u32>),
+    Wide(Vec<(u32, u32)>),
+}
+
+impl Spans {
+    /// Whether spans of up to `max_segments` live segments of at most `max_len` synapses
+    /// pack: their blocks take at most 2^24 synapses, and free blocks at most a sixteenth
+    /// more (see [`SynapseArena::set`]), well within the 2^26 a packed start reaches.
+    fn pack(max_segments: u32, max_len: u64) -> bool {
+        max_segments > 0
+            && max_len < 255
+            && u64::from(max_segments) * class(max_len as usize).1 as u64 <= 1 << 24
+    }
+
+    #[inline(always)]
+    fn get(&self, seg: usize) -> (usize, usize) {
+        match self {
+            Spans::Narrow(v) => {
+                let w = v[seg];
+                ((w >> 8) as usize * 4, (w & 0xff) as usize)
+            }
+            Spans::Wide(v) => {
+                let (start, len) = v[seg];
+                (start as usize, len as usize)
+            }
+        }
+    }
+
+    fn set(&mut self, seg: usize, start: usize, len: usize) {
+        match self {
+            Spans::Narrow(v) => {
+                assert!(
+                    start.is_multiple_of(4) && start < 1 << 26 && len < 255,
+                    "a packed span of {len} synapses at {start}"
+                );
+                v[seg] = ((start / 4) as u32) << 8 | len as u32;
+            }
+            Spans::Wide(v) => v[seg] = (start as u32, len as u32),
+        }
+    }
+
+    fn push_empty(&mut self) {
+        by_width!(Spans, self, v => v.push(Default::default()))
+    }
+
+    fn len(&self) -> usize {
+        by_width!(Spans, self, v => v.len())
+    }
+
+    /// The same spans, packed if `packed`.
+    fn with(&self, packed: bool) -> Self {
+        let mut out = if packed {
+            Spans::Narrow(Vec::with_capacity(self.len()))
+        } else {
+            Spans::Wide(Vec::with_capacity(self.len()))
+        };
+        for seg in 0..self.len() {
+            out.push_empty();
+            let (start, len) = self.get(seg);
+            out.set(seg, start, len);
+        }
+        out
+    }
+
+    /// Room for ids up to `budget` (see [`super::reserve_for_ids`]).
+    fn reserve_for_ids(&mut self, budget: usize) {
+        by_width!(Spans, self, v => super::reserve_for_ids(v, budget))
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Spans::Narrow(v) => v.capacity() * 4,
+            Spans::Wide(v) => v.capacity() * 8,
+        }
+    }
+}
+
 /// Per segment id, its synapses (sorted by presynaptic cell); ids are dense and start at 0.
 #[derive(Clone, Debug)]
 pub(super) struct SynapseArena {
-    /// Per segment id: where its block starts and how many synapses it holds.
-    spans: Vec<(u32, u32)>,
+    spans: Spans,
     layout: Layout,
     /// Per size class, starts of free blocks.
     free: Vec<Vec<u32>>,
@@ -241,7 +323,7 @@ impl SynapseArena {
     /// An empty arena; `narrow` if every cell fits 16 bits and every code 8 (but the last).
     pub(super) fn new(narrow: bool) -> Self {
         SynapseArena {
-            spans: Vec::new(),
+            spans: Spans::Wide(Vec::new()),
             layout: if narrow {
                 Layout::Narrow(Planes::default())
             } else {
@@ -260,8 +342,8 @@ impl SynapseArena {
     /// `seg`'s synapses.
     #[inline]
     pub(super) fn get(&self, seg: usize) -> Syns<'_> {
-        let (start, len) = self.spans[seg];
-        let r = start as usize..(start + len) as usize;
+        let (start, len) = self.spans.get(seg);
+        let r = start..start + len;
         match &self.layout {
             Layout::Narrow(p) => Syns::Narrow(&p.presyn[r.clone()], &p.codes[r]),
             Layout::Wide(p) => Syns::Wide(&p.presyn[r.clone()], &p.codes[r]),
@@ -271,8 +353,8 @@ impl SynapseArena {
     /// `seg`'s synapses, codes writable.
     #[inline]
     pub(super) fn get_mut(&mut self, seg: usize) -> SynsMut<'_> {
-        let (start, len) = self.spans[seg];
-        let r = start as usize..(start + len) as usize;
+        let (start, len) = self.spans.get(seg);
+        let r = start..start + len;
         match &mut self.layout {
             Layout::Narrow(p) => SynsMut::Narrow(&p.presyn[r.clone()], &mut p.codes[r]),
             Layout::Wide(p) => SynsMut::Wide(&p.presyn[r.clone()], &mut p.codes[r]),
@@ -282,14 +364,19 @@ impl SynapseArena {
     /// Sets the code of synapse `k` of `seg`.
     #[inline]
     pub(super) fn set_code(&mut self, seg: usize, k: usize, code: Code) {
-        let (start, len) = self.spans[seg];
-        debug_assert!(k < len as usize);
-        let at = start as usize + k;
+        let (start, len) = self.spans.get(seg);
+        debug_assert!(k < len);
+        let at = start + k;
         by_width!(Layout, &mut self.layout, p => p.codes[at] = CodeWord::new(code))
     }
 
-    /// Takes the narrow layout if `narrow` and every synapse fits it, else the wide one.
-    pub(super) fn set_layout(&mut self, narrow: bool) {
+    /// Takes the narrow layout if `narrow` and every synapse fits it, else the wide one, and
+    /// packs the spans if up to `max_segments` segments of up to `max_len` synapses let them.
+    pub(super) fn set_layout(&mut self, narrow: bool, max_segments: u32, max_len: u64) {
+        let packed = Spans::pack(max_segments, max_len);
+        if packed != matches!(self.spans, Spans::Narrow(_)) {
+            self.spans = self.spans.with(packed);
+        }
         let layout = match (&self.layout, narrow) {
             (Layout::Wide(p), true) if Planes::<u16, u8>::fits(p.synapses(0..p.len())) => {
                 let mut n = Planes::default();
@@ -310,33 +397,33 @@ impl SynapseArena {
 
     /// Adds a segment id with no synapses.
     pub(super) fn push_empty(&mut self) {
-        self.spans.push((0, 0));
+        self.spans.push_empty();
     }
 
     /// Room for segment ids up to `budget` (see [`super::reserve_for_ids`]).
-    pub(super) fn spans_mut(&mut self) -> &mut Vec<(u32, u32)> {
-        &mut self.spans
+    pub(super) fn reserve_for_ids(&mut self, budget: usize) {
+        self.spans.reserve_for_ids(budget);
     }
 
     /// Replaces `seg`'s synapses, keeping its block when the size class stays.
     pub(super) fn set(&mut self, seg: usize, synapses: &[Synapse]) {
-        let (start, len) = self.spans[seg];
-        let (old_class, _) = class(len as usize);
+        let (start, len) = self.spans.get(seg);
+        let (old_class, _) = class(len);
         let (new_class, cap) = class(synapses.len());
         let start = if old_class == new_class {
-            start as usize
+            start
         } else {
             if len > 0 {
-                self.release_block(old_class, start);
+                self.release_block(old_class, start as u32);
             }
             if synapses.is_empty() {
-                self.spans[seg] = (0, 0);
+                self.spans.set(seg, 0, 0);
                 return;
             }
             self.take_block(new_class, cap)
         };
         by_width!(Layout, &mut self.layout, p => p.write(start, synapses));
-        self.spans[seg] = (start as u32, synapses.len() as u32);
+        self.spans.set(seg, start, synapses.len());
         let used = by_width!(Layout, &self.layout, p => p.len());
         if self.free_words > 2048 && self.free_words * 16 > used {
             self.compact();
@@ -346,18 +433,19 @@ impl SynapseArena {
     /// Lays the blocks out again in segment order, without free ones, in vectors of exactly
     /// their size (so the memory goes back).
     fn compact(&mut self) {
-        let live: usize = self.spans.iter().map(|&(_, n)| class(n as usize).1).sum();
+        let segs = 0..self.spans.len();
+        let live: usize = segs.clone().map(|s| class(self.spans.get(s).1).1).sum();
         by_width!(Layout, &mut self.layout, p => {
             let mut packed = Planes::default();
             packed.reserve_exact(live);
-            for span in &mut self.spans {
-                let (start, len) = (span.0 as usize, span.1 as usize);
+            for seg in segs {
+                let (start, len) = self.spans.get(seg);
                 if len == 0 {
                     continue;
                 }
                 let at = packed.len();
                 packed.append_from(p, start, len, class(len).1);
-                span.0 = at as u32;
+                self.spans.set(seg, at, len);
             }
             *p = packed;
         });
@@ -367,8 +455,8 @@ impl SynapseArena {
 
     /// Appends `seg`'s synapses but those marked [`DROPPED`] to `out`.
     pub(super) fn extend_live(&self, seg: usize, out: &mut Vec<Synapse>) {
-        let (start, len) = self.spans[seg];
-        let r = start as usize..(start + len) as usize;
+        let (start, len) = self.spans.get(seg);
+        let r = start..start + len;
         by_width!(Layout, &self.layout, p => out.extend(
             p.synapses(r).filter(|s| s.code() != DROPPED)
         ));
@@ -404,7 +492,7 @@ impl SynapseArena {
     }
 
     pub(super) fn heap_bytes(&self) -> usize {
-        self.spans.capacity() * 8
+        self.spans.heap_bytes()
             + by_width!(Layout, &self.layout, p => p.heap_bytes())
             + self.free.capacity() * std::mem::size_of::<Vec<u32>>()
             + self.free.iter().map(|f| f.capacity() * 4).sum::<usize>()
@@ -423,7 +511,9 @@ struct Wire {
 
 impl Serialize for SynapseArena {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let lens: Vec<u32> = self.spans.iter().map(|&(_, n)| n).collect();
+        let lens: Vec<u32> = (0..self.len())
+            .map(|s| self.spans.get(s).1 as u32)
+            .collect();
         let total: usize = lens.iter().map(|&n| n as usize).sum();
         let mut words = Vec::with_capacity(4 * total);
         for syns in self.iter() {
@@ -452,11 +542,11 @@ impl<'de> Deserialize<'de> for SynapseArena {
         let mut arena = SynapseArena::new(Planes::<u16, u8>::fits(synapses()));
         let capacity: usize = wire.lens.iter().map(|&n| class(n as usize).1).sum();
         by_width!(Layout, &mut arena.layout, p => p.reserve_exact(capacity));
-        arena.spans.reserve_exact(wire.lens.len());
+        let mut spans = Vec::with_capacity(wire.lens.len());
         let mut words = synapses();
         for &n in &wire.lens {
             if n == 0 {
-                arena.spans.push((0, 0));
+                spans.push((0, 0));
                 continue;
             }
             let start = by_width!(Layout, &arena.layout, p => p.len());
@@ -464,8 +554,9 @@ impl<'de> Deserialize<'de> for SynapseArena {
                 p.extend(words.by_ref().take(n as usize));
                 p.grow_to(start + class(n as usize).1);
             });
-            arena.spans.push((start as u32, n));
+            spans.push((start as u32, n));
         }
+        arena.spans = Spans::Wide(spans);
         Ok(arena)
     }
 }
@@ -549,7 +640,7 @@ mod tests {
             let mut a = SynapseArena::new(false);
             a.push_empty();
             a.set(0, &content);
-            a.set_layout(true);
+            a.set_layout(true, 0, 0);
             assert_eq!(matches!(a.layout, Layout::Narrow(_)), fits);
             assert_eq!(read(&a, 0), content);
             let bytes = bincode::serde::encode_to_vec(&a, cfg).unwrap();
@@ -557,7 +648,7 @@ mod tests {
                 bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
             assert_eq!(matches!(back.layout, Layout::Narrow(_)), fits);
             assert_eq!(back, a);
-            back.set_layout(false);
+            back.set_layout(false, 0, 0);
             assert!(matches!(back.layout, Layout::Wide(_)));
             assert_eq!(read(&back, 0), content);
         }
@@ -568,6 +659,61 @@ mod tests {
         assert_eq!(a.get(0).code(1), DROPPED);
         a.set_code(0, 1, 254);
         assert_eq!(read(&a, 0), small);
+    }
+
+    /// Whatever the spans' form, segments hold what a plain vector per segment does through
+    /// growth, shrinking, clearing, compaction, changes of form and a round trip.
+    #[test]
+    fn packed_and_wide_spans_hold_the_same_synapses() {
+        assert!(Spans::pack(8192, 32) && !Spans::pack(0, 32) && !Spans::pack(8192, 255));
+        assert!(!Spans::pack(1 << 20, 32));
+        let mut rng = crate::random::Random::new(7);
+        let mut a = SynapseArena::new(true);
+        a.set_layout(true, 300, 40);
+        assert!(matches!(a.spans, Spans::Narrow(_)));
+        let mut model: Vec<Vec<Synapse>> = Vec::new();
+        for step in 0..6000 {
+            if model.len() < 300 && rng.below(8) == 0 {
+                a.push_empty();
+                model.push(Vec::new());
+                continue;
+            }
+            if model.is_empty() {
+                continue;
+            }
+            let seg = rng.below(model.len() as u32) as usize;
+            let len = if rng.below(10) == 0 { 0 } else { rng.below(41) };
+            let first = rng.below(1000);
+            let syns: Vec<Synapse> = (0..len)
+                .map(|i| Synapse::new(first + 3 * i, rng.below(20) as Code))
+                .collect();
+            a.set(seg, &syns);
+            model[seg] = syns;
+            if step % 1500 == 0 {
+                let packed = matches!(a.spans, Spans::Narrow(_));
+                a.set_layout(true, if packed { 0 } else { 300 }, 40);
+            }
+            if step % 97 == 0 {
+                for (s, syns) in model.iter().enumerate() {
+                    assert_eq!(read(&a, s), *syns, "step {step} segment {s}");
+                }
+            }
+        }
+        a.compact();
+        assert_eq!(a.free_words, 0);
+        for (s, syns) in model.iter().enumerate() {
+            assert_eq!(read(&a, s), *syns);
+        }
+        let cfg = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&a, cfg).unwrap();
+        let (mut back, _): (SynapseArena, _) =
+            bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+        back.set_layout(true, 300, 40);
+        assert!(matches!(back.spans, Spans::Narrow(_)));
+        assert_eq!(back, a);
+        for (s, syns) in model.iter().enumerate() {
+            assert_eq!(read(&back, s), *syns);
+        }
     }
 
     #[test]

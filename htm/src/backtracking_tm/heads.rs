@@ -64,12 +64,6 @@ impl CellHeads {
             })
     }
 
-    /// Grows (or shrinks) to `num_cells` cells.
-    pub(super) fn resize(&mut self, num_cells: usize) {
-        self.num_cells = num_cells;
-        self.groups.resize(num_cells.div_ceil(GROUP), 0);
-    }
-
     pub(super) fn heap_bytes(&self) -> usize {
         (self.groups.capacity() + self.words.capacity()) * 4
     }
