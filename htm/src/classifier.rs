@@ -83,6 +83,90 @@ impl ClassifierParams {
 /// Marks an input bit without a weight row (all its weights are zero).
 const NO_ROW: u32 = u32::MAX;
 
+/// Input bits or row numbers, all below the input size: `u16` each when the input size
+/// allows it (NAB's 2048 columns), `u32` otherwise. [`NO_ROW`] is kept as the width's
+/// largest value, which no input bit or row reaches.
+#[derive(Clone, Debug, PartialEq)]
+enum Indices {
+    Narrow(Vec<u16>),
+    Wide(Vec<u32>),
+}
+
+impl Indices {
+    /// `len` copies of `value`, for values below `input_size` (or [`NO_ROW`]).
+    fn filled(input_size: usize, len: usize, value: u32) -> Self {
+        if input_size < usize::from(u16::MAX) {
+            Indices::Narrow(vec![Self::narrow(value); len])
+        } else {
+            Indices::Wide(vec![value; len])
+        }
+    }
+
+    #[inline]
+    fn narrow(value: u32) -> u16 {
+        if value == NO_ROW {
+            u16::MAX
+        } else {
+            u16::try_from(value).expect("index below a narrow input size")
+        }
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> u32 {
+        match self {
+            Indices::Narrow(v) => match v[i] {
+                u16::MAX => NO_ROW,
+                x => u32::from(x),
+            },
+            Indices::Wide(v) => v[i],
+        }
+    }
+
+    fn set(&mut self, i: usize, value: u32) {
+        match self {
+            Indices::Narrow(v) => v[i] = Self::narrow(value),
+            Indices::Wide(v) => v[i] = value,
+        }
+    }
+
+    /// Appends `value`, growing by a sixteenth (16 entries at least) when full.
+    fn push(&mut self, value: u32) {
+        fn grow<T>(v: &mut Vec<T>) {
+            if v.len() == v.capacity() {
+                v.reserve_exact((v.len() / 16).max(16));
+            }
+        }
+        match self {
+            Indices::Narrow(v) => {
+                grow(v);
+                v.push(Self::narrow(value));
+            }
+            Indices::Wide(v) => {
+                grow(v);
+                v.push(value);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Indices::Narrow(v) => v.len(),
+            Indices::Wide(v) => v.len(),
+        }
+    }
+
+    fn to_vec(&self) -> Vec<u32> {
+        (0..self.len()).map(|i| self.get(i)).collect()
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Indices::Narrow(v) => 2 * v.capacity(),
+            Indices::Wide(v) => 4 * v.capacity(),
+        }
+    }
+}
+
 /// One-step-ahead SDR classifier.
 #[derive(Clone, Debug)]
 pub struct SdrClassifier {
@@ -93,9 +177,9 @@ pub struct SdrClassifier {
     /// Per slot: how many buckets share it.
     members: Vec<u32>,
     /// Per input bit: its weight row, or [`NO_ROW`].
-    row_of: Vec<u32>,
+    row_of: Indices,
     /// Per row: its input bit (rows in allocation order).
-    row_bits: Vec<u32>,
+    row_bits: Indices,
     /// Rows of `stride` weights, the first `members.len()` of which are in use.
     stride: usize,
     weights: Vec<f32>,
@@ -118,8 +202,8 @@ impl SdrClassifier {
             input_size: u32::try_from(input_size).expect("input size fits in u32"),
             slot_of: Vec::new(),
             members: Vec::new(),
-            row_of: vec![NO_ROW; input_size],
-            row_bits: Vec::new(),
+            row_of: Indices::filled(input_size, input_size, NO_ROW),
+            row_bits: Indices::filled(input_size, 0, 0),
             stride: 0,
             weights: Vec::new(),
             actual_values: Vec::new(),
@@ -151,8 +235,9 @@ impl SdrClassifier {
 
     /// The weight from input `bit` to `bucket` (zero for unknown buckets).
     pub fn weight(&self, bit: usize, bucket: usize) -> f32 {
-        match (self.row_of.get(bit), self.slot_of.get(bucket)) {
-            (Some(&row), Some(&slot)) if row != NO_ROW => {
+        let row = (bit < self.input_size()).then(|| self.row_of.get(bit));
+        match (row, self.slot_of.get(bucket)) {
+            (Some(row), Some(&slot)) if row != NO_ROW => {
                 self.weights[row as usize * self.stride + slot as usize]
             }
             _ => 0.0,
@@ -175,10 +260,9 @@ impl SdrClassifier {
             ("weights", 4 * self.weights.capacity()),
             (
                 "index",
-                4 * (self.slot_of.capacity()
-                    + self.members.capacity()
-                    + self.row_of.capacity()
-                    + self.row_bits.capacity()),
+                4 * (self.slot_of.capacity() + self.members.capacity())
+                    + self.row_of.heap_bytes()
+                    + self.row_bits.heap_bytes(),
             ),
             ("actual_values", 16 * self.actual_values.capacity()),
             (
@@ -245,7 +329,7 @@ impl SdrClassifier {
             let hi = (lo + CHUNK).min(n);
             let mut act = [0f64; CHUNK];
             for &bit in pattern {
-                let row = self.row_of[bit as usize];
+                let row = self.row_of.get(bit as usize);
                 if row == NO_ROW {
                     continue;
                 }
@@ -299,7 +383,7 @@ impl SdrClassifier {
         }
         for &bit in pattern {
             // A row never allocated is all zeros, and adding +0.0 changes no sum.
-            let row = self.row_of[bit as usize];
+            let row = self.row_of.get(bit as usize);
             if row == NO_ROW {
                 continue;
             }
@@ -324,16 +408,13 @@ impl SdrClassifier {
 
     /// The weight row of `bit`, allocated (zeros) on first use.
     fn row(&mut self, bit: u32) -> usize {
-        let r = self.row_of[bit as usize];
+        let r = self.row_of.get(bit as usize);
         if r != NO_ROW {
             return r as usize;
         }
         let r = self.row_bits.len();
-        if self.row_bits.len() == self.row_bits.capacity() {
-            self.row_bits.reserve_exact((r / 16).max(16));
-        }
         self.row_bits.push(bit);
-        self.row_of[bit as usize] = r as u32;
+        self.row_of.set(bit as usize, r as u32);
         let need = (r + 1) * self.stride;
         if need > self.weights.capacity() {
             // Grow by a 32nd, not by doubling: memory should follow use, and rows are allocated
@@ -445,7 +526,7 @@ impl Serialize for SdrClassifier {
             actual_values: (0..self.num_buckets())
                 .map(|b| self.actual_value(b))
                 .collect(),
-            row_bits: self.row_bits.clone(),
+            row_bits: self.row_bits.to_vec(),
             weights: self.packed_weights(),
         }
         .serialize(s)
@@ -471,10 +552,10 @@ impl<'de> Deserialize<'de> for SdrClassifier {
             return Err(D::Error::custom("classifier: inconsistent weight layout"));
         }
         for (r, &bit) in w.row_bits.iter().enumerate() {
-            match c.row_of.get_mut(bit as usize) {
-                Some(slot) if *slot == NO_ROW => *slot = r as u32,
-                _ => return Err(D::Error::custom("classifier: bad row bit")),
+            if bit >= c.input_size || c.row_of.get(bit as usize) != NO_ROW {
+                return Err(D::Error::custom("classifier: bad row bit"));
             }
+            c.row_of.set(bit as usize, r as u32);
         }
         // Per slot: only a bucket alone in its slot can have been learnt.
         let mut actual_values = vec![None; n];
@@ -487,7 +568,12 @@ impl<'de> Deserialize<'de> for SdrClassifier {
         }
         c.slot_of = w.slot_of;
         c.members = members;
-        c.row_bits = w.row_bits;
+        c.row_bits = match Indices::filled(c.input_size(), 0, 0) {
+            Indices::Narrow(_) => {
+                Indices::Narrow(w.row_bits.iter().map(|&b| Indices::narrow(b)).collect())
+            }
+            Indices::Wide(_) => Indices::Wide(w.row_bits),
+        };
         c.stride = n;
         c.weights = w.weights;
         c.actual_values = actual_values;
@@ -876,5 +962,21 @@ mod tests {
     fn out_of_range_pattern_bit_panics() {
         let mut c = SdrClassifier::new(10, ClassifierParams::default()).unwrap();
         c.learn(&[10], 0, 1.0);
+    }
+
+    #[test]
+    fn input_sizes_beyond_u16_keep_u32_indices() {
+        let mut c = SdrClassifier::new(70_000, ClassifierParams::default()).unwrap();
+        assert!(matches!(c.row_of, Indices::Wide(_)));
+        c.learn(&[5, 69_999], 3, 1.5);
+        c.learn(&[65_535, 69_999], 1, 0.5);
+        assert_eq!(c.num_rows(), 3);
+        assert_ne!(c.weight(65_535, 1), 0.0);
+        let cfg = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&c, cfg).unwrap();
+        let (back, _): (SdrClassifier, _) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+        assert!(back == c);
+        let small = SdrClassifier::new(2048, ClassifierParams::default()).unwrap();
+        assert!(matches!(small.row_of, Indices::Narrow(_)));
     }
 }
