@@ -76,6 +76,13 @@ impl RdseParams {
                 "must be strictly greater than 6*w (more than 11*w recommended)",
             ));
         }
+        if u64::from(self.n) > MAX_N {
+            return Err(EncoderError::param(
+                "n",
+                self.n,
+                "must be at most 65536 (bits are kept as u16)",
+            ));
+        }
         if let Some(o) = self.offset {
             if !o.is_finite() {
                 return Err(EncoderError::param("offset", o, "must be finite"));
@@ -84,6 +91,10 @@ impl RdseParams {
         Ok(())
     }
 }
+
+/// Most output bits: representations keep their bits as `u16`. (Serialised, a `u16` and a
+/// `u32` of the same value are the same bytes.)
+const MAX_N: u64 = 1 << 16;
 
 /// NuPIC's `RandomDistributedScalarEncoder`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -95,7 +106,7 @@ pub struct RandomDistributedScalarEncoder {
     /// Representations of buckets `min_index..=max_index`, `w` bits each, in *positional*
     /// order: bucket `i` differs from its inner neighbour exactly at position `i % w`, which
     /// the overlap check relies on.
-    reps: Vec<u32>,
+    reps: Vec<u16>,
     rng: Random,
     num_tries: u64,
     #[serde(skip)]
@@ -105,7 +116,7 @@ pub struct RandomDistributedScalarEncoder {
 impl RandomDistributedScalarEncoder {
     /// Heap bytes held (capacity-based), for memory reporting.
     pub fn heap_bytes(&self) -> usize {
-        4 * (self.reps.capacity() + self.scratch.0.capacity())
+        2 * self.reps.capacity() + 4 * self.scratch.0.capacity()
     }
 
     /// Validates `params` and draws the middle bucket's representation.
@@ -113,7 +124,11 @@ impl RandomDistributedScalarEncoder {
         params.validate()?;
         let mut rng = Random::new(params.seed);
         let population: Vec<u32> = (0..params.n).collect();
-        let reps = rng.sample(&population, params.w as usize);
+        let reps = rng
+            .sample(&population, params.w as usize)
+            .into_iter()
+            .map(narrow)
+            .collect();
         Ok(RandomDistributedScalarEncoder {
             offset: params.offset,
             params,
@@ -173,7 +188,7 @@ impl RandomDistributedScalarEncoder {
     /// the existing ones. Indices past the last bucket are clipped.
     pub fn bucket_bits(&mut self, index: usize) -> Vec<u32> {
         let index = self.ensure_bucket(index);
-        let mut bits = self.rep(index).to_vec();
+        let mut bits: Vec<u32> = self.rep(index).iter().map(|&b| u32::from(b)).collect();
         bits.sort_unstable();
         bits
     }
@@ -194,7 +209,7 @@ impl RandomDistributedScalarEncoder {
         };
         let bucket = self.ensure_bucket(bucket);
         let start = buf.len();
-        buf.extend(self.rep(bucket).iter().map(|&b| b + offset));
+        buf.extend(self.rep(bucket).iter().map(|&b| u32::from(b) + offset));
         buf[start..].sort_unstable();
     }
 
@@ -203,7 +218,7 @@ impl RandomDistributedScalarEncoder {
     }
 
     /// Positional representation of an existing bucket.
-    fn rep(&self, index: usize) -> &[u32] {
+    fn rep(&self, index: usize) -> &[u16] {
         let w = self.w();
         let at = (index - self.min_index) * w;
         &self.reps[at..at + w]
@@ -227,12 +242,12 @@ impl RandomDistributedScalarEncoder {
 
     /// Representation for `new_index`: the neighbour's, with position `new_index % w` replaced
     /// by a random bit that the neighbour lacks and that keeps every overlap rule.
-    fn new_representation(&mut self, neighbour: usize, new_index: usize) -> Vec<u32> {
+    fn new_representation(&mut self, neighbour: usize, new_index: usize) -> Vec<u16> {
         let w = self.w();
         let n = self.params.n;
         let mut rep = self.rep(neighbour).to_vec();
         let pos = new_index % w;
-        let removed = rep[pos];
+        let removed = u32::from(rep[pos]);
         let mut in_neighbour = vec![false; n as usize];
         for &b in &rep {
             in_neighbour[b as usize] = true;
@@ -243,7 +258,7 @@ impl RandomDistributedScalarEncoder {
             if !in_neighbour[bit as usize] {
                 let in_candidate = |b: u32| (in_neighbour[b as usize] && b != removed) || b == bit;
                 if tries >= MAX_TRIES_PER_BUCKET || self.overlaps_ok(&in_candidate, new_index) {
-                    rep[pos] = bit;
+                    rep[pos] = narrow(bit);
                     return rep;
                 }
             }
@@ -271,7 +286,7 @@ impl RandomDistributedScalarEncoder {
         let mut overlap = self
             .rep(self.min_index)
             .iter()
-            .filter(|&&b| in_candidate(b))
+            .filter(|&&b| in_candidate(u32::from(b)))
             .count();
         if !ok(self.min_index, overlap) {
             return false;
@@ -280,14 +295,19 @@ impl RandomDistributedScalarEncoder {
             // Below the middle, bucket i−1 was made from bucket i at position (i−1) % w;
             // above it, bucket i was made from bucket i−1 at position i % w.
             let pos = if i <= MIDDLE { (i - 1) % w } else { i % w };
-            overlap -= usize::from(in_candidate(self.rep(i - 1)[pos]));
-            overlap += usize::from(in_candidate(self.rep(i)[pos]));
+            overlap -= usize::from(in_candidate(u32::from(self.rep(i - 1)[pos])));
+            overlap += usize::from(in_candidate(u32::from(self.rep(i)[pos])));
             if !ok(i, overlap) {
                 return false;
             }
         }
         true
     }
+}
+
+/// An output bit (below `n`, at most [`MAX_N`]) as kept in a representation.
+fn narrow(bit: u32) -> u16 {
+    u16::try_from(bit).expect("output bits below n <= 65536")
 }
 
 #[cfg(test)]
@@ -447,6 +467,17 @@ mod tests {
             ..d.clone()
         })
         .contains("`n`"));
+        assert!(bad(RdseParams {
+            n: 65_537,
+            ..d.clone()
+        })
+        .contains("`n`"));
+        assert!(RandomDistributedScalarEncoder::new(RdseParams {
+            n: 65_536,
+            seed: 3,
+            ..d.clone()
+        })
+        .is_ok());
         assert!(bad(RdseParams {
             resolution: -1.0,
             ..d.clone()
