@@ -25,6 +25,7 @@ use generator::records::{rfc3339, InputRecord};
 use htm::network::{Inference, Network};
 use rayon::prelude::*;
 use serde_json::{Map, Value};
+use tracing::info;
 
 use crate::config::{BatchConfig, Config, Processing};
 use crate::store::{DeviceCheckpoint, DirStore};
@@ -176,7 +177,8 @@ pub struct Engine {
     /// Bytes the process gained beyond its networks' own (pages the allocator keeps around
     /// freed blocks, buffers), as of the last batch: taken out of `memory.max_mb`.
     overhead: usize,
-    /// Whether the next batch may grow to `batch.pressure_max_records` (see [`Engine::batch_limits`]).
+    /// Whether the next batch may grow to `batch.pressure_max_records`
+    /// (see [`Engine::batch_limits`]).
     pressure: bool,
 }
 
@@ -314,12 +316,19 @@ impl Engine {
                     .saturating_sub(self.resident_bytes());
             }
         }
-        self.pressure = under_pressure(
-            self.pressure,
-            batch.len(),
-            self.restored - restored_before,
-            &self.config.batch,
-        );
+        let restores = self.restored - restored_before;
+        let pressure = under_pressure(self.pressure, batch.len(), restores, &self.config.batch);
+        if pressure != self.pressure {
+            let records = batch.len();
+            match pressure {
+                true => info!(records, restores, "memory pressure: batches grow"),
+                false => info!(
+                    records,
+                    restores, "memory pressure over: batches shrink back"
+                ),
+            }
+            self.pressure = pressure;
+        }
         Ok(outcomes
             .into_iter()
             .map(|o| o.expect("every message has an outcome"))
@@ -936,8 +945,8 @@ impl Engine {
 /// starts after a full batch in which a quarter of the records or more needed a restore (a
 /// restore costs about ten records' compute): devices interleave beyond the memory bounds while
 /// a backlog is read, and a batch of many records per device restores each network once for
-/// all of them. It ends when a batch comes back short of even
-/// `max_records` (the backlog is read) or needs no restore (the networks fit).
+/// all of them. It ends when a batch comes back short of even `max_records` (the backlog is
+/// read) or needs no restore (the networks fit).
 fn under_pressure(was: bool, records: usize, restores: u64, limits: &BatchConfig) -> bool {
     if limits.pressure_max_records <= limits.max_records {
         return false;

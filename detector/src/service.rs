@@ -434,8 +434,8 @@ fn is_fatal(e: &KafkaError) -> bool {
 }
 
 /// Fills `batch` (cleared first) with up to `max_records` messages: waits up to `max_wait` for
-/// the first, then takes what comes with no gap longer than `gap`. `after_poll` runs after every poll,
-/// where rebalance callbacks have just run. A fatal consumer error is an error; others are
+/// the first, then takes what comes with no gap longer than `gap`. `after_poll` runs after
+/// every poll, where rebalance callbacks have just run. A fatal consumer error is an error; others are
 /// logged and end the batch.
 pub(crate) fn poll_batch<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,

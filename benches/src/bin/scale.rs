@@ -103,6 +103,7 @@ fn main() -> Result<()> {
     // The mock broker keeps only the newest 5 MiB of each partition, so the records are sent
     // while the detector reads, never more than 4 MiB per partition ahead of it: a backlog as
     // deep as the broker can hold.
+    // Value plus key and per-record framing in the broker's log.
     let record_bytes = record(0, devices, &mut htm::random::Random::new(0))
         .to_json()
         .len()
