@@ -335,7 +335,7 @@ struct ColumnStore {
     row_cap: usize,
 }
 
-/// Content equality: slots, their lanes or logs, and the logs' connected bits.
+/// Content equality: slots and their lanes or logs (the logs' connected rows follow from them).
 impl PartialEq for ColumnStore {
     fn eq(&self, other: &Self) -> bool {
         let wire = |s: &ColumnStore| {
@@ -813,9 +813,9 @@ struct StoreWireRef<'a> {
     young_steps: Vec<u8>,
     /// The logs' steps in slot order: 0 for a raise, else which of `inputs` (from 1).
     young_inputs: Vec<u32>,
-    /// The logged inputs, each once, in order of first use; then the logs' connected rows:
-    /// little-endian words.
+    /// The logged inputs, each once, in order of first use: little-endian words.
     inputs: Vec<u8>,
+    /// The logs' connected rows: little-endian words.
     young_rows: Vec<u8>,
     /// Stored lanes of the other slots, in slot order.
     tags: Vec<u8>,
@@ -888,8 +888,14 @@ pub(crate) mod rle_f32 {
 #[derive(Debug, Default)]
 struct InitialLayout {
     streams: Vec<Random>,
-    /// Connected bits laid out as [`Cache::connected`].
+    /// Connected bits, word-major: word `w` of column `c` at `w * column_count + c`.
     connected: Vec<u64>,
+}
+
+impl InitialLayout {
+    fn heap_bytes(&self) -> usize {
+        self.streams.capacity() * std::mem::size_of::<Random>() + self.connected.capacity() * 8
+    }
 }
 
 /// Layouts by parameters (their bincode bytes), most recently built last. A process sees a
@@ -1681,13 +1687,13 @@ impl SpatialPooler {
         self.columns.young.len()
     }
 
-    /// Whether learning has modified `column` (so its permanences are stored, not
-    /// regenerated).
+    /// Whether learning has modified `column` (its permanences are stored, or kept as a log
+    /// of its steps).
     pub fn is_materialised(&self, column: u32) -> bool {
         self.columns.repr(column) != Repr::Lazy
     }
 
-    /// Number of columns whose permanences are stored.
+    /// Number of columns modified by learning (stored or logged).
     pub fn num_materialised(&self) -> usize {
         self.columns.columns.len()
     }
@@ -1839,6 +1845,16 @@ impl SpatialPooler {
         self.size_scratch();
         self.compute_step(input, learn, active);
         crate::scratch::give_back(&SCRATCH, std::mem::take(&mut self.cache.scratch));
+    }
+
+    /// Bytes of the initial layouts shared by every pooler of the same parameters (streams and
+    /// connected bits of the columns learning has not modified), per process and so not in any
+    /// pooler's [`Self::heap_bytes`].
+    pub fn shared_layout_bytes() -> usize {
+        let list = LAYOUTS.lock().unwrap_or_else(|e| e.into_inner());
+        list.iter()
+            .map(|(key, layout)| key.capacity() + layout.heap_bytes())
+            .sum()
     }
 
     /// Bytes of this thread's pooler scratch buffers ([`SCRATCH`]), shared by every pooler
@@ -2169,7 +2185,8 @@ impl SpatialPooler {
     }
 
     /// NuPIC `_bumpUpWeakColumns`: columns whose overlap duty cycle fell below the minimum
-    /// get every potential synapse raised by `syn_perm_connected / 10` (materialising them).
+    /// get every potential synapse raised by `syn_perm_connected / 10` (a logged step, or a
+    /// stored change past the log's length).
     fn bump_up_weak_columns(&mut self) {
         let n = self.params.column_count as usize;
         // Weak columns are rare: test blocks of columns branch-free (vector code) and look
@@ -2341,6 +2358,16 @@ mod tests {
         assert_eq!(to_fraction(k.connected), 0.2f32);
         assert_eq!(to_fraction(PERMANENCE_MAX), 1.0);
         assert_eq!(to_fraction(0), 0.0);
+    }
+
+    #[test]
+    fn the_shared_initial_layout_is_counted_outside_the_pooler() {
+        // Other tests build layouts concurrently, so only a lower bound holds here.
+        let _sp = SpatialPooler::new(params(200, 96, 8)).unwrap();
+        // 96 streams and 96 columns × 4 words of connected bits.
+        let least = 96 * (std::mem::size_of::<Random>() + 4 * 8);
+        let shared = SpatialPooler::shared_layout_bytes();
+        assert!(shared >= least, "{shared} < {least}");
     }
 
     #[test]

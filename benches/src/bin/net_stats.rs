@@ -318,11 +318,12 @@ fn main() -> Result<()> {
         "network heap: {} non_tm={non_tm}",
         parts(net.heap_breakdown())
     );
-    // Per thread, shared by the poolers computing on it: not in the pooler's heap_bytes.
+    // Per thread or per process, shared by poolers: not in the pooler's heap_bytes.
     println!(
-        "network sp heap: {} thread_scratch={}",
+        "network sp heap: {} thread_scratch={} shared_initial_layout={}",
         parts(net.spatial_pooler().heap_breakdown()),
-        SpatialPooler::thread_scratch_bytes()
+        SpatialPooler::thread_scratch_bytes(),
+        SpatialPooler::shared_layout_bytes()
     );
     if let Some(c) = net.classifier() {
         println!("network classifier heap: {}", parts(c.heap_breakdown()));
