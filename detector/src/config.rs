@@ -162,6 +162,12 @@ pub struct BatchConfig {
     /// `max_records` once the backlog is read or the networks fit. At most `max_records` turns
     /// it off.
     pub pressure_max_records: usize,
+    /// Seconds a batch grown under memory pressure should take to compute: each such batch is
+    /// sized from the pace of the one before (at most doubling). Catching up a backlog beyond
+    /// the memory bounds trades batch latency for throughput (10 s per batch holds while the
+    /// networks fit); this keeps such batches bounded in time on any host, far from the
+    /// consumer's `max.poll.interval.ms` (300 s by default).
+    pub pressure_batch_secs: f64,
 }
 
 /// Prometheus endpoint.
@@ -239,6 +245,7 @@ impl Default for BatchConfig {
             max_records: 5000,
             max_wait_ms: 200,
             pressure_max_records: 100_000,
+            pressure_batch_secs: 30.0,
         }
     }
 }
@@ -307,6 +314,12 @@ impl Config {
         }
         if self.batch.max_records == 0 {
             bail!("batch.max_records must be at least 1");
+        }
+        if !(self.batch.pressure_batch_secs > 0.0 && self.batch.pressure_batch_secs <= 3600.0) {
+            bail!(
+                "batch.pressure_batch_secs = {} must be above 0 and at most 3600",
+                self.batch.pressure_batch_secs
+            );
         }
         if !PRESETS.contains(&self.htm.preset.as_str()) {
             bail!(
@@ -462,6 +475,11 @@ mod tests {
             Config::parse("[htm.ranges.44201]\nmin = 1.0\nmax = 0.5").unwrap_err()
         );
         assert!(err.contains("44201"), "{err}");
+        let err = format!(
+            "{:#}",
+            Config::parse("[batch]\npressure_batch_secs = 0.0").unwrap_err()
+        );
+        assert!(err.contains("batch.pressure_batch_secs"), "{err}");
     }
 
     #[test]

@@ -177,9 +177,9 @@ pub struct Engine {
     /// Bytes the process gained beyond its networks' own (pages the allocator keeps around
     /// freed blocks, buffers), as of the last batch: taken out of `memory.max_mb`.
     overhead: usize,
-    /// Whether the next batch may grow to `batch.pressure_max_records`
-    /// (see [`Engine::batch_limits`]).
-    pressure: bool,
+    /// Under memory pressure, the records the next batch may take (see
+    /// [`Engine::batch_limits`]); `None` when batches keep to `batch.max_records`.
+    pressure: Option<usize>,
 }
 
 impl Engine {
@@ -214,7 +214,7 @@ impl Engine {
             written: None,
             rss_baseline: crate::allocator::resident_bytes(),
             overhead: 0,
-            pressure: false,
+            pressure: None,
         })
     }
 
@@ -251,6 +251,7 @@ impl Engine {
     /// Processes a batch; returns one outcome per message, in the batch's order (so every
     /// partition's outcomes are in offset order).
     pub fn process(&mut self, batch: &[InMessage]) -> Result<Vec<Outcome>> {
+        let started = Instant::now();
         let threshold = self.config.likelihood_threshold;
         let restored_before = self.restored;
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
@@ -317,39 +318,40 @@ impl Engine {
             }
         }
         let restores = self.restored - restored_before;
-        let pressure = under_pressure(self.pressure, batch.len(), restores, &self.config.batch);
-        if pressure != self.pressure {
-            let records = batch.len();
-            match pressure {
-                true => info!(records, restores, "memory pressure: batches grow"),
-                false => info!(
-                    records,
-                    restores, "memory pressure over: batches shrink back"
-                ),
-            }
-            self.pressure = pressure;
+        let limits = &self.config.batch;
+        let records = batch.len();
+        let pressure = under_pressure(self.pressure.is_some(), records, restores, limits)
+            .then(|| grown_batch(records, started.elapsed(), limits));
+        match (self.pressure, pressure) {
+            (None, Some(next)) => info!(records, restores, next, "memory pressure: batches grow"),
+            (Some(_), None) => info!(
+                records,
+                restores, "memory pressure over: batches shrink back"
+            ),
+            _ => {}
         }
+        self.pressure = pressure;
         Ok(outcomes
             .into_iter()
             .map(|o| o.expect("every message has an outcome"))
             .collect())
     }
 
-    /// Limits for the next batch: `batch.max_records`, or under memory pressure the larger
-    /// `batch.pressure_max_records`, with waits to fill it that prefer a full batch.
+    /// Limits for the next batch: `batch.max_records`, or under memory pressure a larger batch
+    /// (see [`grown_batch`]), with waits to fill it that prefer a full batch.
     pub fn batch_limits(&self) -> BatchLimits {
         let normal = &self.config.batch;
-        if !self.pressure {
+        let Some(records) = self.pressure else {
             return BatchLimits {
                 max_records: normal.max_records,
                 max_wait: Duration::from_millis(normal.max_wait_ms),
                 gap: BatchLimits::GAP,
             };
-        }
-        let scale = normal.pressure_max_records as f64 / normal.max_records as f64;
+        };
+        let scale = records as f64 / normal.max_records as f64;
         let wait = (normal.max_wait_ms as f64 * scale).clamp(normal.max_wait_ms as f64, 10_000.0);
         BatchLimits {
-            max_records: normal.pressure_max_records,
+            max_records: records,
             max_wait: Duration::from_millis(wait as u64),
             // Rides over the pause between two fetches of a backlog.
             gap: Duration::from_millis(100),
@@ -958,6 +960,18 @@ fn under_pressure(was: bool, records: usize, restores: u64, limits: &BatchConfig
     }
 }
 
+/// The records of the next batch under memory pressure, from the last batch's `records` and
+/// the time it took: as many as `batch.pressure_batch_secs` allows at its pace, at most twice
+/// its records (a bigger batch restores fewer networks per record, so its pace is a guess),
+/// within `batch.max_records` and `batch.pressure_max_records`.
+fn grown_batch(records: usize, took: Duration, limits: &BatchConfig) -> usize {
+    let per_second = records as f64 / took.as_secs_f64().max(1e-3);
+    let fits = (per_second * limits.pressure_batch_secs).min(usize::MAX as f64) as usize;
+    fits.min(records.saturating_mul(2))
+        .min(limits.pressure_max_records)
+        .max(limits.max_records)
+}
+
 fn writer_panicked() -> anyhow::Error {
     anyhow::anyhow!("a checkpoint writer panicked")
 }
@@ -1248,6 +1262,8 @@ mod tests {
         let mut engine = bounded_engine(dir.path(), 1, |c| {
             c.batch.max_records = 3;
             c.batch.pressure_max_records = 30;
+            // Time never limits these tiny batches: they double up to pressure_max_records.
+            c.batch.pressure_batch_secs = 3600.0;
         });
         let (mut got, mut sizes) = (Vec::new(), Vec::new());
         let mut rest = &data[..90];
@@ -1259,9 +1275,9 @@ mod tests {
             got.extend(enriched(&engine.process(chunk).unwrap()));
         }
         // The first batch creates the networks; the second restores two of its three: pressure.
-        assert_eq!(sizes, [3, 3, 30, 30, 24]);
-        // Each big batch restores the two networks it does not hold once, not once per record.
-        assert_eq!(engine.restored(), 8);
+        assert_eq!(sizes, [3, 3, 6, 12, 24, 30, 12]);
+        // Each batch restores the two networks it does not hold once, not once per record.
+        assert_eq!(engine.restored(), 12);
         // A batch short of max_records: the backlog is read, batches shrink back.
         got.extend(enriched(&engine.process(&data[90..92]).unwrap()));
         assert_eq!(engine.batch_limits().max_records, 3);
@@ -1290,11 +1306,33 @@ mod tests {
     }
 
     #[test]
+    fn grown_batches_keep_to_the_time_set_for_them() {
+        let limits = BatchConfig {
+            max_records: 5000,
+            max_wait_ms: 200,
+            pressure_max_records: 100_000,
+            pressure_batch_secs: 5.0,
+        };
+        let secs = Duration::from_secs_f64;
+        // Fast: at most twice the last batch, whatever its pace would allow.
+        assert_eq!(grown_batch(5000, secs(0.5), &limits), 10_000);
+        // At 2,500 records/s, 5 s hold 12,500 records.
+        assert_eq!(grown_batch(10_000, secs(4.0), &limits), 12_500);
+        // Slower than the target: shrinks, but never below max_records.
+        assert_eq!(grown_batch(40_000, secs(20.0), &limits), 10_000);
+        assert_eq!(grown_batch(10_000, secs(60.0), &limits), 5000);
+        // Never beyond pressure_max_records.
+        assert_eq!(grown_batch(80_000, secs(1.0), &limits), 100_000);
+        assert_eq!(grown_batch(80_000, Duration::ZERO, &limits), 100_000);
+    }
+
+    #[test]
     fn pressure_needs_full_thrashing_batches_and_ends_when_short_or_fitting() {
         let limits = BatchConfig {
             max_records: 100,
             max_wait_ms: 200,
             pressure_max_records: 1000,
+            pressure_batch_secs: 5.0,
         };
         assert!(!under_pressure(false, 100, 24, &limits), "few restores");
         assert!(under_pressure(false, 100, 25, &limits));

@@ -801,7 +801,7 @@ fn process_batch(
     progress
         .devices
         .store(st.engine.devices() as u64, Ordering::Relaxed);
-    metrics::histogram!("detector_batch_seconds").record(started.elapsed().as_secs_f64());
+    crate::service::record_batch_time(started.elapsed(), batch.len(), progress);
     Ok(())
 }
 

@@ -69,6 +69,23 @@ pub struct Progress {
     pub snapshots: AtomicU64,
     /// Fresh sessions started after a fenced or failed producer (exactly once).
     pub rejoins: AtomicU64,
+    /// The longest a batch took so far, from its records in hand to its outputs sent, in ms.
+    pub max_batch_ms: AtomicU64,
+}
+
+/// How long a batch should take (the system's requirement while networks fit in memory).
+pub const BATCH_LIMIT: Duration = Duration::from_secs(10);
+
+/// Records a batch's duration: histogram, the longest so far, and a warning when a batch past
+/// [`BATCH_LIMIT`] is the longest yet (not one per batch while a backlog is caught up).
+pub(crate) fn record_batch_time(took: Duration, records: usize, progress: &Progress) {
+    let seconds = took.as_secs_f64();
+    metrics::histogram!("detector_batch_seconds").record(seconds);
+    let ms = took.as_millis() as u64;
+    let longest = progress.max_batch_ms.fetch_max(ms, Ordering::Relaxed);
+    if took > BATCH_LIMIT && ms > longest {
+        warn!(records, seconds, "longest batch yet, over 10 s");
+    }
 }
 
 struct State {
@@ -524,9 +541,10 @@ fn process_batch(shared: &Shared, batch: &[InMessage], progress: &Progress) -> R
     metrics::gauge!("detector_memory_overhead_bytes").set(state.engine.memory_overhead() as f64);
     metrics::counter!("detector_networks_evicted_total").absolute(state.engine.evicted());
     metrics::counter!("detector_networks_restored_total").absolute(state.engine.restored());
-    let seconds = started.elapsed().as_secs_f64();
-    metrics::histogram!("detector_batch_seconds").record(seconds);
+    let took = started.elapsed();
+    record_batch_time(took, batch.len(), progress);
     let restores = state.engine.restored() - restored_before;
+    let seconds = took.as_secs_f64();
     debug!(records = batch.len(), restores, seconds, "batch processed");
     Ok(())
 }

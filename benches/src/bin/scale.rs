@@ -130,8 +130,22 @@ fn main() -> Result<()> {
     let mut last_report = Instant::now();
     let mut max_resident = 0u64;
     let mut max_networks = 0u64;
+    // The largest resident set seen at a 50 ms sample, with what the process held then.
+    let mut largest = (0.0f64, String::new());
     loop {
         let done = progress.enriched.load(Ordering::SeqCst);
+        if let Some(rss) = rss_mb().filter(|&r| r > largest.0) {
+            largest = (
+                rss,
+                format!(
+                    "Rust heap {:.0}, networks {:.0}, C malloc {:.0} MiB, {} records consumed",
+                    live_bytes() as f64 / 1048576.0,
+                    progress.resident_bytes.load(Ordering::SeqCst) as f64 / 1048576.0,
+                    libc_heap_mb().unwrap_or(f64::NAN),
+                    progress.consumed.load(Ordering::SeqCst),
+                ),
+            );
+        }
         max_resident = max_resident.max(progress.resident_bytes.load(Ordering::SeqCst));
         max_networks = max_networks.max(progress.devices.load(Ordering::SeqCst));
         if done >= total as u64 {
@@ -174,9 +188,15 @@ fn main() -> Result<()> {
     }
     let bytes_per_network = max_resident / max_networks.max(1);
     eprintln!(
-        "networks' own estimate at most {:.0} MiB; heap allocated at most {:.0} MiB",
+        "largest resident set sampled: {:.0} MiB ({})",
+        largest.0, largest.1
+    );
+    eprintln!(
+        "networks' own estimate at most {:.0} MiB; heap allocated at most {:.0} MiB; \
+         longest batch {:.1} s",
         max_resident as f64 / 1048576.0,
-        peak_live_bytes() as f64 / 1048576.0
+        peak_live_bytes() as f64 / 1048576.0,
+        progress.max_batch_ms.load(Ordering::SeqCst) as f64 / 1000.0
     );
     println!(
         "scale: devices={devices} records={total} seconds={seconds:.3} records_per_s={:.0} peak_rss_mb={:.0} bytes_per_network={bytes_per_network} restores={}",
