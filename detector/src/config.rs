@@ -165,7 +165,8 @@ pub struct BatchConfig {
     /// Seconds a batch grown under memory pressure should take to compute: each such batch is
     /// sized from the pace of the one before (at most doubling). Catching up a backlog beyond
     /// the memory bounds trades batch latency for throughput (10 s per batch holds while the
-    /// networks fit); this keeps such batches bounded in time on any host, far from the
+    /// networks fit; a restore costs about ten records' compute, so fewer, bigger batches
+    /// catch up faster); this keeps such batches bounded in time on any host, well within the
     /// consumer's `max.poll.interval.ms` (300 s by default).
     pub pressure_batch_secs: f64,
 }
@@ -245,7 +246,7 @@ impl Default for BatchConfig {
             max_records: 5000,
             max_wait_ms: 200,
             pressure_max_records: 100_000,
-            pressure_batch_secs: 30.0,
+            pressure_batch_secs: 90.0,
         }
     }
 }
