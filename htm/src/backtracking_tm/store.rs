@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::arena::SynapseArena;
-use super::heads::CellHeads;
+use super::heads::{CellHeads, HeadsBuilder};
 use super::permanence::{Code, DROPPED};
 
 /// Index of a segment; stable while the segment lives, reused after it is freed.
@@ -371,47 +371,48 @@ impl<E: Entry> Lists<E> {
     /// Lays every non-empty list out again in cell order, dropping empty blocks.
     fn compact(&mut self) {
         let old = std::mem::take(&mut self.arena);
-        let cells: Vec<u32> = self.heads.nonzero().collect();
+        // The cells whose lists are not empty, with their blocks.
+        let cells: Vec<(u32, usize)> = self
+            .heads
+            .nonzero()
+            .map(|c| (c, self.heads.get(c) as usize))
+            .filter(|&(_, h)| old[h + 1].get() > 0)
+            .collect();
         let live: usize = cells
             .iter()
-            .map(|&c| old[self.heads.get(c) as usize + 1].get())
-            .filter(|&n| n > 0)
-            .map(|n| HEADER + Self::spare_cap(n))
+            .map(|&(_, h)| HEADER + Self::spare_cap(old[h + 1].get()))
             .sum();
         let mut arena = Vec::with_capacity(HEADER + live);
         arena.resize(HEADER, E::default());
-        for cell in cells {
-            let h = self.heads.get(cell) as usize;
+        let mut heads = HeadsBuilder::new(self.heads.len(), cells.len());
+        for (cell, h) in cells {
             let (nc, n) = (old[h].get(), old[h + 1].get());
-            if n == 0 {
-                self.heads.set(cell, 0);
-                continue;
-            }
             let start = arena.len();
-            self.heads.set(cell, start as u32);
+            heads.push(cell, start as u32);
             let cap = Self::spare_cap(n);
             arena.extend_from_slice(&[E::new(nc), E::new(n), E::new(cap)]);
             arena.extend_from_slice(&old[h + HEADER..h + HEADER + n]);
             arena.resize(start + HEADER + cap, E::default());
         }
+        self.heads = heads.finish();
         self.arena = arena;
         self.abandoned = 0;
     }
 
     fn rebuild(&mut self, synapses: &SynapseArena, connected: Code) {
         // Per cell: connected and total counts, then where the next entries of each go.
-        self.heads = CellHeads::new(self.heads.len());
         let mut at = vec![[0u32; 2]; self.heads.len()];
         for syn in synapses.iter().flat_map(|s| s.iter()) {
             let c = &mut at[syn.presyn() as usize];
             c[0] += u32::from(syn.code() >= connected);
             c[1] += 1;
         }
-        let live: usize = at
-            .iter()
-            .filter(|c| c[1] > 0)
-            .map(|c| HEADER + Self::spare_cap(c[1] as usize))
-            .sum();
+        let (mut live, mut cells) = (0, 0);
+        for c in at.iter().filter(|c| c[1] > 0) {
+            live += HEADER + Self::spare_cap(c[1] as usize);
+            cells += 1;
+        }
+        let mut heads = HeadsBuilder::new(self.heads.len(), cells);
         let mut arena = Vec::with_capacity(HEADER + live);
         arena.resize(HEADER, E::default());
         for (cell, c) in at.iter_mut().enumerate() {
@@ -421,7 +422,7 @@ impl<E: Entry> Lists<E> {
             }
             let start = arena.len();
             let head = u32::try_from(start).expect("out index arena within u32");
-            self.heads.set(cell as u32, head);
+            heads.push(cell as u32, head);
             let cap = Self::spare_cap(n);
             arena.extend_from_slice(&[E::new(nc), E::new(n), E::new(cap)]);
             arena.resize(start + HEADER + cap, E::default());
@@ -436,6 +437,7 @@ impl<E: Entry> Lists<E> {
                 *list += 1;
             }
         }
+        self.heads = heads.finish();
         self.arena = arena;
         self.abandoned = 0;
     }
