@@ -244,26 +244,37 @@ impl<E: Entry> Lists<E> {
         )
     }
 
+    /// Where `cell`'s block starts: what [`Self::lists_at`] and [`Self::prefetch_at`] take.
+    #[inline(always)]
+    pub(super) fn block(&self, cell: u32) -> u32 {
+        self.heads.get(cell)
+    }
+
     /// `cell`'s connected list and its other list.
+    #[cfg(test)]
+    pub(super) fn lists(&self, cell: u32) -> [&[E]; 2] {
+        self.lists_at(self.block(cell))
+    }
+
+    /// The connected list and the other list of the block at `h`.
     ///
     /// Always inlined: a forward pass asks for them once per active cell, and as a call
     /// (the compiler kept it out of line) it took about a tenth of the pass's time.
     #[inline(always)]
-    pub(super) fn lists(&self, cell: u32) -> [&[E]; 2] {
-        let h = self.heads.get(cell) as usize;
+    pub(super) fn lists_at(&self, h: u32) -> [&[E]; 2] {
+        let h = h as usize;
         let (nc, n) = (self.arena[h].get(), self.arena[h + 1].get());
         let e = h + HEADER;
         let (connected, other) = self.arena[e..e + n].split_at(nc);
         [connected, other]
     }
 
-    /// Asks the CPU to start loading the first two cache lines of `cell`'s block (a hint:
-    /// no effect on results). A pass's cells are scattered over the arena, and a block's
-    /// address is known only once its head is read: started a few cells ahead, those loads
-    /// overlap the counting.
+    /// Asks the CPU to start loading the first two cache lines of the block at `h` (a
+    /// hint: no effect on results). A pass's cells are scattered over the arena: started a
+    /// few cells ahead, those loads overlap the counting.
     #[inline(always)]
-    pub(super) fn prefetch(&self, cell: u32) {
-        let h = self.heads.get(cell) as usize;
+    pub(super) fn prefetch_at(&self, h: u32) {
+        let h = h as usize;
         let lines = 128 / std::mem::size_of::<E>();
         super::prefetch_slice(&self.arena[h..(h + lines).min(self.arena.len())]);
     }
