@@ -81,14 +81,20 @@ impl CellHeads {
         }
     }
 
-    /// Cells with a non-zero word, ascending.
-    pub(super) fn nonzero(&self) -> impl Iterator<Item = u32> + '_ {
-        self.groups.iter().enumerate().flat_map(|(i, &g)| {
+    /// Cells with a non-zero word, ascending, with their words.
+    pub(super) fn nonzero(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        let groups = self
+            .groups
+            .iter()
+            .enumerate()
+            .filter(|(_, &g)| g as u32 != 0);
+        groups.flat_map(move |(i, &g)| {
             let mut mask = g as u32;
-            std::iter::from_fn(move || {
-                let bit = (mask != 0).then(|| mask.trailing_zeros())?;
+            let words = &self.words[(g >> 32) as usize..][..mask.count_ones() as usize];
+            words.iter().map(move |&word| {
+                let bit = mask.trailing_zeros();
                 mask &= mask - 1;
-                Some((i as u32) << GROUP_BITS | bit)
+                ((i as u32) << GROUP_BITS | bit, word)
             })
         })
     }
@@ -168,14 +174,16 @@ mod tests {
         h.set(0, 5); // below all others: every word shifts
         assert_eq!((h.get(12345), h.get(12346), h.get(12344)), (7, 9, 0));
         assert_eq!((h.get(65535), h.get(31), h.get(0), h.get(30)), (3, 4, 5, 0));
+        let cells = |h: &CellHeads| h.nonzero().map(|(c, _)| c).collect::<Vec<_>>();
+        assert_eq!(cells(&h), [0, 31, 12345, 12346, 65535]);
         assert_eq!(
-            h.nonzero().collect::<Vec<_>>(),
-            [0, 31, 12345, 12346, 65535]
+            h.nonzero().map(|(_, w)| w).collect::<Vec<_>>(),
+            [5, 4, 7, 9, 3]
         );
         assert_eq!(h.words.len(), 1 + 5, "the zero word and one per cell");
         h.set(12345, 0);
         h.set(12346, 11);
-        assert_eq!(h.nonzero().collect::<Vec<_>>(), [0, 31, 12346, 65535]);
+        assert_eq!(cells(&h), [0, 31, 12346, 65535]);
         assert_eq!((h.get(12345), h.get(12346), h.get(65535)), (0, 11, 3));
         assert_eq!(h.words.len(), 1 + 4, "a word taken away is given back");
     }
@@ -204,7 +212,8 @@ mod tests {
         }
         let nonzero: Vec<u32> = (0..n as u32).filter(|&c| dense[c as usize] != 0).collect();
         assert!(nonzero.len() > 100);
-        assert_eq!(heads.nonzero().collect::<Vec<_>>(), nonzero);
+        let words: Vec<(u32, u32)> = nonzero.iter().map(|&c| (c, dense[c as usize])).collect();
+        assert_eq!(heads.nonzero().collect::<Vec<_>>(), words);
         assert_eq!(heads.words.len(), 1 + nonzero.len());
 
         let mut b = HeadsBuilder::new(n, nonzero.len());

@@ -386,7 +386,7 @@ impl<E: Entry> Lists<E> {
         let cells: Vec<(u32, usize)> = self
             .heads
             .nonzero()
-            .map(|c| (c, self.heads.get(c) as usize))
+            .map(|(c, h)| (c, h as usize))
             .filter(|&(_, h)| old[h + 1].get() > 0)
             .collect();
         let live: usize = cells
