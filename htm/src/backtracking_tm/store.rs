@@ -214,8 +214,9 @@ const HEADER: usize = 3;
 /// connected entries, then the others, then spare room. A list that outgrows its block moves
 /// to the end of the arena; compaction (once moved-out blocks pile up) lays the blocks out
 /// again in cell order, so the cells of a column — which fire together — are side by side.
-/// Keeping the counts in the block rather than beside the cell leaves 4 bytes per cell, and
-/// puts them in the cache line a pass reads next anyway.
+/// Keeping the counts in the block rather than beside the cell leaves the heads a word per
+/// cell with a block (and 8 bytes per 32 cells), and puts them in the cache line a pass reads
+/// next anyway.
 #[derive(Clone, Debug)]
 pub(super) struct Lists<E> {
     /// Per cell, where its block starts; 0 (a shared empty block) for cells with none.
