@@ -410,6 +410,9 @@ struct Activity {
     clearing: Clearing,
     /// Segments whose potential count reached the threshold, in no particular order.
     qualified: Vec<SegmentId>,
+    /// Per active cell of a pass, where its out lists are: looked up once, as the pass
+    /// needs them three times (sizing, prefetch, counting).
+    blocks: Vec<u32>,
 }
 
 /// The counters a pass may have left non-zero: those listed in `touched` when `tracked`,
@@ -564,8 +567,11 @@ impl Activity {
         active_cells: &[u32],
         threshold: u32,
     ) {
+        let blocks = &mut self.blocks;
+        blocks.clear();
+        blocks.extend(active_cells.iter().map(|&cell| lists.block(cell)));
         let (clearing, qualified) = (&mut self.clearing, &mut self.qualified);
-        let pass = (lists, segment_capacity, active_cells, threshold);
+        let pass = (lists, segment_capacity, &blocks[..], threshold);
         match self.width {
             Width::W16 => Self::walk(&mut self.counts16, clearing, qualified, pass),
             Width::W32 => Self::walk(&mut self.counts32, clearing, qualified, pass),
@@ -582,7 +588,7 @@ impl Activity {
         counts: &mut Vec<C>,
         clearing: &mut Clearing,
         qualified: &mut Vec<SegmentId>,
-        (index, segment_capacity, active_cells, threshold): (&Lists<E>, usize, &[u32], u32),
+        (index, segment_capacity, blocks, threshold): (&Lists<E>, usize, &[u32], u32),
     ) {
         clearing.clear(counts);
         // A power-of-two table lets the index be masked instead of bounds-checked; segment
@@ -596,11 +602,11 @@ impl Activity {
         // Entries of the pass, counted only as far as the choice needs.
         let limit = segment_capacity / 16;
         let mut entries = 0;
-        for &cell in active_cells {
+        for &h in blocks {
             if entries >= limit {
                 break;
             }
-            entries += index.lists(cell).iter().map(|l| l.len()).sum::<usize>();
+            entries += index.lists_at(h).iter().map(|l| l.len()).sum::<usize>();
         }
         clearing.tracked = entries < limit;
         clearing.dirty = segment_capacity;
@@ -618,22 +624,22 @@ impl Activity {
                     }
                 }
             };
-            for (i, &cell) in active_cells.iter().enumerate() {
-                if let Some(&ahead) = active_cells.get(i + PREFETCH_AHEAD) {
-                    index.prefetch(ahead);
+            for (i, &h) in blocks.iter().enumerate() {
+                if let Some(&ahead) = blocks.get(i + PREFETCH_AHEAD) {
+                    index.prefetch_at(ahead);
                 }
-                let [connected, other] = index.lists(cell);
+                let [connected, other] = index.lists_at(h);
                 count(connected, C::ONE_CONNECTED);
                 count(other, C::ONE);
             }
         } else {
             // The walk only counts (a test per synapse would cost it a third more work);
             // a vector scan of the table then finds the qualified segments.
-            for (i, &cell) in active_cells.iter().enumerate() {
-                if let Some(&ahead) = active_cells.get(i + PREFETCH_AHEAD) {
-                    index.prefetch(ahead);
+            for (i, &h) in blocks.iter().enumerate() {
+                if let Some(&ahead) = blocks.get(i + PREFETCH_AHEAD) {
+                    index.prefetch_at(ahead);
                 }
-                let [connected, other] = index.lists(cell);
+                let [connected, other] = index.lists_at(h);
                 for &seg in connected {
                     let c = &mut counts[seg.get() & mask];
                     *c = c.plus(C::ONE_CONNECTED);
@@ -670,6 +676,7 @@ impl Activity {
             + self.counts32.capacity() * 4
             + self.counts64.capacity() * 8
             + (self.clearing.touched.capacity() + self.qualified.capacity()) * 4
+            + self.blocks.capacity() * 4
     }
 }
 

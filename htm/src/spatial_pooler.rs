@@ -267,7 +267,7 @@ const NO_SLOT: u32 = u32::MAX;
 /// Most learning steps a column is kept as a log of (its lanes regenerated and the steps
 /// replayed whenever it learns again) before its lanes are stored. A logged step costs a
 /// 4-byte index, and its input (64 bytes for NAB's 454 inputs) is shared by the winners of
-/// its step, against 1 KiB of lanes; most columns that ever win do so a few times only.
+/// its step, against 928 bytes of lanes; most columns that ever win do so a few times only.
 /// Replaying grows with the square of this, on columns that win rarely.
 const YOUNG_STEPS: usize = 24;
 // Checkpoints count a log's steps in a byte.
@@ -299,8 +299,8 @@ enum Repr {
 
 /// The columns learning modified, each in a slot (in the order they were first modified):
 /// either a log of its first few learning steps, replayed on its regenerated initial lanes
-/// when needed, or `stride` stored lanes (the input rounded up to whole 64-bit words). Lane
-/// `i` is the permanence of the synapse from input `i`, or [`NOT_IN_POOL`].
+/// when needed, or `stride` stored lanes (see [`lane_stride`]). Lane `i` is the permanence
+/// of the synapse from input `i`, or [`NOT_IN_POOL`].
 ///
 /// The connected bits of every stored column are kept word-major over slots (word `w` of slot
 /// `s` at `w * row_cap + s`), beside the shared initial bits of the lazy columns. For stored
@@ -309,6 +309,8 @@ enum Repr {
 #[derive(Clone, Debug, Default)]
 struct ColumnStore {
     num_columns: u32,
+    /// Lanes per stored column: [`lane_stride`] of the input, or whole words in a store just
+    /// read from a checkpoint (see [`ColumnStore::set_stride`]).
     stride: u32,
     /// Slot → column.
     columns: Vec<u32>,
@@ -322,7 +324,7 @@ struct ColumnStore {
     log: Vec<u32>,
     /// Entries of `log` no log uses (left by a log moved to the end, or stored as lanes).
     free_entries: usize,
-    /// Inputs of logged steps, `stride / 64` words each.
+    /// Inputs of logged steps, [`ColumnStore::words`] each.
     inputs: Vec<u64>,
     /// Per input, how many logged steps refer to it; 0 for a free one.
     input_refs: Vec<u32>,
@@ -336,6 +338,8 @@ struct ColumnStore {
 }
 
 /// Content equality: slots and their lanes or logs (the logs' connected rows follow from them).
+/// Lanes compare in their checkpoint form, padded to whole words: a store just restored equals
+/// its origin whatever its stride.
 impl PartialEq for ColumnStore {
     fn eq(&self, other: &Self) -> bool {
         let wire = |s: &ColumnStore| {
@@ -343,10 +347,18 @@ impl PartialEq for ColumnStore {
             (w.young_steps, w.young_inputs, w.inputs, w.tags, w.values)
         };
         self.num_columns == other.num_columns
-            && self.stride == other.stride
+            && self.words() == other.words()
             && self.columns == other.columns
             && wire(self) == wire(other)
     }
+}
+
+/// Lanes stored per column for `input_size` inputs: the input rounded up to 16 lanes, a whole
+/// AVX2 vector (and whole checkpoint tag bytes, 4 lanes each). Rounding up to whole 64-lane
+/// words, as the connected rows are, would store up to 48 more lanes per column (464 against
+/// 512 with NAB's 454 inputs) that never leave [`NOT_IN_POOL`].
+fn lane_stride(input_size: usize) -> usize {
+    input_size.div_ceil(16) * 16
 }
 
 /// Grows `v` to hold `extra` more elements, by a sixteenth at least rather than by doubling:
@@ -367,8 +379,27 @@ impl ColumnStore {
         }
     }
 
+    /// `u64` words of an input bitset or a connected row: one per 64 lanes, the last maybe
+    /// partly used.
     fn words(&self) -> usize {
-        self.stride as usize / 64
+        (self.stride as usize).div_ceil(64)
+    }
+
+    /// Lays the stored lanes out again with `stride` lanes per column (at least those of the
+    /// input: the lanes cut off are outside every pool).
+    fn set_stride(&mut self, stride: usize) {
+        let old = self.stride as usize;
+        if stride == old {
+            return;
+        }
+        let mut perms = Vec::with_capacity(self.perms.len() / old * stride);
+        for lanes in self.perms.chunks_exact(old) {
+            let kept = stride.min(old);
+            perms.extend_from_slice(&lanes[..kept]);
+            perms.resize(perms.len() + stride - kept, NOT_IN_POOL);
+        }
+        self.perms = perms;
+        self.stride = stride as u32;
     }
 
     fn repr(&self, column: u32) -> Repr {
@@ -637,13 +668,19 @@ impl ColumnStore {
         }
         // Branch-free: each lane's value is written at the cursor, which only advances past
         // values (a restore-and-evict cycle serialises and parses every stored column).
-        let n = dense.len() * self.stride as usize;
-        let mut tags = vec![0u8; n.div_ceil(4)];
+        // Checkpoints hold whole words of lanes per column, so that they read as before the
+        // stride was cut to the input: the lanes past it are tagged outside the pool.
+        let (stride, wire_stride) = (self.stride as usize, 64 * words);
+        let n = dense.len() * stride;
+        let mut tags = vec![TAG_NOT_IN_POOL * 0b0101_0101; dense.len() * wire_stride / 4];
         let mut values = vec![0u8; 2 * n];
         let mut w = 0;
-        // A stride is whole words, so every column's lanes fill whole tag bytes.
-        let quads = dense.iter().flat_map(|&d| self.lanes(d).chunks_exact(4));
-        for (t, quad) in tags.iter_mut().zip(quads) {
+        // A stride is whole tag bytes (see `lane_stride`).
+        let column_tags = tags.chunks_exact_mut(wire_stride / 4);
+        let tags_quads = column_tags
+            .zip(&dense)
+            .flat_map(|(tags, &d)| tags.iter_mut().zip(self.lanes(d).chunks_exact(4)));
+        for (t, quad) in tags_quads {
             let mut byte = 0;
             for (j, &p) in quad.iter().enumerate() {
                 let tag = match p {
@@ -661,7 +698,7 @@ impl ColumnStore {
         values.truncate(w);
         StoreWireRef {
             num_columns: self.num_columns,
-            stride: self.stride,
+            stride: wire_stride as u32,
             columns: &self.columns,
             young_steps,
             young_inputs,
@@ -1158,14 +1195,23 @@ fn is_connected(p: u16, connected: u16) -> bool {
     p.wrapping_sub(connected) <= PERMANENCE_MAX - connected
 }
 
-/// Connected-synapse bits of a column's lanes, one word per 64 lanes.
+/// Connected-synapse bits of a column's lanes, one word per 64 lanes (the last word for the
+/// lanes left, if fewer).
 fn connected_bits(lanes: &[u16], connected: u16, row: &mut [u64]) {
-    for (w, chunk) in row.iter_mut().zip(lanes.chunks_exact(64)) {
+    let bits = |chunk: &[u16]| {
         let mut bits = 0u64;
         for (j, &p) in chunk.iter().enumerate() {
             bits |= u64::from(is_connected(p, connected)) << j;
         }
-        *w = bits;
+        bits
+    };
+    let chunks = lanes.chunks_exact(64);
+    let (whole, tail) = (chunks.len(), chunks.remainder());
+    for (w, chunk) in row.iter_mut().zip(chunks) {
+        *w = bits(chunk);
+    }
+    if !tail.is_empty() {
+        row[whole] = bits(tail);
     }
 }
 
@@ -1221,79 +1267,169 @@ impl Delta {
     }
 }
 
-/// NuPIC's `_updatePermanencesForColumn` without raising, over whole lanes: applies `delta`
-/// clipped to `[0, max]` (saturating, which is exact since only one of `inc` and `dec` is
-/// non-zero), trims values below `trim` to 0, and rewrites the column's connected bits.
-/// [`NOT_IN_POOL`] lanes stay as they are and never connect.
+/// NuPIC's `_updatePermanencesForColumn` without raising: applies `inc` and `dec` clipped to
+/// `[0, max]` (saturating, which is exact since only one of them is non-zero per lane), trims
+/// values below `trim` to 0, and rewrites the column's connected bits, a row word per 64
+/// lanes (the last for the lanes left). [`NOT_IN_POOL`] lanes stay as they are and never
+/// connect.
 #[inline(always)]
-fn adapt_lanes(lanes: &mut [u16], delta: &Delta, trim: u16, connected: u16, row: &mut [u64]) {
+fn adapt_lanes(
+    lanes: &mut [u16],
+    (inc, dec): (&[u16], &[u16]),
+    trim: u16,
+    connected: u16,
+    row: &mut [u64],
+) {
+    let lane = |p: u16, inc: u16, dec: u16| {
+        let np = p.saturating_add(inc).min(PERMANENCE_MAX);
+        let np = np.saturating_sub(dec);
+        let np = if np < trim { 0 } else { np };
+        if p == NOT_IN_POOL {
+            p
+        } else {
+            np
+        }
+    };
+    let mut chunks = lanes.chunks_exact_mut(64);
+    let whole = chunks.len();
     for (((w, chunk), inc), dec) in row
         .iter_mut()
-        .zip(lanes.chunks_exact_mut(64))
-        .zip(delta.inc.chunks_exact(64))
-        .zip(delta.dec.chunks_exact(64))
+        .zip(chunks.by_ref())
+        .zip(inc.chunks_exact(64))
+        .zip(dec.chunks_exact(64))
     {
         let mut bits = 0u64;
         for j in 0..64 {
-            let p = chunk[j];
-            let np = p.saturating_add(inc[j]).min(PERMANENCE_MAX);
-            let np = np.saturating_sub(dec[j]);
-            let np = if np < trim { 0 } else { np };
-            let np = if p == NOT_IN_POOL { p } else { np };
-            chunk[j] = np;
-            bits |= u64::from(is_connected(np, connected)) << j;
+            chunk[j] = lane(chunk[j], inc[j], dec[j]);
+            bits |= u64::from(is_connected(chunk[j], connected)) << j;
         }
         *w = bits;
+    }
+    let tail = chunks.into_remainder();
+    if !tail.is_empty() {
+        let mut bits = 0u64;
+        let (inc, dec) = (&inc[64 * whole..], &dec[64 * whole..]);
+        for (j, p) in tail.iter_mut().enumerate() {
+            *p = lane(*p, inc[j], dec[j]);
+            bits |= u64::from(is_connected(*p, connected)) << j;
+        }
+        row[whole] = bits;
+    }
+}
+
+/// The constants of [`adapt_lanes_avx2`], in every 16-bit lane.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Avx2Consts {
+    max: std::arch::x86_64::__m256i,
+    not_in_pool: std::arch::x86_64::__m256i,
+    trim: std::arch::x86_64::__m256i,
+    connected: std::arch::x86_64::__m256i,
+}
+
+/// One vector of [`adapt_lanes_avx2`]: updates the 16 lanes at `p` in place and returns the
+/// mask of those connected.
+///
+/// # Safety
+/// `p`, `inc` and `dec` must each point at 16 `u16` (`p`'s writable).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn adapt_vector(
+    p: *mut u16,
+    inc: *const u16,
+    dec: *const u16,
+    k: Avx2Consts,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let p = p.cast::<__m256i>();
+    // SAFETY: the caller's: 32 bytes at each pointer, accessed unaligned.
+    unsafe {
+        let p0 = _mm256_loadu_si256(p);
+        let outside = _mm256_cmpeq_epi16(p0, k.not_in_pool);
+        let np = _mm256_adds_epu16(p0, _mm256_loadu_si256(inc.cast()));
+        let np = _mm256_min_epu16(np, k.max);
+        let np = _mm256_subs_epu16(np, _mm256_loadu_si256(dec.cast()));
+        let kept = _mm256_cmpeq_epi16(_mm256_max_epu16(np, k.trim), np);
+        // NOT_IN_POOL is all ones: OR-ing its mask back restores those lanes.
+        let np = _mm256_or_si256(_mm256_and_si256(np, kept), outside);
+        _mm256_storeu_si256(p, np);
+        let at_least = _mm256_cmpeq_epi16(_mm256_max_epu16(np, k.connected), np);
+        _mm256_andnot_si256(outside, at_least)
     }
 }
 
 /// [`adapt_lanes`] in AVX2 by hand: sixteen lanes per vector, with the portable version's
 /// steps as unsigned saturating arithmetic. AVX2 compares only signed 16-bit lanes, so
 /// `a >= b` is tested as `max(a, b) == a`. The lane bits come out of `movemask` after
-/// packing two vectors' masks to bytes (compilers assemble them bit by bit).
+/// packing two vectors' masks to bytes (compilers assemble them bit by bit). The lanes must
+/// be whole vectors (see [`lane_stride`]); a last row word for fewer than 64 takes 1 to 3.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn adapt_lanes_avx2(lanes: &mut [u16], delta: &Delta, trim: u16, connected: u16, row: &mut [u64]) {
+fn adapt_lanes_avx2(
+    lanes: &mut [u16],
+    (inc, dec): (&[u16], &[u16]),
+    trim: u16,
+    connected: u16,
+    row: &mut [u64],
+) {
     use std::arch::x86_64::*;
+    assert!(lanes.len().is_multiple_of(16) && inc.len() >= lanes.len() && dec.len() >= lanes.len());
     // Bit patterns: `_mm256_set1_epi16` takes an `i16`.
-    let max = _mm256_set1_epi16(PERMANENCE_MAX as i16);
-    let not_in_pool = _mm256_set1_epi16(NOT_IN_POOL as i16);
-    let (trim, connected) = (
-        _mm256_set1_epi16(trim as i16),
-        _mm256_set1_epi16(connected as i16),
-    );
+    let k = Avx2Consts {
+        max: _mm256_set1_epi16(PERMANENCE_MAX as i16),
+        not_in_pool: _mm256_set1_epi16(NOT_IN_POOL as i16),
+        trim: _mm256_set1_epi16(trim as i16),
+        connected: _mm256_set1_epi16(connected as i16),
+    };
+    // Signed saturation keeps the masks' 0 / -1 lanes as bytes; the pack interleaves two
+    // vectors' 128-bit halves, which the permutation puts back in lane order.
+    let bits = |on: [__m256i; 4]| {
+        const IN_ORDER: i32 = 0b11_01_10_00;
+        let lo = _mm256_permute4x64_epi64::<IN_ORDER>(_mm256_packs_epi16(on[0], on[1]));
+        let hi = _mm256_permute4x64_epi64::<IN_ORDER>(_mm256_packs_epi16(on[2], on[3]));
+        u64::from(_mm256_movemask_epi8(lo) as u32)
+            | (u64::from(_mm256_movemask_epi8(hi) as u32) << 32)
+    };
+    let mut chunks = lanes.chunks_exact_mut(64);
+    let whole = chunks.len();
     for (((w, chunk), inc), dec) in row
         .iter_mut()
-        .zip(lanes.chunks_exact_mut(64))
-        .zip(delta.inc.chunks_exact(64))
-        .zip(delta.dec.chunks_exact(64))
+        .zip(chunks.by_ref())
+        .zip(inc.chunks_exact(64))
+        .zip(dec.chunks_exact(64))
     {
-        // SAFETY: `chunk`, `inc` and `dec` hold 64 `u16`, four vectors of 16 lanes (32
-        // bytes), what the unaligned loads and stores access.
-        unsafe {
-            let mut on = [_mm256_setzero_si256(); 4];
-            for (v, on) in on.iter_mut().enumerate() {
-                let p = chunk.as_mut_ptr().add(16 * v).cast::<__m256i>();
-                let p0 = _mm256_loadu_si256(p);
-                let outside = _mm256_cmpeq_epi16(p0, not_in_pool);
-                let np = _mm256_adds_epu16(p0, _mm256_loadu_si256(inc.as_ptr().add(16 * v).cast()));
-                let np = _mm256_min_epu16(np, max);
-                let np = _mm256_subs_epu16(np, _mm256_loadu_si256(dec.as_ptr().add(16 * v).cast()));
-                let kept = _mm256_cmpeq_epi16(_mm256_max_epu16(np, trim), np);
-                // NOT_IN_POOL is all ones: OR-ing its mask back restores those lanes.
-                let np = _mm256_or_si256(_mm256_and_si256(np, kept), outside);
-                _mm256_storeu_si256(p, np);
-                let at_least = _mm256_cmpeq_epi16(_mm256_max_epu16(np, connected), np);
-                *on = _mm256_andnot_si256(outside, at_least);
-            }
-            // Signed saturation keeps the masks' 0 / -1 lanes as bytes; the pack interleaves
-            // two vectors' 128-bit halves, which the permutation puts back in lane order.
-            const IN_ORDER: i32 = 0b11_01_10_00;
-            let lo = _mm256_permute4x64_epi64::<IN_ORDER>(_mm256_packs_epi16(on[0], on[1]));
-            let hi = _mm256_permute4x64_epi64::<IN_ORDER>(_mm256_packs_epi16(on[2], on[3]));
-            *w = u64::from(_mm256_movemask_epi8(lo) as u32)
-                | (u64::from(_mm256_movemask_epi8(hi) as u32) << 32);
+        let mut on = [_mm256_setzero_si256(); 4];
+        for (v, on) in on.iter_mut().enumerate() {
+            // SAFETY: `chunk`, `inc` and `dec` hold 64 `u16`: four vectors.
+            *on = unsafe {
+                adapt_vector(
+                    chunk.as_mut_ptr().add(16 * v),
+                    inc.as_ptr().add(16 * v),
+                    dec.as_ptr().add(16 * v),
+                    k,
+                )
+            };
         }
+        *w = bits(on);
+    }
+    let tail = chunks.into_remainder();
+    if !tail.is_empty() {
+        let (inc, dec) = (&inc[64 * whole..], &dec[64 * whole..]);
+        // Lanes past the tail count as not connected.
+        let mut on = [_mm256_setzero_si256(); 4];
+        for (v, on) in on.iter_mut().enumerate().take(tail.len() / 16) {
+            // SAFETY: the tail is whole vectors (asserted above), `inc` and `dec` as long.
+            *on = unsafe {
+                adapt_vector(
+                    tail.as_mut_ptr().add(16 * v),
+                    inc.as_ptr().add(16 * v),
+                    dec.as_ptr().add(16 * v),
+                    k,
+                )
+            };
+        }
+        row[whole] = bits(on);
     }
 }
 
@@ -1327,6 +1463,7 @@ fn adapt_lanes_best(
     connected: u16,
     row: &mut [u64],
 ) {
+    let delta = (&delta.inc[..], &delta.dec[..]);
     #[cfg(target_arch = "x86_64")]
     match vectors {
         // SAFETY: `vectors` comes from runtime CPU feature detection.
@@ -1370,6 +1507,16 @@ fn fill_delta(delta: &mut Delta, bits: &[u64], k: &Consts) {
             inc[j] = if on { k.active_inc } else { 0 };
             dec[j] = if on { 0 } else { k.inactive_dec };
         }
+    }
+    // The lanes past the last whole 64, from the next word.
+    let whole = delta.inc.len() / 64;
+    let tail = delta.inc[whole * 64..]
+        .iter_mut()
+        .zip(&mut delta.dec[whole * 64..]);
+    for (j, (inc, dec)) in tail.enumerate() {
+        let on = (bits[whole] >> j) & 1 == 1;
+        *inc = if on { k.active_inc } else { 0 };
+        *dec = if on { 0 } else { k.inactive_dec };
     }
 }
 
@@ -1547,7 +1694,7 @@ impl SpatialPooler {
                 ));
             }
         }
-        let stride = n_in.div_ceil(64) as usize * 64;
+        let stride = lane_stride(n_in as usize);
         let mut sp = SpatialPooler {
             columns: ColumnStore::new(n_col, stride),
             potential_radius,
@@ -1578,7 +1725,11 @@ impl SpatialPooler {
     pub fn rebuild_after_restore(&mut self) {
         let n_col = self.num_columns();
         let words = self.input_size().div_ceil(64);
-        let stride = words * 64;
+        let stride = lane_stride(self.input_size());
+        // A checkpoint holds whole words of lanes per column.
+        if self.columns.stride as usize == words * 64 {
+            self.columns.set_stride(stride);
+        }
         let p = &self.params;
         assert!(
             self.columns.stride as usize == stride
@@ -1745,7 +1896,7 @@ impl SpatialPooler {
                 &Delta::new(stride, k.below_stimulus_inc, 0),
                 &k,
                 Vectors::detect(),
-                &mut vec![0; stride / 64],
+                &mut vec![0; stride.div_ceil(64)],
             );
         }
         std::borrow::Cow::Owned(lanes)
@@ -2799,12 +2950,22 @@ mod tests {
             run(&mut sp, &x, true);
         }
         assert!(sp.num_logged() > 0 && sp.num_logged() < sp.num_materialised());
+        assert_eq!(sp.columns.stride, 464, "454 inputs rounded up to 16 lanes");
         let cfg = bincode::config::standard();
         let bytes = bincode::serde::encode_to_vec(&sp, cfg).unwrap();
+        // Checkpoints hold whole words of lanes, as when the store kept that many.
+        let mut wide = sp.columns.clone();
+        wide.set_stride(512);
+        let encode = |s: &ColumnStore| bincode::serde::encode_to_vec(s, cfg).unwrap();
+        assert_eq!(encode(&wide), encode(&sp.columns));
         let (mut back, _): (SpatialPooler, _) =
             bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+        assert_eq!(back.columns.stride, 512);
+        assert_eq!(back, sp, "equal before the lanes are cut to the input");
         back.rebuild_after_restore();
         assert_eq!(back, sp);
+        assert_eq!(back.columns.stride, 464);
+        assert_eq!(back.columns.perms, sp.columns.perms);
         for step in 0..80 {
             let x = random_sdr(&mut rng, 454, 40);
             let learn = step % 5 != 4;
@@ -3261,19 +3422,29 @@ mod tests {
         let runs = kernels.into_iter().filter(|&v| v <= best).cycle().take(100);
         for (round, vectors) in runs.enumerate() {
             let (trim, connected) = thresholds[round % thresholds.len()];
-            let lanes: Vec<u16> = (0..512).map(|_| draw(&mut rng)).collect();
-            let mut delta = Delta::new(512, 0, 0);
-            for i in 0..512 {
+            // Whole words, NAB's 454 inputs' stride, a tail alone, and tails of other sizes.
+            let n = [512, 464, 16, 64 + 32, 128 + 48][round % 5];
+            let lanes: Vec<u16> = (0..n).map(|_| draw(&mut rng)).collect();
+            let mut delta = Delta::new(n, 0, 0);
+            for i in 0..n {
                 let (inc, dec) = changes[rng.below(changes.len() as u32) as usize];
                 (delta.inc[i], delta.dec[i]) = (inc, dec);
             }
+            let words = n.div_ceil(64);
             let mut fast = lanes.clone();
-            let mut row = vec![0u64; 8];
+            let mut row = vec![0u64; words];
             adapt_lanes_best(vectors, &mut fast, &delta, trim, connected, &mut row);
             let mut portable = lanes.clone();
-            let mut row2 = vec![0u64; 8];
-            adapt_lanes(&mut portable, &delta, trim, connected, &mut row2);
-            for i in 0..512 {
+            let mut row2 = vec![0u64; words];
+            adapt_lanes_best(
+                Vectors::Portable,
+                &mut portable,
+                &delta,
+                trim,
+                connected,
+                &mut row2,
+            );
+            for i in 0..n {
                 let want = if lanes[i] == NOT_IN_POOL {
                     NOT_IN_POOL
                 } else {
@@ -3285,13 +3456,24 @@ mod tests {
                         np
                     }
                 };
-                let ctx = format!("{vectors:?} lane {i}: {} {:?}", lanes[i], (trim, connected));
+                let ctx = format!(
+                    "{vectors:?} lane {i} of {n}: {} {:?}",
+                    lanes[i],
+                    (trim, connected)
+                );
                 assert_eq!(fast[i], want, "{ctx}");
                 assert_eq!(portable[i], want, "{ctx}");
                 let bit = (row[i / 64] >> (i % 64)) & 1 == 1;
                 assert_eq!(bit, want != NOT_IN_POOL && want >= connected, "{ctx}");
             }
             assert_eq!(row, row2);
+            // Bits past the lanes stay clear, and the plain rule gives the same row.
+            if n % 64 != 0 {
+                assert_eq!(row[words - 1] >> (n % 64), 0);
+            }
+            let mut plain = vec![u64::MAX; words];
+            connected_bits(&fast, connected, &mut plain);
+            assert_eq!(plain, row);
         }
     }
 }

@@ -124,6 +124,18 @@ impl<P: Entry, C: CodeWord> Planes<P, C> {
         self.codes.resize(at + cap, C::default());
     }
 
+    /// Writes `next` into the free block at `at`: its first two cells, 16 bits each (what
+    /// both layouts hold, so a layout change carries the free lists over).
+    fn link(&mut self, at: usize, next: u32) {
+        self.presyn[at] = P::new(next as usize & 0xffff);
+        self.presyn[at + 1] = P::new((next >> 16) as usize);
+    }
+
+    /// What [`Self::link`] wrote at `at`.
+    fn linked(&self, at: usize) -> u32 {
+        (self.presyn[at].get() | self.presyn[at + 1].get() << 16) as u32
+    }
+
     fn synapses(&self, r: std::ops::Range<usize>) -> impl Iterator<Item = Synapse> + '_ {
         let (p, c) = (&self.presyn[r.clone()], &self.codes[r]);
         p.iter()
@@ -294,13 +306,18 @@ impl Spans {
     }
 }
 
+/// The end of a free list.
+const NO_BLOCK: u32 = u32::MAX;
+
 /// Per segment id, its synapses (sorted by presynaptic cell); ids are dense and start at 0.
 #[derive(Clone, Debug)]
 pub(super) struct SynapseArena {
     spans: Spans,
     layout: Layout,
-    /// Per size class, starts of free blocks.
-    free: Vec<Vec<u32>>,
+    /// Per size class, the start of the last block freed, or [`NO_BLOCK`]. A free block
+    /// holds the start of the one freed before it (see [`Planes::link`]): the lists cost no
+    /// memory beside the blocks.
+    free: Vec<u32>,
     /// Synapse slots in free blocks.
     free_words: usize,
 }
@@ -449,7 +466,7 @@ impl SynapseArena {
             }
             *p = packed;
         });
-        self.free.iter_mut().for_each(Vec::clear);
+        self.free.fill(NO_BLOCK);
         self.free_words = 0;
     }
 
@@ -469,16 +486,21 @@ impl SynapseArena {
 
     fn release_block(&mut self, class: usize, start: u32) {
         if self.free.len() <= class {
-            self.free.resize_with(class + 1, Vec::new);
+            self.free.resize(class + 1, NO_BLOCK);
         }
-        self.free[class].push(start);
+        let next = self.free[class];
+        by_width!(Layout, &mut self.layout, p => p.link(start as usize, next));
+        self.free[class] = start;
         self.free_words += class_cap(class);
     }
 
     fn take_block(&mut self, class: usize, cap: usize) -> usize {
-        if let Some(start) = self.free.get_mut(class).and_then(Vec::pop) {
+        let start = self.free.get(class).copied().unwrap_or(NO_BLOCK);
+        if start != NO_BLOCK {
+            let start = start as usize;
+            self.free[class] = by_width!(Layout, &self.layout, p => p.linked(start));
             self.free_words -= cap;
-            return start as usize;
+            return start;
         }
         let start = by_width!(Layout, &self.layout, p => p.len());
         assert!(start + cap <= u32::MAX as usize, "synapse arena within u32");
@@ -494,8 +516,7 @@ impl SynapseArena {
     pub(super) fn heap_bytes(&self) -> usize {
         self.spans.heap_bytes()
             + by_width!(Layout, &self.layout, p => p.heap_bytes())
-            + self.free.capacity() * std::mem::size_of::<Vec<u32>>()
-            + self.free.iter().map(|f| f.capacity() * 4).sum::<usize>()
+            + self.free.capacity() * 4
     }
 }
 
@@ -713,6 +734,48 @@ mod tests {
         assert_eq!(back, a);
         for (s, syns) in model.iter().enumerate() {
             assert_eq!(read(&back, s), *syns);
+        }
+    }
+
+    /// Freed blocks come back last freed first, their links surviving a change of layout
+    /// both ways, and the lists take no memory beyond a head per class.
+    #[test]
+    fn free_lists_live_in_the_free_blocks() {
+        let start = |a: &SynapseArena, seg: usize| a.spans.get(seg).0;
+        let mut a = SynapseArena::new(false);
+        for s in 0..8 {
+            a.push_empty();
+            a.set(s, &syns(100 * s as u32..100 * s as u32 + 10));
+        }
+        let starts: Vec<usize> = (0..8).map(|s| start(&a, s)).collect();
+        for s in [5, 1, 6] {
+            a.clear(s);
+        }
+        assert_eq!(a.free_words, 3 * 12);
+        let heap = a.heap_bytes();
+        a.clear(3);
+        assert_eq!(a.heap_bytes(), heap, "freeing allocates nothing");
+        a.set_layout(true, 0, 0);
+        assert!(matches!(a.layout, Layout::Narrow(_)));
+        for (s, expect) in [(1, 3), (3, 6)] {
+            a.set(s, &syns(0..9));
+            assert_eq!(start(&a, s), starts[expect]);
+        }
+        a.set_layout(false, 0, 0);
+        for (s, expect) in [(5, 1), (6, 5)] {
+            a.set(s, &syns(0..11));
+            assert_eq!(start(&a, s), starts[expect]);
+        }
+        assert_eq!(a.free_words, 0);
+        a.push_empty();
+        a.set(8, &syns(0..12));
+        assert_eq!(
+            start(&a, 8),
+            starts[7] + 12,
+            "no free block left: a new one"
+        );
+        for s in 0..8 {
+            assert_eq!(a.get(s).len(), [10, 9, 10, 9, 10, 11, 11, 10][s]);
         }
     }
 

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::arena::SynapseArena;
-use super::heads::CellHeads;
+use super::heads::{CellHeads, HeadsBuilder};
 use super::permanence::{Code, DROPPED};
 
 /// Index of a segment; stable while the segment lives, reused after it is freed.
@@ -214,8 +214,9 @@ const HEADER: usize = 3;
 /// connected entries, then the others, then spare room. A list that outgrows its block moves
 /// to the end of the arena; compaction (once moved-out blocks pile up) lays the blocks out
 /// again in cell order, so the cells of a column — which fire together — are side by side.
-/// Keeping the counts in the block rather than beside the cell leaves 4 bytes per cell, and
-/// puts them in the cache line a pass reads next anyway.
+/// Keeping the counts in the block rather than beside the cell leaves the heads a word per
+/// cell with a block (and 8 bytes per 32 cells), and puts them in the cache line a pass reads
+/// next anyway.
 #[derive(Clone, Debug)]
 pub(super) struct Lists<E> {
     /// Per cell, where its block starts; 0 (a shared empty block) for cells with none.
@@ -244,26 +245,37 @@ impl<E: Entry> Lists<E> {
         )
     }
 
+    /// Where `cell`'s block starts: what [`Self::lists_at`] and [`Self::prefetch_at`] take.
+    #[inline(always)]
+    pub(super) fn block(&self, cell: u32) -> u32 {
+        self.heads.get(cell)
+    }
+
     /// `cell`'s connected list and its other list.
+    #[cfg(test)]
+    pub(super) fn lists(&self, cell: u32) -> [&[E]; 2] {
+        self.lists_at(self.block(cell))
+    }
+
+    /// The connected list and the other list of the block at `h`.
     ///
     /// Always inlined: a forward pass asks for them once per active cell, and as a call
     /// (the compiler kept it out of line) it took about a tenth of the pass's time.
     #[inline(always)]
-    pub(super) fn lists(&self, cell: u32) -> [&[E]; 2] {
-        let h = self.heads.get(cell) as usize;
+    pub(super) fn lists_at(&self, h: u32) -> [&[E]; 2] {
+        let h = h as usize;
         let (nc, n) = (self.arena[h].get(), self.arena[h + 1].get());
         let e = h + HEADER;
         let (connected, other) = self.arena[e..e + n].split_at(nc);
         [connected, other]
     }
 
-    /// Asks the CPU to start loading the first two cache lines of `cell`'s block (a hint:
-    /// no effect on results). A pass's cells are scattered over the arena, and a block's
-    /// address is known only once its head is read: started a few cells ahead, those loads
-    /// overlap the counting.
+    /// Asks the CPU to start loading the first two cache lines of the block at `h` (a
+    /// hint: no effect on results). A pass's cells are scattered over the arena: started a
+    /// few cells ahead, those loads overlap the counting.
     #[inline(always)]
-    pub(super) fn prefetch(&self, cell: u32) {
-        let h = self.heads.get(cell) as usize;
+    pub(super) fn prefetch_at(&self, h: u32) {
+        let h = h as usize;
         let lines = 128 / std::mem::size_of::<E>();
         super::prefetch_slice(&self.arena[h..(h + lines).min(self.arena.len())]);
     }
@@ -371,47 +383,48 @@ impl<E: Entry> Lists<E> {
     /// Lays every non-empty list out again in cell order, dropping empty blocks.
     fn compact(&mut self) {
         let old = std::mem::take(&mut self.arena);
-        let cells: Vec<u32> = self.heads.nonzero().collect();
+        // The cells whose lists are not empty, with their blocks.
+        let cells: Vec<(u32, usize)> = self
+            .heads
+            .nonzero()
+            .map(|(c, h)| (c, h as usize))
+            .filter(|&(_, h)| old[h + 1].get() > 0)
+            .collect();
         let live: usize = cells
             .iter()
-            .map(|&c| old[self.heads.get(c) as usize + 1].get())
-            .filter(|&n| n > 0)
-            .map(|n| HEADER + Self::spare_cap(n))
+            .map(|&(_, h)| HEADER + Self::spare_cap(old[h + 1].get()))
             .sum();
         let mut arena = Vec::with_capacity(HEADER + live);
         arena.resize(HEADER, E::default());
-        for cell in cells {
-            let h = self.heads.get(cell) as usize;
+        let mut heads = HeadsBuilder::new(self.heads.len(), cells.len());
+        for (cell, h) in cells {
             let (nc, n) = (old[h].get(), old[h + 1].get());
-            if n == 0 {
-                self.heads.set(cell, 0);
-                continue;
-            }
             let start = arena.len();
-            self.heads.set(cell, start as u32);
+            heads.push(cell, start as u32);
             let cap = Self::spare_cap(n);
             arena.extend_from_slice(&[E::new(nc), E::new(n), E::new(cap)]);
             arena.extend_from_slice(&old[h + HEADER..h + HEADER + n]);
             arena.resize(start + HEADER + cap, E::default());
         }
+        self.heads = heads.finish();
         self.arena = arena;
         self.abandoned = 0;
     }
 
     fn rebuild(&mut self, synapses: &SynapseArena, connected: Code) {
         // Per cell: connected and total counts, then where the next entries of each go.
-        self.heads = CellHeads::new(self.heads.len());
         let mut at = vec![[0u32; 2]; self.heads.len()];
         for syn in synapses.iter().flat_map(|s| s.iter()) {
             let c = &mut at[syn.presyn() as usize];
             c[0] += u32::from(syn.code() >= connected);
             c[1] += 1;
         }
-        let live: usize = at
-            .iter()
-            .filter(|c| c[1] > 0)
-            .map(|c| HEADER + Self::spare_cap(c[1] as usize))
-            .sum();
+        let (mut live, mut cells) = (0, 0);
+        for c in at.iter().filter(|c| c[1] > 0) {
+            live += HEADER + Self::spare_cap(c[1] as usize);
+            cells += 1;
+        }
+        let mut heads = HeadsBuilder::new(self.heads.len(), cells);
         let mut arena = Vec::with_capacity(HEADER + live);
         arena.resize(HEADER, E::default());
         for (cell, c) in at.iter_mut().enumerate() {
@@ -421,7 +434,7 @@ impl<E: Entry> Lists<E> {
             }
             let start = arena.len();
             let head = u32::try_from(start).expect("out index arena within u32");
-            self.heads.set(cell as u32, head);
+            heads.push(cell as u32, head);
             let cap = Self::spare_cap(n);
             arena.extend_from_slice(&[E::new(nc), E::new(n), E::new(cap)]);
             arena.resize(start + HEADER + cap, E::default());
@@ -436,6 +449,7 @@ impl<E: Entry> Lists<E> {
                 *list += 1;
             }
         }
+        self.heads = heads.finish();
         self.arena = arena;
         self.abandoned = 0;
     }
