@@ -36,14 +36,21 @@ fn class_cap(class: usize) -> usize {
 /// A word of the permanence-code plane: `u8` when the codes fit one, else `u16`. The narrow
 /// plane holds [`DROPPED`] as `u8::MAX`.
 pub(super) trait CodeWord: Copy + Default + Eq + std::fmt::Debug {
+    /// Whether `code` has a word of this width.
+    fn holds(code: Code) -> bool;
     fn new(code: Code) -> Self;
     fn get(self) -> Code;
 }
 
 impl CodeWord for u8 {
     #[inline]
+    fn holds(code: Code) -> bool {
+        code < u8::MAX.into() || code == DROPPED
+    }
+
+    #[inline]
     fn new(code: Code) -> Self {
-        debug_assert!(code < u8::MAX.into() || code == DROPPED);
+        debug_assert!(Self::holds(code));
         code as u8 // DROPPED's low byte is u8::MAX
     }
 
@@ -54,6 +61,11 @@ impl CodeWord for u8 {
 }
 
 impl CodeWord for u16 {
+    #[inline]
+    fn holds(_: Code) -> bool {
+        true
+    }
+
     #[inline]
     fn new(code: Code) -> Self {
         code
@@ -81,7 +93,7 @@ impl<P: Entry, C: CodeWord> Planes<P, C> {
     fn fits(words: impl Iterator<Item = Synapse>) -> bool {
         words
             .into_iter()
-            .all(|s| s.presyn() as usize <= P::MAX && C::new(s.code()).get() == s.code())
+            .all(|s| s.presyn() as usize <= P::MAX && C::holds(s.code()))
     }
 
     fn reserve_exact(&mut self, extra: usize) {
