@@ -126,6 +126,15 @@ impl<P: Entry, C: CodeWord> Planes<P, C> {
         }
     }
 
+    /// Overwrites the synapses from `at` on with `synapses`.
+    fn write_iter(&mut self, at: usize, synapses: impl Iterator<Item = Synapse>) {
+        let slots = self.presyn[at..].iter_mut().zip(&mut self.codes[at..]);
+        for ((p, c), s) in slots.zip(synapses) {
+            *p = P::new(s.presyn() as usize);
+            *c = C::new(s.code());
+        }
+    }
+
     /// Appends `other`'s `len` synapses from `from`, padded with zero ones to `cap`.
     fn append_from(&mut self, other: &Self, from: usize, len: usize, cap: usize) {
         let at = self.len();
@@ -525,6 +534,21 @@ impl SynapseArena {
         (0..self.len()).map(move |s| self.get(s))
     }
 
+    /// Calls `f(segment, presynaptic cell, code)` for every synapse, in segment order. Whole
+    /// arena passes (the out index rebuilt on restore) go through this rather than
+    /// [`Self::iter`]: the layout is matched once, not per synapse.
+    pub(super) fn for_each(&self, mut f: impl FnMut(usize, u32, Code)) {
+        by_width!(Layout, &self.layout, p => {
+            for seg in 0..self.len() {
+                let (start, len) = self.spans.get(seg);
+                let r = start..start + len;
+                for (&q, &c) in p.presyn[r.clone()].iter().zip(&p.codes[r]) {
+                    f(seg, Entry::get(q) as u32, CodeWord::get(c));
+                }
+            }
+        })
+    }
+
     pub(super) fn heap_bytes(&self) -> usize {
         self.spans.heap_bytes()
             + by_width!(Layout, &self.layout, p => p.heap_bytes())
@@ -574,21 +598,22 @@ impl<'de> Deserialize<'de> for SynapseArena {
         // The parameters (not known here) may want the other layout: see `set_layout`.
         let mut arena = SynapseArena::new(Planes::<u16, u8>::fits(synapses()));
         let capacity: usize = wire.lens.iter().map(|&n| class(n as usize).1).sum();
-        by_width!(Layout, &mut arena.layout, p => p.reserve_exact(capacity));
         let mut spans = Vec::with_capacity(wire.lens.len());
-        let mut words = synapses();
-        for &n in &wire.lens {
-            if n == 0 {
-                spans.push((0, 0));
-                continue;
+        // The planes are sized once and each block written in place: no per-synapse push.
+        by_width!(Layout, &mut arena.layout, p => {
+            p.reserve_exact(capacity);
+            p.grow_to(capacity);
+            let (mut start, mut words) = (0, synapses());
+            for &n in &wire.lens {
+                if n == 0 {
+                    spans.push((0, 0));
+                    continue;
+                }
+                p.write_iter(start, words.by_ref().take(n as usize));
+                spans.push((start as u32, n));
+                start += class(n as usize).1;
             }
-            let start = by_width!(Layout, &arena.layout, p => p.len());
-            by_width!(Layout, &mut arena.layout, p => {
-                p.extend(words.by_ref().take(n as usize));
-                p.grow_to(start + class(n as usize).1);
-            });
-            spans.push((start as u32, n));
-        }
+        });
         arena.spans = Spans::Wide(spans);
         Ok(arena)
     }

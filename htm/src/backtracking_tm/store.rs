@@ -414,11 +414,11 @@ impl<E: Entry> Lists<E> {
     fn rebuild(&mut self, synapses: &SynapseArena, connected: Code) {
         // Per cell: connected and total counts, then where the next entries of each go.
         let mut at = vec![[0u32; 2]; self.heads.len()];
-        for syn in synapses.iter().flat_map(|s| s.iter()) {
-            let c = &mut at[syn.presyn() as usize];
-            c[0] += u32::from(syn.code() >= connected);
+        synapses.for_each(|_, presyn, code| {
+            let c = &mut at[presyn as usize];
+            c[0] += u32::from(code >= connected);
             c[1] += 1;
-        }
+        });
         let (mut live, mut cells) = (0, 0);
         for c in at.iter().filter(|c| c[1] > 0) {
             live += HEADER + Self::spare_cap(c[1] as usize);
@@ -441,14 +441,11 @@ impl<E: Entry> Lists<E> {
             let e = (start + HEADER) as u32;
             *c = [e, e + nc as u32];
         }
-        for (seg, syns) in synapses.iter().enumerate() {
-            for syn in syns.iter() {
-                let c = &mut at[syn.presyn() as usize];
-                let list = &mut c[usize::from(syn.code() < connected)];
-                arena[*list as usize] = E::new(seg);
-                *list += 1;
-            }
-        }
+        synapses.for_each(|seg, presyn, code| {
+            let list = &mut at[presyn as usize][usize::from(code < connected)];
+            arena[*list as usize] = E::new(seg);
+            *list += 1;
+        });
         self.heads = heads.finish();
         self.arena = arena;
         self.abandoned = 0;
