@@ -529,14 +529,9 @@ impl SynapseArena {
         start
     }
 
-    /// Every segment's synapses by id.
-    pub(super) fn iter(&self) -> impl Iterator<Item = Syns<'_>> + '_ {
-        (0..self.len()).map(move |s| self.get(s))
-    }
-
     /// Calls `f(segment, presynaptic cell, code)` for every synapse, in segment order. Whole
-    /// arena passes (the out index rebuilt on restore) go through this rather than
-    /// [`Self::iter`]: the layout is matched once, not per synapse.
+    /// arena passes (checkpoints, the out index rebuilt on restore) go through this: the
+    /// layout is matched once, not per synapse.
     pub(super) fn for_each(&self, mut f: impl FnMut(usize, u32, Code)) {
         by_width!(Layout, &self.layout, p => {
             for seg in 0..self.len() {
@@ -572,10 +567,15 @@ impl Serialize for SynapseArena {
             .map(|s| self.spans.get(s).1 as u32)
             .collect();
         let total: usize = lens.iter().map(|&n| n as usize).sum();
-        let mut words = Vec::with_capacity(4 * total);
-        for syns in self.iter() {
-            words.extend(syns.iter().flat_map(|s| s.to_word().to_le_bytes()));
-        }
+        // Sized once and written in place: extending byte by byte was most of a save.
+        let mut words = vec![0; 4 * total];
+        let mut out = words.chunks_exact_mut(4);
+        self.for_each(|_, presyn, code| {
+            let word = Synapse::new(presyn, code).to_word();
+            out.next()
+                .expect("4 bytes per synapse")
+                .copy_from_slice(&word.to_le_bytes());
+        });
         Wire { lens, words }.serialize(serializer)
     }
 }

@@ -512,19 +512,28 @@ impl CellSlots {
 
 impl Serialize for CellSlots {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let cells: Vec<u32> = self.cells().collect();
         let mut wire = Wire {
-            lens: Vec::with_capacity(cells.len()),
-            tops: Vec::with_capacity(cells.len()),
+            cells: Vec::new(),
+            lens: Vec::new(),
+            tops: Vec::new(),
             slots: Vec::new(),
-            cells,
         };
-        for &cell in &wire.cells {
-            let (top, slots) = self.block(cell);
-            let before = wire.slots.len();
-            wire.slots.extend(slots);
-            wire.lens.push((wire.slots.len() - before) as u32);
-            wire.tops.push(top);
+        // One walk of each column's runs (ascending cells), not a search per cell.
+        for (col, &h) in self.heads.iter().enumerate() {
+            if h == 0 {
+                continue;
+            }
+            let h = h as usize;
+            let (mut pos, end) = (h + HEADER, h + HEADER + self.arena.get(h) as usize);
+            while pos < end {
+                let (idx, n) = self.run_head(pos);
+                wire.cells.push(col as u32 * self.cells_per_column + idx);
+                wire.lens.push(n as u32);
+                wire.tops.push(self.arena.get(pos + 1));
+                wire.slots
+                    .extend((pos + RUN..pos + RUN + n).map(|i| self.arena.get(i)));
+                pos += RUN + n;
+            }
         }
         wire.serialize(serializer)
     }
