@@ -163,22 +163,38 @@ impl TryFrom<Wire> for CellSlots {
         if !w.cells.windows(2).all(|c| c[0] < c[1]) {
             return Err("cells with slots are not ascending".into());
         }
-        let mut slots = w.slots.iter();
-        let mut lists = Vec::with_capacity(w.cells.len());
+        let mut at = 0;
         for ((&cell, &n), &top) in w.cells.iter().zip(&w.lens).zip(&w.tops) {
             let link_ok = |l: u32| l == NONE || l < n;
             if n == 0 || !link_ok(top) {
                 return Err(format!("cell {cell}: bad slot list"));
             }
-            let list: Vec<u32> = slots.by_ref().take(n as usize).copied().collect();
+            let list = &w.slots[at..at + n as usize];
             if list.iter().any(|&s| s & FREE != 0 && !link_ok(s & !FREE)) {
                 return Err(format!("cell {cell}: bad free slot link"));
             }
-            lists.push((cell, top, list));
+            at += n as usize;
         }
         // The parameters (not known here) fix the column size and may want the other width:
         // see `rebuild`.
         let num_cells = w.cells.last().map_or(0, |&c| c as usize + 1);
+        let mut starts = w.lens.iter().scan(0, |at, &n| {
+            *at += n as usize;
+            Some(*at - n as usize)
+        });
+        let lists = w
+            .cells
+            .iter()
+            .zip(&w.lens)
+            .zip(&w.tops)
+            .map(|((&cell, &n), &top)| {
+                let start = starts.next().expect("a start per cell");
+                (
+                    cell,
+                    top,
+                    w.slots[start..start + n as usize].iter().copied(),
+                )
+            });
         Ok(CellSlots::from_lists(num_cells, 1, None, lists))
     }
 }
@@ -209,22 +225,27 @@ enum Run {
 
 impl CellSlots {
     pub(super) fn new(num_cells: usize, cells_per_column: u32) -> Self {
-        CellSlots::from_lists(num_cells, cells_per_column, Some(false), Vec::new())
+        CellSlots::from_lists(
+            num_cells,
+            cells_per_column,
+            Some(false),
+            std::iter::empty::<(_, _, std::iter::Empty<u32>)>(),
+        )
     }
 
     /// Slots laid out for columns of `cells_per_column` cells from `(cell, top, slots)`
     /// lists (ascending cells), in narrow words if `narrow` (or, for `None`, if they fit).
-    fn from_lists(
+    fn from_lists<S: ExactSizeIterator<Item = u32>>(
         num_cells: usize,
         cells_per_column: u32,
         narrow: Option<bool>,
-        lists: Vec<(u32, u32, Vec<u32>)>,
+        lists: impl Iterator<Item = (u32, u32, S)>,
     ) -> Self {
         let cpc = cells_per_column.max(1);
         let columns = num_cells.div_ceil(cpc as usize);
         let mut heads = vec![0u32; columns];
         let mut arena: Vec<u32> = vec![0; HEADER];
-        let mut lists = lists.into_iter().peekable();
+        let mut lists = lists.peekable();
         while let Some(&(first, _, _)) = lists.peek() {
             let col = first / cpc;
             let h = arena.len();
@@ -232,7 +253,7 @@ impl CellSlots {
             arena.extend_from_slice(&[0, 0]);
             while let Some((cell, top, slots)) = lists.next_if(|l| l.0 / cpc == col) {
                 arena.extend_from_slice(&[run_word(cpc, cell % cpc, slots.len()), top]);
-                arena.extend_from_slice(&slots);
+                arena.extend(slots);
             }
             let used = (arena.len() - h - HEADER) as u32;
             arena[h] = used;
@@ -250,14 +271,32 @@ impl CellSlots {
         }
     }
 
-    /// Every cell's `(cell, top, slots)`, ascending cells.
-    fn lists(&self) -> Vec<(u32, u32, Vec<u32>)> {
-        self.cells()
-            .map(|c| {
-                let (top, slots) = self.block(c);
-                (c, top, slots.collect())
+    /// Every cell's `(cell, top, slots)`, ascending cells: one walk of each column's runs,
+    /// not a search per cell.
+    fn lists(
+        &self,
+    ) -> impl Iterator<Item = (u32, u32, impl ExactSizeIterator<Item = u32> + '_)> + '_ {
+        let cpc = self.cells_per_column;
+        self.heads
+            .iter()
+            .enumerate()
+            .filter(|&(_, &h)| h != 0)
+            .flat_map(move |(col, &h)| {
+                let h = h as usize;
+                let (mut pos, end) = (h + HEADER, h + HEADER + self.arena.get(h) as usize);
+                std::iter::from_fn(move || {
+                    (pos < end).then(|| {
+                        let (idx, n) = self.run_head(pos);
+                        let run = (
+                            col as u32 * cpc + idx,
+                            self.arena.get(pos + 1),
+                            (pos + RUN..pos + RUN + n).map(|i| self.arena.get(i)),
+                        );
+                        pos += RUN + n;
+                        run
+                    })
+                })
             })
-            .collect()
     }
 
     /// Lays the slots out for `num_cells` cells in columns of `cells_per_column` after
@@ -518,22 +557,11 @@ impl Serialize for CellSlots {
             tops: Vec::new(),
             slots: Vec::new(),
         };
-        // One walk of each column's runs (ascending cells), not a search per cell.
-        for (col, &h) in self.heads.iter().enumerate() {
-            if h == 0 {
-                continue;
-            }
-            let h = h as usize;
-            let (mut pos, end) = (h + HEADER, h + HEADER + self.arena.get(h) as usize);
-            while pos < end {
-                let (idx, n) = self.run_head(pos);
-                wire.cells.push(col as u32 * self.cells_per_column + idx);
-                wire.lens.push(n as u32);
-                wire.tops.push(self.arena.get(pos + 1));
-                wire.slots
-                    .extend((pos + RUN..pos + RUN + n).map(|i| self.arena.get(i)));
-                pos += RUN + n;
-            }
+        for (cell, top, slots) in self.lists() {
+            wire.cells.push(cell);
+            wire.lens.push(slots.len() as u32);
+            wire.tops.push(top);
+            wire.slots.extend(slots);
         }
         wire.serialize(serializer)
     }
