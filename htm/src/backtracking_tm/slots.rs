@@ -163,38 +163,27 @@ impl TryFrom<Wire> for CellSlots {
         if !w.cells.windows(2).all(|c| c[0] < c[1]) {
             return Err("cells with slots are not ascending".into());
         }
-        let mut at = 0;
+        // Each cell's slots as a slice of the flat list: no Vec per cell.
+        let mut lists = Vec::with_capacity(w.cells.len());
+        let mut rest = &w.slots[..];
         for ((&cell, &n), &top) in w.cells.iter().zip(&w.lens).zip(&w.tops) {
             let link_ok = |l: u32| l == NONE || l < n;
             if n == 0 || !link_ok(top) {
                 return Err(format!("cell {cell}: bad slot list"));
             }
-            let list = &w.slots[at..at + n as usize];
+            let (list, tail) = rest.split_at(n as usize);
             if list.iter().any(|&s| s & FREE != 0 && !link_ok(s & !FREE)) {
                 return Err(format!("cell {cell}: bad free slot link"));
             }
-            at += n as usize;
+            lists.push((cell, top, list));
+            rest = tail;
         }
         // The parameters (not known here) fix the column size and may want the other width:
         // see `rebuild`.
         let num_cells = w.cells.last().map_or(0, |&c| c as usize + 1);
-        let mut starts = w.lens.iter().scan(0, |at, &n| {
-            *at += n as usize;
-            Some(*at - n as usize)
-        });
-        let lists = w
-            .cells
-            .iter()
-            .zip(&w.lens)
-            .zip(&w.tops)
-            .map(|((&cell, &n), &top)| {
-                let start = starts.next().expect("a start per cell");
-                (
-                    cell,
-                    top,
-                    w.slots[start..start + n as usize].iter().copied(),
-                )
-            });
+        let lists = lists
+            .into_iter()
+            .map(|(cell, top, list)| (cell, top, list.iter().copied()));
         Ok(CellSlots::from_lists(num_cells, 1, None, lists))
     }
 }
