@@ -4,12 +4,12 @@
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use mimalloc::MiMalloc;
+use detector::allocator::Allocator;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 
-/// mimalloc (as the detector uses), counting requested bytes.
+/// The detector's allocator, counting requested bytes.
 pub struct Counting;
 
 /// Bytes allocated and not yet freed, as requested (the allocator's own rounding excluded).
@@ -31,10 +31,10 @@ fn grew(by: usize) {
     }
 }
 
-// SAFETY: every call is forwarded unchanged to mimalloc; only a counter is updated besides.
+// SAFETY: every call is forwarded unchanged to the detector's allocator; only a counter is updated besides.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { MiMalloc.alloc(layout) };
+        let p = unsafe { Allocator.alloc(layout) };
         if !p.is_null() {
             grew(layout.size());
         }
@@ -42,7 +42,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { MiMalloc.alloc_zeroed(layout) };
+        let p = unsafe { Allocator.alloc_zeroed(layout) };
         if !p.is_null() {
             grew(layout.size());
         }
@@ -50,12 +50,12 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { MiMalloc.dealloc(ptr, layout) };
+        unsafe { Allocator.dealloc(ptr, layout) };
         LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { MiMalloc.realloc(ptr, layout, new_size) };
+        let p = unsafe { Allocator.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             grew(new_size);
             LIVE.fetch_sub(layout.size(), Ordering::Relaxed);

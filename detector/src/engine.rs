@@ -27,6 +27,7 @@ use rayon::prelude::*;
 use serde_json::{Map, Value};
 use tracing::info;
 
+use crate::allocator::in_network_heap;
 use crate::config::{BatchConfig, Config, Processing};
 use crate::store::{DeviceCheckpoint, DirStore};
 
@@ -174,8 +175,11 @@ pub struct Engine {
     written: Option<Result<CheckpointStats>>,
     /// The resident set when the engine started, before any network.
     rss_baseline: Option<usize>,
+    /// The resident set's peaks, sampled under a byte bound.
+    rss_peak: Option<crate::allocator::ResidentPeak>,
     /// Bytes the process gained beyond its networks' own (pages the allocator keeps around
-    /// freed blocks, buffers), as of the last batch: taken out of `memory.max_mb`.
+    /// freed blocks, the batch's records and outputs), as of the last wave: taken out of
+    /// `memory.max_mb`.
     overhead: usize,
     /// Under memory pressure, the records the next batch may take (see
     /// [`Engine::batch_limits`]); `None` when batches keep to `batch.max_records`.
@@ -198,6 +202,9 @@ impl Engine {
             .num_threads(WRITER_THREADS)
             .thread_name(|i| format!("checkpoint-writer-{i}"))
             .build()?;
+        let rss_peak = (config.memory.max_mb > 0)
+            .then(crate::allocator::ResidentPeak::start)
+            .flatten();
         Ok(Engine {
             config,
             store,
@@ -213,13 +220,14 @@ impl Engine {
             writing: Vec::new(),
             written: None,
             rss_baseline: crate::allocator::resident_bytes(),
+            rss_peak,
             overhead: 0,
             pressure: None,
         })
     }
 
     /// Bytes the process holds beyond its start and its networks' own bytes, as of the last
-    /// batch (measured only under a byte bound).
+    /// wave of networks computed (measured only under a byte bound).
     pub fn memory_overhead(&self) -> usize {
         self.overhead
     }
@@ -298,6 +306,9 @@ impl Engine {
                     None => incoming += 1,
                 }
             }
+            // What the process holds besides networks grows within a batch (its outputs,
+            // checkpoints in flight): measured before every wave, not only between batches.
+            self.measure_overhead();
             let average = self.resident_bytes().checked_div(self.devices());
             self.enforce_memory_bounds(now, incoming, incoming * average.unwrap_or(0))?;
             self.compute_wave(batch, devices, &groups, threshold, &mut outcomes)?;
@@ -309,14 +320,7 @@ impl Engine {
             self.pool
                 .broadcast(|_| crate::allocator::collect_freed_by_other_threads());
         }
-        if self.config.memory.max_mb > 0 {
-            if let (Some(base), Some(now)) = (self.rss_baseline, crate::allocator::resident_bytes())
-            {
-                self.overhead = now
-                    .saturating_sub(base)
-                    .saturating_sub(self.resident_bytes());
-            }
-        }
+        self.measure_overhead();
         let restores = self.restored - restored_before;
         let limits = &self.config.batch;
         let records = batch.len();
@@ -335,6 +339,18 @@ impl Engine {
             .into_iter()
             .map(|o| o.expect("every message has an outcome"))
             .collect())
+    }
+
+    /// Updates [`Engine::memory_overhead`] from the resident set's peak since the last
+    /// measurement (only under a byte bound), so that the bound holds for the peaks rather
+    /// than for the quieter moments between waves.
+    fn measure_overhead(&mut self) {
+        if let (Some(base), Some(peak)) = (self.rss_baseline, &self.rss_peak) {
+            self.overhead = peak
+                .take()
+                .saturating_sub(base)
+                .saturating_sub(self.resident_bytes());
+        }
     }
 
     /// Limits for the next batch: `batch.max_records`, or under memory pressure a larger batch
@@ -411,7 +427,9 @@ impl Engine {
                                 return (*i, Outcome::AlreadyProcessed { partition, offset });
                             }
                             let (ts, value) = htm_input(rec);
-                            let inf = match state.network.compute(ts, value) {
+                            let network = &mut state.network;
+                            let computed = in_network_heap(|| network.compute(ts, value));
+                            let inf = match computed {
                                 Ok(inf) => inf,
                                 Err(e) => {
                                     let m = &batch[*i];
@@ -512,15 +530,16 @@ impl Engine {
         let restored = stored.is_some();
         let (network, offset) = match stored {
             Some(cp) => {
-                let network = Network::from_bytes(&cp.network).with_context(|| {
-                    format!("restoring device {device:?} of partition {partition}")
-                })?;
+                let network =
+                    in_network_heap(|| Network::from_bytes(&cp.network)).with_context(|| {
+                        format!("restoring device {device:?} of partition {partition}")
+                    })?;
                 (network, cp.offset)
             }
             None => {
                 let code = first.fields.as_ref().map(|f| f.parameter_code.as_str());
                 let params = self.config.network_params(Some(device), code)?;
-                (Network::new(params)?, -1)
+                (in_network_heap(|| Network::new(params))?, -1)
             }
         };
         let state = Device {
@@ -915,7 +934,8 @@ impl Engine {
             let decoded: Vec<Result<(String, Device)>> = self.pool.install(|| {
                 wave.into_par_iter()
                     .map(|(device, offset, bytes)| {
-                        let network = Network::from_bytes(&bytes).with_context(|| {
+                        let network = in_network_heap(|| Network::from_bytes(&bytes));
+                        let network = network.with_context(|| {
                             format!("restoring device {device:?} of partition {partition}")
                         })?;
                         let state = Device {

@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 // Networks are large and short-lived under memory bounds (evicted, restored): see
 // `detector::allocator`.
 #[global_allocator]
-static ALLOCATOR: detector::allocator::MiMalloc = detector::allocator::MiMalloc;
+static ALLOCATOR: detector::allocator::Allocator = detector::allocator::Allocator;
 
 /// Online HTM anomaly detector for device telemetry on Kafka.
 #[derive(Parser)]

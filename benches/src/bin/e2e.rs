@@ -26,7 +26,7 @@ use rdkafka::message::Message;
 
 // The detector's allocator (see detector/src/main.rs).
 #[global_allocator]
-static ALLOCATOR: detector::allocator::MiMalloc = detector::allocator::MiMalloc;
+static ALLOCATOR: detector::allocator::Allocator = detector::allocator::Allocator;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
