@@ -131,18 +131,13 @@ impl Indices {
 
     /// Appends `value`, growing by a sixteenth (16 entries at least) when full.
     fn push(&mut self, value: u32) {
-        fn grow<T>(v: &mut Vec<T>) {
-            if v.len() == v.capacity() {
-                v.reserve_exact((v.len() / 16).max(16));
-            }
-        }
         match self {
             Indices::Narrow(v) => {
-                grow(v);
+                crate::reserve_gradually(v, 1, 16);
                 v.push(Self::narrow(value));
             }
             Indices::Wide(v) => {
-                grow(v);
+                crate::reserve_gradually(v, 1, 16);
                 v.push(value);
             }
         }

@@ -23,4 +23,13 @@ pub mod segment_store;
 pub mod spatial_pooler;
 pub mod temporal_memory;
 
+/// Makes room in `v` for `extra` more items (`min_extra` at least), growing by a sixteenth
+/// rather than doubling: networks live long, so spare capacity is memory held for good, and
+/// their stores grow ever more slowly as they age.
+pub(crate) fn reserve_gradually<T>(v: &mut Vec<T>, extra: usize, min_extra: usize) {
+    if v.capacity() - v.len() < extra {
+        v.reserve_exact(extra.max(v.len() / 16).max(min_extra));
+    }
+}
+
 pub use sdr::Sdr;

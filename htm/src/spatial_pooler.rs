@@ -361,14 +361,6 @@ fn lane_stride(input_size: usize) -> usize {
     input_size.div_ceil(16) * 16
 }
 
-/// Grows `v` to hold `extra` more elements, by a sixteenth at least rather than by doubling:
-/// resident memory should follow use, and a pooler's store grows ever more slowly as it ages.
-fn reserve_sixteenth<T>(v: &mut Vec<T>, extra: usize, min_extra: usize) {
-    if v.len() + extra > v.capacity() {
-        v.reserve_exact(extra.max(v.len() / 16).max(min_extra));
-    }
-}
-
 impl ColumnStore {
     fn new(num_columns: usize, stride: usize) -> Self {
         ColumnStore {
@@ -464,8 +456,8 @@ impl ColumnStore {
                 i
             }
             None => {
-                reserve_sixteenth(&mut self.inputs, words, 8 * words);
-                reserve_sixteenth(&mut self.input_refs, 1, 8);
+                crate::reserve_gradually(&mut self.inputs, words, 8 * words);
+                crate::reserve_gradually(&mut self.input_refs, 1, 8);
                 self.inputs.extend_from_slice(bits);
                 self.input_refs.push(0);
                 (self.input_refs.len() - 1) as u32
@@ -520,7 +512,7 @@ impl ColumnStore {
     /// Stores `lanes` as block `d` of `perms`, which must be the next block.
     fn push_lanes(&mut self, lanes: &[u16]) -> usize {
         let stride = self.stride as usize;
-        reserve_sixteenth(&mut self.perms, stride, 8 * stride);
+        crate::reserve_gradually(&mut self.perms, stride, 8 * stride);
         self.perms.extend_from_slice(lanes);
         self.perms.len() / stride - 1
     }
@@ -545,7 +537,7 @@ impl ColumnStore {
         let entry = bits.map_or(RAISE, |bits| self.intern_input(bits));
         let g = self.young[y];
         let (start, used) = (g.start as usize, usize::from(g.len));
-        reserve_sixteenth(&mut self.log, used + 1, 64);
+        crate::reserve_gradually(&mut self.log, used + 1, 64);
         if start + used != self.log.len() {
             // Not at the end: move the log there, leaving its old entries free.
             self.log.extend_from_within(start..start + used);

@@ -12,7 +12,8 @@ use serde::de::Deserializer;
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::permanence::{Code, DROPPED};
-use super::store::{reserve_gradually, Entry, Synapse};
+use super::store::{Entry, Synapse};
+use crate::reserve_gradually;
 
 /// Size class of a block of `len` synapses, and the class's capacity.
 fn class(len: usize) -> (usize, usize) {
@@ -111,8 +112,8 @@ impl<P: Entry, C: CodeWord> Planes<P, C> {
     /// Grows to `len` synapses (zero ones), the capacity a sixteenth at a time.
     fn grow_to(&mut self, len: usize) {
         let extra = len.saturating_sub(self.len());
-        reserve_gradually(&mut self.presyn, extra);
-        reserve_gradually(&mut self.codes, extra);
+        reserve_gradually(&mut self.presyn, extra, 0);
+        reserve_gradually(&mut self.codes, extra, 0);
         self.presyn.resize(len, P::default());
         self.codes.resize(len, C::default());
     }

@@ -64,7 +64,7 @@ impl CellHeads {
             (true, true) => self.words[at] = value,
             (false, false) => {}
             (false, true) => {
-                super::store::reserve_gradually(&mut self.words, 1);
+                crate::reserve_gradually(&mut self.words, 1, 0);
                 self.words.insert(at, value);
                 self.groups[group] |= bit;
                 self.groups[group + 1..]

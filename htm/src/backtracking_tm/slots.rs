@@ -2,7 +2,8 @@
 
 use serde::{Deserialize, Serialize, Serializer};
 
-use super::store::{reserve_gradually, SegmentId};
+use super::store::SegmentId;
+use crate::reserve_gradually;
 
 /// Marks an empty slot in [`CellSlots::slots`] (and in the serialised slot lists).
 #[cfg(test)]
@@ -107,7 +108,7 @@ impl Words {
 }
 
 fn append_copy<T: Copy + Default>(w: &mut Vec<T>, from: usize, len: usize, extra: usize) {
-    reserve_gradually(w, len + extra);
+    reserve_gradually(w, len + extra, 0);
     w.extend_from_within(from..from + len);
     w.resize(w.len() + extra, T::default());
 }

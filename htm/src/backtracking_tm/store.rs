@@ -84,14 +84,6 @@ impl std::fmt::Debug for Synapse {
     }
 }
 
-/// Makes room for `extra` more items, growing by a sixteenth rather than doubling: arenas
-/// live long, and their spare capacity is memory held.
-pub(super) fn reserve_gradually<T>(v: &mut Vec<T>, extra: usize) {
-    if v.capacity() - v.len() < extra {
-        v.reserve_exact(extra.max(v.len() / 16));
-    }
-}
-
 /// Segment id 0 is never allocated. Ids break eviction ties, so numbering starts at 1 as it
 /// did when id 0 stood for removed out-list entries.
 pub(super) const SINK: SegmentId = 0;
@@ -284,7 +276,7 @@ impl<E: Entry> Lists<E> {
     fn relocate(&mut self, cell: u32, h: usize, cap: usize) -> usize {
         let (_, n, old_cap) = self.header(h);
         let start = self.arena.len();
-        reserve_gradually(&mut self.arena, HEADER + cap);
+        crate::reserve_gradually(&mut self.arena, HEADER + cap, 0);
         self.arena.extend_from_within(h..h + HEADER + n);
         self.arena.resize(start + HEADER + cap, E::default());
         self.arena[start + 2] = E::new(cap);
