@@ -60,8 +60,9 @@ pub struct MemoryConfig {
     /// Most networks in memory (0 = no bound).
     pub max_networks: usize,
     /// Most bytes of network state in memory, in MiB (0 = no bound). What the process holds
-    /// beyond its start and its networks (allocator pages around churned networks, buffers)
-    /// is measured after each batch and counts against it, so the resident set stays near
+    /// beyond its start and its networks at the resident set's peaks (allocator pages around
+    /// churned networks, the batch's records and outputs), sampled every 10 ms and measured
+    /// before each wave of networks, counts against it, so the resident set's peaks stay near
     /// its size at start plus this.
     pub max_mb: u64,
 }
