@@ -31,7 +31,8 @@ fn grew(by: usize) {
     }
 }
 
-// SAFETY: every call is forwarded unchanged to the detector's allocator; only a counter is updated besides.
+// SAFETY: every call is forwarded unchanged to the detector's allocator; only a counter is
+// updated besides.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let p = unsafe { Allocator.alloc(layout) };

@@ -226,8 +226,8 @@ impl Engine {
         })
     }
 
-    /// Bytes the process holds beyond its start and its networks' own bytes, as of the last
-    /// wave of networks computed (measured only under a byte bound).
+    /// Bytes the process held beyond its start and its networks' own bytes at the resident
+    /// set's peak before the last wave of networks (measured only under a byte bound).
     pub fn memory_overhead(&self) -> usize {
         self.overhead
     }
@@ -308,6 +308,7 @@ impl Engine {
             }
             // What the process holds besides networks grows within a batch (its outputs,
             // checkpoints in flight): measured before every wave, not only between batches.
+            // Only here, so the last wave's peak still counts for the next batch's first.
             self.measure_overhead();
             let average = self.resident_bytes().checked_div(self.devices());
             self.enforce_memory_bounds(now, incoming, incoming * average.unwrap_or(0))?;
@@ -320,7 +321,6 @@ impl Engine {
             self.pool
                 .broadcast(|_| crate::allocator::collect_freed_by_other_threads());
         }
-        self.measure_overhead();
         let restores = self.restored - restored_before;
         let limits = &self.config.batch;
         let records = batch.len();
